@@ -1,0 +1,1 @@
+"""radixfleet.engine.configs."""
