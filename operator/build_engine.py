@@ -1,0 +1,224 @@
+"""Engine manifests: a Deployment for single-node replicas; for multi-node tensor
+parallelism one StatefulSet plus a headless Service per replica.
+
+Multi-node: every pod of replica r runs `radixfleet serve --nnodes N --node-rank <ordinal>`
+with rank 0 (`<sts>-0.<headless svc>`) as `--dist-init-addr`; only rank 0 serves HTTP
+traffic, so only rank-0 pods are router workers. The ordinal comes from the
+`apps.kubernetes.io/pod-index` label through the downward API.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from radixfleet.operator import names
+from radixfleet.operator.spec import InferenceServiceSpec
+
+MODEL_MOUNT = "/models"
+PROBE_PERIOD_SECONDS = 10
+API_KEY_ENV = "RADIXFLEET_API_KEY"
+POD_INDEX_ENV = "RADIXFLEET_NODE_RANK"
+
+
+def model_path(spec: InferenceServiceSpec) -> str:
+    """The `--model-path` the engine sees inside the container."""
+    return spec.model.path or MODEL_MOUNT
+
+
+def engine_args(spec: InferenceServiceSpec, replica: int | None = None) -> list[str]:
+    """The engine command line; `replica` is set for multi-node replicas."""
+    args = [
+        "serve",
+        "--model-path", model_path(spec),
+        "--host", "0.0.0.0",
+        "--port", str(spec.port),
+        "--tp-size", str(spec.tensor_parallel_size),
+    ]
+    if spec.model.served_name:
+        args += ["--served-model-name", spec.model.served_name]
+    if replica is not None:
+        rendezvous = f"{names.replica_name(spec, replica)}-0.{names.replica_name(spec, replica)}"
+        args += [
+            "--dist-init-addr", f"{rendezvous}.{spec.namespace}.svc:{names.DIST_PORT}",
+            "--nnodes", str(spec.nodes_per_replica),
+            "--node-rank", f"$({POD_INDEX_ENV})",
+        ]
+    if spec.api_key_secret is not None:
+        args += ["--api-key", f"$({API_KEY_ENV})"]
+    return args + list(spec.engine_args)
+
+
+def _env(spec: InferenceServiceSpec, multi_node: bool) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = []
+    if multi_node:  # must precede the args that reference it
+        env.append({
+            "name": POD_INDEX_ENV,
+            "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{names.LABEL_POD_INDEX}']"}},
+        })
+    if spec.api_key_secret is not None:
+        env.append({
+            "name": API_KEY_ENV,
+            "valueFrom": {"secretKeyRef": {"name": spec.api_key_secret.name, "key": spec.api_key_secret.key}},
+        })
+    return env + [dict(e) for e in spec.env]
+
+
+def _resources(spec: InferenceServiceSpec) -> dict[str, Any]:
+    limits: dict[str, Any] = {}
+    requests: dict[str, Any] = {}
+    if spec.resources.gpus:
+        limits[spec.resources.gpu_resource_name] = spec.resources.gpus
+    if spec.resources.cpu:
+        requests["cpu"] = limits["cpu"] = spec.resources.cpu
+    if spec.resources.memory:
+        requests["memory"] = limits["memory"] = spec.resources.memory
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _probe(path: str, period: int, failures: int, timeout: int = 5) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": names.HTTP_PORT_NAME},
+        "periodSeconds": period,
+        "timeoutSeconds": timeout,
+        "failureThreshold": failures,
+    }
+
+
+def _volumes(spec: InferenceServiceSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    # /dev/shm: torch and NCCL need more shared memory than a container's default 64 MiB.
+    volumes: list[dict[str, Any]] = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+    mounts: list[dict[str, Any]] = [{"name": "dshm", "mountPath": "/dev/shm"}]
+    model = spec.model
+    if model.pvc_claim:
+        volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": model.pvc_claim, "readOnly": True}})
+        mount = {"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True}
+        if model.pvc_sub_path:
+            mount["subPath"] = model.pvc_sub_path
+        mounts.append(mount)
+    elif model.host_path:
+        volumes.append({"name": "model", "hostPath": {"path": model.host_path, "type": "Directory"}})
+        mounts.append({"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True})
+    return volumes, mounts
+
+
+def build_engine_pod_spec(spec: InferenceServiceSpec, replica: int | None = None) -> dict[str, Any]:
+    """The pod spec shared by single-node and multi-node engine pods."""
+    volumes, mounts = _volumes(spec)
+    ports = [{"name": names.HTTP_PORT_NAME, "containerPort": spec.port, "protocol": "TCP"}]
+    if replica is not None:
+        ports.append({"name": "dist", "containerPort": names.DIST_PORT, "protocol": "TCP"})
+    container: dict[str, Any] = {
+        "name": "engine",
+        "image": spec.image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "command": ["radixfleet"],
+        "args": engine_args(spec, replica),
+        "ports": ports,
+        "env": _env(spec, replica is not None),
+        "resources": _resources(spec),
+        "volumeMounts": mounts,
+        # Model loading can take many minutes: the startup probe holds off the liveness
+        # probe until /health first answers, for up to startupTimeoutSeconds.
+        "startupProbe": _probe("/health", PROBE_PERIOD_SECONDS, math.ceil(spec.startup_timeout_seconds / PROBE_PERIOD_SECONDS)),
+        "readinessProbe": _probe("/health", 5, 3),
+        "livenessProbe": _probe("/health", 15, 4),
+    }
+    pod: dict[str, Any] = {
+        "containers": [container],
+        "volumes": volumes,
+        "terminationGracePeriodSeconds": 60,
+    }
+    if spec.node_selector:
+        pod["nodeSelector"] = dict(spec.node_selector)
+    return pod
+
+
+def build_engine_deployment(spec: InferenceServiceSpec) -> dict[str, Any]:
+    """Single-node replicas: one Deployment, one pod per replica."""
+    selector = names.selector_labels(spec, names.ENGINE)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": names.engine_name(spec), "namespace": spec.namespace, "labels": names.labels(spec, names.ENGINE)},
+        "spec": {
+            "replicas": spec.replicas,
+            "selector": {"matchLabels": selector},
+            # Never take a serving replica away before its replacement is Ready.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "template": {
+                "metadata": {"labels": names.labels(spec, names.ENGINE)},
+                "spec": build_engine_pod_spec(spec),
+            },
+        },
+    }
+
+
+def _replica_labels(spec: InferenceServiceSpec, replica: int) -> dict[str, str]:
+    return {**names.labels(spec, names.ENGINE), names.LABEL_REPLICA: str(replica)}
+
+
+def build_replica_statefulset(spec: InferenceServiceSpec, replica: int) -> dict[str, Any]:
+    """Multi-node replica `replica`: a StatefulSet of `nodesPerReplica` pods, rank = ordinal."""
+    selector = {**names.selector_labels(spec, names.ENGINE), names.LABEL_REPLICA: str(replica)}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": {"name": names.replica_name(spec, replica), "namespace": spec.namespace, "labels": _replica_labels(spec, replica)},
+        "spec": {
+            "replicas": spec.nodes_per_replica,
+            "serviceName": names.replica_name(spec, replica),
+            # All ranks must start together: rank 0 waits for the others at rendezvous.
+            "podManagementPolicy": "Parallel",
+            "selector": {"matchLabels": selector},
+            "template": {
+                "metadata": {"labels": _replica_labels(spec, replica)},
+                "spec": build_engine_pod_spec(spec, replica),
+            },
+        },
+    }
+
+
+def build_replica_headless_service(spec: InferenceServiceSpec, replica: int) -> dict[str, Any]:
+    """Stable DNS for the ranks of one multi-node replica (rank 0 is the rendezvous)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": names.replica_name(spec, replica), "namespace": spec.namespace, "labels": _replica_labels(spec, replica)},
+        "spec": {
+            "clusterIP": "None",
+            # Ranks must resolve each other before they are Ready (they only become Ready together).
+            "publishNotReadyAddresses": True,
+            "selector": {**names.selector_labels(spec, names.ENGINE), names.LABEL_REPLICA: str(replica)},
+            "ports": [
+                {"name": names.HTTP_PORT_NAME, "port": spec.port, "targetPort": names.HTTP_PORT_NAME},
+                {"name": "dist", "port": names.DIST_PORT, "targetPort": "dist"},
+            ],
+        },
+    }
+
+
+def build_engine_service(spec: InferenceServiceSpec) -> dict[str, Any]:
+    """A headless Service over the serving (rank-0) engine pods: DNS and metrics scraping."""
+    selector = names.selector_labels(spec, names.ENGINE)
+    if spec.multi_node:
+        selector[names.LABEL_POD_INDEX] = "0"
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": names.engine_name(spec),
+            "namespace": spec.namespace,
+            "labels": {**names.labels(spec, names.ENGINE), names.LABEL_METRICS: "true"},
+        },
+        "spec": {
+            "clusterIP": "None",
+            "selector": selector,
+            "ports": [{"name": names.HTTP_PORT_NAME, "port": spec.port, "targetPort": names.HTTP_PORT_NAME}],
+        },
+    }

@@ -1,0 +1,80 @@
+"""Router manifests: a Deployment running `radixfleet router` and the Service clients use.
+
+The router starts with no workers; the operator registers each Ready engine replica
+with `POST /add_worker` on every router pod (each router pod keeps its own list).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from radixfleet.operator import names
+from radixfleet.operator.build_engine import API_KEY_ENV
+from radixfleet.operator.spec import InferenceServiceSpec
+
+
+def router_args(spec: InferenceServiceSpec) -> list[str]:
+    r = spec.router
+    args = [
+        "router",
+        "--host", "0.0.0.0",
+        "--port", str(r.port),
+        "--policy", r.policy,
+        "--cache-threshold", str(r.cache_threshold),
+        "--balance-abs-threshold", str(r.balance_abs_threshold),
+        "--balance-rel-threshold", str(r.balance_rel_threshold),
+    ]
+    if spec.api_key_secret is not None:
+        args += ["--api-key", f"$({API_KEY_ENV})"]
+    return args
+
+
+def build_router_deployment(spec: InferenceServiceSpec) -> dict[str, Any]:
+    probe = {"httpGet": {"path": "/health", "port": names.HTTP_PORT_NAME}, "periodSeconds": 5, "timeoutSeconds": 3}
+    container: dict[str, Any] = {
+        "name": "router",
+        "image": spec.image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "command": ["radixfleet"],
+        "args": router_args(spec),
+        "ports": [{"name": names.HTTP_PORT_NAME, "containerPort": spec.router.port, "protocol": "TCP"}],
+        "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}},
+        "readinessProbe": {**probe, "failureThreshold": 3},
+        "livenessProbe": {**probe, "failureThreshold": 6},
+    }
+    if spec.api_key_secret is not None:
+        container["env"] = [{
+            "name": API_KEY_ENV,
+            "valueFrom": {"secretKeyRef": {"name": spec.api_key_secret.name, "key": spec.api_key_secret.key}},
+        }]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": names.router_name(spec), "namespace": spec.namespace, "labels": names.labels(spec, names.ROUTER)},
+        "spec": {
+            "replicas": spec.router.replicas,
+            "selector": {"matchLabels": names.selector_labels(spec, names.ROUTER)},
+            "template": {
+                "metadata": {"labels": names.labels(spec, names.ROUTER)},
+                "spec": {"containers": [container], "terminationGracePeriodSeconds": 30},
+            },
+        },
+    }
+
+
+def build_router_service(spec: InferenceServiceSpec) -> dict[str, Any]:
+    """The InferenceService's endpoint (`status.url`): OpenAI-compatible and native routes."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": names.router_name(spec),
+            "namespace": spec.namespace,
+            "labels": {**names.labels(spec, names.ROUTER), names.LABEL_METRICS: "true"},
+        },
+        "spec": {
+            "type": spec.router.service_type,
+            "selector": names.selector_labels(spec, names.ROUTER),
+            "ports": [{"name": names.HTTP_PORT_NAME, "port": spec.router.port, "targetPort": names.HTTP_PORT_NAME, "protocol": "TCP"}],
+        },
+    }

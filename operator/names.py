@@ -1,0 +1,73 @@
+"""Names and labels of everything the operator creates for one InferenceService.
+
+Every child carries `LABEL_SERVICE` (the owning InferenceService) and `LABEL_COMPONENT`;
+the reconciler finds its children, and the worker sync finds engine pods, by these.
+"""
+
+from __future__ import annotations
+
+from radixfleet.operator.spec import InferenceServiceSpec
+
+GROUP = "radixfleet.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "InferenceService"
+PLURAL = "inferenceservices"
+
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_SERVICE = f"{GROUP}/service"
+LABEL_REPLICA = f"{GROUP}/replica"
+LABEL_METRICS = f"{GROUP}/metrics"
+# Set by the StatefulSet controller on every pod (Kubernetes >= 1.28): the pod's ordinal.
+LABEL_POD_INDEX = "apps.kubernetes.io/pod-index"
+# Set by the operator on a Deployment pod it has chosen for scale-down (it is never re-registered).
+ANNOTATION_DRAINING = f"{GROUP}/draining"
+# Kubernetes' hint to the ReplicaSet controller about which pods to delete first.
+ANNOTATION_DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
+
+MANAGED_BY = "radixfleet-operator"
+ENGINE = "engine"
+ROUTER = "router"
+HTTP_PORT_NAME = "http"
+DIST_PORT = 5000  # rank 0's torch.distributed rendezvous port in multi-node TP
+
+
+def selector_labels(spec: InferenceServiceSpec, component: str) -> dict[str, str]:
+    """The labels a workload selects its pods by (immutable once created)."""
+    return {LABEL_SERVICE: spec.name, LABEL_COMPONENT: component}
+
+
+def labels(spec: InferenceServiceSpec, component: str) -> dict[str, str]:
+    return {
+        LABEL_NAME: "radixfleet",
+        LABEL_INSTANCE: spec.name,
+        LABEL_MANAGED_BY: MANAGED_BY,
+        **selector_labels(spec, component),
+    }
+
+
+def engine_name(spec: InferenceServiceSpec) -> str:
+    """The engine Deployment (single-node) and the engine metrics Service."""
+    return f"{spec.name}-engine"
+
+
+def replica_name(spec: InferenceServiceSpec, replica: int) -> str:
+    """The StatefulSet and headless Service of one multi-node replica."""
+    return f"{spec.name}-engine-{replica}"
+
+
+def router_name(spec: InferenceServiceSpec) -> str:
+    return f"{spec.name}-router"
+
+
+def router_url(spec: InferenceServiceSpec) -> str:
+    return f"http://{router_name(spec)}.{spec.namespace}.svc.cluster.local:{spec.router.port}"
+
+
+def selector_string(spec: InferenceServiceSpec) -> str:
+    """`status.selector` for the scale subresource: the serving engine pods."""
+    sel = selector_labels(spec, ENGINE)
+    return ",".join(f"{k}={v}" for k, v in sorted(sel.items()))

@@ -1,0 +1,225 @@
+"""The InferenceService spec as frozen dataclasses, parsed and validated once.
+
+The CRD's openAPIV3Schema rejects most bad specs at admission; this parser repeats the
+checks (and adds the cross-field ones) because the API server is not the only writer:
+a spec that gets here invalid becomes a `SpecError`, which the handlers turn into a
+`kopf.PermanentError` and a Failed phase. Defaults here equal the CRD's defaults
+(tests/unit/test_crd.py checks that).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_NAME_LENGTH = 40  # leaves room for "-engine-<r>-<ordinal>" inside a 63-character label
+NAME_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+ROUTER_POLICIES = ("cache_aware", "round_robin", "random", "power_of_two")
+AUTOSCALING_METRICS = ("queuedRequests", "kvCacheUsage")
+SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
+
+
+class SpecError(ValueError):
+    """An InferenceService spec that cannot be served; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    path: str | None = None
+    pvc_claim: str | None = None
+    pvc_sub_path: str | None = None
+    host_path: str | None = None
+    served_name: str | None = None
+
+
+@dataclass(frozen=True)
+class Resources:
+    gpus: int = 0
+    gpu_resource_name: str = "nvidia.com/gpu"
+    cpu: str | None = None
+    memory: str | None = None
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    policy: str = "cache_aware"
+    cache_threshold: float = 0.5
+    balance_abs_threshold: int = 32
+    balance_rel_threshold: float = 1.0001
+    replicas: int = 1
+    port: int = 30000
+    service_type: str = "ClusterIP"
+
+
+@dataclass(frozen=True)
+class AutoscalingSpec:
+    min_replicas: int
+    max_replicas: int
+    metric: str = "queuedRequests"
+    target: float = 4.0
+    scale_down_stabilization_seconds: int = 300
+    external: bool = False
+
+
+@dataclass(frozen=True)
+class MonitoringSpec:
+    service_monitor: bool = False
+    interval: str = "15s"
+
+
+@dataclass(frozen=True)
+class ApiKeySecret:
+    name: str
+    key: str = "api-key"
+
+
+@dataclass(frozen=True)
+class InferenceServiceSpec:
+    """One InferenceService: `name`/`namespace`/`uid` from metadata, the rest from spec."""
+
+    name: str
+    namespace: str
+    uid: str
+    model: ModelSource
+    image: str = "ghcr.io/radixfleet/radixfleet:0.1.0"
+    image_pull_policy: str = "IfNotPresent"
+    replicas: int = 1
+    tensor_parallel_size: int = 1
+    nodes_per_replica: int = 1
+    port: int = 30000
+    startup_timeout_seconds: int = 1800
+    resources: Resources = field(default_factory=Resources)
+    engine_args: tuple[str, ...] = ()
+    env: tuple[Mapping[str, Any], ...] = ()
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+    router: RouterSpec = field(default_factory=RouterSpec)
+    autoscaling: AutoscalingSpec | None = None
+    monitoring: MonitoringSpec = field(default_factory=MonitoringSpec)
+    api_key_secret: ApiKeySecret | None = None
+    generation: int | None = None
+
+    @property
+    def multi_node(self) -> bool:
+        return self.nodes_per_replica > 1
+
+    @property
+    def served_name(self) -> str:
+        return self.model.served_name or self.name
+
+
+def _int(value: Any, what: str, minimum: int, maximum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(f"{what} must be an integer, got {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+        raise SpecError(f"{what} must be {bound}, got {value}")
+    return value
+
+
+def _choice(value: Any, what: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise SpecError(f"{what} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _parse_model(raw: Any) -> ModelSource:
+    if not isinstance(raw, Mapping):
+        raise SpecError("spec.model is required: set model.path, model.pvc or model.hostPath")
+    pvc = raw.get("pvc")
+    sources = [k for k in ("path", "pvc", "hostPath") if raw.get(k)]
+    if len(sources) != 1:
+        raise SpecError(f"set exactly one of model.path, model.pvc, model.hostPath (got {sources or 'none'})")
+    if pvc is not None and not (isinstance(pvc, Mapping) and pvc.get("claimName")):
+        raise SpecError("model.pvc.claimName is required")
+    host_path = raw.get("hostPath")
+    if host_path is not None and not str(host_path).startswith("/"):
+        raise SpecError(f"model.hostPath must be absolute, got {host_path!r}")
+    return ModelSource(
+        path=raw.get("path"),
+        pvc_claim=pvc.get("claimName") if pvc else None,
+        pvc_sub_path=pvc.get("subPath") if pvc else None,
+        host_path=host_path,
+        served_name=raw.get("servedName"),
+    )
+
+
+def _parse_router(raw: Mapping[str, Any]) -> RouterSpec:
+    d = RouterSpec()
+    return RouterSpec(
+        policy=_choice(raw.get("policy", d.policy), "router.policy", ROUTER_POLICIES),
+        cache_threshold=float(raw.get("cacheThreshold", d.cache_threshold)),
+        balance_abs_threshold=_int(raw.get("balanceAbsThreshold", d.balance_abs_threshold), "router.balanceAbsThreshold", 0),
+        balance_rel_threshold=float(raw.get("balanceRelThreshold", d.balance_rel_threshold)),
+        replicas=_int(raw.get("replicas", d.replicas), "router.replicas", 1, 100),
+        port=_int(raw.get("port", d.port), "router.port", 1, 65535),
+        service_type=_choice(raw.get("serviceType", d.service_type), "router.serviceType", SERVICE_TYPES),
+    )
+
+
+def _parse_autoscaling(raw: Mapping[str, Any] | None) -> AutoscalingSpec | None:
+    if raw is None:
+        return None
+    lo = _int(raw.get("minReplicas"), "autoscaling.minReplicas", 0)
+    hi = _int(raw.get("maxReplicas"), "autoscaling.maxReplicas", 1, 1000)
+    if lo > hi:
+        raise SpecError(f"autoscaling.minReplicas ({lo}) must not exceed maxReplicas ({hi})")
+    target = float(raw.get("target", 4.0))
+    if target <= 0:
+        raise SpecError(f"autoscaling.target must be > 0, got {target}")
+    return AutoscalingSpec(
+        min_replicas=lo,
+        max_replicas=hi,
+        metric=_choice(raw.get("metric", "queuedRequests"), "autoscaling.metric", AUTOSCALING_METRICS),
+        target=target,
+        scale_down_stabilization_seconds=_int(raw.get("scaleDownStabilizationSeconds", 300), "autoscaling.scaleDownStabilizationSeconds", 0),
+        external=bool(raw.get("external", False)),
+    )
+
+
+def parse_spec(body: Mapping[str, Any]) -> InferenceServiceSpec:
+    """Parse a whole InferenceService object (metadata + spec); raise `SpecError` if invalid."""
+    meta = body.get("metadata") or {}
+    name = meta.get("name") or ""
+    if not NAME_RE.match(name) or len(name) > MAX_NAME_LENGTH:
+        raise SpecError(f"metadata.name must be a DNS label of at most {MAX_NAME_LENGTH} characters, got {name!r}")
+    spec = body.get("spec") or {}
+    d = InferenceServiceSpec(name=name, namespace="", uid="", model=ModelSource())
+    tp = _int(spec.get("tensorParallelSize", d.tensor_parallel_size), "spec.tensorParallelSize", 1, 1024)
+    nodes = _int(spec.get("nodesPerReplica", d.nodes_per_replica), "spec.nodesPerReplica", 1, 64)
+    if tp % nodes:
+        raise SpecError(f"spec.tensorParallelSize ({tp}) must be a multiple of nodesPerReplica ({nodes})")
+    res = spec.get("resources") or {}
+    api_key = spec.get("apiKeySecret")
+    monitoring = spec.get("monitoring") or {}
+    return InferenceServiceSpec(
+        name=name,
+        namespace=meta.get("namespace") or "default",
+        uid=meta.get("uid") or "",
+        generation=meta.get("generation"),
+        model=_parse_model(spec.get("model")),
+        image=spec.get("image", d.image),
+        image_pull_policy=_choice(spec.get("imagePullPolicy", d.image_pull_policy), "spec.imagePullPolicy", ("Always", "IfNotPresent", "Never")),
+        replicas=_int(spec.get("replicas", d.replicas), "spec.replicas", 0, 1000),
+        tensor_parallel_size=tp,
+        nodes_per_replica=nodes,
+        port=_int(spec.get("port", d.port), "spec.port", 1, 65535),
+        startup_timeout_seconds=_int(spec.get("startupTimeoutSeconds", d.startup_timeout_seconds), "spec.startupTimeoutSeconds", 30, 86400),
+        resources=Resources(
+            gpus=_int(res.get("gpus", 0), "resources.gpus", 0, 64),
+            gpu_resource_name=res.get("gpuResourceName", "nvidia.com/gpu"),
+            cpu=None if res.get("cpu") is None else str(res["cpu"]),
+            memory=None if res.get("memory") is None else str(res["memory"]),
+        ),
+        engine_args=tuple(str(a) for a in spec.get("engineArgs") or ()),
+        env=tuple(spec.get("env") or ()),
+        node_selector=dict(spec.get("nodeSelector") or {}),
+        router=_parse_router(spec.get("router") or {}),
+        autoscaling=_parse_autoscaling(spec.get("autoscaling")),
+        monitoring=MonitoringSpec(
+            service_monitor=bool(monitoring.get("serviceMonitor", False)),
+            interval=monitoring.get("interval", "15s"),
+        ),
+        api_key_secret=ApiKeySecret(api_key["name"], api_key.get("key", "api-key")) if api_key else None,
+    )

@@ -1,0 +1,143 @@
+"""The InferenceService CRD: valid for the API server, structural, and it accepts the
+examples and rejects bad specs with messages a user can act on."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from radixfleet.operator.spec import InferenceServiceSpec, SpecError, parse_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+CRD_PATH = ROOT / "crds" / "inferenceservice.yaml"
+CHART_CRD_PATH = ROOT / "charts" / "radixfleet" / "crds" / "inferenceservice.yaml"
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+
+
+def load_crd() -> dict:
+    return yaml.safe_load(CRD_PATH.read_text())
+
+
+def schema() -> dict:
+    return load_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def isvc_examples() -> list[dict]:
+    docs = [d for p in EXAMPLES for d in yaml.safe_load_all(p.read_text())]
+    return [d for d in docs if d and d.get("kind") == "InferenceService"]
+
+
+def validate(obj: dict) -> None:
+    # OpenAPI v3.0 schemas use draft-4 keywords (boolean exclusiveMinimum).
+    jsonschema.Draft4Validator(schema()).validate(obj)
+
+
+@pytest.mark.parametrize("version", ["1.30.0", "1.34.0"])
+def test_crd_is_a_valid_customresourcedefinition(version):
+    kubernetes_validate.validate(load_crd(), version, strict=True)
+
+
+def test_chart_ships_the_identical_crd():
+    assert CHART_CRD_PATH.read_bytes() == CRD_PATH.read_bytes(), (
+        "charts/radixfleet/crds/inferenceservice.yaml must equal crds/inferenceservice.yaml: "
+        "cp crds/inferenceservice.yaml charts/radixfleet/crds/"
+    )
+
+
+def _walk(node: dict, path: str):
+    yield path, node
+    for key, child in (node.get("properties") or {}).items():
+        yield from _walk(child, f"{path}.{key}")
+    if isinstance(node.get("items"), dict):
+        yield from _walk(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        yield from _walk(node["additionalProperties"], f"{path}{{}}")
+
+
+def test_schema_is_structural():
+    """Every node has a type unless it is int-or-string or preserves unknown fields."""
+    for path, node in _walk(schema(), "$"):
+        exempt = node.get("x-kubernetes-int-or-string") or node.get("x-kubernetes-preserve-unknown-fields")
+        assert "type" in node or exempt, f"{path} has no type (not a structural schema)"
+        for forbidden in ("oneOf", "anyOf", "allOf", "not"):
+            assert forbidden not in node or "type" not in str(node[forbidden]), f"{path}: {forbidden} with types"
+
+
+def test_crd_has_status_and_scale_subresources_and_columns():
+    version = load_crd()["spec"]["versions"][0]
+    assert version["subresources"]["scale"]["specReplicasPath"] == ".spec.replicas"
+    assert version["subresources"]["scale"]["labelSelectorPath"] == ".status.selector"
+    assert "status" in version["subresources"]
+    columns = [c["name"] for c in version["additionalPrinterColumns"]]
+    assert columns[:3] == ["Model", "Replicas", "Ready"] and "URL" in columns and "Age" in columns
+    assert load_crd()["spec"]["names"]["shortNames"] == ["isvc"]
+
+
+def test_examples_exist_and_validate():
+    examples = isvc_examples()
+    assert {e["metadata"]["name"] for e in examples} >= {"smollm2", "llama-70b"}
+    for example in examples:
+        validate(example)
+        parse_spec(example)  # the operator accepts them too
+
+
+def _bad(mutate) -> dict:
+    obj = copy.deepcopy(isvc_examples()[0])
+    mutate(obj["spec"])
+    return obj
+
+
+@pytest.mark.parametrize(
+    ("mutate", "fragment"),
+    [
+        (lambda s: s.update(tensorParallelSize=0), "0 is less than the minimum of 1"),
+        (lambda s: s.update(replicas=-1), "-1 is less than the minimum of 0"),
+        (lambda s: s.pop("model"), "'model' is a required property"),
+        (lambda s: s["router"].update(policy="fastest"), "'fastest' is not one of"),
+        (lambda s: s["autoscaling"].pop("maxReplicas"), "'maxReplicas' is a required property"),
+        (lambda s: s["resources"].update(memory="lots"), "does not match"),
+    ],
+    ids=["tp-0", "replicas-negative", "missing-model", "unknown-policy", "autoscaling-no-max", "bad-memory"],
+)
+def test_bad_specs_are_rejected_by_the_schema(mutate, fragment):
+    with pytest.raises(jsonschema.ValidationError) as err:
+        validate(_bad(mutate))
+    assert fragment in err.value.message
+
+
+@pytest.mark.parametrize(
+    ("mutate", "fragment"),
+    [
+        (lambda s: s.update(tensorParallelSize=0), "spec.tensorParallelSize must be between 1 and 1024, got 0"),
+        (lambda s: s.update(replicas=-1), "spec.replicas must be between 0 and 1000, got -1"),
+        (lambda s: s.pop("model"), "spec.model is required"),
+        (lambda s: s.update(tensorParallelSize=3, nodesPerReplica=2), "must be a multiple of nodesPerReplica"),
+        (lambda s: s["model"].update(hostPath="/data"), "set exactly one of model.path"),
+        (lambda s: s["autoscaling"].update(minReplicas=5, maxReplicas=2), "must not exceed maxReplicas"),
+    ],
+)
+def test_operator_rejects_bad_specs_with_messages(mutate, fragment):
+    """The cross-field rules (CEL in the CRD) are enforced by the operator's parser too."""
+    with pytest.raises(SpecError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        parse_spec(_bad(mutate))
+
+
+def test_crd_defaults_equal_the_operators_defaults():
+    props = schema()["properties"]["spec"]["properties"]
+    parsed = parse_spec({"metadata": {"name": "x"}, "spec": {"model": {"path": "m"}}})
+    assert isinstance(parsed, InferenceServiceSpec)
+    top = {"image": parsed.image, "imagePullPolicy": parsed.image_pull_policy, "replicas": parsed.replicas,
+           "tensorParallelSize": parsed.tensor_parallel_size, "nodesPerReplica": parsed.nodes_per_replica,
+           "port": parsed.port, "startupTimeoutSeconds": parsed.startup_timeout_seconds}
+    for key, value in top.items():
+        assert props[key]["default"] == value, key
+    router = props["router"]["properties"]
+    r = parsed.router
+    for key, value in {"policy": r.policy, "cacheThreshold": r.cache_threshold, "balanceAbsThreshold": r.balance_abs_threshold,
+                       "balanceRelThreshold": r.balance_rel_threshold, "replicas": r.replicas, "port": r.port,
+                       "serviceType": r.service_type}.items():
+        assert router[key]["default"] == value, f"router.{key}"

@@ -1,0 +1,147 @@
+"""The pure builders: InferenceService spec -> manifests, checked against the Kubernetes
+1.30 and 1.34 schemas in strict mode and for what the engine/router processes will see."""
+
+from __future__ import annotations
+
+import copy
+
+import kubernetes_validate
+import pytest
+from radixfleet.operator import names
+from radixfleet.operator.manifests import build_children
+from radixfleet.operator.spec import parse_spec
+
+BASE = {
+    "apiVersion": "radixfleet.io/v1alpha1",
+    "kind": "InferenceService",
+    "metadata": {"name": "chat", "namespace": "ml", "uid": "0b5a9f1e-1111-2222-3333-444455556666", "generation": 3},
+    "spec": {"model": {"path": "smollm2"}, "replicas": 2},
+}
+MULTI = {
+    **BASE,
+    "spec": {
+        "model": {"pvc": {"claimName": "models", "subPath": "llama"}, "servedName": "llama"},
+        "replicas": 2, "tensorParallelSize": 16, "nodesPerReplica": 2,
+        "resources": {"gpus": 8, "cpu": "32", "memory": "512Gi"},
+        "apiKeySecret": {"name": "key"},
+        "engineArgs": ["--chunked-prefill-size", "4096"],
+        "env": [{"name": "NCCL_DEBUG", "value": "INFO"}],
+        "nodeSelector": {"pool": "h100"},
+        "router": {"replicas": 2, "serviceType": "LoadBalancer", "policy": "round_robin"},
+    },
+}
+CASES = {
+    "single-node": (BASE, False),
+    "single-node-monitoring": (BASE, True),
+    "multi-node": (MULTI, False),
+    "multi-node-monitoring": (MULTI, True),
+}
+
+
+def children(body, monitor=False):
+    return build_children(parse_spec(copy.deepcopy(body)), with_service_monitor=monitor)
+
+
+def by_kind(manifests, kind):
+    return [m for m in manifests if m["kind"] == kind]
+
+
+@pytest.mark.parametrize("version", ["1.30.0", "1.34.0"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_manifest_passes_strict_schema_validation(case, version):
+    body, monitor = CASES[case]
+    manifests = children(body, monitor)
+    for m in manifests:
+        if m["kind"] == "ServiceMonitor":  # a CRD kind: no bundled schema, checked below
+            continue
+        kubernetes_validate.validate(m, version, strict=True)
+    assert bool(by_kind(manifests, "ServiceMonitor")) == monitor
+
+
+def test_every_child_is_owned_by_the_inference_service():
+    for m in children(MULTI, True):
+        (ref,) = m["metadata"]["ownerReferences"]
+        assert ref == {"apiVersion": "radixfleet.io/v1alpha1", "kind": "InferenceService", "name": "chat",
+                       "uid": BASE["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}
+        assert m["metadata"]["namespace"] == "ml"
+        assert m["metadata"]["labels"][names.LABEL_SERVICE] == "chat"
+
+
+def test_single_node_is_one_deployment_with_the_engine_command_line():
+    manifests = children(BASE)
+    assert [(m["kind"], m["metadata"]["name"]) for m in manifests] == [
+        ("Service", "chat-engine"), ("Deployment", "chat-engine"), ("Service", "chat-router"), ("Deployment", "chat-router"),
+    ]
+    deploy = manifests[1]
+    assert deploy["spec"]["replicas"] == 2
+    container = deploy["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["radixfleet"]
+    assert container["args"] == ["serve", "--model-path", "smollm2", "--host", "0.0.0.0", "--port", "30000", "--tp-size", "1"]
+    assert not by_kind(manifests, "StatefulSet")
+
+
+def test_startup_probe_allows_a_slow_model_load():
+    body = copy.deepcopy(BASE)
+    body["spec"]["startupTimeoutSeconds"] = 3600
+    container = children(body)[1]["spec"]["template"]["spec"]["containers"][0]
+    probe = container["startupProbe"]
+    assert probe["httpGet"] == {"path": "/health", "port": "http"}
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= 3600
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+
+
+def test_multi_node_is_a_statefulset_and_headless_service_per_replica():
+    manifests = children(MULTI)
+    sts = by_kind(manifests, "StatefulSet")
+    assert [s["metadata"]["name"] for s in sts] == ["chat-engine-0", "chat-engine-1"]
+    assert not [d for d in by_kind(manifests, "Deployment") if d["metadata"]["name"] == "chat-engine"]
+    headless = {s["metadata"]["name"]: s for s in by_kind(manifests, "Service")}
+    for r, s in enumerate(sts):
+        assert s["spec"]["replicas"] == 2  # nodesPerReplica
+        assert s["spec"]["serviceName"] == f"chat-engine-{r}"
+        assert headless[f"chat-engine-{r}"]["spec"]["clusterIP"] == "None"
+        assert headless[f"chat-engine-{r}"]["spec"]["selector"][names.LABEL_REPLICA] == str(r)
+        container = s["spec"]["template"]["spec"]["containers"][0]
+        args = container["args"]
+        assert args[args.index("--dist-init-addr") + 1] == f"chat-engine-{r}-0.chat-engine-{r}.ml.svc:5000"
+        assert args[args.index("--nnodes") + 1] == "2"
+        assert args[args.index("--tp-size") + 1] == "16"
+        assert args[args.index("--model-path") + 1] == "/models"
+        # The rank is the pod ordinal, read from the StatefulSet's pod-index label.
+        rank_env = args[args.index("--node-rank") + 1]
+        env = {e["name"]: e for e in container["env"]}
+        assert env[rank_env[2:-1]]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['apps.kubernetes.io/pod-index']"
+        assert args[-2:] == ["--chunked-prefill-size", "4096"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
+        mount = next(m for m in container["volumeMounts"] if m["name"] == "model")
+        assert mount["subPath"] == "llama" and mount["readOnly"]
+    # The metrics Service selects only the serving rank-0 pods.
+    assert headless["chat-engine"]["spec"]["selector"][names.LABEL_POD_INDEX] == "0"
+
+
+def test_router_deployment_and_service_carry_the_router_settings():
+    manifests = children(MULTI)
+    router = next(m for m in by_kind(manifests, "Deployment") if m["metadata"]["name"] == "chat-router")
+    assert router["spec"]["replicas"] == 2
+    args = router["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[:2] == ["router", "--host"]
+    for flag, value in [("--policy", "round_robin"), ("--cache-threshold", "0.5"), ("--balance-abs-threshold", "32"),
+                        ("--balance-rel-threshold", "1.0001"), ("--port", "30000"), ("--api-key", "$(RADIXFLEET_API_KEY)")]:
+        assert args[args.index(flag) + 1] == value
+    service = next(m for m in by_kind(manifests, "Service") if m["metadata"]["name"] == "chat-router")
+    assert service["spec"]["type"] == "LoadBalancer"
+
+
+def test_service_monitor_selects_the_engine_and_router_services():
+    manifests = children(BASE, True)
+    (monitor,) = by_kind(manifests, "ServiceMonitor")
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    selected = [m["metadata"]["name"] for m in by_kind(manifests, "Service")
+                if selector.items() <= m["metadata"]["labels"].items()]
+    assert selected == ["chat-engine", "chat-router"]
+    assert monitor["spec"]["endpoints"][0]["port"] == "http"
+    assert all("http" in [p["name"] for p in s["spec"]["ports"]] for s in by_kind(manifests, "Service"))
+
+
+def test_builders_are_deterministic():
+    assert children(MULTI, True) == children(MULTI, True)
