@@ -1,0 +1,145 @@
+"""The router's FastAPI app: wiring of registry, policy, proxy, membership, health and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+from fastapi import FastAPI, Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+from .auth import BearerAuth
+from .config import RouterConfig
+from .health import HealthChecker
+from .membership import Membership, membership_routes
+from .metrics import CONTENT_TYPE, RouterMetrics
+from .policies import Policy, make_policy
+from .proxy import Proxy, error_response
+from .registry import WorkerRegistry
+
+log = logging.getLogger(__name__)
+
+# Routes proxied to one worker chosen by the policy (POST, JSON body) or by load (GET).
+POST_ROUTES = ("/generate", "/v1/completions", "/v1/chat/completions", "/v1/embeddings")
+GET_ROUTES = ("/v1/models", "/get_model_info", "/get_server_info")
+
+
+@dataclass
+class RouterState:
+    """Everything one router instance owns; reachable as ``app.state.router``."""
+
+    config: RouterConfig
+    policy: Policy
+    registry: WorkerRegistry
+    metrics: RouterMetrics
+    client: httpx.AsyncClient
+    proxy: Proxy
+    members: Membership
+    health: HealthChecker
+
+
+def build_state(config: RouterConfig) -> RouterState:
+    policy = make_policy(config)
+    registry = WorkerRegistry(config, policy)
+    metrics = RouterMetrics(policy.name, registry.workers, policy.stats)
+    registry.metrics = metrics
+    client = httpx.AsyncClient(
+        timeout=httpx.Timeout(connect=5.0, read=config.request_timeout, write=30.0, pool=config.request_timeout),
+        limits=httpx.Limits(max_connections=config.max_connections, max_keepalive_connections=config.max_connections,
+                            keepalive_expiry=30.0),
+        trust_env=False,  # loopback and cluster traffic must never go through an env-configured proxy
+    )
+    proxy = Proxy(config, registry, policy, metrics, client)
+    health_headers = {k: v for k, v in proxy.headers.items() if k == "authorization"}
+    members = Membership(registry, client, health_headers)
+    return RouterState(config, policy, registry, metrics, client, proxy, members,
+                       HealthChecker(registry, client, health_headers))
+
+
+async def _evict_forever(state: RouterState) -> None:
+    while True:
+        await asyncio.sleep(state.config.eviction_interval)
+        await asyncio.to_thread(state.policy.maintain)
+
+
+def build_app(config: RouterConfig) -> FastAPI:
+    """A ready-to-serve ASGI app for ``config`` (workers from ``config.worker_urls`` join as they become healthy)."""
+    state = build_state(config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        tasks = [asyncio.create_task(state.health.run()), asyncio.create_task(_evict_forever(state))]
+        tasks += state.members.add_in_background(list(config.worker_urls))
+        try:
+            yield
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await state.client.aclose()
+
+    app = FastAPI(title="radixfleet router", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.router = state
+    if config.api_key:
+        app.add_middleware(BearerAuth, api_key=config.api_key)
+    app.include_router(membership_routes(state.members))
+
+    for route in POST_ROUTES:
+        app.add_api_route(route, _post_handler(state.proxy, route), methods=["POST"])
+    for route in GET_ROUTES:
+        app.add_api_route(route, _get_handler(state.proxy, route), methods=["GET"])
+
+    @app.get("/health")
+    async def health() -> Response:
+        return PlainTextResponse("OK")
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.post("/flush_cache")
+    async def flush_cache() -> Response:
+        return await _flush_all(state)
+
+    return app
+
+
+def _post_handler(proxy: Proxy, route: str):
+    async def handler(request: Request) -> Response:
+        return await proxy.forward(request, route)
+
+    handler.__name__ = "proxy_" + route.strip("/").replace("/", "_")
+    return handler
+
+
+def _get_handler(proxy: Proxy, route: str):
+    async def handler() -> Response:
+        return await proxy.forward_get(route)
+
+    handler.__name__ = "proxy_" + route.strip("/").replace("/", "_")
+    return handler
+
+
+async def _flush_all(state: RouterState) -> Response:
+    """POST /flush_cache to every worker; 200 only if all of them flushed."""
+    workers = state.registry.workers()
+    if not workers:
+        return error_response(503, "No available workers: nothing to flush")
+
+    async def one(url: str) -> tuple[str, int | str]:
+        try:
+            resp = await state.client.post(url + "/flush_cache", headers=state.proxy.headers)
+            return url, resp.status_code
+        except httpx.TransportError as e:
+            return url, f"{type(e).__name__} {e}".strip()
+
+    results = dict(await asyncio.gather(*(one(w.url) for w in workers)))
+    failed = {url: r for url, r in results.items() if r != 200}
+    if not failed:
+        state.policy.forget_cache()  # the workers forgot their caches: so do we
+    status = 200 if not failed else 502
+    return JSONResponse({"flushed": [u for u in results if u not in failed], "failed": failed}, status_code=status)

@@ -1,0 +1,74 @@
+"""The router's configuration: one frozen dataclass, validated at construction.
+
+The CLI flags of ``radixfleet router`` are generated from these fields (``cli_fields.py``),
+so a field added here is a flag there. Defaults for the cache-aware policy are justified by
+the measurement in ``benchmarks/router.py`` (section ``defaults``): 0.5 / 32 / 1.0001 keep
+every prefix group on one worker while still moving load off a worker that is more than 32
+requests ahead; 2**24 characters per tree (per worker) bounds memory to roughly a few
+hundred MB in the worst case and evicts in well under a second every 60 s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+POLICY_NAMES = ("cache_aware", "round_robin", "random", "power_of_two")
+
+
+def _f(default, help_: str, **extra):
+    return field(default=default, metadata={"help": help_, **extra})
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Everything ``radixfleet router`` can be told; each field is a ``--flag``."""
+
+    host: str = _f("127.0.0.1", "Address to listen on.")
+    port: int = _f(30000, "Port to listen on.")
+    worker_urls: tuple[str, ...] = _f((), "Workers to start with, e.g. http://127.0.0.1:30001.")
+    policy: str = _f("cache_aware", "Routing policy.", choices=POLICY_NAMES)
+    api_key: str = _f("", "If set, every route but /health requires 'Authorization: Bearer KEY'.")
+    worker_api_key: str = _f("", "Bearer key the router sends to workers.")
+    # cache_aware
+    cache_threshold: float = _f(0.5, "cache_aware: minimum prefix-match ratio to follow the cache.")
+    balance_abs_threshold: int = _f(32, "cache_aware: imbalanced if max-min in-flight exceeds this ...")
+    balance_rel_threshold: float = _f(1.0001, "cache_aware: ... and max in-flight exceeds this times min.")
+    eviction_interval: float = _f(60.0, "cache_aware: seconds between LRU eviction passes.")
+    max_tree_size: int = _f(2**24, "cache_aware: characters kept per worker tree after eviction.")
+    # fault tolerance
+    max_worker_retries: int = _f(3, "Consecutive failures (requests or health checks) that remove a worker.")
+    max_total_retries: int = _f(6, "Times one request is re-sent to another worker after a 5xx or connection error.")
+    health_check_interval: float = _f(10.0, "Seconds between health checks of every worker.")
+    health_check_timeout: float = _f(5.0, "Seconds a worker's /health may take.")
+    worker_startup_timeout: float = _f(30.0, "Seconds add_worker waits for a new worker to become healthy.")
+    circuit_breaker_failures: int = _f(2, "Consecutive request failures that open a worker's circuit.")
+    circuit_breaker_cooldown: float = _f(5.0, "Seconds an open circuit waits before a half-open probe.")
+    # limits
+    queue_limit: int = _f(1024, "Requests in flight across the router beyond which new ones get 429 (0: no limit).")
+    request_timeout: float = _f(600.0, "Seconds an upstream request may take (read timeout).")
+    max_connections: int = _f(1024, "Pooled upstream connections across all workers.")
+    log_level: str = _f("info", "Logging level.", choices=("debug", "info", "warning", "error"))
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.policy in POLICY_NAMES, f"policy must be one of {', '.join(POLICY_NAMES)}, got {self.policy!r}"),
+            (0 < self.port < 65536, f"port must be in 1..65535, got {self.port}"),
+            (0.0 <= self.cache_threshold <= 1.0, f"cache_threshold must be in [0, 1], got {self.cache_threshold}"),
+            (self.balance_abs_threshold >= 0, "balance_abs_threshold must be >= 0"),
+            (self.balance_rel_threshold >= 1.0, "balance_rel_threshold must be >= 1.0"),
+            (self.eviction_interval > 0, "eviction_interval must be > 0 seconds"),
+            (self.max_tree_size > 0, "max_tree_size must be > 0 characters"),
+            (self.max_worker_retries >= 1, "max_worker_retries must be >= 1"),
+            (self.max_total_retries >= 0, "max_total_retries must be >= 0"),
+            (self.health_check_interval > 0, "health_check_interval must be > 0 seconds"),
+            (self.health_check_timeout > 0, "health_check_timeout must be > 0 seconds"),
+            (self.worker_startup_timeout >= 0, "worker_startup_timeout must be >= 0 seconds"),
+            (self.circuit_breaker_failures >= 1, "circuit_breaker_failures must be >= 1"),
+            (self.circuit_breaker_cooldown >= 0, "circuit_breaker_cooldown must be >= 0 seconds"),
+            (self.queue_limit >= 0, "queue_limit must be >= 0 (0 disables it)"),
+            (self.request_timeout > 0, "request_timeout must be > 0 seconds"),
+            (self.max_connections >= 1, "max_connections must be >= 1"),
+        ]
+        errors = [msg for ok, msg in checks if not ok]
+        if errors:
+            raise ValueError("invalid router config: " + "; ".join(errors))

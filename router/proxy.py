@@ -1,0 +1,207 @@
+"""Forwarding one request: choose a worker, send, retry elsewhere on failure, relay back.
+
+Accounting invariant: ``Proxy.in_flight`` and ``worker.in_flight`` are incremented when a
+request is admitted / dispatched and decremented exactly once when its answer is complete —
+for a stream, when the last chunk is relayed or the client disconnects (``_Release``).
+
+Retry rule: connection errors and upstream 5xx are failures, retried on another worker up
+to ``max_total_retries`` times, and for streams only before the first byte reaches the
+client. Upstream 4xx are the client's problem and are passed back unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+
+import httpx
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from .config import RouterConfig
+from .metrics import RouterMetrics
+from .policies import Policy
+from .registry import WorkerRegistry
+from .text_key import text_key
+from .worker import Worker
+
+try:  # optional speedup: parse request bodies with orjson when it is installed
+    from orjson import loads as _loads
+except ImportError:  # pragma: no cover - depends on the environment
+    _loads = json.loads
+
+log = logging.getLogger(__name__)
+
+Selector = Callable[[Sequence[Worker], str], tuple[Worker, str]]
+
+
+def error_response(status: int, message: str) -> Response:
+    """An OpenAI-style JSON error the router answers itself."""
+    body = json.dumps({"error": {"message": message, "type": "router_error", "code": status}})
+    return Response(body, status_code=status, media_type="application/json")
+
+
+def least_loaded(candidates: Sequence[Worker], text: str) -> tuple[Worker, str]:
+    return min(candidates, key=lambda w: w.in_flight), ""
+
+
+class _Release:
+    """Runs the end-of-request bookkeeping once, however the stream ends."""
+
+    __slots__ = ("_fn", "_done")
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self._fn = fn
+        self._done = False
+
+    def __call__(self) -> None:
+        if not self._done:
+            self._done = True
+            self._fn()
+
+
+class _RelayResponse(StreamingResponse):
+    """A StreamingResponse that closes its upstream even when the client goes away."""
+
+    def __init__(self, upstream: httpx.Response, chunks: AsyncIterator[bytes], release: _Release) -> None:
+        super().__init__(chunks, status_code=upstream.status_code, media_type=upstream.headers.get("content-type"))
+        self._upstream = upstream
+        self._release = release
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._upstream.aclose()
+            self._release()
+
+
+class Proxy:
+    """Sends requests to workers for the HTTP routes of the app."""
+
+    def __init__(self, config: RouterConfig, registry: WorkerRegistry, policy: Policy,
+                 metrics: RouterMetrics, client: httpx.AsyncClient) -> None:
+        self.config = config
+        self.registry = registry
+        self.policy = policy
+        self.metrics = metrics
+        self.client = client
+        self.in_flight = 0
+        self.headers = {"content-type": "application/json", "accept-encoding": "identity"}
+        if config.worker_api_key:
+            self.headers["authorization"] = f"Bearer {config.worker_api_key}"
+
+    async def forward(self, request: Request, route: str) -> Response:
+        """Proxy a POST with a JSON body to the worker the policy picks."""
+        if self.config.queue_limit and self.in_flight >= self.config.queue_limit:
+            return self._reject(route, 429, "queue_full",
+                                f"Too many requests in flight ({self.in_flight} >= queue limit {self.config.queue_limit}); retry later")
+        body = await request.body()
+        try:
+            parsed = _loads(body) if body else None
+        except ValueError:
+            parsed = None  # let the worker answer its own 400
+        text = text_key(route, parsed)
+        stream = isinstance(parsed, dict) and parsed.get("stream") is True
+        return await self._send("POST", route, body, text, stream, self.policy.select)
+
+    async def forward_get(self, route: str) -> Response:
+        """Proxy a GET (model info and the like) to the least-loaded available worker."""
+        return await self._send("GET", route, None, "", False, least_loaded)
+
+    async def _send(self, method: str, route: str, body: bytes | None, text: str, stream: bool,
+                    select: Selector) -> Response:
+        start = time.perf_counter()
+        self.in_flight += 1
+        worker: Worker | None = None
+
+        def release() -> None:
+            self.in_flight -= 1
+            if worker is not None:
+                worker.in_flight -= 1
+            self.metrics.request_duration.labels(route).observe(time.perf_counter() - start)
+
+        releaser = _Release(release)
+        try:
+            tried: set[str] = set()
+            last_error = ""
+            for attempt in range(self.config.max_total_retries + 1):
+                candidates = self.registry.candidates(tried) or self.registry.candidates(set())
+                if not candidates:
+                    if attempt == 0:
+                        return self._reject(route, 503, "no_workers", "No available workers: the router has no healthy workers registered")
+                    break
+                if attempt:
+                    self.metrics.retries.labels(route).inc()
+                t0 = time.perf_counter()
+                worker, decision = select(candidates, text)
+                self.metrics.routing_latency.observe(time.perf_counter() - t0)
+                if decision:
+                    self.metrics.decisions.labels(decision).inc()
+                tried.add(worker.url)
+                worker.in_flight += 1
+                worker.breaker.on_dispatch()
+                last = attempt == self.config.max_total_retries
+                try:
+                    upstream = await self.client.send(
+                        self.client.build_request(method, worker.url + route, content=body, headers=self.headers),
+                        stream=stream,
+                    )
+                except httpx.TransportError as e:
+                    last_error = f"{worker.url}: {type(e).__name__} {e}".strip()
+                    self._failed(worker, route, "connect", last_error)
+                    worker = None
+                    continue
+                if upstream.status_code >= 500 and not last:
+                    if stream:
+                        await upstream.aclose()
+                    last_error = f"{worker.url}: HTTP {upstream.status_code}"
+                    self._failed(worker, route, "status_5xx", last_error)
+                    worker = None
+                    continue
+                self.metrics.requests.labels(route, worker.url, str(upstream.status_code)).inc()
+                if upstream.status_code >= 500:  # out of retries: pass the last answer back
+                    self.metrics.worker_failures.labels(worker.url, "status_5xx").inc()
+                    self.registry.record_failure(worker)
+                    if stream:
+                        await upstream.aread()
+                        await upstream.aclose()
+                        stream = False
+                else:
+                    self.registry.record_success(worker)
+                if stream:
+                    response = _RelayResponse(upstream, self._relay(upstream, worker, releaser), releaser)
+                    releaser = None  # the response owns the release now
+                    return response
+                return Response(upstream.content, status_code=upstream.status_code,
+                                media_type=upstream.headers.get("content-type"))
+            return self._reject(route, 502, "retries_exhausted",
+                                f"All {len(tried)} tried workers failed after {self.config.max_total_retries} retries; last error: {last_error}")
+        finally:
+            if releaser is not None:
+                releaser()
+
+    async def _relay(self, upstream: httpx.Response, worker: Worker, release: _Release) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in upstream.aiter_raw():
+                yield chunk
+        except httpx.TransportError as e:  # after the first byte: too late to retry, end the stream
+            log.warning("stream from %s broke off: %s", worker.url, e)
+            self.metrics.worker_failures.labels(worker.url, "stream").inc()
+            self.registry.record_failure(worker)
+        finally:
+            await upstream.aclose()
+            release()
+
+    def _failed(self, worker: Worker, route: str, reason: str, detail: str) -> None:
+        worker.in_flight -= 1
+        log.warning("attempt on %s %s failed: %s", worker.url, route, detail)
+        self.metrics.worker_failures.labels(worker.url, reason).inc()
+        self.registry.record_failure(worker)
+
+    def _reject(self, route: str, status: int, reason: str, message: str) -> Response:
+        self.metrics.rejected.labels(route, reason).inc()
+        self.metrics.requests.labels(route, "none", str(status)).inc()
+        return error_response(status, message)

@@ -1,0 +1,43 @@
+"""One upstream worker as the router sees it: URL, load, health and circuit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import httpx
+
+from .circuit_breaker import CircuitBreaker
+
+
+class InvalidWorkerURL(ValueError):
+    """A worker URL the router cannot use (answered with 400)."""
+
+
+def normalize_url(url: str) -> str:
+    """``http(s)://host[:port]`` without a trailing slash; raises InvalidWorkerURL otherwise."""
+    url = url.strip()
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError) as e:
+        raise InvalidWorkerURL(f"Invalid worker URL {url!r}: {e}") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise InvalidWorkerURL(f"Invalid worker URL {url!r}: expected http://host:port")
+    if parsed.query or parsed.fragment or parsed.path not in ("", "/"):
+        raise InvalidWorkerURL(f"Invalid worker URL {url!r}: no path or query allowed")
+    return url.rstrip("/")
+
+
+@dataclass(eq=False)
+class Worker:
+    """Mutable state of one worker; only the event loop thread mutates it."""
+
+    url: str
+    breaker: CircuitBreaker
+    in_flight: int = 0
+    consecutive_failures: int = 0  # requests and health checks; reaching the limit removes it
+    healthy: bool = True  # last health check passed
+    removed: bool = field(default=False)
+
+    def available(self) -> bool:
+        """May take a new request: not removed and its circuit lets it through."""
+        return not self.removed and self.breaker.available()
