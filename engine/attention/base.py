@@ -45,6 +45,7 @@ class ForwardBatch:
     seq_lens_cpu: list[int]
     extend_prefix_lens_cpu: list[int]
     extend_seq_lens_cpu: list[int]
+    attn_backend: AttentionBackend | None = None  # set by the model runner before forward
 
     @property
     def batch_size(self) -> int:

@@ -1,1 +1,1 @@
-"""radixfleet.engine.layers."""
+"""Layer modules shared by every model; tensor-parallel aware."""

@@ -1,1 +1,1 @@
-"""radixfleet.engine.memory."""
+"""KV memory: slot allocator, request→token table, radix prefix cache."""

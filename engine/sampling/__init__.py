@@ -1,1 +1,1 @@
-"""radixfleet.engine.sampling."""
+"""Sampling parameters and the batched sampler."""

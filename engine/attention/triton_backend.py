@@ -1,0 +1,84 @@
+"""Attention backend on the triton kernels of ``radixfleet.kernels`` (CUDA only).
+
+This module imports triton at the top: the registry imports it only when the ``triton``
+backend is chosen, so CPU-only installs never load triton.
+
+Per step, ``plan`` computes what every layer shares: for extend, each request's start offset
+in the packed q and the longest extend length (from the host copy, no device sync); for
+decode, the split-K count (a function of the batch size alone, so graph-safe) and scratch
+views. ``forward`` stores k/v at ``out_cache_loc`` and then attends.
+
+CUDA graphs: call ``reserve(max_batch_size)`` before capturing, so the decode scratch is
+allocated once and never moves under a captured graph.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from radixfleet.engine.attention.base import AttentionBackend, ForwardBatch, ForwardMode, KVPool
+from radixfleet.kernels.decode_attention import choose_num_kv_splits, decode_attention
+from radixfleet.kernels.extend_attention import extend_attention
+from radixfleet.kernels.kv_store import store_kv
+
+
+class TritonAttentionBackend(AttentionBackend):
+    def __init__(self, kv_pool: KVPool, num_heads: int, num_kv_heads: int, head_dim: int,
+                 scale: float):
+        super().__init__(kv_pool, num_heads, num_kv_heads, head_dim, scale)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+        self.device = kv_pool.k_buffers[0].device
+        if self.device.type != "cuda":
+            raise ValueError("the triton attention backend needs a CUDA device; use torch_native")
+        # Decode split-K scratch, grow-only (see `reserve`): fp32 partial outputs and lse.
+        self._mid_o = torch.empty(0, dtype=torch.float32, device=self.device)
+        self._mid_lse = torch.empty(0, dtype=torch.float32, device=self.device)
+        self._num_kv_splits = 1
+        self._q_start: torch.Tensor | None = None
+        self._max_extend_len = 0
+
+    def reserve(self, max_batch_size: int) -> None:
+        """Allocate decode scratch for every batch size up to ``max_batch_size``."""
+        for bs in (1, max_batch_size):
+            self._scratch(bs, choose_num_kv_splits(bs, self.num_kv_heads, self.device))
+
+    def _scratch(self, bs: int, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n = bs * self.num_heads * splits
+        if self._mid_lse.numel() < n:
+            self._mid_o = torch.empty(n * self.head_dim, dtype=torch.float32, device=self.device)
+            self._mid_lse = torch.empty(n, dtype=torch.float32, device=self.device)
+        mid_o = self._mid_o[: n * self.head_dim].view(bs, self.num_heads, splits, self.head_dim)
+        mid_lse = self._mid_lse[:n].view(bs, self.num_heads, splits)
+        return mid_o, mid_lse
+
+    def plan(self, batch: ForwardBatch) -> None:
+        bs = batch.batch_size
+        if batch.mode is ForwardMode.DECODE:
+            self._num_kv_splits = choose_num_kv_splits(bs, self.num_kv_heads, self.device)
+            self._decode_scratch = self._scratch(bs, self._num_kv_splits)
+            return
+        if len(batch.extend_seq_lens_cpu) != bs or sum(batch.extend_seq_lens_cpu) != len(batch.out_cache_loc):
+            raise ValueError("extend_seq_lens_cpu does not match the batch's new tokens")
+        lens = batch.extend_seq_lens
+        # Exclusive prefix sum on the device: start of each request's tokens in the packed q.
+        self._q_start = torch.cumsum(lens, 0, dtype=torch.int32) - lens.to(torch.int32)
+        self._max_extend_len = max(batch.extend_seq_lens_cpu, default=0)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
+                batch: ForwardBatch) -> torch.Tensor:
+        k_buf = self.kv_pool.k_buffers[layer_id]
+        v_buf = self.kv_pool.v_buffers[layer_id]
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        store_kv(k, v, k_buf, v_buf, batch.out_cache_loc)
+        if batch.mode is ForwardMode.DECODE:
+            mid_o, mid_lse = self._decode_scratch
+            return decode_attention(
+                q, k_buf, v_buf, batch.req_to_token, batch.req_pool_indices, batch.seq_lens,
+                self.scale, num_kv_splits=self._num_kv_splits, mid_o=mid_o, mid_lse=mid_lse)
+        assert self._q_start is not None, "plan() must run before forward()"
+        return extend_attention(
+            q, k_buf, v_buf, batch.req_to_token, batch.req_pool_indices, self._q_start,
+            batch.extend_prefix_lens, batch.extend_seq_lens, self._max_extend_len, self.scale)

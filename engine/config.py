@@ -1,0 +1,121 @@
+"""Engine configuration: one frozen dataclass; ``Engine(**kwargs)`` and the CLI flags both
+come from its fields. Unknown names are an error, never silently dropped."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from dataclasses import dataclass, field, fields
+from typing import Any, get_type_hints
+
+SCHEDULE_POLICIES = ("lpm", "fcfs")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+class ConfigError(ValueError, TypeError):
+    """A bad engine argument (a ``ValueError``; also a ``TypeError`` for unknown names)."""
+
+
+def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_path: str = field(metadata={"help": "HF-format model folder, or 'smollm2' for the default model"})
+    tokenizer_path: str | None = _opt(None, "tokenizer folder (default: model_path)")
+    trust_remote_code: bool = _opt(False, "allow model code from the model folder (off: only built-in architectures)")
+    context_length: int | None = _opt(None, "maximum context length (default: from the model config)")
+    dtype: str = _opt("auto", "weight and activation dtype (auto: float32 on CPU, the model's on GPU)", DTYPES)
+    device: str = _opt("auto", "cpu, cuda, or auto")
+    load_format: str = _opt("auto", "auto (safetensors) or dummy (random weights from the config)", ("auto", "safetensors", "dummy"))
+    mem_fraction_static: float | None = _opt(None, "fraction of device memory for weights + KV cache")
+    max_total_tokens: int | None = _opt(None, "KV-cache size in tokens (default: derived from memory)")
+    max_running_requests: int | None = _opt(None, "most requests decoding at once")
+    max_prefill_tokens: int = _opt(16384, "most new tokens in one prefill batch")
+    chunked_prefill_size: int | None = _opt(None, "split prefills longer than this (-1: never split)")
+    page_size: int = _opt(1, "tokens per KV-cache page")
+    schedule_policy: str = _opt("lpm", "waiting-queue order: lpm (longest prefix match) or fcfs", SCHEDULE_POLICIES)
+    schedule_conservativeness: float = _opt(1.0, "higher reserves more KV for future decode tokens")
+    disable_radix_cache: bool = _opt(False, "never reuse cached prefixes")
+    random_seed: int | None = _opt(None, "seed for sampling (default: random)")
+    log_level: str = _opt("error", "logging level", LOG_LEVELS)
+    tp_size: int = _opt(1, "tensor-parallel size (GPUs per replica)")
+    dist_init_addr: str | None = _opt(None, "host:port of rank 0 for multi-node tensor parallelism")
+    nnodes: int = _opt(1, "nodes in one tensor-parallel group")
+    node_rank: int = _opt(0, "this node's rank in the group")
+    attention_backend: str | None = _opt(None, "torch_native, triton or flashinfer (default per device)")
+    disable_cuda_graph: bool = _opt(False, "run decode without CUDA graphs")
+    cuda_graph_max_bs: int | None = _opt(None, "largest decode batch captured in a CUDA graph")
+    served_model_name: str | None = _opt(None, "model name reported by the API (default: model_path)")
+    enable_custom_logit_processor: bool = _opt(False, "accept custom logit processors (deserialises code)")
+    stream_interval: int = _opt(1, "send streamed tokens every N steps")
+    skip_tokenizer_init: bool = _opt(False, "take and return token ids only")
+
+    def __post_init__(self) -> None:
+        def bad(msg: str) -> ConfigError:
+            return ConfigError(msg)
+
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise bad(f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
+        if not self.model_path:
+            raise bad("model_path is required")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise bad(f"device must be cpu, cuda or auto, got {self.device!r}")
+        if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static < 1:
+            raise bad(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static}")
+        for name in ("context_length", "max_total_tokens", "max_running_requests", "cuda_graph_max_bs"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise bad(f"{name} must be a positive integer, got {value}")
+        if self.chunked_prefill_size is not None and self.chunked_prefill_size != -1 and self.chunked_prefill_size < 1:
+            raise bad(f"chunked_prefill_size must be positive or -1, got {self.chunked_prefill_size}")
+        for name in ("page_size", "tp_size", "nnodes", "stream_interval", "max_prefill_tokens"):
+            if getattr(self, name) < 1:
+                raise bad(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise bad(f"node_rank must be in [0, nnodes), got {self.node_rank} with nnodes={self.nnodes}")
+        if self.nnodes > 1 and not self.dist_init_addr:
+            raise bad("nnodes > 1 needs dist_init_addr (host:port of rank 0)")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ConfigError(f"unknown engine argument(s): {', '.join(unknown)}")
+        if "model_path" not in kwargs:
+            raise ConfigError("model_path is required")
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> EngineConfig:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def log_level_int(self) -> int:
+        return getattr(logging, self.log_level.upper())
+
+    # ---- CLI -------------------------------------------------------------------------
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        hints = get_type_hints(cls)
+        for f in fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            hint = hints[f.name]
+            help_ = f.metadata.get("help", "")
+            if hint is bool:
+                parser.add_argument(flag, action="store_true", default=f.default, help=help_)
+                continue
+            kind = int if "int" in str(hint) else float if "float" in str(hint) else str
+            required = f.default is dataclasses.MISSING
+            parser.add_argument(flag, type=kind, required=required,
+                                default=None if required else f.default,
+                                choices=f.metadata.get("choices"), help=help_)
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> EngineConfig:
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})

@@ -1,0 +1,78 @@
+"""User-facing request normalisation: one ``generate`` call → a list of single requests."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from radixfleet.engine.sampling.params import SamplingParams
+
+
+@dataclass
+class SingleReq:
+    rid: str
+    text: str | None
+    input_ids: list[int] | None
+    params: SamplingParams
+    stream: bool
+    return_logprob: bool = False
+    logprob_start_len: int = -1
+    top_logprobs_num: int = 0
+    return_hidden_states: bool = False
+
+
+def _is_int_list(x: Any) -> bool:
+    return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+
+def normalize_generate(prompt: str | list[str] | None, input_ids: Any, sampling_params: Any,
+                       stream: bool, rid: str | list[str] | None = None,
+                       return_logprob: bool | list[bool] = False, logprob_start_len: int = -1,
+                       top_logprobs_num: int = 0, return_hidden_states: bool = False,
+                       ) -> tuple[list[SingleReq], bool]:
+    """Return (requests, is_batch). Raises ValueError naming the problem."""
+    if prompt is not None and input_ids is not None:
+        raise ValueError("pass either prompt or input_ids, not both")
+    if prompt is None and input_ids is None:
+        raise ValueError("pass a prompt or input_ids")
+    if prompt is not None:
+        is_batch = isinstance(prompt, list)
+        texts = prompt if is_batch else [prompt]
+        if is_batch and not texts:
+            raise ValueError("the prompt list is empty")
+        for t in texts:
+            if not isinstance(t, str):
+                raise ValueError(f"prompt must be a string or a list of strings, got {type(t).__name__}")
+            if t == "":
+                raise ValueError("the prompt is empty")
+        ids_list: list[list[int] | None] = [None] * len(texts)
+        texts_list: list[str | None] = list(texts)
+    else:
+        if _is_int_list(input_ids):
+            is_batch, ids_list = False, [input_ids]
+        elif isinstance(input_ids, list) and input_ids and all(_is_int_list(x) for x in input_ids):
+            is_batch, ids_list = True, list(input_ids)
+        else:
+            raise ValueError("input_ids must be a list of token ids or a list of such lists")
+        if any(len(x) == 0 for x in ids_list):
+            raise ValueError("input_ids is empty")
+        texts_list = [None] * len(ids_list)
+    n = len(texts_list)
+    if isinstance(sampling_params, list):
+        if len(sampling_params) != n:
+            raise ValueError(f"got {len(sampling_params)} sampling_params for {n} prompts")
+        params = [SamplingParams.from_dict(p) for p in sampling_params]
+    else:
+        one = SamplingParams.from_dict(sampling_params)
+        params = [one] + [SamplingParams.from_dict(sampling_params) for _ in range(n - 1)]
+    if rid is None:
+        rids = [uuid.uuid4().hex for _ in range(n)]
+    else:
+        rids = rid if isinstance(rid, list) else [rid]
+        if len(rids) != n:
+            raise ValueError(f"got {len(rids)} rids for {n} prompts")
+    logprob_flags = return_logprob if isinstance(return_logprob, list) else [return_logprob] * n
+    reqs = [SingleReq(rids[i], texts_list[i], ids_list[i], params[i], stream, bool(logprob_flags[i]),
+                      logprob_start_len, top_logprobs_num, return_hidden_states) for i in range(n)]
+    return reqs, is_batch

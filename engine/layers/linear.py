@@ -1,0 +1,99 @@
+"""Tensor-parallel linear layers. With tp_size 1 they are plain ``x @ W.T + b``.
+
+Column-parallel layers shard the output dimension (no communication); row-parallel layers
+shard the input dimension and all-reduce their output. Each parameter carries a
+``weight_loader(param, loaded, shard_id)`` that copies this rank's slice of a checkpoint tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from radixfleet.engine import distributed as dist
+
+
+def _param(shape: tuple[int, ...], loader) -> nn.Parameter:
+    p = nn.Parameter(torch.empty(shape), requires_grad=False)
+    p.weight_loader = loader  # type: ignore[attr-defined]
+    return p
+
+
+class ColumnParallelLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        tp = dist.tp_size()
+        assert out_features % tp == 0, f"{out_features} output features do not split over tp={tp}"
+        self.out_per_rank = out_features // tp
+        self.weight = _param((self.out_per_rank, in_features), self.weight_loader)
+        self.bias = _param((self.out_per_rank,), self.weight_loader) if bias else None
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        r = dist.tp_rank()
+        param.data.copy_(loaded.narrow(0, r * self.out_per_rank, self.out_per_rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel projections of the same input in one matmul (gate_up)."""
+
+    def __init__(self, in_features: int, out_sizes: list[int], bias: bool = False):
+        self.out_sizes = out_sizes
+        super().__init__(in_features, sum(out_sizes), bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        tp, r = dist.tp_size(), dist.tp_rank()
+        shard = int(shard_id)
+        size = self.out_sizes[shard] // tp
+        offset = sum(self.out_sizes[:shard]) // tp
+        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, r * size, size))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k and v projections fused; kv heads are replicated when tp_size > num_kv_heads."""
+
+    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool):
+        tp = dist.tp_size()
+        assert num_heads % tp == 0, f"{num_heads} attention heads do not split over tp={tp}"
+        self.head_dim = head_dim
+        self.q_heads = num_heads // tp
+        self.kv_heads = max(1, num_kv_heads // tp)
+        self.kv_replicas = max(1, tp // num_kv_heads)
+        out = (self.q_heads + 2 * self.kv_heads) * head_dim * tp
+        super().__init__(hidden, out, bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        r, d = dist.tp_rank(), self.head_dim
+        q, kv = self.q_heads * d, self.kv_heads * d
+        if shard_id == "q":
+            offset, size, start = 0, q, r * q
+        else:
+            offset = q if shard_id == "k" else q + kv
+            size, start = kv, (r // self.kv_replicas) * kv
+        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, start, size))
+
+
+class RowParallelLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        tp = dist.tp_size()
+        assert in_features % tp == 0, f"{in_features} input features do not split over tp={tp}"
+        self.in_per_rank = in_features // tp
+        self.weight = _param((out_features, self.in_per_rank), self.weight_loader)
+        self.bias = _param((out_features,), self._bias_loader) if bias else None
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        r = dist.tp_rank()
+        param.data.copy_(loaded.narrow(1, r * self.in_per_rank, self.in_per_rank))
+
+    def _bias_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        param.data.copy_(loaded)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        y = dist.all_reduce(y)
+        # The bias is added once, after the reduction.
+        return y + self.bias if self.bias is not None else y

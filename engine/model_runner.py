@@ -1,0 +1,142 @@
+"""ModelRunner: owns the weights, the KV cache and the attention backend of one TP rank,
+and turns a ``ForwardBatch`` into next-token logits. The scheduler never touches tensors
+beyond token ids and slot indices it hands over."""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from dataclasses import dataclass
+
+import psutil
+import torch
+from safetensors import safe_open
+
+from radixfleet.engine.attention.base import ForwardBatch, ForwardMode, KVPool
+from radixfleet.engine.attention.registry import default_backend, get_backend_class
+from radixfleet.engine.config import EngineConfig
+from radixfleet.engine.memory.allocator import TokenSlotAllocator
+from radixfleet.engine.memory.req_table import ReqToTokenTable
+from radixfleet.engine.model_config import ModelConfig
+from radixfleet.engine.models.registry import get_model_class
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# CPU defaults: the KV pool is sized from RAM, capped so several workers fit on a laptop.
+_CPU_MEM_FRACTION = 0.1
+_CPU_MAX_KV_TOKENS = 1 << 16
+_CPU_MAX_RUNNING = 64
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device='cuda' requested but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, model: ModelConfig, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cpu":
+        return torch.float32
+    return _DTYPES.get(str(model.torch_dtype), torch.bfloat16) if model.torch_dtype != "float32" else torch.bfloat16
+
+
+def iter_safetensors(model_path: str):
+    files = sorted(glob.glob(os.path.join(model_path, "*.safetensors")))
+    if not files:
+        raise ValueError(f"no *.safetensors files in {model_path!r}")
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                yield name, f.get_tensor(name)
+
+
+@dataclass
+class StepOutput:
+    next_token_ids: list[int]
+    logits: torch.Tensor  # [B, V] fp32, for the sampled positions
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_path: str, tp_rank: int = 0):
+        self.config = config
+        self.model_config = ModelConfig.from_path(model_path)
+        self.device = resolve_device(config.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device.index if self.device.index is not None else tp_rank)
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
+        self.context_len = config.context_length or self.model_config.max_position_embeddings
+        self.model = self._load_model(model_path)
+        self._init_memory()
+        backend_name = config.attention_backend or default_backend(self.device.type)
+        cfg = self.model_config
+        self.attn_backend = get_backend_class(backend_name)(
+            self.kv_pool, self.model.layers[0].self_attn.num_heads,
+            self.model.layers[0].self_attn.num_kv_heads, cfg.head_dim, cfg.head_dim ** -0.5)
+
+    # ---- loading ---------------------------------------------------------------------
+    def _load_model(self, model_path: str) -> torch.nn.Module:
+        cls = get_model_class(self.model_config.architecture)
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                model = cls(self.model_config)
+        finally:
+            torch.set_default_dtype(torch.float32)
+        if self.config.load_format == "dummy":
+            for p in model.parameters():
+                p.data.normal_(0, 0.02)
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.data.fill_(1.0)
+        else:
+            model.load_weights(iter_safetensors(model_path))
+        return model.eval()
+
+    def _init_memory(self) -> None:
+        cfg = self.model_config
+        attn = self.model.layers[0].self_attn
+        per_token = KVPool.bytes_per_token(cfg.num_layers, attn.num_kv_heads, cfg.head_dim, self.dtype)
+        if self.config.max_total_tokens:
+            num_tokens = self.config.max_total_tokens
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            fraction = self.config.mem_fraction_static or 0.85
+            budget = free - total * (1 - fraction)
+            num_tokens = max(int(budget // per_token), 4096)
+        else:
+            fraction = self.config.mem_fraction_static or _CPU_MEM_FRACTION
+            budget = psutil.virtual_memory().available * fraction
+            num_tokens = int(min(budget // per_token, _CPU_MAX_KV_TOKENS))
+        page = self.config.page_size
+        self.max_total_tokens = num_tokens - num_tokens % page
+        # One extra page: page 0 is the padding page, never allocated.
+        self.kv_pool = KVPool(cfg.num_layers, self.max_total_tokens + page, attn.num_kv_heads,
+                              cfg.head_dim, self.dtype, self.device)
+        self.allocator = TokenSlotAllocator(self.max_total_tokens + page, page)
+        default_running = _CPU_MAX_RUNNING if self.device.type == "cpu" else 256
+        self.max_running_requests = self.config.max_running_requests or default_running
+        self.req_table = ReqToTokenTable(self.max_running_requests + 1, self.context_len + 1, self.device)
+
+    # ---- forward -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, sample_last_only: bool = True) -> torch.Tensor:
+        """Run the model; return hidden states of the last new token per request [B, hidden]
+        (or of every new token [T, hidden] when ``sample_last_only`` is false)."""
+        batch.attn_backend = self.attn_backend
+        self.attn_backend.plan(batch)
+        hidden = self.model(batch)
+        if batch.mode is ForwardMode.EXTEND and sample_last_only:
+            last = torch.tensor(batch.extend_seq_lens_cpu, device=hidden.device).cumsum(0) - 1
+            hidden = hidden[last]
+        return hidden
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.compute_logits(hidden)

@@ -1,0 +1,86 @@
+"""Which waiting requests join the next prefill batch, and how many of their tokens.
+
+Accounting (checked once per candidate, in ``PrefillAdder.add``):
+- tokens: a batch computes at most ``chunk_budget`` new tokens; a request longer than what
+  is left is split (chunked prefill) and finishes its prefill in later steps;
+- KV: admitting needs its new tokens plus a reserve for the decode tokens it and the
+  running requests will still produce (``remaining × new_token_ratio``), all within the
+  slots that are free or evictable now.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from radixfleet.engine.kv_manager import KVManager
+from radixfleet.engine.request import Req
+
+# Past this queue length lpm falls back to fcfs: matching every waiting request costs more
+# than the reuse it finds.
+_LPM_MAX_QUEUE = 128
+# Reserve at most this many future decode tokens per request.
+_RESERVE_CLIP = 4096
+
+
+def _order_fcfs(waiting: list[Req], kv: KVManager) -> list[Req]:
+    return sorted(waiting, key=lambda r: r.arrival_time)
+
+
+def _order_lpm(waiting: list[Req], kv: KVManager) -> list[Req]:
+    if len(waiting) > _LPM_MAX_QUEUE:
+        return _order_fcfs(waiting, kv)
+    prefix_len = {id(r): len(kv.match(r).indices) for r in waiting}
+    return sorted(waiting, key=lambda r: (-prefix_len[id(r)], r.arrival_time))
+
+
+SCHEDULE_POLICIES: dict[str, Callable[[list[Req], KVManager], list[Req]]] = {
+    "fcfs": _order_fcfs,
+    "lpm": _order_lpm,
+}
+
+
+def decode_reserve(req: Req, ratio: float) -> int:
+    return int(min(req.remaining_new_tokens, _RESERVE_CLIP) * ratio)
+
+
+class PrefillAdder:
+    def __init__(self, kv: KVManager, running: list[Req], chunk_budget: int, max_running: int,
+                 new_token_ratio: float):
+        self.kv = kv
+        self.chunk_budget = chunk_budget
+        self.slots_left = max_running - len(running)
+        self.ratio = new_token_ratio
+        self.kv_budget = kv.free_tokens - sum(decode_reserve(r, ratio) for r in running)
+        self.nothing_running = not running
+        self.batch: list[Req] = []
+
+    def add(self, req: Req, continuing: bool = False) -> bool:
+        """Try to put ``req`` in the batch; False means stop adding (budget exhausted)."""
+        if self.chunk_budget <= 0 or (not continuing and self.slots_left <= 0):
+            return False
+        if not continuing:
+            prefix = len(self.kv.match(req).indices)
+            need = len(req.fill_ids) - prefix
+            must_fit = need + decode_reserve(req, self.ratio)
+            alone = self.nothing_running and not self.batch
+            # Alone in the engine, a request may start as long as its prompt fits:
+            # retraction and re-admission handle the rest.
+            if must_fit > self.kv_budget and not (alone and need <= self.kv_budget):
+                return False
+            if not self.kv.admit(req):
+                return False
+            self.slots_left -= 1
+        todo = len(req.fill_ids) - req.kv_len
+        n = min(todo, self.chunk_budget)
+        if self.kv.extend(req, n) is None:
+            if not continuing:
+                self.kv.release(req)
+                self.slots_left += 1
+            return False
+        if req.cached_tokens < 0:
+            req.cached_tokens = req.kv_len
+        req.extend_len = n
+        self.chunk_budget -= n
+        self.kv_budget -= n + (0 if continuing else decode_reserve(req, self.ratio))
+        self.batch.append(req)
+        return n == todo

@@ -1,0 +1,61 @@
+"""A request as the scheduler sees it: plain data, no tensors but its slot list."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from radixfleet.engine.memory.radix_cache import TreeNode
+from radixfleet.engine.sampling.params import SamplingParams
+
+
+@dataclass(eq=False)
+class Req:
+    rid: str
+    input_ids: list[int]
+    params: SamplingParams
+    stream: bool = False
+    arrival_time: float = field(default_factory=time.monotonic)
+    output_ids: list[int] = field(default_factory=list)
+    finished_reason: dict | None = None
+    # KV state. Invariant: req_table row ``row`` holds the slots of tokens [0, kv_len) of
+    # ``fill_ids``; the first ``len(prefix_slots)`` of them belong to the radix tree
+    # (locked through ``last_node``), the rest to this request.
+    row: int | None = None
+    kv_len: int = 0
+    prefix_slots: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+    last_node: TreeNode | None = None
+    # What this step computes: tokens [kv_len, kv_len + extend_len) of fill_ids.
+    extend_len: int = 0
+    cached_tokens: int = -1  # prefix reuse reported to the user; set at first admission
+    sent_len: int = 0  # output tokens already sent to the detokenizer
+    first_scheduled_time: float | None = None
+    retractions: int = 0
+
+    @property
+    def fill_ids(self) -> list[int]:
+        """Every token whose KV the request needs: prompt plus generated-so-far."""
+        return self.input_ids + self.output_ids
+
+    @property
+    def is_prefilling(self) -> bool:
+        """True until every fill token except the last sampled one has its KV."""
+        return self.kv_len + self.extend_len < len(self.fill_ids)
+
+    @property
+    def remaining_new_tokens(self) -> int:
+        if self.params.max_new_tokens is None:
+            return 1 << 30
+        return max(self.params.max_new_tokens - len(self.output_ids), 0)
+
+    def finish(self, kind: str, matched: int | str | None = None, message: str | None = None) -> None:
+        reason: dict = {"type": kind}
+        if kind != "length":
+            reason["matched"] = matched
+        else:
+            reason["length"] = len(self.output_ids)
+        if message:
+            reason["message"] = message
+        self.finished_reason = reason

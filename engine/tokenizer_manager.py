@@ -1,0 +1,323 @@
+"""TokenizerManager: the engine's front in the caller's process.
+
+Tokenizes and validates requests, sends them to the scheduler, and routes what comes back
+(text deltas from the detokenizer, errors and control answers from the scheduler) to the
+waiting caller. A background thread owns the receive socket; each request's results go to
+a *sink*: a thread-safe queue for synchronous callers, or an asyncio queue on the caller's
+own event loop. So the same manager serves a plain script, a running notebook loop, repeated
+``asyncio.run`` calls and the HTTP server's loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from radixfleet.engine import ipc
+from radixfleet.engine.io_struct import SingleReq
+
+logger = logging.getLogger(__name__)
+
+_END = object()  # marks the end of a request's results in its sink
+
+
+class ThreadSink:
+    def __init__(self) -> None:
+        self.q: queue.Queue = queue.Queue()
+
+    def put(self, item: Any) -> None:
+        self.q.put(item)
+
+    def get(self, timeout: float | None = None) -> Any:
+        return self.q.get(timeout=timeout)
+
+
+class AsyncSink:
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.q: asyncio.Queue = asyncio.Queue()
+
+    def put(self, item: Any) -> None:
+        self.loop.call_soon_threadsafe(self.q.put_nowait, item)
+
+    async def get(self) -> Any:
+        return await self.q.get()
+
+
+@dataclass
+class ReqState:
+    rid: str
+    index: int  # position in the caller's batch (after expanding n)
+    stream: bool
+    sink: Any
+    arrival: float
+    text: str = ""
+    output_ids: list[int] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+    first_token_time: float | None = None
+    hidden: bool = False  # internal prefill-only request of a parallel-sampling group
+    then: list[ipc.TokenizedGenerateReq] = field(default_factory=list)  # sent when this ends
+    then_states: list[ReqState] = field(default_factory=list)
+
+
+class TokenizerManager:
+    def __init__(self, tokenizer, ipc_names: dict[str, str], model_name: str):
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.ctx = zmq.Context()
+        self.recv_sock = ipc.bind_pull(self.ctx, ipc_names["tokenizer"])
+        self.send_sock = ipc.connect_push(self.ctx, ipc_names["scheduler"])
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self.states: dict[str, ReqState] = {}
+        self.rpc_waiters: dict[str, Any] = {}
+        self.server_info: dict[str, Any] = {}
+        self.context_length = 0
+        self.vocab_size = 0
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.listeners: list[Any] = []  # callables(state, out) for metrics; called on every output
+
+    # ---- start-up -------------------------------------------------------------------------
+    def wait_ready(self, procs, timeout: float) -> None:
+        """Block until scheduler and detokenizer report ready; raise with their error."""
+        need = {"scheduler", "detokenizer"}
+        deadline = time.monotonic() + timeout
+        while need:
+            if self.recv_sock.poll(200):
+                msg = ipc.recv(self.recv_sock)
+                if isinstance(msg, dict) and "ready" in msg:
+                    if msg.get("error"):
+                        raise RuntimeError(f"engine {msg['ready']} failed to start: {msg['error']}")
+                    need.discard(msg["ready"])
+                    if msg["ready"] == "scheduler":
+                        self.server_info = msg["info"]
+                        self.context_length = msg["info"]["context_length"]
+                        self.vocab_size = msg["info"]["vocab_size"]
+                continue
+            dead = [p for p in procs if p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"an engine process exited during start-up (exit code {dead[0].returncode})")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the engine did not start within {timeout:.0f} s (waiting for {need})")
+        self._thread = threading.Thread(target=self._recv_loop, name="tokenizer-manager-recv", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stopped.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        self.recv_sock.close(linger=0)
+        self.send_sock.close(linger=0)
+        self.ctx.term()
+
+    # ---- sending --------------------------------------------------------------------------
+    def _send(self, msg: Any) -> None:
+        with self._send_lock:
+            ipc.send(self.send_sock, msg)
+
+    def tokenize(self, req: SingleReq) -> list[int]:
+        if req.input_ids is not None:
+            ids = req.input_ids
+        else:
+            if self.tokenizer is None:
+                raise ValueError("this engine was started with skip_tokenizer_init: pass input_ids")
+            ids = self.tokenizer.encode(req.text)
+            if not ids:
+                raise ValueError("the prompt is empty after tokenization")
+        if any(not 0 <= t < self.vocab_size for t in ids):
+            bad = next(t for t in ids if not 0 <= t < self.vocab_size)
+            raise ValueError(f"input_ids contain token id {bad} outside the vocabulary [0, {self.vocab_size})")
+        if len(ids) >= self.context_length:
+            raise ValueError(f"the prompt has {len(ids)} tokens; the model's context length is "
+                             f"{self.context_length}")
+        return ids
+
+    def submit(self, reqs: list[SingleReq], sink) -> list[ReqState]:
+        """Tokenize, validate (all before sending any) and send; results go to ``sink``."""
+        tokenized = [self.tokenize(r) for r in reqs]
+        now = time.monotonic()
+        states, to_send = [], []
+        for r, ids in zip(reqs, tokenized):
+            params = r.params
+            fields = dict(stream=r.stream, return_logprob=r.return_logprob,
+                          logprob_start_len=r.logprob_start_len, top_logprobs_num=r.top_logprobs_num,
+                          return_hidden_states=r.return_hidden_states, arrival_time=now)
+            if params.n == 1:
+                msg = ipc.TokenizedGenerateReq(r.rid, ids, params, **fields)
+                states.append(ReqState(r.rid, len(states), r.stream, sink, now))
+                to_send.append(msg)
+                continue
+            # Parallel sampling: prefill the prompt once (it lands in the radix cache), then
+            # run the n samples, which reuse it.
+            prefill = ipc.TokenizedGenerateReq(f"{r.rid}-prefill", ids,
+                                               dataclasses.replace(params, max_new_tokens=0, n=1,
+                                                                   min_new_tokens=0), **fields)
+            head = ReqState(prefill.rid, -1, False, sink, now, hidden=True)
+            for k in range(params.n):
+                sample_params = dataclasses.replace(params, n=1)
+                if params.seed is not None:
+                    sample_params.seed = params.seed + k
+                rid = f"{r.rid}-{k}"
+                head.then.append(ipc.TokenizedGenerateReq(rid, ids, sample_params, **fields))
+                st = ReqState(rid, len(states), r.stream, sink, now)
+                head.then_states.append(st)
+                states.append(st)
+            to_send.append(prefill)
+            with self._lock:
+                self.states[head.rid] = head
+        with self._lock:
+            for st in states:
+                self.states[st.rid] = st
+        for msg in to_send:
+            self._send(msg)
+        return states
+
+    def abort(self, rid: str) -> None:
+        self._send(ipc.AbortReq(rid))
+
+    # ---- receiving ------------------------------------------------------------------------
+    def _recv_loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.recv_sock, zmq.POLLIN)
+        while not self._stopped.is_set():
+            if not poller.poll(100):
+                continue
+            msg = ipc.recv(self.recv_sock)
+            try:
+                self._dispatch(msg)
+            except Exception:
+                logger.exception("failed to dispatch %s", type(msg).__name__)
+
+    def _dispatch(self, msg: Any) -> None:
+        if isinstance(msg, ipc.BatchTextOut):
+            for i, rid in enumerate(msg.rids):
+                with self._lock:
+                    st = self.states.get(rid)
+                if st is not None:
+                    self._on_output(st, msg, i)
+        elif isinstance(msg, ipc.ReqError):
+            with self._lock:
+                st = self.states.pop(msg.rid, None)
+            if st is not None:
+                err = ValueError(msg.message)
+                for s in [st, *st.then_states]:
+                    self.states.pop(s.rid, None)
+                    s.sink.put(err)
+        elif isinstance(msg, ipc.RpcReply):
+            waiter = self.rpc_waiters.pop(msg.call_id, None)
+            if waiter is not None:
+                waiter.put(msg)
+
+    def _on_output(self, st: ReqState, msg: ipc.BatchTextOut, i: int) -> None:
+        finished = msg.finished_reasons[i]
+        new_ids = msg.new_token_ids[i]
+        delta = msg.text_deltas[i]
+        now = time.monotonic()
+        if new_ids and st.first_token_time is None:
+            st.first_token_time = now
+        st.text += delta
+        st.output_ids.extend(new_ids)
+        if msg.meta[i]:
+            st.meta.update(msg.meta[i])
+        meta = {"id": st.rid, "finish_reason": finished, "prompt_tokens": msg.prompt_tokens[i],
+                "completion_tokens": msg.completion_tokens[i], "cached_tokens": msg.cached_tokens[i],
+                **st.meta}
+        if finished is not None:
+            meta["e2e_latency"] = now - st.arrival
+            with self._lock:
+                self.states.pop(st.rid, None)
+        if st.hidden:
+            if finished is not None:
+                if finished["type"] == "abort":
+                    for s in st.then_states:
+                        self.states.pop(s.rid, None)
+                        s.sink.put(RuntimeError("request aborted"))
+                for m in st.then:
+                    self._send(m)
+            return
+        for listener in self.listeners:
+            listener(st, new_ids, finished, meta)
+        if st.stream:
+            if delta or new_ids or finished is not None:
+                st.sink.put((st.index, {"text": delta, "output_ids": list(new_ids), "meta_info": meta}))
+        elif finished is not None:
+            st.sink.put((st.index, {"text": st.text, "output_ids": st.output_ids, "meta_info": meta}))
+        if finished is not None:
+            st.sink.put((st.index, _END))
+
+    # ---- control calls --------------------------------------------------------------------
+    def rpc_sync(self, method: str, timeout: float = 30.0, **args: Any) -> Any:
+        sink = ThreadSink()
+        call_id = uuid.uuid4().hex
+        self.rpc_waiters[call_id] = sink
+        self._send(ipc.RpcReq(call_id, method, args))
+        reply: ipc.RpcReply = sink.get(timeout=timeout)
+        if reply.error:
+            raise RuntimeError(reply.error)
+        return reply.result
+
+    async def rpc(self, method: str, **args: Any) -> Any:
+        sink = AsyncSink()
+        call_id = uuid.uuid4().hex
+        self.rpc_waiters[call_id] = sink
+        self._send(ipc.RpcReq(call_id, method, args))
+        reply: ipc.RpcReply = await sink.get()
+        if reply.error:
+            raise RuntimeError(reply.error)
+        return reply.result
+
+    # ---- high-level generation ------------------------------------------------------------
+    def stream_sync(self, reqs: list[SingleReq]) -> Iterator[tuple[int, dict]]:
+        """Yield (index, output) as results arrive; ends when every request has finished."""
+        sink = ThreadSink()
+        states = self.submit(reqs, sink)
+        pending = len(states)
+        try:
+            while pending:
+                item = sink.get()
+                if isinstance(item, Exception):
+                    pending -= 1
+                    raise item
+                index, out = item
+                if out is _END:
+                    pending -= 1
+                    continue
+                yield index, out
+        finally:
+            if pending:
+                for st in states:
+                    if st.rid in self.states:
+                        self.abort(st.rid)
+
+    async def stream_async(self, reqs: list[SingleReq]) -> AsyncIterator[tuple[int, dict]]:
+        """Async twin of ``stream_sync``; closing it early aborts the unfinished requests."""
+        sink = AsyncSink()
+        states = self.submit(reqs, sink)
+        pending = len(states)
+        try:
+            while pending:
+                item = await sink.get()
+                if isinstance(item, Exception):
+                    pending -= 1
+                    raise item
+                index, out = item
+                if out is _END:
+                    pending -= 1
+                    continue
+                yield index, out
+        finally:
+            if pending:
+                for st in states:
+                    if st.rid in self.states:
+                        self.abort(st.rid)
