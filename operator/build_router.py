@@ -25,7 +25,8 @@ def router_args(spec: InferenceServiceSpec) -> list[str]:
         "--balance-rel-threshold", str(r.balance_rel_threshold),
     ]
     if spec.api_key_secret is not None:
-        args += ["--api-key", f"$({API_KEY_ENV})"]
+        # Clients and the engines share the key: the router checks it and forwards it.
+        args += ["--api-key", f"$({API_KEY_ENV})", "--worker-api-key", f"$({API_KEY_ENV})"]
     return args
 
 
