@@ -1,0 +1,67 @@
+"""``radixfleet up`` with fake engines: prints the OpenAI URL, registers every worker through
+the router, answers requests, and leaves no process behind after SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import psutil
+import pytest
+from radixfleet.router.testing import free_port
+
+FAKE = "{python} -m radixfleet.router.fake_worker --host {host} --port {port} --model-path {model_path}"
+
+
+def start_fleet(port: int, workers: int = 2) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "radixfleet", "up", "--workers", str(workers), "--port", str(port),
+           "--worker-command", FAKE, "--shutdown-timeout", "5"]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def read_url_line(proc: subprocess.Popen, timeout: float = 40.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if "OpenAI base URL" in line:
+            return line
+        if not line and proc.poll() is not None:
+            break
+    raise AssertionError(f"radixfleet up printed no URL (exit code {proc.poll()})")
+
+
+@pytest.mark.timeout(90)
+def test_up_registers_workers_and_sigterm_leaves_no_process():
+    port = free_port()
+    proc = start_fleet(port)
+    try:
+        line = read_url_line(proc)
+        assert f"http://127.0.0.1:{port}/v1" in line
+        urls = httpx.get(f"http://127.0.0.1:{port}/list_workers", trust_env=False).json()["urls"]
+        assert len(urls) == 2
+        resp = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", trust_env=False,
+                          json={"messages": [{"role": "user", "content": "hello"}]})
+        assert resp.status_code == 200 and resp.json()["choices"][0]["message"]["content"].startswith("served by")
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 3  # the router and two workers
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        gone, alive = psutil.wait_procs(children, timeout=5)
+        assert not alive, [p.pid for p in alive]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.timeout(60)
+def test_up_stops_with_an_error_when_no_engine_starts():
+    port = free_port()
+    cmd = [sys.executable, "-m", "radixfleet", "up", "--workers", "1", "--port", str(port),
+           "--worker-command", "{python} -c 'raise SystemExit(3)' {port}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=50)
+    assert proc.returncode == 1
+    assert "exited with code 3" in proc.stderr and "no engine became ready" in proc.stderr
