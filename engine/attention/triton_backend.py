@@ -14,8 +14,9 @@ allocated once and never moves under a captured graph.
 
 from __future__ import annotations
 
-import torch
+import os
 
+import torch
 from radixfleet.engine.attention.base import AttentionBackend, ForwardBatch, ForwardMode, KVPool
 from radixfleet.kernels.decode_attention import choose_num_kv_splits, decode_attention
 from radixfleet.kernels.extend_attention import extend_attention
@@ -29,7 +30,7 @@ class TritonAttentionBackend(AttentionBackend):
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
         self.device = kv_pool.k_buffers[0].device
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("the triton attention backend needs a CUDA device; use torch_native")
         # Decode split-K scratch, grow-only (see `reserve`): fp32 partial outputs and lse.
         self._mid_o = torch.empty(0, dtype=torch.float32, device=self.device)

@@ -1,0 +1,212 @@
+"""Kernel benchmarks; prints one JSON line per measurement (GPU name in every line).
+
+    PYTHONPATH=<dir holding radixfleet> python benchmarks/kernels.py [--sweep] [--out FILE]
+
+- decode attention at the Llama-3.1-8B shape (32 heads, 8 kv heads, head dim 128), batch
+  1/32/128, context 1k/4k: median time per layer call (eager, and replayed from a CUDA graph
+  as the engine runs decode), achieved HBM bandwidth over the bytes that must move (K and V
+  of every context token, the slot table, q and out) against the measured 3.05 TB/s.
+  Each timed call reads a different layer's KV buffers (at least 256 MB in rotation) so that
+  small contexts are not served from the 50 MB L2.
+- extend attention: TFLOP/s (4 * H * D * visible (query, key) pairs), and torch's SDPA on the
+  same causal no-prefix shapes for scale.
+- rmsnorm / rotary / silu-and-mul / kv store: achieved bandwidth.
+- ``--sweep``: decode and extend tile configurations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+from radixfleet.kernels.activation import silu_and_mul
+from radixfleet.kernels.decode_attention import choose_num_kv_splits, decode_attention
+from radixfleet.kernels.extend_attention import default_extend_config, extend_attention
+from radixfleet.kernels.kv_store import store_kv
+from radixfleet.kernels.rmsnorm import fused_add_rmsnorm
+from radixfleet.kernels.rotary import apply_rotary_, build_cos_sin_cache
+
+HBM_ROOFLINE = 3.05e12  # bytes/s, measured on the H100 80GB HBM3 (read)
+H, KVH, D = 32, 8, 128  # Llama-3.1-8B attention shape
+DTYPE = torch.bfloat16
+ROTATION_BYTES = 256 << 20
+
+_out_file = None
+
+
+def emit(record: dict) -> None:
+    line = json.dumps({"gpu": torch.cuda.get_device_name(), **record})
+    print(line, flush=True)
+    if _out_file is not None:
+        _out_file.write(line + "\n")
+        _out_file.flush()
+
+
+def bench(fn, graph: bool = False) -> float:
+    """Median milliseconds of ``fn`` (optionally replayed from a CUDA graph)."""
+    if graph:
+        return triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median")
+
+
+class DecodeCase:
+    """``layers`` KV buffers with B requests of ``ctx`` tokens in shuffled slots."""
+
+    def __init__(self, B: int, ctx: int):
+        self.B, self.ctx = B, ctx
+        per_layer = B * ctx * KVH * D * 2 * 2
+        self.layers = max(1, min(64, math.ceil(ROTATION_BYTES / per_layer)))
+        slots = B * ctx + 1
+        self.k = [torch.randn(slots, KVH, D, device="cuda", dtype=DTYPE) for _ in range(self.layers)]
+        self.v = [torch.randn(slots, KVH, D, device="cuda", dtype=DTYPE) for _ in range(self.layers)]
+        self.req_to_token = (torch.randperm(B * ctx, device="cuda") + 1).int().view(B, ctx)
+        self.req_pool_indices = torch.arange(B, device="cuda")
+        self.seq_lens = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
+        self.q = torch.randn(B, H, D, device="cuda", dtype=DTYPE)
+        self.out = torch.empty_like(self.q)
+        self.bytes = per_layer + B * ctx * 4 + 2 * self.q.numel() * 2
+
+    def fn(self, **kw):
+        splits = kw.pop("num_kv_splits", None) or choose_num_kv_splits(self.B, KVH, self.q.device)
+        mid_o = torch.empty(self.B, H, splits, D, dtype=torch.float32, device="cuda")
+        mid_lse = torch.empty(self.B, H, splits, dtype=torch.float32, device="cuda")
+
+        def run():
+            for layer in range(self.layers):
+                decode_attention(self.q, self.k[layer], self.v[layer], self.req_to_token,
+                                 self.req_pool_indices, self.seq_lens, D ** -0.5, out=self.out,
+                                 num_kv_splits=splits, mid_o=mid_o, mid_lse=mid_lse, **kw)
+        return run, splits
+
+
+def bench_decode(sweep: bool) -> None:
+    for B in (1, 32, 128):
+        for ctx in (1024, 4096):
+            case = DecodeCase(B, ctx)
+            run, splits = case.fn()
+            for graph in (False, True):
+                ms = bench(run, graph) / case.layers
+                emit({"bench": "decode_attention", "batch": B, "context": ctx, "heads": H,
+                      "kv_heads": KVH, "head_dim": D, "num_kv_splits": splits,
+                      "cuda_graph": graph, "us": round(ms * 1e3, 2),
+                      "bytes": case.bytes, "tb_per_s": round(case.bytes / ms / 1e9, 3),
+                      "roofline_frac": round(case.bytes / ms / 1e9 / (HBM_ROOFLINE / 1e12), 3)})
+            if sweep and ctx == 4096:
+                for block_n in (32, 64, 128):
+                    for num_warps in (4, 8):
+                        for num_stages in (2, 3):
+                            run, splits = case.fn(block_n=block_n, num_warps=num_warps,
+                                                  num_stages=num_stages)
+                            ms = bench(run, graph=True) / case.layers
+                            emit({"bench": "decode_sweep", "batch": B, "context": ctx,
+                                  "block_n": block_n, "num_warps": num_warps,
+                                  "num_stages": num_stages, "num_kv_splits": splits,
+                                  "us": round(ms * 1e3, 2),
+                                  "tb_per_s": round(case.bytes / ms / 1e9, 3)})
+                for splits in (1, 2, 4, 8, 16, 32, 64):
+                    run, _ = case.fn(num_kv_splits=splits)
+                    ms = bench(run, graph=True) / case.layers
+                    emit({"bench": "decode_splits", "batch": B, "context": ctx,
+                          "num_kv_splits": splits, "us": round(ms * 1e3, 2),
+                          "tb_per_s": round(case.bytes / ms / 1e9, 3)})
+            del case
+            torch.cuda.empty_cache()
+
+
+def _extend_case(B: int, ext: int, prefix: int):
+    seq = prefix + ext
+    k = torch.randn(B * seq + 1, KVH, D, device="cuda", dtype=DTYPE)
+    v = torch.randn_like(k)
+    req_to_token = (torch.randperm(B * seq, device="cuda") + 1).int().view(B, seq)
+    q = torch.randn(B * ext, H, D, device="cuda", dtype=DTYPE)
+    i32 = dict(dtype=torch.int32, device="cuda")
+    args = (q, k, v, req_to_token, torch.arange(B, device="cuda"),
+            torch.arange(B, **i32) * ext, torch.full((B,), prefix, **i32),
+            torch.full((B,), ext, **i32), ext, D ** -0.5)
+    flops = 4 * H * D * B * (ext * prefix + ext * (ext + 1) / 2)
+    return args, flops
+
+
+EXTEND_SHAPES = [(1, 4096, 0), (4, 1024, 0), (8, 512, 1536), (1, 2048, 6144), (16, 256, 0)]
+
+
+def bench_extend(sweep: bool) -> None:
+    for B, ext, prefix in EXTEND_SHAPES:
+        args, flops = _extend_case(B, ext, prefix)
+        configs = [default_extend_config(D, args[0].device)]
+        if sweep:
+            configs += [(128, 64, 4, 2), (128, 128, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3),
+                        (128, 32, 4, 3), (64, 32, 4, 3), (64, 128, 4, 2)]
+        for i, config in enumerate(dict.fromkeys(configs)):
+            ms = bench(lambda a=args, c=config: extend_attention(*a, config=c))
+            emit({"bench": "extend_attention" if i == 0 else "extend_sweep", "batch": B,
+                  "extend": ext, "prefix": prefix, "heads": H, "kv_heads": KVH, "head_dim": D,
+                  "config": list(config), "ms": round(ms, 4),
+                  "tflop_per_s": round(flops / ms / 1e9, 1)})
+        if prefix == 0:
+            q = args[0].view(B, ext, H, D).transpose(1, 2)
+            kk = torch.randn(B, KVH, ext, D, device="cuda", dtype=DTYPE)
+            vv = torch.randn_like(kk)
+            ms = bench(lambda q=q, kk=kk, vv=vv: F.scaled_dot_product_attention(
+                q, kk, vv, is_causal=True, enable_gqa=True))
+            emit({"bench": "torch_sdpa_causal", "batch": B, "extend": ext, "prefix": 0,
+                  "ms": round(ms, 4), "tflop_per_s": round(flops / ms / 1e9, 1)})
+
+
+def bench_small() -> None:
+    T, N, inter = 4096, 4096, 14336
+    x = torch.randn(T, N, device="cuda", dtype=DTYPE)
+    r = torch.randn_like(x)
+    w = torch.randn(N, device="cuda", dtype=DTYPE)
+    ms = bench(lambda: fused_add_rmsnorm(x, r, w, 1e-5))
+    emit({"bench": "fused_add_rmsnorm", "tokens": T, "hidden": N, "us": round(ms * 1e3, 2),
+          "tb_per_s": round(4 * x.numel() * 2 / ms / 1e9, 3)})
+    g = torch.randn(T, 2 * inter, device="cuda", dtype=DTYPE)
+    ms = bench(lambda: silu_and_mul(g))
+    emit({"bench": "silu_and_mul", "tokens": T, "intermediate": inter, "us": round(ms * 1e3, 2),
+          "tb_per_s": round(3 * T * inter * 2 / ms / 1e9, 3)})
+    cache = build_cos_sin_cache(D, 131072, 500000.0, {"rope_type": "llama3", "factor": 8.0,
+                                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 8192}, device="cuda")
+    qkv = torch.randn(T, (H + 2 * KVH) * D, device="cuda", dtype=DTYPE)
+    q, k = qkv[:, :H * D].view(T, H, D), qkv[:, H * D:(H + KVH) * D].view(T, KVH, D)
+    pos = torch.randint(0, 131072, (T,), device="cuda")
+    ms = bench(lambda: apply_rotary_(pos, q, k, cache))
+    emit({"bench": "rotary", "tokens": T, "us": round(ms * 1e3, 2),
+          "tb_per_s": round(2 * T * (H + KVH) * D * 2 / ms / 1e9, 3)})
+    kbuf = torch.empty(1 << 20, KVH, D, device="cuda", dtype=DTYPE)
+    vbuf = torch.empty_like(kbuf)
+    loc = torch.randperm(1 << 20, device="cuda")[:T]
+    kv = qkv[:, H * D:].view(T, 2, KVH, D)
+    ms = bench(lambda: store_kv(kv[:, 0], kv[:, 1], kbuf, vbuf, loc))
+    emit({"bench": "store_kv", "tokens": T, "us": round(ms * 1e3, 2),
+          "tb_per_s": round(2 * 2 * T * KVH * D * 2 / ms / 1e9, 3)})
+
+
+def main() -> None:
+    global _out_file
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="also sweep tile configurations")
+    parser.add_argument("--out", help="also append the JSON lines to this file")
+    parser.add_argument("--only", choices=["decode", "extend", "small"], action="append")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/kernels.py needs a CUDA GPU")
+    _out_file = open(args.out, "a") if args.out else None  # noqa: SIM115
+    only = set(args.only or ["decode", "extend", "small"])
+    torch.manual_seed(0)
+    if "decode" in only:
+        bench_decode(args.sweep)
+    if "extend" in only:
+        bench_extend(args.sweep)
+    if "small" in only:
+        bench_small()
+
+
+if __name__ == "__main__":
+    main()

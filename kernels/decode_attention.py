@@ -1,0 +1,204 @@
+"""Paged decode attention over the token-slot KV layout (page size 1), GQA, split-K.
+
+One query token per request attends to the slots ``req_to_token[req, :seq_len]``. Flash-decoding
+style: stage 1 splits each request's context into ``num_kv_splits`` chunks and computes, per
+(request, kv head, chunk), the softmax-normalised partial output of the kv head's whole GQA
+group together with its log-sum-exp; stage 2 merges the chunks. The chunk length is derived
+on the device from ``seq_lens``, so the grid depends only on the batch size and the split
+count: the launch is CUDA-graph safe.
+
+Shapes (B requests, H query heads, KVH kv heads, D head dim, S slots, R table rows):
+    q                 [B, H, D]       model dtype
+    k_buffer/v_buffer [S, KVH, D]     model dtype, last dim contiguous
+    req_to_token      [R, L] int32    (last dim contiguous)
+    req_pool_indices  [B] int64, seq_lens [B] int32 (>= 1)
+    out               [B, H, D]       model dtype
+    mid_o             [B, H, num_kv_splits, D] fp32, mid_lse [B, H, num_kv_splits] fp32 (scratch)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+MAX_KV_SPLITS = 32
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, K, V, REQ_TO_TOKEN, REQ_IDX, SEQ_LENS, MID_O, MID_LSE,
+    sm_scale_log2,
+    stride_qb, stride_qh,
+    stride_kn, stride_kh,
+    stride_vn, stride_vh,
+    stride_rt,
+    stride_mob, stride_moh, stride_mos,
+    stride_mlb, stride_mlh,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+
+    seq_len = tl.load(SEQ_LENS + b)
+    req = tl.load(REQ_IDX + b).to(tl.int64)
+    # Chunk length: a multiple of BLOCK_N so that only the last tile of a chunk is ragged.
+    chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, seq_len)
+
+    offs_g = tl.arange(0, BLOCK_H)  # rows: the query heads of this kv head's group (padded)
+    offs_h = kvh * GROUP + offs_g
+    h_mask = offs_g < GROUP
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+
+    q = tl.load(Q + b * stride_qb + offs_h[:, None] * stride_qh + offs_d[None, :],
+                mask=h_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_H, BLOCK_D]
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    k_base = K + kvh * stride_kh
+    v_base = V + kvh * stride_vh
+    row = REQ_TO_TOKEN + req * stride_rt
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < end
+        slots = tl.load(row + offs_n, mask=n_mask, other=0).to(tl.int64)
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_base + slots[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k)) * sm_scale_log2  # [BLOCK_H, BLOCK_N], log2 units
+        qk = tl.where(n_mask[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + slots[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    # An empty chunk (start >= end) leaves l_i == 0: store o = 0 and lse = -inf so that
+    # stage 2 gives it zero weight without producing NaN.
+    has = l_i > 0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    mo = MID_O + b * stride_mob + offs_h[:, None] * stride_moh + split * stride_mos + offs_d[None, :]
+    tl.store(mo, o, mask=h_mask[:, None] & d_mask[None, :])
+    tl.store(MID_LSE + b * stride_mlb + offs_h * stride_mlh + split, lse, mask=h_mask)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    MID_O, MID_LSE, OUT,
+    stride_mob, stride_moh, stride_mos,
+    stride_mlb, stride_mlh,
+    stride_ob, stride_oh,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    s_mask = offs_s < NUM_SPLITS
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    lse = tl.load(MID_LSE + b * stride_mlb + h * stride_mlh + offs_s, mask=s_mask,
+                  other=float("-inf"))  # [BLOCK_S], log2 units
+    w = tl.exp2(lse - tl.max(lse, 0))  # 0 for empty chunks; the first chunk is never empty
+    o = tl.load(MID_O + b * stride_mob + h * stride_moh + offs_s[:, None] * stride_mos
+                + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+    out = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
+    tl.store(OUT + b * stride_ob + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty), mask=d_mask)
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_num_kv_splits(batch_size: int, num_kv_heads: int, device: torch.device) -> int:
+    """Enough (request, kv head, chunk) programs for about two waves over the SMs.
+
+    Depends only on the batch size (not on sequence lengths), so a CUDA graph captured for a
+    batch size stays valid as sequences grow.
+    """
+    if device.type != "cuda":
+        return 4  # interpreter runs: exercise the split path
+    target = 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return max(1, min(MAX_KV_SPLITS, triton.cdiv(target, batch_size * num_kv_heads)))
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    *,
+    num_kv_splits: int | None = None,
+    out: torch.Tensor | None = None,
+    mid_o: torch.Tensor | None = None,
+    mid_lse: torch.Tensor | None = None,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """Attention of ``q`` [B, H, D] over each request's cached context → [B, H, D].
+
+    ``mid_o``/``mid_lse`` may be passed in (shapes in the module docstring) to reuse scratch
+    across layers; ``num_kv_splits`` defaults to :func:`choose_num_kv_splits`.
+    """
+    B, H, D = q.shape
+    KVH = k_buffer.shape[1]
+    assert H % KVH == 0, f"num_heads {H} is not a multiple of num_kv_heads {KVH}"
+    assert k_buffer.shape[2] == D and v_buffer.shape == k_buffer.shape, "k/v buffer shape mismatch"
+    assert q.stride(2) == 1 and k_buffer.stride(2) == 1 and v_buffer.stride(2) == 1
+    assert req_to_token.stride(1) == 1, "req_to_token rows must be contiguous"
+    group = H // KVH
+    splits = num_kv_splits or choose_num_kv_splits(B, KVH, q.device)
+    if out is None:
+        out = torch.empty_like(q)
+    if mid_o is None:
+        mid_o = torch.empty(B, H, splits, D, dtype=torch.float32, device=q.device)
+    if mid_lse is None:
+        mid_lse = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
+    assert mid_o.shape[:3] == (B, H, splits) and mid_lse.shape[:3] == (B, H, splits)
+    block_d = triton.next_power_of_2(D)
+    block_h = max(16, triton.next_power_of_2(group))  # tl.dot needs >= 16 rows
+
+    _decode_split_kernel[(B, KVH, splits)](
+        q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, mid_o, mid_lse,
+        scale * _LOG2E,
+        q.stride(0), q.stride(1),
+        k_buffer.stride(0), k_buffer.stride(1),
+        v_buffer.stride(0), v_buffer.stride(1),
+        req_to_token.stride(0),
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
+        mid_lse.stride(0), mid_lse.stride(1),
+        GROUP=group, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_H=block_h, BLOCK_N=block_n,
+        NUM_SPLITS=splits,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    _decode_merge_kernel[(B, H)](
+        mid_o, mid_lse, out,
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
+        mid_lse.stride(0), mid_lse.stride(1),
+        out.stride(0), out.stride(1),
+        NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits), HEAD_DIM=D, BLOCK_D=block_d,
+        num_warps=4 if block_d * splits >= 2048 else 2,
+    )
+    return out

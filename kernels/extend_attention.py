@@ -1,0 +1,155 @@
+"""Extend (prefill / chunked prefill) attention over the token-slot KV layout, GQA.
+
+Each request's new tokens attend to its cached prefix and, causally, to the new tokens
+themselves. The new tokens' k/v must already be stored in the cache (the backend stores
+them first), so the kernel reads every key and value through ``req_to_token``: the query at
+extend index i of request b (absolute position ``prefix_b + i``) sees context slots
+``req_to_token[req_b, 0 : prefix_b + i + 1]``.
+
+Grid: (cdiv(max_extend_len, BLOCK_M), B, H); one program computes a BLOCK_M tile of one
+request's queries for one query head, flash-attention style (online softmax, fp32 state).
+
+Shapes (T packed new tokens, B requests, H query heads, KVH kv heads, D head dim):
+    q                 [T, H, D]      model dtype, requests packed back to back
+    k_buffer/v_buffer [S, KVH, D]    model dtype, last dim contiguous
+    req_to_token      [R, L] int32   (last dim contiguous)
+    req_pool_indices  [B] int64
+    q_start           [B] int32      offset of each request's first new token in q
+    prefix_lens       [B] int32      cached tokens before this step
+    extend_lens       [B] int32      new tokens (sum = T)
+    out               [T, H, D]      model dtype
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _extend_kernel(
+    Q, K, V, OUT, REQ_TO_TOKEN, REQ_IDX, Q_START, PREFIX_LENS, EXTEND_LENS,
+    sm_scale_log2,
+    stride_qt, stride_qh,
+    stride_kn, stride_kh,
+    stride_vn, stride_vh,
+    stride_ot, stride_oh,
+    stride_rt,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    mblk = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    ext_len = tl.load(EXTEND_LENS + b)
+    if mblk * BLOCK_M >= ext_len:
+        return
+    kvh = h // GROUP
+    prefix = tl.load(PREFIX_LENS + b)
+    q_start = tl.load(Q_START + b).to(tl.int64)
+    req = tl.load(REQ_IDX + b).to(tl.int64)
+
+    offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)  # extend index within the request
+    m_mask = offs_m < ext_len
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    q_rows = q_start + offs_m
+    q = tl.load(Q + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                mask=m_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    q_pos = prefix + offs_m  # absolute position of each query row
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    k_base = K + kvh * stride_kh
+    v_base = V + kvh * stride_vh
+    row = REQ_TO_TOKEN + req * stride_rt
+    # Keys past the tile's last query position are masked for every row: stop there.
+    kv_end = prefix + tl.minimum((mblk + 1) * BLOCK_M, ext_len)
+    # Tiles wholly below the tile's first query position need no causal mask.
+    full_end = prefix + mblk * BLOCK_M
+    for n0 in range(0, kv_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < kv_end
+        slots = tl.load(row + offs_n, mask=n_mask, other=0).to(tl.int64)
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_base + slots[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k)) * sm_scale_log2  # [BLOCK_M, BLOCK_N], log2 units
+        if n0 + BLOCK_N > full_end:
+            # Every row keeps key 0, so no row is fully masked and m_i stays finite.
+            qk = tl.where((q_pos[:, None] >= offs_n[None, :]) & n_mask[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + slots[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    o = acc / l_i[:, None]
+    tl.store(OUT + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+             o.to(OUT.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+def default_extend_config(head_dim: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a head dim."""
+    if device.type != "cuda":
+        return 16, 16, 4, 1  # interpreter: small tiles keep CPU runs fast
+    if head_dim <= 64:
+        return 128, 64, 4, 3
+    return 128, 64, 8, 2
+
+
+def extend_attention(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    q_start: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    extend_lens: torch.Tensor,
+    max_extend_len: int,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+    config: tuple[int, int, int, int] | None = None,
+) -> torch.Tensor:
+    """Causal attention of the packed new tokens ``q`` [T, H, D] over their contexts → [T, H, D].
+
+    ``max_extend_len`` (a host int, >= every entry of ``extend_lens``) sizes the grid;
+    ``config`` overrides (BLOCK_M, BLOCK_N, num_warps, num_stages).
+    """
+    T, H, D = q.shape
+    KVH = k_buffer.shape[1]
+    B = req_pool_indices.shape[0]
+    assert H % KVH == 0, f"num_heads {H} is not a multiple of num_kv_heads {KVH}"
+    assert k_buffer.shape[2] == D and v_buffer.shape == k_buffer.shape, "k/v buffer shape mismatch"
+    assert q.stride(2) == 1 and k_buffer.stride(2) == 1 and v_buffer.stride(2) == 1
+    assert req_to_token.stride(1) == 1, "req_to_token rows must be contiguous"
+    if out is None:
+        out = torch.empty_like(q)
+    if T == 0 or B == 0:
+        return out
+    block_m, block_n, num_warps, num_stages = config or default_extend_config(D, q.device)
+    grid = (triton.cdiv(max_extend_len, block_m), B, H)
+    _extend_kernel[grid](
+        q, k_buffer, v_buffer, out, req_to_token, req_pool_indices, q_start, prefix_lens,
+        extend_lens,
+        scale * _LOG2E,
+        q.stride(0), q.stride(1),
+        k_buffer.stride(0), k_buffer.stride(1),
+        v_buffer.stride(0), v_buffer.stride(1),
+        out.stride(0), out.stride(1),
+        req_to_token.stride(0),
+        GROUP=H // KVH, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out

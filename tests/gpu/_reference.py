@@ -1,0 +1,72 @@
+"""Plain-torch references and random paged-KV layouts shared by the kernel tests.
+
+References compute in fp32 over gathered slots: no kernel code, no SDPA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def attention_ref(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, slots: torch.Tensor,
+                  prefix_len: int, scale: float) -> torch.Tensor:
+    """One request: q [n, H, D] at positions prefix_len.. over slots [prefix_len + n] → [n, H, D] fp32."""
+    n, H, _ = q.shape
+    keys = k_buf[slots].float()  # [L, KVH, D]
+    vals = v_buf[slots].float()
+    group = H // keys.shape[1]
+    keys = keys.repeat_interleave(group, dim=1).transpose(0, 1)  # [H, L, D]
+    vals = vals.repeat_interleave(group, dim=1).transpose(0, 1)
+    scores = torch.einsum("nhd,hld->hnl", q.float(), keys) * scale  # [H, n, L]
+    L = keys.shape[1]
+    # Query i (absolute position prefix_len + i) sees keys 0 .. prefix_len + i.
+    visible = torch.arange(L, device=q.device)[None, :] <= prefix_len + torch.arange(n, device=q.device)[:, None]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.einsum("hnl,hld->nhd", scores.softmax(-1), vals)
+
+
+@dataclass
+class PagedKV:
+    k_buf: torch.Tensor  # [S, KVH, D]
+    v_buf: torch.Tensor
+    req_to_token: torch.Tensor  # [R, Lmax] int32
+    req_pool_indices: torch.Tensor  # [B] int64
+    seq_lens: torch.Tensor  # [B] int32
+
+    def slots(self, b: int, n: int | None = None) -> torch.Tensor:
+        row = int(self.req_pool_indices[b])
+        n = int(self.seq_lens[b]) if n is None else n
+        return self.req_to_token[row, :n].long()
+
+
+def make_paged_kv(seq_lens: list[int], num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                  device: str, gen: torch.Generator, extra_slots: int = 64) -> PagedKV:
+    """Random k/v in a pool whose slots are handed out in shuffled order (slot 0 never used).
+
+    Requests sit at shuffled rows of a table with spare rows and columns; unused table
+    entries hold slot 0 so that a kernel reading past seq_len would read the padding slot.
+    """
+    total = sum(seq_lens)
+    num_slots = total + extra_slots + 1
+    k_buf = torch.randn(num_slots, num_kv_heads, head_dim, generator=gen).to(dtype).to(device)
+    v_buf = torch.randn(num_slots, num_kv_heads, head_dim, generator=gen).to(dtype).to(device)
+    # Poison the padding slot: any read of it shows up as a large error.
+    k_buf[0] = 100.0
+    v_buf[0] = 100.0
+    perm = torch.randperm(num_slots - 1, generator=gen)[:total] + 1
+    B = len(seq_lens)
+    rows = torch.randperm(B + 3, generator=gen)[:B]
+    table = torch.zeros(B + 3, max(seq_lens) + 17, dtype=torch.int32)
+    start = 0
+    for b, n in enumerate(seq_lens):
+        table[rows[b], :n] = perm[start:start + n].int()
+        start += n
+    return PagedKV(k_buf, v_buf, table.to(device), rows.long().to(device),
+                   torch.tensor(seq_lens, dtype=torch.int32, device=device))
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in fp32."""
+    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()

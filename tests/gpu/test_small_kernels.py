@@ -1,0 +1,100 @@
+"""KV store, RMSNorm (plain and fused with the residual add), rotary, SiLU-and-mul vs torch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from radixfleet.kernels.activation import silu_and_mul  # noqa: E402
+from radixfleet.kernels.kv_store import store_kv  # noqa: E402
+from radixfleet.kernels.rmsnorm import fused_add_rmsnorm, rmsnorm  # noqa: E402
+from radixfleet.kernels.rotary import apply_rotary_, build_cos_sin_cache  # noqa: E402
+
+BF16 = torch.bfloat16
+
+
+def _rand(*shape, dtype=BF16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen).to(dtype).cuda()
+
+
+@pytest.mark.parametrize("kv_heads,head_dim", [(8, 128), (3, 64), (1, 96)])
+def test_store_kv_scatters_rows(kv_heads, head_dim):
+    T, S = 37, 500
+    # k and v as views of one fused qkv output (row stride larger than KVH * D).
+    qkv = _rand(T, (4 + 2) * kv_heads * head_dim)
+    k = qkv[:, 4 * kv_heads * head_dim:5 * kv_heads * head_dim].view(T, kv_heads, head_dim)
+    v = qkv[:, 5 * kv_heads * head_dim:].view(T, kv_heads, head_dim)
+    k_buf = torch.zeros(S, kv_heads, head_dim, dtype=BF16, device="cuda")
+    v_buf = torch.zeros_like(k_buf)
+    loc = torch.randperm(S - 1, device="cuda")[:T] + 1
+    store_kv(k, v, k_buf, v_buf, loc)
+    torch.testing.assert_close(k_buf[loc], k, atol=0, rtol=0)
+    torch.testing.assert_close(v_buf[loc], v, atol=0, rtol=0)
+    untouched = torch.ones(S, dtype=torch.bool, device="cuda")
+    untouched[loc] = False
+    assert k_buf[untouched].eq(0).all() and v_buf[untouched].eq(0).all()
+
+
+def _rmsnorm_ref(x, w, eps):
+    # transformers' LlamaRMSNorm: fp32 norm, cast back, times the weight.
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@pytest.mark.parametrize("T,N", [(1, 576), (33, 4096), (7, 5120), (300, 8192)])
+def test_rmsnorm(T, N):
+    x, w = _rand(T, N, seed=1), _rand(N, seed=2)
+    torch.testing.assert_close(rmsnorm(x, w, 1e-5), _rmsnorm_ref(x, w, 1e-5), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("T,N", [(1, 576), (33, 4096), (300, 8192)])
+def test_fused_add_rmsnorm(T, N):
+    x, r, w = _rand(T, N, seed=3), _rand(T, N, seed=4), _rand(N, seed=5)
+    normed, new_r = fused_add_rmsnorm(x, r, w, 1e-6)
+    s = x + r
+    torch.testing.assert_close(new_r, s, atol=0, rtol=0)
+    torch.testing.assert_close(normed, _rmsnorm_ref(s, w, 1e-6), atol=2e-2, rtol=2e-2)
+    assert x.equal(_rand(T, N, seed=3)) and r.equal(_rand(T, N, seed=4)), "inputs must not change"
+
+
+def _rotary_ref(positions, x, cache):
+    half = cache.shape[1] // 2
+    cos, sin = cache[positions, :half][:, None], cache[positions, half:][:, None]
+    xr, rest = x[..., :2 * half].float(), x[..., 2 * half:]
+    x1, x2 = xr.chunk(2, -1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1).to(x.dtype), rest
+
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192}
+
+
+@pytest.mark.parametrize("H,KVH,D,rot,scaling", [
+    (32, 8, 128, 128, LLAMA3), (9, 3, 64, 64, None), (12, 4, 128, 64, None), (40, 8, 128, 128, None)])
+def test_rotary_in_place(H, KVH, D, rot, scaling):
+    T = 65
+    cache = build_cos_sin_cache(rot, 16384, 500000.0, scaling, device="cuda")
+    positions = torch.randint(0, 16384, (T,), device="cuda")
+    qkv = _rand(T, (H + 2 * KVH) * D, seed=6)
+    q = qkv[:, :H * D].view(T, H, D)
+    k = qkv[:, H * D:(H + KVH) * D].view(T, KVH, D)
+    q_ref, q_rest = _rotary_ref(positions, q.clone(), cache)
+    k_ref, k_rest = _rotary_ref(positions, k.clone(), cache)
+    v_before = qkv[:, (H + KVH) * D:].clone()
+    apply_rotary_(positions, q, k, cache)
+    torch.testing.assert_close(q[..., :rot], q_ref, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(k[..., :rot], k_ref, atol=2e-2, rtol=2e-2)
+    assert q[..., rot:].equal(q_rest) and k[..., rot:].equal(k_rest)
+    assert qkv[:, (H + KVH) * D:].equal(v_before), "v must not change"
+
+
+@pytest.mark.parametrize("T,inter", [(1, 1536), (17, 14336), (256, 3000)])
+def test_silu_and_mul(T, inter):
+    x = _rand(T, 2 * inter, seed=7)
+    gate, up = x.chunk(2, -1)
+    torch.testing.assert_close(silu_and_mul(x), F.silu(gate) * up, atol=2e-2, rtol=2e-2)

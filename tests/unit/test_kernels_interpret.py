@@ -1,0 +1,158 @@
+"""The triton kernels on CPU through triton's interpreter (TRITON_INTERPRET=1), small shapes, fp32.
+
+The interpreter is chosen when a kernel is decorated, so each case runs in a fresh
+subprocess with the variable set (this file run as a script). fp32 only: the interpreter
+truncates fp32 → bf16 instead of rounding, so bf16 rounding is checked only on the GPU
+(tests/gpu). References: tests/gpu/_reference.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+GPU_TESTS = Path(__file__).resolve().parents[1] / "gpu"
+
+
+def case_decode() -> None:
+    from _reference import attention_ref, make_paged_kv, rel_err
+    from radixfleet.kernels.decode_attention import decode_attention
+
+    gen = torch.Generator().manual_seed(0)
+    for H, KVH, D in [(4, 4, 16), (6, 2, 32), (8, 1, 24), (8, 2, 64)]:
+        lens = [1, 5, 70, 33]
+        kv = make_paged_kv(lens, KVH, D, torch.float32, "cpu", gen)
+        q = torch.randn(len(lens), H, D, generator=gen)
+        ref = torch.cat([attention_ref(q[b:b + 1], kv.k_buf, kv.v_buf, kv.slots(b), n - 1, D ** -0.5)
+                         for b, n in enumerate(lens)])
+        for splits in (1, 3, 8):
+            out = decode_attention(q, kv.k_buf, kv.v_buf, kv.req_to_token, kv.req_pool_indices,
+                                   kv.seq_lens, D ** -0.5, num_kv_splits=splits, block_n=16)
+            assert rel_err(out, ref) < 1e-5, (H, KVH, D, splits, rel_err(out, ref))
+
+
+def case_extend() -> None:
+    from _reference import attention_ref, make_paged_kv, rel_err
+    from radixfleet.kernels.extend_attention import extend_attention
+
+    gen = torch.Generator().manual_seed(1)
+    prefix, ext = [0, 3, 40, 17], [5, 1, 30, 16]
+    starts = torch.tensor([0, 5, 6, 36], dtype=torch.int32)
+    for H, KVH, D in [(4, 4, 16), (6, 2, 32), (8, 1, 24)]:
+        kv = make_paged_kv([p + e for p, e in zip(prefix, ext, strict=True)], KVH, D, torch.float32,
+                           "cpu", gen)
+        q = torch.randn(sum(ext), H, D, generator=gen)
+        ref = torch.cat([attention_ref(q[int(s):int(s) + e], kv.k_buf, kv.v_buf, kv.slots(b), p,
+                                       D ** -0.5)
+                         for b, (s, p, e) in enumerate(zip(starts, prefix, ext, strict=True))])
+        for config in (None, (32, 16, 4, 1)):
+            out = extend_attention(q, kv.k_buf, kv.v_buf, kv.req_to_token, kv.req_pool_indices,
+                                   starts, torch.tensor(prefix, dtype=torch.int32),
+                                   torch.tensor(ext, dtype=torch.int32), max(ext), D ** -0.5,
+                                   config=config)
+            assert rel_err(out, ref) < 1e-5, (H, KVH, D, config, rel_err(out, ref))
+
+
+def case_small_kernels() -> None:
+    import torch.nn.functional as F
+    from radixfleet.kernels.activation import silu_and_mul
+    from radixfleet.kernels.kv_store import store_kv
+    from radixfleet.kernels.rmsnorm import fused_add_rmsnorm, rmsnorm
+    from radixfleet.kernels.rotary import apply_rotary_, build_cos_sin_cache
+
+    x, r, w = torch.randn(5, 96), torch.randn(5, 96), torch.randn(96)
+    ref = w * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(rmsnorm(x, w), ref)
+    normed, new_r = fused_add_rmsnorm(x, r, w)
+    s = x + r
+    torch.testing.assert_close(new_r, s)
+    torch.testing.assert_close(normed, w * s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+    g = torch.randn(7, 2 * 40)
+    torch.testing.assert_close(silu_and_mul(g), F.silu(g[:, :40]) * g[:, 40:])
+
+    k, v = torch.randn(6, 3, 20), torch.randn(6, 3, 20)
+    kb, vb = torch.zeros(30, 3, 20), torch.zeros(30, 3, 20)
+    loc = torch.tensor([3, 9, 1, 29, 17, 4])
+    store_kv(k, v, kb, vb, loc)
+    assert kb[loc].equal(k) and vb[loc].equal(v) and int(kb.ne(0).flatten(1).any(1).sum()) == len(loc)
+
+    cache = build_cos_sin_cache(16, 64, 10000.0)
+    pos = torch.tensor([0, 5, 63])
+    q, kk = torch.randn(3, 4, 16), torch.randn(3, 2, 16)
+    cos, sin = cache[pos, :8][:, None], cache[pos, 8:][:, None]
+
+    def rot(t):
+        t1, t2 = t.chunk(2, -1)
+        return torch.cat((t1 * cos - t2 * sin, t2 * cos + t1 * sin), -1)
+
+    q_ref, k_ref = rot(q), rot(kk)
+    apply_rotary_(pos, q, kk, cache)
+    torch.testing.assert_close(q, q_ref)
+    torch.testing.assert_close(kk, k_ref)
+
+
+def case_backend() -> None:
+    """Extend (with a cached prefix) then decode through TritonAttentionBackend vs the reference."""
+    from _reference import attention_ref, rel_err
+    from radixfleet.engine.attention.base import ForwardBatch, ForwardMode, KVPool
+    from radixfleet.engine.attention.triton_backend import TritonAttentionBackend
+
+    H, KVH, D = 4, 2, 16
+    gen = torch.Generator().manual_seed(2)
+    pool = KVPool(1, 200, KVH, D, torch.float32, "cpu")
+    backend = TritonAttentionBackend(pool, H, KVH, D, D ** -0.5)
+    req_to_token = torch.zeros(4, 64, dtype=torch.int32)
+    free = (torch.randperm(199, generator=gen) + 1).tolist()
+    rows, lens = [3, 1], [0, 0]
+    for mode, new in [(ForwardMode.EXTEND, [9, 20]), (ForwardMode.EXTEND, [4, 1]),
+                      (ForwardMode.DECODE, [1, 1]), (ForwardMode.DECODE, [1, 1])]:
+        locs = []
+        for b, n in enumerate(new):
+            slots = [free.pop() for _ in range(n)]
+            req_to_token[rows[b], lens[b]:lens[b] + n] = torch.tensor(slots, dtype=torch.int32)
+            locs += slots
+        prefix, lens = list(lens), [p + n for p, n in zip(lens, new, strict=True)]
+        i32 = dict(dtype=torch.int32)
+        batch = ForwardBatch(
+            mode=mode, input_ids=torch.zeros(len(locs), dtype=torch.int64),
+            positions=torch.zeros(len(locs), dtype=torch.int64),
+            req_pool_indices=torch.tensor(rows), seq_lens=torch.tensor(lens, **i32),
+            extend_prefix_lens=torch.tensor(prefix, **i32), extend_seq_lens=torch.tensor(new, **i32),
+            out_cache_loc=torch.tensor(locs), req_to_token=req_to_token, seq_lens_cpu=lens,
+            extend_prefix_lens_cpu=prefix, extend_seq_lens_cpu=new)
+        q, k, v = (torch.randn(len(locs), h, D, generator=gen) for h in (H, KVH, KVH))
+        backend.plan(batch)
+        out = backend.forward(q, k, v, 0, batch)
+        assert pool.k_buffers[0][batch.out_cache_loc].equal(k)
+        start, refs = 0, []
+        for b, n in enumerate(new):
+            slots = req_to_token[rows[b], :lens[b]].long()
+            refs.append(attention_ref(q[start:start + n], pool.k_buffers[0], pool.v_buffers[0],
+                                      slots, prefix[b], D ** -0.5))
+            start += n
+        assert rel_err(out, torch.cat(refs)) < 1e-5, (mode, rel_err(out, torch.cat(refs)))
+
+
+CASES = {name[len("case_"):]: fn for name, fn in globals().items() if name.startswith("case_")}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_kernel_under_interpreter(case: str) -> None:
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, __file__, case], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+if __name__ == "__main__":
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run through pytest (sets TRITON_INTERPRET=1)"
+    sys.path.insert(0, str(GPU_TESTS))
+    import torch
+
+    CASES[sys.argv[1]]()
