@@ -10,6 +10,7 @@ retries until the spec changes); API or router failures -> `kopf.TemporaryError`
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Mapping
@@ -141,6 +142,12 @@ def build_registry(rt: Runtime) -> kopf.OperatorRegistry:
 
     @kopf.on.cleanup(registry=registry)
     async def close(**_: Any) -> None:
+        # Timers are not cancelled on exit: let a running reconcile finish its writes first.
+        for lock in list(rt.locks.values()):
+            try:
+                await asyncio.wait_for(lock.acquire(), timeout=10)
+            except asyncio.TimeoutError:
+                log.warning("a reconcile is still running at shutdown")
         if rt.api is not None:
             await rt.api.close()
 

@@ -1,0 +1,278 @@
+"""The real operator loop (kopf) on KMock, a real router process and real engine servers.
+
+KMock plays the API server; the test plays the controllers and the kubelet (it creates
+the pods a Deployment/StatefulSet would and flips their Ready condition). Engine pod IPs
+are loopback addresses (127.0.0.11, ...) where real `radixfleet serve` processes listen,
+so the router's own health checks pass exactly as in a cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import httpx
+import pytest
+from radixfleet.operator import names
+from radixfleet.operator.testing import (
+    Api,
+    engine_process,
+    engine_server_available,
+    eventually,
+    free_port,
+    kube_emulator,
+    pod_manifest,
+    router_process,
+    start_operator,
+)
+
+NS = "ml"
+ISVC_PATH = f"/apis/radixfleet.io/v1alpha1/namespaces/{NS}/inferenceservices"
+ENGINE_HOSTS = ("127.0.0.11", "127.0.0.12")
+FAKE_ENGINES = os.environ.get("RADIXFLEET_OPERATOR_TEST_FAKE_ENGINES") == "1"  # developer override only
+OPERATOR_CONFIG = dict(resync_seconds=1.5, drain_timeout_seconds=5, drain_poll_seconds=0.1, retry_delay_seconds=1,
+                       autoscale_interval_seconds=3600)
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def engines():
+    """Real engine servers on two loopback addresses, one port (like two pods)."""
+    if not engine_server_available() and not FAKE_ENGINES:
+        pytest.skip("radixfleet.engine.serve cannot be imported yet: the engine server is needed behind the router")
+    port = free_port()
+    logdir = tempfile.mkdtemp(prefix="rf-operator-engines-")
+    procs = []
+    for host in ENGINE_HOSTS:
+        proc = engine_process(host, port, log_path=f"{logdir}/{host}.log")
+        if FAKE_ENGINES:
+            proc.cmd[2] = "radixfleet.router.fake_worker"
+        procs.append(proc.start())
+    try:
+        for p in procs:
+            p.wait(180)
+        yield port
+    finally:
+        for p in procs:
+            p.stop()
+
+
+@pytest.fixture
+def router():
+    port = free_port()
+    proc = router_process(port, log_path=tempfile.mktemp(prefix="rf-router-", suffix=".log")).start().wait(30)
+    yield proc, port
+    proc.stop()
+
+
+def list_workers(router_url: str) -> set[str]:
+    return set(httpx.get(f"{router_url}/list_workers", timeout=5, trust_env=False).json()["urls"])
+
+
+def api_removals(router_url: str) -> float:
+    text = httpx.get(f"{router_url}/metrics", timeout=5, trust_env=False).text
+    line = next((x for x in text.splitlines() if x.startswith('radixfleet_router_worker_removals_total{reason="api"}')), None)
+    return float(line.split()[-1]) if line else 0.0
+
+
+def isvc(name: str, engine_port: int, router_port: int, **spec) -> dict:
+    return {
+        "apiVersion": "radixfleet.io/v1alpha1", "kind": "InferenceService",
+        "metadata": {"name": name, "namespace": NS, "uid": f"uid-{name}", "generation": 1,
+                     "resourceVersion": "1"},
+        "spec": {"model": {"path": "smollm2"}, "port": engine_port, "router": {"port": router_port}, **spec},
+    }
+
+
+def engine_labels(name: str, **extra: str) -> dict[str, str]:
+    return {names.LABEL_SERVICE: name, names.LABEL_COMPONENT: names.ENGINE, names.LABEL_MANAGED_BY: names.MANAGED_BY, **extra}
+
+
+def router_labels(name: str) -> dict[str, str]:
+    return {names.LABEL_SERVICE: name, names.LABEL_COMPONENT: names.ROUTER, names.LABEL_MANAGED_BY: names.MANAGED_BY}
+
+
+CHILD_PLURALS = {"deployments", "statefulsets", "services", "servicemonitors"}
+
+
+def child_writes(emulator) -> list[str]:
+    """'METHOD path' of every write made to child objects (Deployments, Services, ...)."""
+    return [f"{r.method.value} {r.url.path}" for r in list(emulator)
+            if r.method.value in ("POST", "PATCH", "PUT", "DELETE") and r.resource is not None
+            and r.resource.plural in CHILD_PLURALS]
+
+
+async def test_single_node_lifecycle(engines, router):
+    router_proc, router_port = router
+    engine_port = engines
+    w1, w2 = (f"http://{h}:{engine_port}" for h in ENGINE_HOSTS)
+    async with kube_emulator() as (emulator, server):
+        api = Api(server)
+        operator = await start_operator(server, **OPERATOR_CONFIG)
+        try:
+            # 1. Create: children appear, owned, with the expected command lines.
+            await api.create(ISVC_PATH, isvc("chat", engine_port, router_port, replicas=2, monitoring={"serviceMonitor": True}))
+            deploy = await eventually(lambda: api.get(f"/apis/apps/v1/namespaces/{NS}/deployments/chat-engine"), what="engine Deployment")
+            router_deploy = await eventually(lambda: api.get(f"/apis/apps/v1/namespaces/{NS}/deployments/chat-router"), what="router Deployment")
+            for path in ("/api/v1/namespaces/ml/services/chat-router", "/api/v1/namespaces/ml/services/chat-engine",
+                         "/apis/monitoring.coreos.com/v1/namespaces/ml/servicemonitors/chat"):
+                obj = await eventually(lambda p=path: api.get(p), what=path)
+                assert obj["metadata"]["ownerReferences"][0]["uid"] == "uid-chat"
+            assert deploy["metadata"]["ownerReferences"][0] == {
+                "apiVersion": "radixfleet.io/v1alpha1", "kind": "InferenceService", "name": "chat", "uid": "uid-chat",
+                "controller": True, "blockOwnerDeletion": True}
+            assert deploy["spec"]["replicas"] == 2
+            args = deploy["spec"]["template"]["spec"]["containers"][0]["args"]
+            assert args[:3] == ["serve", "--model-path", "smollm2"] and args[args.index("--port") + 1] == str(engine_port)
+            rargs = router_deploy["spec"]["template"]["spec"]["containers"][0]["args"]
+            assert rargs[:2] == ["router", "--host"] and rargs[rargs.index("--policy") + 1] == "cache_aware"
+
+            # 2. Pods scheduled (not Ready yet): nothing registered. Then Ready: both registered.
+            await api.create(f"/api/v1/namespaces/{NS}/pods", pod_manifest("chat-router-x", NS, router_labels("chat"), "127.0.0.1", ready=True))
+            for i, host in enumerate(ENGINE_HOSTS):
+                await api.create(f"/api/v1/namespaces/{NS}/pods", pod_manifest(
+                    f"chat-engine-{i}", NS, engine_labels("chat"), host, ready=False, created=f"2026-01-01T00:00:0{i}Z"))
+            await eventually(lambda: _status(api, "chat", "phase", "Pending"), what="phase Pending")
+            assert list_workers(router_proc.url) == set()
+            for i in range(2):
+                await api.set_ready(NS, f"chat-engine-{i}", True)
+            await eventually(lambda: list_workers(router_proc.url) == {w1, w2}, what="both workers registered")
+            status = await eventually(lambda: _status(api, "chat", "phase", "Ready"), what="phase Ready")
+            assert status["readyReplicas"] == 2 and status["workers"] == sorted([w1, w2])
+            assert status["url"] == f"http://chat-router.{NS}.svc.cluster.local:{router_port}"
+            conditions = {c["type"]: c for c in status["conditions"]}
+            assert conditions["Ready"]["status"] == "True" and conditions["EngineReady"]["reason"] == "AllReplicasReady"
+            events = await eventually(lambda: _events(emulator, "WorkerRegistered", 2), what="WorkerRegistered events")
+            assert {e["involvedObject"]["name"] for e in events} == {"chat"}
+
+            # 3. Scale down: the victim leaves the router (and drains) before the Deployment shrinks.
+            seen_at_patch: list[set[str]] = []
+
+            async def spy(request):
+                if (request.data or {}).get("spec", {}).get("replicas") == 1:
+                    seen_at_patch.append(list_workers(router_proc.url))
+
+            emulator[f"patch /apis/apps/v1/namespaces/{NS}/deployments/chat-engine"] << spy
+            await api.patch(f"{ISVC_PATH}/chat", {"spec": {"replicas": 1}, "metadata": {"generation": 2}})
+            await eventually(lambda: _replicas(api, "chat-engine", 1), what="Deployment scaled to 1")
+            assert seen_at_patch and seen_at_patch[0] == {w1}, f"router list when the Deployment changed: {seen_at_patch}"
+            victim = await api.get(f"/api/v1/namespaces/{NS}/pods/chat-engine-1")  # newest pod goes first
+            assert victim["metadata"]["annotations"][names.ANNOTATION_DRAINING] == "true"
+            assert victim["metadata"]["annotations"][names.ANNOTATION_DELETION_COST] == "-1000"
+            await api.delete(f"/api/v1/namespaces/{NS}/pods/chat-engine-1")  # the ReplicaSet removes it
+            status = await eventually(lambda: _status(api, "chat", "workers", [w1]), what="status.workers == [w1]")
+            assert status["observedGeneration"] == 2 and status["phase"] == "Ready"
+            assert list_workers(router_proc.url) == {w1}
+
+            # 4. Scale up again; then the new pod vanishes with no watch event: the resync repairs.
+            await api.patch(f"{ISVC_PATH}/chat", {"spec": {"replicas": 2}, "metadata": {"generation": 3}})
+            await eventually(lambda: _replicas(api, "chat-engine", 2), what="Deployment scaled to 2")
+            await api.create(f"/api/v1/namespaces/{NS}/pods", pod_manifest("chat-engine-2", NS, engine_labels("chat"), ENGINE_HOSTS[1], ready=True))
+            await eventually(lambda: list_workers(router_proc.url) == {w1, w2}, what="replacement registered")
+            emulator.objects["v1/pods", NS, "chat-engine-2"].delete()  # storage only: no watch event is sent
+            await eventually(lambda: list_workers(router_proc.url) == {w1}, timeout=10, what="resync removed the vanished pod")
+            await eventually(lambda: _status(api, "chat", "workers", [w1]), what="status follows")
+
+            # 5. Operator restart: no duplicates, no churn, nothing removed from the router.
+            await api.create(f"/api/v1/namespaces/{NS}/pods", pod_manifest("chat-engine-3", NS, engine_labels("chat"), ENGINE_HOSTS[1], ready=True))
+            await eventually(lambda: list_workers(router_proc.url) == {w1, w2}, what="re-registered")
+            await eventually(lambda: _status(api, "chat", "workers", sorted([w1, w2])), what="status has both")
+            await operator.stop()
+            writes_before, removals_before = len(child_writes(emulator)), api_removals(router_proc.url)
+            operator = await start_operator(server, **OPERATOR_CONFIG)
+            import asyncio
+
+            await asyncio.sleep(5)  # > 3 resync periods
+            assert child_writes(emulator)[writes_before:] == []
+            assert api_removals(router_proc.url) == removals_before
+            assert list_workers(router_proc.url) == {w1, w2}
+            deployments = (await api.get(f"/apis/apps/v1/namespaces/{NS}/deployments"))["items"]
+            assert sorted(d["metadata"]["name"] for d in deployments) == ["chat-engine", "chat-router"]
+
+            # 6. The router restarts (empty list): the operator notices and rebuilds it.
+            router_proc.stop()
+            router_proc.start().wait(30)
+            await eventually(lambda: list_workers(router_proc.url) == {w1, w2}, timeout=15, what="router list rebuilt")
+            await eventually(lambda: _events(emulator, "RouterRestarted", 1), what="RouterRestarted event")
+        finally:
+            await operator.stop()
+            await api.close()
+
+
+async def test_multi_node_registers_rank_zero_and_drains_before_deleting(engines, router):
+    router_proc, router_port = router
+    engine_port = engines
+    async with kube_emulator() as (emulator, server):
+        api = Api(server)
+        operator = await start_operator(server, **OPERATOR_CONFIG)
+        try:
+            await api.create(ISVC_PATH, isvc("big", engine_port, router_port, replicas=2, tensorParallelSize=4, nodesPerReplica=2))
+            for r in range(2):
+                sts = await eventually(lambda r=r: api.get(f"/apis/apps/v1/namespaces/{NS}/statefulsets/big-engine-{r}"), what=f"sts {r}")
+                assert sts["metadata"]["ownerReferences"][0]["uid"] == "uid-big"
+                args = sts["spec"]["template"]["spec"]["containers"][0]["args"]
+                assert args[args.index("--dist-init-addr") + 1] == f"big-engine-{r}-0.big-engine-{r}.{NS}.svc:5000"
+                assert args[args.index("--nnodes") + 1] == "2"
+                await eventually(lambda r=r: api.get(f"/api/v1/namespaces/{NS}/services/big-engine-{r}"), what=f"headless svc {r}")
+            await api.create(f"/api/v1/namespaces/{NS}/pods", pod_manifest("big-router-x", NS, router_labels("big"), "127.0.0.1", ready=True))
+            # Rank 0 of each replica serves HTTP (real engines); rank 1 pods have no server behind them.
+            for r, host in enumerate(ENGINE_HOSTS):
+                for rank, ip in ((0, host), (1, f"127.0.1.{r + 1}")):
+                    labels = engine_labels("big", **{names.LABEL_REPLICA: str(r), names.LABEL_POD_INDEX: str(rank)})
+                    await api.create(f"/api/v1/namespaces/{NS}/pods", pod_manifest(f"big-engine-{r}-{rank}", NS, labels, ip, ready=True))
+            urls = [f"http://{h}:{engine_port}" for h in ENGINE_HOSTS]
+            await eventually(lambda: list_workers(router_proc.url) == set(urls), what="rank-0 pods registered")
+
+            seen_at_delete: list[set[str]] = []
+
+            async def spy(request):
+                seen_at_delete.append(list_workers(router_proc.url))
+
+            emulator[f"delete /apis/apps/v1/namespaces/{NS}/statefulsets/big-engine-1"] << spy
+            await api.patch(f"{ISVC_PATH}/big", {"spec": {"replicas": 1}})
+            await eventually(lambda: _gone(api, f"/apis/apps/v1/namespaces/{NS}/statefulsets/big-engine-1"), what="sts 1 deleted")
+            assert seen_at_delete == [{urls[0]}], f"router list when the StatefulSet was deleted: {seen_at_delete}"
+            await eventually(lambda: _gone(api, f"/api/v1/namespaces/{NS}/services/big-engine-1"), what="headless svc 1 deleted")
+            assert await api.get(f"/apis/apps/v1/namespaces/{NS}/statefulsets/big-engine-0")
+        finally:
+            await operator.stop()
+            await api.close()
+
+
+async def test_invalid_spec_fails_permanently_with_a_reason():
+    async with kube_emulator() as (emulator, server):
+        api = Api(server)
+        operator = await start_operator(server, **OPERATOR_CONFIG)
+        try:
+            bad = isvc("bad", 30000, 30001, tensorParallelSize=3, nodesPerReplica=2)
+            await api.create(ISVC_PATH, bad)
+            status = await eventually(lambda: _status(api, "bad", "phase", "Failed"), what="phase Failed")
+            (cond,) = status["conditions"]
+            assert cond["reason"] == "InvalidSpec" and "multiple of nodesPerReplica" in cond["message"]
+            await eventually(lambda: _events(emulator, "InvalidSpec", 1), what="InvalidSpec event")
+            assert await api.get(f"/apis/apps/v1/namespaces/{NS}/deployments/bad-engine") is None
+        finally:
+            await operator.stop()
+            await api.close()
+
+
+async def _status(api: Api, name: str, key: str, value):
+    obj = await api.get(f"{ISVC_PATH}/{name}")
+    status = (obj or {}).get("status") or {}
+    return status if status.get(key) == value else None
+
+
+async def _replicas(api: Api, name: str, want: int) -> bool:
+    obj = await api.get(f"/apis/apps/v1/namespaces/{NS}/deployments/{name}")
+    return (obj or {}).get("spec", {}).get("replicas") == want
+
+
+async def _gone(api: Api, path: str) -> bool:
+    return await api.get(path) is None
+
+
+def _events(emulator, reason: str, count: int):
+    events = [dict(o) for (res, _, _), o in emulator.objects.items()
+              if getattr(res, "plural", None) == "events" and not o.deleted and o.get("reason") == reason]
+    return events if len(events) >= count else None
