@@ -8,7 +8,6 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import httpx
 from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
@@ -20,6 +19,7 @@ from .metrics import CONTENT_TYPE, RouterMetrics
 from .policies import Policy, make_policy
 from .proxy import Proxy, error_response
 from .registry import WorkerRegistry
+from .upstream import Upstream, UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class RouterState:
     policy: Policy
     registry: WorkerRegistry
     metrics: RouterMetrics
-    client: httpx.AsyncClient
+    upstream: Upstream
     proxy: Proxy
     members: Membership
     health: HealthChecker
@@ -47,17 +47,12 @@ def build_state(config: RouterConfig) -> RouterState:
     registry = WorkerRegistry(config, policy)
     metrics = RouterMetrics(policy.name, registry.workers, policy.stats)
     registry.metrics = metrics
-    client = httpx.AsyncClient(
-        timeout=httpx.Timeout(connect=5.0, read=config.request_timeout, write=30.0, pool=config.request_timeout),
-        limits=httpx.Limits(max_connections=config.max_connections, max_keepalive_connections=config.max_connections,
-                            keepalive_expiry=30.0),
-        trust_env=False,  # loopback and cluster traffic must never go through an env-configured proxy
-    )
-    proxy = Proxy(config, registry, policy, metrics, client)
+    upstream = Upstream(config.max_connections, config.request_timeout)
+    proxy = Proxy(config, registry, policy, metrics, upstream)
     health_headers = {k: v for k, v in proxy.headers.items() if k == "authorization"}
-    members = Membership(registry, client, health_headers)
-    return RouterState(config, policy, registry, metrics, client, proxy, members,
-                       HealthChecker(registry, client, health_headers))
+    members = Membership(registry, upstream, health_headers)
+    return RouterState(config, policy, registry, metrics, upstream, proxy, members,
+                       HealthChecker(registry, upstream, health_headers))
 
 
 async def _evict_forever(state: RouterState) -> None:
@@ -80,7 +75,7 @@ def build_app(config: RouterConfig) -> FastAPI:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await state.client.aclose()
+            await state.upstream.close()
 
     app = FastAPI(title="radixfleet router", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.router = state
@@ -132,10 +127,10 @@ async def _flush_all(state: RouterState) -> Response:
 
     async def one(url: str) -> tuple[str, int | str]:
         try:
-            resp = await state.client.post(url + "/flush_cache", headers=state.proxy.headers)
-            return url, resp.status_code
-        except httpx.TransportError as e:
-            return url, f"{type(e).__name__} {e}".strip()
+            resp = await state.upstream.send("POST", url + "/flush_cache", None, state.proxy.headers)
+            return url, resp.status
+        except UpstreamError as e:
+            return url, str(e)
 
     results = dict(await asyncio.gather(*(one(w.url) for w in workers)))
     failed = {url: r for url, r in results.items() if r != 200}

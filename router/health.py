@@ -6,30 +6,29 @@ import asyncio
 import logging
 import time
 
-import httpx
-
 from .registry import WorkerRegistry
+from .upstream import Upstream, UpstreamError
 
 log = logging.getLogger(__name__)
 
 
-async def is_healthy(client: httpx.AsyncClient, url: str, timeout: float, headers: dict[str, str]) -> tuple[bool, str]:
+async def is_healthy(upstream: Upstream, url: str, timeout: float, headers: dict[str, str]) -> tuple[bool, str]:
     """GET ``url``/health; returns (ok, reason when not ok)."""
     try:
-        resp = await client.get(url + "/health", timeout=timeout, headers=headers)
-    except httpx.TransportError as e:
-        return False, f"{type(e).__name__} {e}".strip()
-    if resp.status_code != 200:
-        return False, f"/health answered HTTP {resp.status_code}"
+        resp = await upstream.send("GET", url + "/health", None, headers, timeout=timeout)
+    except UpstreamError as e:
+        return False, str(e)
+    if resp.status != 200:
+        return False, f"/health answered HTTP {resp.status}"
     return True, ""
 
 
-async def wait_healthy(client: httpx.AsyncClient, url: str, timeout: float, check_timeout: float,
+async def wait_healthy(upstream: Upstream, url: str, timeout: float, check_timeout: float,
                        headers: dict[str, str]) -> tuple[bool, str]:
     """Poll ``url``/health until it answers 200 or ``timeout`` seconds pass."""
     deadline = time.monotonic() + timeout
     while True:
-        ok, reason = await is_healthy(client, url, check_timeout, headers)
+        ok, reason = await is_healthy(upstream, url, check_timeout, headers)
         if ok or time.monotonic() >= deadline:
             return ok, reason
         await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
@@ -43,16 +42,16 @@ class HealthChecker:
     check resets that count (the circuit breaker still waits for a successful request).
     """
 
-    def __init__(self, registry: WorkerRegistry, client: httpx.AsyncClient, headers: dict[str, str]) -> None:
+    def __init__(self, registry: WorkerRegistry, upstream: Upstream, headers: dict[str, str]) -> None:
         self.registry = registry
-        self.client = client
+        self.upstream = upstream
         self.headers = headers
         self.config = registry.config
 
     async def check_all(self) -> None:
         workers = self.registry.workers()
         results = await asyncio.gather(
-            *(is_healthy(self.client, w.url, self.config.health_check_timeout, self.headers) for w in workers)
+            *(is_healthy(self.upstream, w.url, self.config.health_check_timeout, self.headers) for w in workers)
         )
         for worker, (ok, reason) in zip(workers, results, strict=True):
             if worker.removed:

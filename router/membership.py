@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import httpx
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from .health import wait_healthy
 from .registry import DuplicateWorker, UnknownWorker, WorkerRegistry
+from .upstream import Upstream
 from .worker import InvalidWorkerURL, normalize_url
 
 log = logging.getLogger(__name__)
@@ -20,9 +20,9 @@ log = logging.getLogger(__name__)
 class Membership:
     """Adds and removes workers; adding waits until the worker's /health answers 200."""
 
-    def __init__(self, registry: WorkerRegistry, client: httpx.AsyncClient, headers: dict[str, str]) -> None:
+    def __init__(self, registry: WorkerRegistry, upstream: Upstream, headers: dict[str, str]) -> None:
         self.registry = registry
-        self.client = client
+        self.upstream = upstream
         self.headers = headers
         self._pending: set[str] = set()  # URLs being added (waiting for health)
 
@@ -39,7 +39,7 @@ class Membership:
         config = self.registry.config
         self._pending.add(url)
         try:
-            ok, reason = await wait_healthy(self.client, url, config.worker_startup_timeout,
+            ok, reason = await wait_healthy(self.upstream, url, config.worker_startup_timeout,
                                             config.health_check_timeout, self.headers)
         finally:
             self._pending.discard(url)

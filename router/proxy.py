@@ -16,7 +16,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
-import httpx
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -25,6 +24,7 @@ from .metrics import RouterMetrics
 from .policies import Policy
 from .registry import WorkerRegistry
 from .text_key import text_key
+from .upstream import Upstream, UpstreamError, UpstreamResponse
 from .worker import Worker
 
 try:  # optional speedup: parse request bodies with orjson when it is installed
@@ -65,8 +65,8 @@ class _Release:
 class _RelayResponse(StreamingResponse):
     """A StreamingResponse that closes its upstream even when the client goes away."""
 
-    def __init__(self, upstream: httpx.Response, chunks: AsyncIterator[bytes], release: _Release) -> None:
-        super().__init__(chunks, status_code=upstream.status_code, media_type=upstream.headers.get("content-type"))
+    def __init__(self, upstream: UpstreamResponse, chunks: AsyncIterator[bytes], release: _Release) -> None:
+        super().__init__(chunks, status_code=upstream.status, media_type=upstream.content_type)
         self._upstream = upstream
         self._release = release
 
@@ -74,7 +74,7 @@ class _RelayResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self._upstream.aclose()
+            self._upstream.close()
             self._release()
 
 
@@ -82,12 +82,12 @@ class Proxy:
     """Sends requests to workers for the HTTP routes of the app."""
 
     def __init__(self, config: RouterConfig, registry: WorkerRegistry, policy: Policy,
-                 metrics: RouterMetrics, client: httpx.AsyncClient) -> None:
+                 metrics: RouterMetrics, upstream: Upstream) -> None:
         self.config = config
         self.registry = registry
         self.policy = policy
         self.metrics = metrics
-        self.client = client
+        self.upstream = upstream
         self.in_flight = 0
         self.headers = {"content-type": "application/json", "accept-encoding": "identity"}
         if config.worker_api_key:
@@ -145,29 +145,27 @@ class Proxy:
                 worker.breaker.on_dispatch()
                 last = attempt == self.config.max_total_retries
                 try:
-                    upstream = await self.client.send(
-                        self.client.build_request(method, worker.url + route, content=body, headers=self.headers),
-                        stream=stream,
-                    )
-                except httpx.TransportError as e:
-                    last_error = f"{worker.url}: {type(e).__name__} {e}".strip()
-                    self._failed(worker, route, "connect", last_error)
+                    upstream = await self.upstream.send(method, worker.url + route, body, self.headers, stream=stream)
+                except UpstreamError as e:
+                    last_error = f"{worker.url}: {e}"
+                    self._failed(worker, route, last_error, e.counts_against_worker)
                     worker = None
                     continue
-                if upstream.status_code >= 500 and not last:
-                    if stream:
-                        await upstream.aclose()
-                    last_error = f"{worker.url}: HTTP {upstream.status_code}"
-                    self._failed(worker, route, "status_5xx", last_error)
+                if upstream.status >= 500 and not last:
+                    upstream.close()
+                    last_error = f"{worker.url}: HTTP {upstream.status}"
+                    self._failed(worker, route, last_error, True)
                     worker = None
                     continue
-                self.metrics.requests.labels(route, worker.url, str(upstream.status_code)).inc()
-                if upstream.status_code >= 500:  # out of retries: pass the last answer back
+                self.metrics.requests.labels(route, worker.url, str(upstream.status)).inc()
+                if upstream.status >= 500:  # out of retries: pass the last answer back
                     self.metrics.worker_failures.labels(worker.url, "status_5xx").inc()
                     self.registry.record_failure(worker)
                     if stream:
-                        await upstream.aread()
-                        await upstream.aclose()
+                        try:
+                            await upstream.read()
+                        finally:
+                            upstream.close()
                         stream = False
                 else:
                     self.registry.record_success(worker)
@@ -175,31 +173,33 @@ class Proxy:
                     response = _RelayResponse(upstream, self._relay(upstream, worker, releaser), releaser)
                     releaser = None  # the response owns the release now
                     return response
-                return Response(upstream.content, status_code=upstream.status_code,
-                                media_type=upstream.headers.get("content-type"))
+                return Response(upstream.content, status_code=upstream.status, media_type=upstream.content_type)
             return self._reject(route, 502, "retries_exhausted",
                                 f"All {len(tried)} tried workers failed after {self.config.max_total_retries} retries; last error: {last_error}")
         finally:
             if releaser is not None:
                 releaser()
 
-    async def _relay(self, upstream: httpx.Response, worker: Worker, release: _Release) -> AsyncIterator[bytes]:
+    async def _relay(self, upstream: UpstreamResponse, worker: Worker, release: _Release) -> AsyncIterator[bytes]:
         try:
-            async for chunk in upstream.aiter_raw():
+            async for chunk in upstream.chunks():
                 yield chunk
-        except httpx.TransportError as e:  # after the first byte: too late to retry, end the stream
+        except UpstreamError as e:  # after the first byte: too late to retry, end the stream
             log.warning("stream from %s broke off: %s", worker.url, e)
             self.metrics.worker_failures.labels(worker.url, "stream").inc()
             self.registry.record_failure(worker)
         finally:
-            await upstream.aclose()
+            upstream.close()
             release()
 
-    def _failed(self, worker: Worker, route: str, reason: str, detail: str) -> None:
+    def _failed(self, worker: Worker, route: str, detail: str, counts: bool) -> None:
+        """An attempt failed before any byte reached the client; the caller retries."""
         worker.in_flight -= 1
-        log.warning("attempt on %s %s failed: %s", worker.url, route, detail)
+        log.warning("attempt on %s%s failed: %s", worker.url, route, detail)
+        reason = "status_5xx" if "HTTP 5" in detail else ("connect" if counts else "disconnect")
         self.metrics.worker_failures.labels(worker.url, reason).inc()
-        self.registry.record_failure(worker)
+        if counts:
+            self.registry.record_failure(worker)
 
     def _reject(self, route: str, status: int, reason: str, message: str) -> Response:
         self.metrics.rejected.labels(route, reason).inc()
