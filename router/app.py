@@ -79,12 +79,12 @@ def build_app(config: RouterConfig) -> FastAPI:
 
     app = FastAPI(title="radixfleet router", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.router = state
-    if config.api_key:
-        app.add_middleware(BearerAuth, api_key=config.api_key)
     app.include_router(membership_routes(state.members))
 
     # The proxied POST routes skip FastAPI's router and dependency solving (see _ProxyRoutes).
     app.add_middleware(_ProxyRoutes, proxy=state.proxy)
+    if config.api_key:  # added last = outermost: it guards the fast path too
+        app.add_middleware(BearerAuth, api_key=config.api_key)
     for route in GET_ROUTES:
         app.add_api_route(route, _get_handler(state.proxy, route), methods=["GET"])
 

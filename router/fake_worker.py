@@ -34,6 +34,7 @@ class FakeState:
     healthy: bool = True
     fail_status: int = 500
     fail_remaining: int = 0
+    api_key: str = ""
 
 
 def _answer(state: FakeState, route: str, body: dict) -> dict:
@@ -60,13 +61,17 @@ async def _sse(state: FakeState, route: str):
     yield b"data: [DONE]\n\n"
 
 
-def build_fake_worker(name: str = "fake", latency: float = 0.0, chunks: int = 4, chunk_interval: float = 0.05) -> FastAPI:
-    state = FakeState(name, latency, chunks, chunk_interval)
+def build_fake_worker(name: str = "fake", latency: float = 0.0, chunks: int = 4, chunk_interval: float = 0.05,
+                      api_key: str = "") -> FastAPI:
+    """The fake worker app; with ``api_key`` its generation routes require that bearer key."""
+    state = FakeState(name, latency, chunks, chunk_interval, api_key=api_key)
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     app.state.fake = state
 
     async def handle(request: Request) -> Response:
         route = request.url.path
+        if state.api_key and request.headers.get("authorization") != f"Bearer {state.api_key}":
+            return JSONResponse({"error": {"message": f"{name}: bad or missing API key"}}, status_code=401)
         raw = await request.body()
         try:
             body = json.loads(raw) if raw else {}
@@ -133,10 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency", type=float, default=0.0, help="seconds before answering")
     p.add_argument("--chunks", type=int, default=4, help="SSE chunks per streamed answer")
     p.add_argument("--chunk-interval", type=float, default=0.05, help="seconds between SSE chunks")
+    p.add_argument("--api-key", default="", help="require this bearer key on the generation routes")
     p.add_argument("--model-path", default="fake", help="ignored (accepted like the engine's)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    app = build_fake_worker(args.name or f"worker-{args.port}", args.latency, args.chunks, args.chunk_interval)
+    app = build_fake_worker(args.name or f"worker-{args.port}", args.latency, args.chunks, args.chunk_interval, args.api_key)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0
 

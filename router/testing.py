@@ -48,6 +48,7 @@ class FakeWorkerProcess:
     latency: float = 0.0
     chunks: int = 4
     chunk_interval: float = 0.05
+    api_key: str = ""
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
 
@@ -57,7 +58,7 @@ class FakeWorkerProcess:
 
     def start(self) -> FakeWorkerProcess:
         cmd = [sys.executable, "-m", "radixfleet.router.fake_worker", "--port", str(self.port), "--name", self.name,
-               "--latency", str(self.latency), "--chunks", str(self.chunks), "--chunk-interval", str(self.chunk_interval)]
+               "--latency", str(self.latency), "--chunks", str(self.chunks), "--chunk-interval", str(self.chunk_interval), "--api-key", self.api_key]
         self.proc = subprocess.Popen(cmd)
         return self
 

@@ -35,7 +35,8 @@ def read_url_line(proc: subprocess.Popen, timeout: float = 40.0) -> str:
 
 
 @pytest.mark.timeout(90)
-def test_up_registers_workers_and_sigterm_leaves_no_process():
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "ctrl-c"])
+def test_up_registers_workers_and_a_signal_leaves_no_process(sig):
     port = free_port()
     proc = start_fleet(port)
     try:
@@ -48,7 +49,7 @@ def test_up_registers_workers_and_sigterm_leaves_no_process():
         assert resp.status_code == 200 and resp.json()["choices"][0]["message"]["content"].startswith("served by")
         children = psutil.Process(proc.pid).children(recursive=True)
         assert len(children) >= 3  # the router and two workers
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         assert proc.wait(30) == 0
         gone, alive = psutil.wait_procs(children, timeout=5)
         assert not alive, [p.pid for p in alive]

@@ -80,6 +80,8 @@ async def test_zero_workers_answers_503_with_a_reason():
 
 
 async def test_api_key_guards_every_route_but_health(workers):
+    # Regression: the pure-ASGI fast path for proxied routes was once mounted outside the
+    # auth middleware, so /generate answered 200 without a key.
     with router(workers[0].url, api_key="sekret") as r:
         async with client() as c:
             assert (await c.get(r.url + "/health")).status_code == 200
@@ -218,3 +220,34 @@ async def test_metrics_exposes_the_catalog(workers):
             served = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                          if line.startswith('radixfleet_router_requests_total{route="/generate",status="200"'))
             assert served == 4.0
+
+
+async def test_worker_api_key_is_sent_upstream():
+    (worker,) = start_fake_workers(1, api_key="upstream-key")
+    try:
+        with router(worker.url, worker_api_key="upstream-key") as r, router(worker.url) as keyless:
+            async with client() as c:
+                await wait_for_workers(c, r.url, 1)
+                await wait_for_workers(c, keyless.url, 1)
+                resp = await c.post(r.url + "/generate", json={"text": "x"})
+                assert resp.status_code == 200 and resp.json()["worker"] == "w0"
+                resp = await c.post(keyless.url + "/generate", json={"text": "x"})
+                assert resp.status_code == 401 and "bad or missing API key" in resp.text  # passed back as is
+    finally:
+        worker.kill()
+
+
+async def test_removing_a_worker_lets_its_in_flight_stream_finish(workers):
+    with router(workers[2].url) as r:
+        async with client() as c:
+            await wait_for_workers(c, r.url, 1)
+            async with c.stream("POST", r.url + "/generate", json={"text": "p", "stream": True}) as resp:
+                chunks = resp.aiter_raw()
+                first = await chunks.__anext__()
+                removed = await c.post(r.url + "/remove_worker", params={"url": workers[2].url})
+                assert removed.status_code == 200
+                rest = b"".join([chunk async for chunk in chunks])
+            assert (first + rest).count(b"data: ") == CHUNKS + 1 and rest.endswith(b"data: [DONE]\n\n")
+            assert r.state.proxy.in_flight == 0
+            resp = await c.post(r.url + "/generate", json={"text": "x"})
+            assert resp.status_code == 503
