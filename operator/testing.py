@@ -105,9 +105,17 @@ def declare_resources(emulator: kmock.KubernetesEmulator) -> None:
 
 
 class Emulator(kmock.KubernetesEmulator):
-    """KMock plus `metadata.generateName` (kopf names its Events that way)."""
+    """KMock plus `metadata.generateName` (kopf names its Events that way) and the core
+    group's discovery answering `groupVersion: v1` (KMock says "/v1", which client-go,
+    hence Helm, cannot map)."""
 
     _generated: int = 0
+
+    async def _serve_version(self, request):  # type: ignore[no-untyped-def]
+        payload = await super()._serve_version(request)
+        if isinstance(payload, dict) and payload.get("groupVersion", "").startswith("/"):
+            payload["groupVersion"] = payload["groupVersion"].lstrip("/")
+        return payload
 
     async def _handle(self, request):  # type: ignore[no-untyped-def]
         data = request.data if isinstance(request.data, dict) else None
