@@ -1,0 +1,67 @@
+"""``radixfleet serve``: one engine behind its HTTP server (also ``python -m radixfleet.engine.serve``).
+
+The engine flags come from ``EngineConfig``; the server adds ``--host``, ``--port``,
+``--api-key``, ``--chat-template``, ``--tool-call-parser`` and ``--max-request-bytes``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+
+from radixfleet.engine.config import EngineConfig
+from radixfleet.engine.http_server import DEFAULT_MAX_REQUEST_BYTES
+from radixfleet.engine.tool_parser import TOOL_PARSERS
+
+logger = logging.getLogger("radixfleet.serve")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="radixfleet serve", description=__doc__.splitlines()[0])
+    server = parser.add_argument_group("HTTP server")
+    server.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    server.add_argument("--port", type=int, default=30000, help="port to bind (default 30000)")
+    server.add_argument("--api-key", default=os.environ.get("RADIXFLEET_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on every route but /health "
+                             "(default: $RADIXFLEET_API_KEY)")
+    server.add_argument("--chat-template", default=None,
+                        help="Jinja chat template file (default: the tokenizer's)")
+    server.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+                        help="tool-call format in model output (default: guessed from the chat template)")
+    server.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                        help="largest accepted request body (413 above it)")
+    EngineConfig.add_cli_args(parser.add_argument_group("engine"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvicorn
+    from radixfleet.engine.chat_template import load_chat_template
+    from radixfleet.engine.engine import Engine
+    from radixfleet.engine.http_server import ServerState, build_app
+
+    try:
+        config = EngineConfig.from_cli_args(args)
+        chat_template = load_chat_template(args.chat_template)
+    except ValueError as e:
+        print(f"radixfleet serve: {e}", file=sys.stderr)
+        return 2
+    engine = Engine(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
+    try:
+        state = ServerState(engine, api_key=args.api_key or None, chat_template=chat_template,
+                            tool_call_parser=args.tool_call_parser, max_request_bytes=args.max_request_bytes)
+        app = build_app(state)
+        logger.info("serving %s on http://%s:%d", state.model_name, args.host, args.port)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=30)
+    finally:
+        engine.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
