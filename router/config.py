@@ -1,11 +1,17 @@
 """The router's configuration: one frozen dataclass, validated at construction.
 
 The CLI flags of ``radixfleet router`` are generated from these fields (``cli_fields.py``),
-so a field added here is a flag there. Defaults for the cache-aware policy are justified by
-the measurement in ``benchmarks/router.py`` (section ``defaults``): 0.5 / 32 / 1.0001 keep
-every prefix group on one worker while still moving load off a worker that is more than 32
-requests ahead; 2**24 characters per tree (per worker) bounds memory to roughly a few
-hundred MB in the worst case and evicts in well under a second every 60 s.
+so a field added here is a flag there.
+
+cache_aware defaults are SGLang's first documented set, 0.5 / 32 / 1.0001 / 60 s / 2**24,
+chosen over the second (0.3 / 64 / 1.5 / 120 s / 2**26) by ``benchmarks/router.py``
+(``defaults`` lines): in a simulation of 8 skewed prefix groups over 2-8 workers at
+concurrency 32-128 both keep every group on one worker where load allows, but 1.5's
+tolerance lets 8 workers drift out of balance (1,336 vs 1,471 simulated req/s), so the first
+set wins overall (3,039 vs 2,906). ``max_tree_size`` counts characters per worker: the tree
+costs ~1.8 bytes per character, so 2**24 is ~29 MiB per worker, and 16 M characters (~4 M
+tokens) is already more prompt than one worker's KV cache holds; a full eviction pass of
+that size takes ~0.1 s in a thread, so 60 s between passes is plenty.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ import sys
 import time
 
 import httpx
+import openai
 import psutil
 import pytest
 from radixfleet.router.testing import free_port
@@ -44,9 +45,10 @@ def test_up_registers_workers_and_a_signal_leaves_no_process(sig):
         assert f"http://127.0.0.1:{port}/v1" in line
         urls = httpx.get(f"http://127.0.0.1:{port}/list_workers", trust_env=False).json()["urls"]
         assert len(urls) == 2
-        resp = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", trust_env=False,
-                          json={"messages": [{"role": "user", "content": "hello"}]})
-        assert resp.status_code == 200 and resp.json()["choices"][0]["message"]["content"].startswith("served by")
+        base_url = line.split("OpenAI base URL: ", 1)[1].strip()
+        answer = openai.OpenAI(base_url=base_url, api_key="unused").chat.completions.create(
+            model="fake", messages=[{"role": "user", "content": "hello"}])
+        assert answer.choices[0].message.content.startswith("served by")
         children = psutil.Process(proc.pid).children(recursive=True)
         assert len(children) >= 3  # the router and two workers
         proc.send_signal(sig)
