@@ -140,8 +140,9 @@ def bench_extend(sweep: bool) -> None:
         args, flops = _extend_case(B, ext, prefix)
         configs = [default_extend_config(D, args[0].device)]
         if sweep:
-            configs += [(128, 64, 4, 2), (128, 128, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3),
-                        (128, 32, 4, 3), (64, 32, 4, 3), (64, 128, 4, 2)]
+            configs += [(128, 64, 4, 2), (128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 2),
+                        (128, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3),
+                        (64, 32, 4, 2), (64, 32, 4, 3), (64, 128, 4, 2)]
         for i, config in enumerate(dict.fromkeys(configs)):
             ms = bench(lambda a=args, c=config: extend_attention(*a, config=c))
             emit({"bench": "extend_attention" if i == 0 else "extend_sweep", "batch": B,

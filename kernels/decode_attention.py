@@ -29,6 +29,42 @@ MAX_KV_SPLITS = 32
 
 
 @triton.jit
+def _decode_tile(acc, l_i, m_i, q, row, k_base, v_base, stride_kn, stride_vn, n0, end,
+                 offs_d, d_mask, sm_scale_log2,
+                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr):
+    """One BLOCK_N tile of context: online-softmax update of (acc, l_i, m_i).
+
+    MASKED=False: the whole tile lies before ``end`` (no masks at all).
+    """
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    if MASKED:
+        n_mask = offs_n < end
+        slots = tl.load(row + offs_n, mask=n_mask, other=0).to(tl.int64)
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+    else:
+        slots = tl.load(row + offs_n).to(tl.int64)
+        kv_mask = d_mask[None, :]
+    k_ptrs = k_base + slots[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = v_base + slots[:, None] * stride_vn + offs_d[None, :]
+    # v is loaded with k, before it is needed, so both gathers are in flight together.
+    if MASKED or not EVEN_D:
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    qk = tl.dot(q, tl.trans(k)) * sm_scale_log2  # [BLOCK_H, BLOCK_N], log2 units
+    if MASKED:
+        qk = tl.where(n_mask[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _decode_split_kernel(
     Q, K, V, REQ_TO_TOKEN, REQ_IDX, SEQ_LENS, MID_O, MID_LSE,
     sm_scale_log2,
@@ -54,7 +90,7 @@ def _decode_split_kernel(
     # Chunk length: a multiple of BLOCK_N so that only the last tile of a chunk is ragged.
     chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = split * chunk
-    end = tl.minimum(start + chunk, seq_len)
+    end = tl.maximum(tl.minimum(start + chunk, seq_len), start)  # empty chunk: end == start
 
     offs_g = tl.arange(0, BLOCK_H)  # rows: the query heads of this kv head's group (padded)
     offs_h = kvh * GROUP + offs_g
@@ -71,21 +107,16 @@ def _decode_split_kernel(
     k_base = K + kvh * stride_kh
     v_base = V + kvh * stride_vh
     row = REQ_TO_TOKEN + req * stride_rt
-    for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < end
-        slots = tl.load(row + offs_n, mask=n_mask, other=0).to(tl.int64)
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_base + slots[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * sm_scale_log2  # [BLOCK_H, BLOCK_N], log2 units
-        qk = tl.where(n_mask[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + slots[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    # Whole tiles without masks (pipelined by the compiler), then the ragged last tile.
+    full_end = start + (end - start) // BLOCK_N * BLOCK_N
+    for n0 in range(start, full_end, BLOCK_N):
+        acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, row, k_base, v_base, stride_kn, stride_vn,
+                                     n0, end, offs_d, d_mask, sm_scale_log2,
+                                     BLOCK_N, False, HEAD_DIM == BLOCK_D)
+    if full_end < end:
+        acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, row, k_base, v_base, stride_kn, stride_vn,
+                                     full_end, end, offs_d, d_mask, sm_scale_log2,
+                                     BLOCK_N, True, HEAD_DIM == BLOCK_D)
 
     # An empty chunk (start >= end) leaves l_i == 0: store o = 0 and lse = -inf so that
     # stage 2 gives it zero weight without producing NaN.
