@@ -173,11 +173,12 @@ class Fleet:
             log.error("the router did not start")
             return 1
         log.info("router up at %s with no workers; starting %d engines", self.router_url, c.workers)
-        pending: dict[str, subprocess.Popen] = {}
+        workers: dict[str, subprocess.Popen] = {}
         for port in pick_ports(c.host, c.port + 1, c.workers):
             proc = spawn(self.worker_command(port))
             self.procs.append(proc)
-            pending[f"http://{c.host}:{port}"] = proc
+            workers[f"http://{c.host}:{port}"] = proc
+        pending = dict(workers)
         registered: list[str] = []
         deadline = time.monotonic() + c.startup_timeout
         announced = False
@@ -192,6 +193,10 @@ class Fleet:
                 elif time.monotonic() > deadline:
                     log.error("engine %s not healthy after %g s; giving up on it", url, c.startup_timeout)
                     del pending[url]
+            for url in [u for u in registered if workers[u].poll() is not None]:
+                log.error("engine %s exited with code %s; the router stops sending it requests",
+                          url, workers[url].returncode)
+                registered.remove(url)
             if router.poll() is not None:
                 log.error("the router exited with code %s", router.returncode)
                 return 1

@@ -76,11 +76,12 @@ class WorkerRegistry:
     def candidates(self, exclude: set[str]) -> list[Worker]:
         """Workers that may take a request, skipping ``exclude`` (already tried).
 
-        When every circuit is open, falls back to all untried workers: trying a worker that
-        failed recently beats refusing the request outright.
+        A worker whose last health check failed or whose circuit is open is skipped. When
+        that leaves none, falls back to all untried workers: trying a worker that failed
+        recently beats refusing the request outright.
         """
         workers = [w for w in self._workers.values() if w.url not in exclude]
-        available = [w for w in workers if w.breaker.available()]
+        available = [w for w in workers if w.healthy and w.breaker.available()]
         return available or workers
 
     def record_success(self, worker: Worker) -> None:
