@@ -3,7 +3,8 @@
 For tests, benchmarks and demos of the router without a model. It answers the engine's
 HTTP surface (``/health``, ``/generate``, ``/v1/*``, ``/get_model_info``,
 ``/get_server_info``, ``/flush_cache``) and has a few ``/_fake/*`` controls: make
-``/health`` fail, fail the next N requests with a status, read its counters.
+``/health`` fail, fail the next N requests with a status (0: drop the connection right
+after the headers), read its counters.
 
     python -m radixfleet.router.fake_worker --port 30001 --name w1 --latency 0.01
 """
@@ -61,6 +62,11 @@ async def _sse(state: FakeState, route: str):
     yield b"data: [DONE]\n\n"
 
 
+async def _broken_stream():
+    raise ConnectionAbortedError("fake worker: stream broken before the first byte")
+    yield b""  # pragma: no cover - makes this an async generator
+
+
 def build_fake_worker(name: str = "fake", latency: float = 0.0, chunks: int = 4, chunk_interval: float = 0.05,
                       api_key: str = "") -> FastAPI:
     """The fake worker app; with ``api_key`` its generation routes require that bearer key."""
@@ -81,6 +87,8 @@ def build_fake_worker(name: str = "fake", latency: float = 0.0, chunks: int = 4,
             return JSONResponse({"error": {"message": f"fake status from {name}"}, "worker": name}, status_code=int(body["fake_status"]))
         if state.fail_remaining > 0:
             state.fail_remaining -= 1
+            if state.fail_status == 0:  # 200 and headers, then the connection drops before any byte
+                return StreamingResponse(_broken_stream(), media_type="text/event-stream")
             return JSONResponse({"error": {"message": f"injected failure on {name}"}}, status_code=state.fail_status)
         state.served += 1
         if state.latency:

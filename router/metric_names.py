@@ -24,7 +24,7 @@ class MetricFamily:
 ROUTER_METRICS: tuple[MetricFamily, ...] = (
     MetricFamily(PREFIX + "requests_total", "counter", "Requests answered, by route, worker and HTTP status.", ("route", "worker", "status")),
     MetricFamily(PREFIX + "retries_total", "counter", "Requests re-sent to another worker after a 5xx or connection error.", ("route",)),
-    MetricFamily(PREFIX + "worker_failures_total", "counter", "Failed upstream attempts, by worker and reason (connect, status_5xx, stream).", ("worker", "reason")),
+    MetricFamily(PREFIX + "worker_failures_total", "counter", "Failed upstream attempts, by worker and reason (connect, disconnect, status_5xx, stream).", ("worker", "reason")),
     MetricFamily(PREFIX + "rejected_requests_total", "counter", "Requests the router refused itself, by reason (no_workers, queue_full, retries_exhausted).", ("route", "reason")),
     MetricFamily(PREFIX + "cache_aware_decisions_total", "counter", "cache_aware routing decisions: hit (prefix match), miss (smallest tree), imbalanced (least loaded).", ("decision",)),
     MetricFamily(PREFIX + "worker_removals_total", "counter", "Workers removed, by reason (api, failures).", ("reason",)),

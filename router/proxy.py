@@ -148,15 +148,27 @@ class Proxy:
                     upstream = await self.upstream.send(method, worker.url + route, body, self.headers, stream=stream)
                 except UpstreamError as e:
                     last_error = f"{worker.url}: {e}"
-                    self._failed(worker, route, last_error, e.counts_against_worker)
+                    self._failed(worker, route, "connect" if e.counts_against_worker else "disconnect",
+                                 last_error, e.counts_against_worker)
                     worker = None
                     continue
                 if upstream.status >= 500 and not last:
                     upstream.close()
                     last_error = f"{worker.url}: HTTP {upstream.status}"
-                    self._failed(worker, route, last_error, True)
+                    self._failed(worker, route, "status_5xx", last_error, True)
                     worker = None
                     continue
+                if stream and upstream.status < 500:
+                    # Wait for the first chunk: until it has been relayed, a failure is retried.
+                    chunks = upstream.chunks()
+                    try:
+                        first = await anext(chunks, b"")
+                    except UpstreamError as e:
+                        upstream.close()
+                        last_error = f"{worker.url}: {e} before the first byte"
+                        self._failed(worker, route, "stream", last_error, e.counts_against_worker)
+                        worker = None
+                        continue
                 self.metrics.requests.labels(route, worker.url, str(upstream.status)).inc()
                 if upstream.status >= 500:  # out of retries: pass the last answer back
                     self.metrics.worker_failures.labels(worker.url, "status_5xx").inc()
@@ -170,7 +182,7 @@ class Proxy:
                 else:
                     self.registry.record_success(worker)
                 if stream:
-                    response = _RelayResponse(upstream, self._relay(upstream, worker, releaser), releaser)
+                    response = _RelayResponse(upstream, self._relay(first, chunks, upstream, worker, releaser), releaser)
                     releaser = None  # the response owns the release now
                     return response
                 return Response(upstream.content, status_code=upstream.status, media_type=upstream.content_type)
@@ -180,9 +192,12 @@ class Proxy:
             if releaser is not None:
                 releaser()
 
-    async def _relay(self, upstream: UpstreamResponse, worker: Worker, release: _Release) -> AsyncIterator[bytes]:
+    async def _relay(self, first: bytes, chunks: AsyncIterator[bytes], upstream: UpstreamResponse, worker: Worker,
+                     release: _Release) -> AsyncIterator[bytes]:
         try:
-            async for chunk in upstream.chunks():
+            if first:
+                yield first
+            async for chunk in chunks:
                 yield chunk
         except UpstreamError as e:  # after the first byte: too late to retry, end the stream
             log.warning("stream from %s broke off: %s", worker.url, e)
@@ -192,11 +207,10 @@ class Proxy:
             upstream.close()
             release()
 
-    def _failed(self, worker: Worker, route: str, detail: str, counts: bool) -> None:
+    def _failed(self, worker: Worker, route: str, reason: str, detail: str, counts: bool) -> None:
         """An attempt failed before any byte reached the client; the caller retries."""
         worker.in_flight -= 1
         log.warning("attempt on %s%s failed: %s", worker.url, route, detail)
-        reason = "status_5xx" if "HTTP 5" in detail else ("connect" if counts else "disconnect")
         self.metrics.worker_failures.labels(worker.url, reason).inc()
         if counts:
             self.registry.record_failure(worker)

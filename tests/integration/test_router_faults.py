@@ -111,3 +111,22 @@ async def test_all_retries_exhausted_answers_502_with_the_last_error():
     finally:
         for w in workers:
             w.kill()
+
+
+async def test_stream_broken_before_the_first_byte_is_retried():
+    workers = start_fake_workers(2, chunks=3, chunk_interval=0.01)
+    try:
+        with router(*(w.url for w in workers), policy="round_robin") as r:
+            async with httpx.AsyncClient(trust_env=False, timeout=10.0) as c:
+                await wait_for_workers(c, r.url, 2)
+                for w in workers:
+                    await c.post(w.url + "/_fake/fail", params={"status": 0, "count": 1})
+                for i in range(4):
+                    async with c.stream("POST", r.url + "/generate", json={"text": f"{i}", "stream": True}) as resp:
+                        body = await resp.aread()
+                    assert resp.status_code == 200 and body.count(b"data: ") == 4, body
+                metrics = (await c.get(r.url + "/metrics")).text
+                assert 'radixfleet_router_retries_total{route="/generate"} 2.0' in metrics
+    finally:
+        for w in workers:
+            w.kill()
