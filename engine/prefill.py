@@ -50,7 +50,7 @@ class PrefillAdder:
         self.chunk_budget = chunk_budget
         self.slots_left = max_running - len(running)
         self.ratio = new_token_ratio
-        self.kv_budget = kv.free_tokens - sum(decode_reserve(r, ratio) for r in running)
+        self.kv_budget = kv.free_tokens - sum(decode_reserve(r, new_token_ratio) for r in running)
         self.nothing_running = not running
         self.batch: list[Req] = []
 
