@@ -83,13 +83,13 @@ def drive_traffic(urls: dict[str, str]) -> None:
         # Unrelated prompts: cache_aware sends each to the smallest tree, i.e. the failing peer,
         # which answers 503; the router retries on the engine and, after repeated failures,
         # removes the peer (worker_failures_total, retries_total, worker_removals_total).
-        for i, text in enumerate(("Zebras run", "Quantum foam is", "Kettles whistle when", "Volcanoes erupt because")):
-            resp = c.post(f"{router}/generate", json={"text": text, "sampling_params": {"max_new_tokens": 3 + i, "temperature": 0}})
+        for text in ("Zebras run", "Quantum foam is", "Kettles whistle when"):
+            resp = c.post(f"{router}/generate", json={"text": text, "sampling_params": {"max_new_tokens": 3, "temperature": 0}})
             assert resp.status_code == 200, resp.text
         system = "You are a concise assistant. Answer in one short sentence. " * 4
         for wave in range(2):
-            for i in range(6):
-                body = {"model": "smollm2", "max_tokens": 6, "temperature": 0,
+            for i in range(3):
+                body = {"model": "smollm2", "max_tokens": 4, "temperature": 0,
                         "messages": [{"role": "system", "content": system}, {"role": "user", "content": f"Question {wave}-{i}: name a colour."}]}
                 if i % 2:
                     with c.stream("POST", f"{router}/v1/chat/completions", json={**body, "stream": True}) as resp:

@@ -8,7 +8,6 @@ so the router's own health checks pass exactly as in a cluster.
 
 from __future__ import annotations
 
-import os
 import tempfile
 
 import httpx
@@ -29,7 +28,6 @@ from radixfleet.operator.testing import (
 NS = "ml"
 ISVC_PATH = f"/apis/radixfleet.io/v1alpha1/namespaces/{NS}/inferenceservices"
 ENGINE_HOSTS = ("127.0.0.11", "127.0.0.12")
-FAKE_ENGINES = os.environ.get("RADIXFLEET_OPERATOR_TEST_FAKE_ENGINES") == "1"  # developer override only
 OPERATOR_CONFIG = dict(resync_seconds=1.5, drain_timeout_seconds=5, drain_poll_seconds=0.1, retry_delay_seconds=1,
                        autoscale_interval_seconds=3600)
 
@@ -39,16 +37,13 @@ pytestmark = pytest.mark.timeout(180)
 @pytest.fixture(scope="module")
 def engines():
     """Real engine servers on two loopback addresses, one port (like two pods)."""
-    if not engine_server_available() and not FAKE_ENGINES:
+    if not engine_server_available():
         pytest.skip("radixfleet.engine.serve cannot be imported yet: the engine server is needed behind the router")
     port = free_port()
     logdir = tempfile.mkdtemp(prefix="rf-operator-engines-")
     procs = []
     for host in ENGINE_HOSTS:
-        proc = engine_process(host, port, log_path=f"{logdir}/{host}.log")
-        if FAKE_ENGINES:
-            proc.cmd[2] = "radixfleet.router.fake_worker"
-        procs.append(proc.start())
+        procs.append(engine_process(host, port, log_path=f"{logdir}/{host}.log").start())
     try:
         for p in procs:
             p.wait(180)
