@@ -92,6 +92,21 @@ class ServerState:
         if procs is not None and (not procs or any(p.poll() is not None for p in procs)):
             raise APIError(503, "an engine process has exited; restart the server")
 
+    async def watch_engine(self, interval: float = 0.5) -> None:
+        """Fail every pending request once an engine process has died (else they wait forever)."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.check_alive()
+            except APIError as e:
+                with self.tm._lock:
+                    states = list(self.tm.states.values())
+                    self.tm.states.clear()
+                for st in states:
+                    st.sink.put(RuntimeError(e.message))
+                if states:
+                    logger.error("%s; failed %d pending request(s)", e.message, len(states))
+
     async def rpc(self, method: str) -> Any:
         self.check_alive()
         try:
@@ -245,7 +260,14 @@ async def json_body(request: Request) -> Any:
 def build_app(state: ServerState) -> FastAPI:
     from radixfleet.engine.openai_serving import register_openai_routes
 
-    app = FastAPI(title="radixfleet engine", docs_url=None, redoc_url=None, openapi_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        watcher = asyncio.create_task(state.watch_engine())
+        yield
+        watcher.cancel()
+
+    app = FastAPI(title="radixfleet engine", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=lifespan)
     app.state.server = state
     _register_error_handlers(app)
     _register_native_routes(app, state)

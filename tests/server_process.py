@@ -1,0 +1,65 @@
+"""A real ``radixfleet serve`` subprocess on a free port, for the HTTP integration tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+
+SERVER_ARGS = ("--max-total-tokens", "8192", "--random-seed", "0")
+
+
+def default_model_dir() -> str:
+    from radixfleet.engine.model_prep import prepare_default_model
+
+    return str(prepare_default_model())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def engine_server(model_dir: str, *extra: str, timeout: float = 120.0,
+                  headers: dict[str, str] | None = None) -> Iterator[str]:
+    """Start the server, wait for ``/health``, yield its base URL; stop it on exit."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "radixfleet.engine.serve", "--model-path", model_dir,
+           "--host", "127.0.0.1", "--port", str(port), *SERVER_ARGS, *extra]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a full pipe would block the server
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"the server exited ({proc.returncode}):\n{log.read()}")
+            try:
+                if httpx.get(url + "/health", timeout=2, headers=headers).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the server did not answer /health within {timeout:.0f} s")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
