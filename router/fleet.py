@@ -238,6 +238,7 @@ def main(argv: list[str]) -> int:
     except ValueError as e:
         parser.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per health poll
     fleet = Fleet(config)
 
     def on_signal(signum: int, frame) -> None:
