@@ -12,7 +12,8 @@ One bounded run on loopback. Prints JSON lines:
     python benchmarks/router.py [--latency 0.02] [--seconds 8] [--skip-sglang]
 
 sglang-router is pip-installed into its own venv under ~/.cache/radixfleet/bench the first
-time; when that fails a JSON line says so and radixfleet is measured alone.
+time; when that fails a JSON line says so and radixfleet is measured alone. Everything shares
+the machine's cores: compare figures only from runs with a low ``load_average_1m``.
 """
 
 from __future__ import annotations
@@ -297,7 +298,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=6.0, help="duration of the concurrency-32 run per target")
     ap.add_argument("--skip-sglang", action="store_true")
     args = ap.parse_args()
-    emit(bench="setup", cpus=os.cpu_count(), python=sys.version.split()[0], workers=2,
+    emit(bench="setup", cpus=os.cpu_count(), load_average_1m=round(os.getloadavg()[0], 2), python=sys.version.split()[0], workers=2,
          passes=[args.latency, 0.0], note="pass 2 uses zero-latency workers: the router's own overhead, free of timer jitter")
     bench_defaults()
     bench_tree()
@@ -336,7 +337,7 @@ def run_pass(latency: float, seconds: float, sglang_python: Path | None) -> None
             summary.update(sglang_added_p50_ms_c1=theirs["added_p50_ms_c1"],
                            radixfleet_vs_sglang_req_per_s_c32=round(ours["c32"]["req_per_s"] / theirs["c32"]["req_per_s"], 3),
                            goal_ratio=0.7)
-        emit(**summary)
+        emit(**summary, load_average_1m=round(os.getloadavg()[0], 2))
     finally:
         for p in procs:
             stop(p)
