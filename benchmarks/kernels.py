@@ -138,7 +138,7 @@ EXTEND_SHAPES = [(1, 4096, 0), (4, 1024, 0), (8, 512, 1536), (1, 2048, 6144), (1
 def bench_extend(sweep: bool) -> None:
     for B, ext, prefix in EXTEND_SHAPES:
         args, flops = _extend_case(B, ext, prefix)
-        configs = [default_extend_config(D, args[0].device)]
+        configs = [default_extend_config(D, ext, args[0].device)]
         if sweep:
             configs += [(128, 64, 4, 2), (128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 2),
                         (128, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3),

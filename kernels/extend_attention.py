@@ -125,13 +125,18 @@ def _extend_kernel(
              o.to(OUT.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
-def default_extend_config(head_dim: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a head dim."""
+def default_extend_config(head_dim: int, max_extend_len: int,
+                          device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages), from the H100 sweep in benchmarks/kernels.py.
+
+    Long extends: 128-row tiles, 3 stages (289-342 TFLOP/s at head dim 128). Short ones
+    (<= 1024 new tokens per request): 64-row tiles, for more programs on the SMs.
+    """
     if device.type != "cuda":
         return 16, 16, 4, 1  # interpreter: small tiles keep CPU runs fast
-    if head_dim <= 64:
-        return 128, 64, 4, 3
-    return 128, 64, 8, 2
+    if max_extend_len <= 1024:
+        return 64, 64, 4, 2
+    return 128, 64, 4, 3
 
 
 def extend_attention(
@@ -165,7 +170,7 @@ def extend_attention(
         out = torch.empty_like(q)
     if T == 0 or B == 0:
         return out
-    block_m, block_n, num_warps, num_stages = config or default_extend_config(D, q.device)
+    block_m, block_n, num_warps, num_stages = config or default_extend_config(D, max_extend_len, q.device)
     grid = (triton.cdiv(max_extend_len, block_m), B, H)
     _extend_kernel[grid](
         q, k_buffer, v_buffer, out, req_to_token, req_pool_indices, q_start, prefix_lens,

@@ -47,7 +47,11 @@ def test_decode_matches_reference(heads, head_dim, lens):
 
 @pytest.mark.parametrize("splits", [1, 2, 7, 32])
 def test_decode_any_split_count(splits):
-    """Split counts larger than the number of tiles leave empty chunks; they must get zero weight."""
+    """Split counts larger than the number of tiles leave empty chunks; they must get zero weight.
+
+    Regression: an empty chunk (start past seq_len) once computed a negative tile count whose
+    floor division reached back into the previous chunk's keys, counting them twice.
+    """
     gen = torch.Generator().manual_seed(splits)
     lens = [1, 5, 130, 1000]
     kv = make_paged_kv(lens, 8, 128, torch.bfloat16, "cuda", gen)

@@ -17,6 +17,7 @@ HEADS = [(8, 8), (12, 4), (32, 8), (32, 4)]  # GQA ratios 1, 3, 4, 8
 # (prefix_lens, extend_lens) per request.
 BATCHES = {
     "one_prompt": ([0], [1000]),
+    "long_prompts": ([0, 100], [1500, 1100]),  # > 1024 new tokens: the 128-row default tiles
     "one_token": ([0], [1]),
     "ragged": ([0, 5, 2000, 127, 0, 64], [17, 1, 300, 129, 128, 63]),
     "long_prefix": ([1999, 2000], [50, 200]),
@@ -51,7 +52,7 @@ def test_extend_matches_reference(heads, head_dim, batch):
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=0)
 
 
-@pytest.mark.parametrize("config", [(64, 64, 4, 2), (128, 32, 4, 2), (128, 128, 8, 2), (64, 16, 4, 1)])
+@pytest.mark.parametrize("config", [(64, 64, 4, 2), (128, 64, 4, 3), (128, 32, 4, 2), (128, 128, 8, 2), (64, 16, 4, 1)])
 def test_extend_block_configs(config):
     """Every tile shape the benchmark sweeps is correct too."""
     out, ref = _run((32, 8), 128, [0, 300, 33], [257, 64, 190], config=config)
