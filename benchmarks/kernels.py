@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -189,17 +190,40 @@ def bench_small() -> None:
           "tb_per_s": round(2 * 2 * T * KVH * D * 2 / ms / 1e9, 3)})
 
 
+def bench_launch() -> None:
+    """Host microseconds per call with tiny inputs (the eager-mode floor per kernel call)."""
+    x = torch.randn(1, 4096, device="cuda", dtype=DTYPE)
+    w = torch.randn(4096, device="cuda", dtype=DTYPE)
+    case = DecodeCase(1, 64)
+    case.layers = 1
+    decode, _ = case.fn()
+    calls = {"fused_add_rmsnorm": lambda: fused_add_rmsnorm(x, x, w, 1e-5),
+             "decode_attention": decode,
+             "torch_add": lambda: torch.add(x, x)}
+    for name, fn in calls.items():
+        for _ in range(50):
+            fn()
+        torch.cuda.synchronize()
+        n = 2000
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        host_us = (time.perf_counter() - t0) / n * 1e6
+        torch.cuda.synchronize()
+        emit({"bench": "launch_overhead", "call": name, "host_us_per_call": round(host_us, 2)})
+
+
 def main() -> None:
     global _out_file
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also sweep tile configurations")
     parser.add_argument("--out", help="also append the JSON lines to this file")
-    parser.add_argument("--only", choices=["decode", "extend", "small"], action="append")
+    parser.add_argument("--only", choices=["decode", "extend", "small", "launch"], action="append")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py needs a CUDA GPU")
     _out_file = open(args.out, "a") if args.out else None  # noqa: SIM115
-    only = set(args.only or ["decode", "extend", "small"])
+    only = set(args.only or ["decode", "extend", "small", "launch"])
     torch.manual_seed(0)
     if "decode" in only:
         bench_decode(args.sweep)
@@ -207,6 +231,8 @@ def main() -> None:
         bench_extend(args.sweep)
     if "small" in only:
         bench_small()
+    if "launch" in only:
+        bench_launch()
 
 
 if __name__ == "__main__":
