@@ -18,6 +18,7 @@ from typing import Any
 
 import kopf
 from radixfleet.operator import names
+from radixfleet.operator.apply import is_subset
 from radixfleet.operator.autoscale import ScaleHistory, observe, recommend, stabilize
 from radixfleet.operator.endpoints import ready_workers
 from radixfleet.operator.kube import Credentials, KubeError
@@ -42,9 +43,11 @@ async def _parse_or_fail(rt: Runtime, body: Mapping[str, Any], emit: Emit) -> In
         return parse_spec(body)
     except SpecError as e:
         meta = body["metadata"]
-        status = failed_status(str(e), body.get("status"), meta.get("generation"))
-        await rt.kube.patch("InferenceService", meta["namespace"], meta["name"], {"status": status}, subresource="status")
-        emit("Warning", "InvalidSpec", str(e))
+        old = body.get("status") or {}
+        status = failed_status(str(e), old, meta.get("generation"))
+        if not is_subset(status, old):  # report once per spec, not once per event
+            await rt.kube.patch("InferenceService", meta["namespace"], meta["name"], {"status": status}, subresource="status")
+            emit("Warning", "InvalidSpec", str(e))
         return None
 
 

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -105,11 +106,20 @@ def declare_resources(emulator: kmock.KubernetesEmulator) -> None:
 
 
 class Emulator(kmock.KubernetesEmulator):
-    """KMock plus `metadata.generateName` (kopf names its Events that way) and the core
-    group's discovery answering `groupVersion: v1` (KMock says "/v1", which client-go,
-    hence Helm, cannot map)."""
+    """KMock with a little more of the API server's bookkeeping: `generateName` (kopf names
+    its Events that way), `uid`/`creationTimestamp`/`generation` on create, `generation`
+    bumped on spec changes, and the core group's discovery saying `groupVersion: v1` (KMock
+    says "/v1", which client-go, hence Helm, cannot map).
 
-    _generated: int = 0
+    `resourceVersion` is set once and never changes: KMock cannot answer kopf's optimistic
+    JSON-patch tests with a 409, so the operator under test runs with kopf's consistency
+    wait off (see `start_operator`)."""
+
+    _counter: int = 0
+
+    def _next(self) -> str:
+        Emulator._counter += 1
+        return str(Emulator._counter)
 
     async def _serve_version(self, request):  # type: ignore[no-untyped-def]
         payload = await super()._serve_version(request)
@@ -118,11 +128,23 @@ class Emulator(kmock.KubernetesEmulator):
         return payload
 
     async def _handle(self, request):  # type: ignore[no-untyped-def]
-        data = request.data if isinstance(request.data, dict) else None
-        meta = (data or {}).get("metadata")
-        if request.action == kmock.action.CREATE and isinstance(meta, dict) and meta.get("generateName") and not meta.get("name"):
-            Emulator._generated += 1
-            meta["name"] = f"{meta['generateName']}{Emulator._generated:05d}"
+        data = request.data
+        if request.action == kmock.action.CREATE and isinstance(data, dict) and isinstance(data.get("metadata"), dict):
+            meta = data["metadata"]
+            if meta.get("generateName") and not meta.get("name"):
+                meta["name"] = f"{meta['generateName']}{self._next()}"
+            meta.setdefault("uid", f"uid-{meta.get('name')}-{self._next()}")
+            meta.setdefault("creationTimestamp", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            meta.setdefault("generation", 1)
+            meta.setdefault("resourceVersion", "1")
+        elif request.action == kmock.action.UPDATE and request.resource is not None:
+            key = (request.resource, request.namespace, request.name)
+            live = self.objects[key] if key in self.objects and not self.objects[key].deleted else None
+            if isinstance(data, dict) and live is not None and request.subresource in (None, "scale") and "spec" in data:
+                merged = {**dict(live.get("spec") or {}), **data["spec"]}
+                if merged != dict(live.get("spec") or {}):
+                    meta = data.setdefault("metadata", {})
+                    meta["generation"] = int(dict(live.get("metadata") or {}).get("generation") or 1) + 1
         return await super()._handle(request)
 
 
@@ -135,13 +157,17 @@ async def kube_emulator() -> AsyncIterator[tuple[kmock.KubernetesEmulator, str]]
 
 @dataclass
 class RunningOperator:
+    """The operator's kopf loop in a thread of its own (as in its own process: kopf's
+    shutdown never waits on, or cancels, the test's tasks)."""
+
     runtime: Runtime
-    task: asyncio.Task
-    stop_flag: asyncio.Event = field(default_factory=asyncio.Event)
+    thread: threading.Thread
+    stop_flag: threading.Event = field(default_factory=threading.Event)
 
     async def stop(self) -> None:
         self.stop_flag.set()
-        await asyncio.wait_for(self.task, 30)
+        await asyncio.to_thread(self.thread.join, 30)
+        assert not self.thread.is_alive(), "the operator did not stop within 30 s"
 
 
 async def start_operator(server: str, **config: Any) -> RunningOperator:
@@ -149,12 +175,23 @@ async def start_operator(server: str, **config: Any) -> RunningOperator:
     import kopf
 
     rt = Runtime(config=OperatorConfig(server=server, **config))
-    stop, ready = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(kopf.operator(
-        registry=build_registry(rt), standalone=True, clusterwide=True, stop_flag=stop, ready_flag=ready,
-    ))
-    await asyncio.wait_for(ready.wait(), 30)
-    return RunningOperator(rt, task, stop)
+    stop, ready = threading.Event(), threading.Event()
+    settings = kopf.OperatorSettings()
+    # Quicker exits than production needs (per-object workers idle 5 s, then 2 s to drain).
+    settings.batching.idle_timeout = 0.5
+    settings.batching.exit_timeout = 0.5
+    settings.persistence.consistency_timeout = 0  # resourceVersions never move in KMock
+
+    def run() -> None:
+        asyncio.run(kopf.operator(
+            registry=build_registry(rt), settings=settings, standalone=True, clusterwide=True,
+            stop_flag=stop, ready_flag=ready,
+        ))
+
+    thread = threading.Thread(target=run, name="operator", daemon=True)
+    thread.start()
+    assert await asyncio.to_thread(ready.wait, 30), "the operator did not start within 30 s"
+    return RunningOperator(rt, thread, stop)
 
 
 def pod_manifest(name: str, namespace: str, labels: dict[str, str], ip: str, *, ready: bool, created: str = "2026-01-01T00:00:00Z") -> dict[str, Any]:

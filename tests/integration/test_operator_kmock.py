@@ -74,8 +74,7 @@ def api_removals(router_url: str) -> float:
 def isvc(name: str, engine_port: int, router_port: int, **spec) -> dict:
     return {
         "apiVersion": "radixfleet.io/v1alpha1", "kind": "InferenceService",
-        "metadata": {"name": name, "namespace": NS, "uid": f"uid-{name}", "generation": 1,
-                     "resourceVersion": "1"},
+        "metadata": {"name": name, "namespace": NS, "uid": f"uid-{name}"},
         "spec": {"model": {"path": "smollm2"}, "port": engine_port, "router": {"port": router_port}, **spec},
     }
 
@@ -149,7 +148,8 @@ async def test_single_node_lifecycle(engines, router):
                     seen_at_patch.append(list_workers(router_proc.url))
 
             emulator[f"patch /apis/apps/v1/namespaces/{NS}/deployments/chat-engine"] << spy
-            await api.patch(f"{ISVC_PATH}/chat", {"spec": {"replicas": 1}, "metadata": {"generation": 2}})
+            # What `kubectl scale isvc/chat --replicas=1` (or an HPA) does: patch the scale subresource.
+            await api.patch(f"{ISVC_PATH}/chat/scale", {"spec": {"replicas": 1}})
             await eventually(lambda: _replicas(api, "chat-engine", 1), what="Deployment scaled to 1")
             assert seen_at_patch and seen_at_patch[0] == {w1}, f"router list when the Deployment changed: {seen_at_patch}"
             victim = await api.get(f"/api/v1/namespaces/{NS}/pods/chat-engine-1")  # newest pod goes first
@@ -157,11 +157,12 @@ async def test_single_node_lifecycle(engines, router):
             assert victim["metadata"]["annotations"][names.ANNOTATION_DELETION_COST] == "-1000"
             await api.delete(f"/api/v1/namespaces/{NS}/pods/chat-engine-1")  # the ReplicaSet removes it
             status = await eventually(lambda: _status(api, "chat", "workers", [w1]), what="status.workers == [w1]")
-            assert status["observedGeneration"] == 2 and status["phase"] == "Ready"
+            assert status["phase"] == "Ready" and status["readyReplicas"] == 1
+            await eventually(lambda: _status(api, "chat", "observedGeneration", 2), what="observedGeneration 2")
             assert list_workers(router_proc.url) == {w1}
 
             # 4. Scale up again; then the new pod vanishes with no watch event: the resync repairs.
-            await api.patch(f"{ISVC_PATH}/chat", {"spec": {"replicas": 2}, "metadata": {"generation": 3}})
+            await api.patch(f"{ISVC_PATH}/chat", {"spec": {"replicas": 2}})
             await eventually(lambda: _replicas(api, "chat-engine", 2), what="Deployment scaled to 2")
             await api.create(f"/api/v1/namespaces/{NS}/pods", pod_manifest("chat-engine-2", NS, engine_labels("chat"), ENGINE_HOSTS[1], ready=True))
             await eventually(lambda: list_workers(router_proc.url) == {w1, w2}, what="replacement registered")
@@ -235,6 +236,55 @@ async def test_multi_node_registers_rank_zero_and_drains_before_deleting(engines
             await api.close()
 
 
+async def test_autoscaler_scales_idle_replicas_down_and_defers_to_an_hpa(engines, router):
+    """Idle real engines (0 queued) -> the timer lowers spec.replicas to minReplicas, then the
+    reconciler drains; with `external: true` spec.replicas is left to the HPA."""
+    router_proc, router_port = router
+    engine_port = engines
+    w1, w2 = (f"http://{h}:{engine_port}" for h in ENGINE_HOSTS)
+    scaling = {"minReplicas": 1, "maxReplicas": 3, "metric": "queuedRequests", "target": 4, "scaleDownStabilizationSeconds": 0}
+    async with kube_emulator() as (emulator, server):
+        api = Api(server)
+        operator = await start_operator(server, **{**OPERATOR_CONFIG, "autoscale_interval_seconds": 1})
+        try:
+            await api.create(ISVC_PATH, isvc("auto", engine_port, router_port, replicas=2, autoscaling=scaling))
+            await api.create(ISVC_PATH, isvc("hpa", engine_port, router_port, replicas=2, autoscaling={**scaling, "external": True}))
+            await api.create(f"/api/v1/namespaces/{NS}/pods", pod_manifest("auto-router-x", NS, router_labels("auto"), "127.0.0.1", ready=True))
+            for i, host in enumerate(ENGINE_HOSTS):
+                for svc in ("auto", "hpa"):
+                    await api.create(f"/api/v1/namespaces/{NS}/pods", pod_manifest(
+                        f"{svc}-engine-{i}", NS, engine_labels(svc), host, ready=True, created=f"2026-01-01T00:00:0{i}Z"))
+            await eventually(lambda: _spec_replicas(api, "auto", 1), timeout=20, what="autoscaler set replicas to 1")
+            await eventually(lambda: _events(emulator, "Autoscaled", 1), what="Autoscaled event")
+            await eventually(lambda: _replicas(api, "auto-engine", 1), what="Deployment follows")
+            await eventually(lambda: list_workers(router_proc.url) == {w1}, what="the victim left the router")
+            assert await _spec_replicas(api, "hpa", 2), "external autoscaling must leave spec.replicas to the HPA"
+        finally:
+            await operator.stop()
+            await api.close()
+
+
+async def test_operator_command_line_runs_against_the_api():
+    """`radixfleet operator` (the container's command) reconciles through its own process."""
+    import asyncio
+    import sys
+
+    async with kube_emulator() as (emulator, server):
+        api = Api(server)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "radixfleet", "operator", "--standalone", "--server", server,
+            "--liveness", f"http://127.0.0.1:{free_port()}/healthz", "--resync-seconds", "1",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        try:
+            await api.create(ISVC_PATH, isvc("cli", 30000, 30001))
+            deploy = await eventually(lambda: api.get(f"/apis/apps/v1/namespaces/{NS}/deployments/cli-engine"), what="Deployment")
+            assert deploy["metadata"]["ownerReferences"][0]["name"] == "cli"
+        finally:
+            proc.terminate()
+            assert await asyncio.wait_for(proc.wait(), 30) == 0
+            await api.close()
+
+
 async def test_invalid_spec_fails_permanently_with_a_reason():
     async with kube_emulator() as (emulator, server):
         api = Api(server)
@@ -260,6 +310,11 @@ async def _status(api: Api, name: str, key: str, value):
 
 async def _replicas(api: Api, name: str, want: int) -> bool:
     obj = await api.get(f"/apis/apps/v1/namespaces/{NS}/deployments/{name}")
+    return (obj or {}).get("spec", {}).get("replicas") == want
+
+
+async def _spec_replicas(api: Api, name: str, want: int) -> bool:
+    obj = await api.get(f"{ISVC_PATH}/{name}")
     return (obj or {}).get("spec", {}).get("replicas") == want
 
 
