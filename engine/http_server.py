@@ -35,6 +35,8 @@ _HEALTH_GENERATE_TIMEOUT_S = 30.0
 # Native /generate arguments (besides text/input_ids); anything else is a 400.
 _GENERATE_ARGS = ("sampling_params", "stream", "rid", "return_logprob", "logprob_start_len",
                   "top_logprobs_num", "return_hidden_states")
+# Passed on only when given, so that an engine without them answers a clear 400.
+_OPTIONAL_GENERATE_ARGS = ("return_text_in_logprobs", "custom_logit_processor")
 # meta_info lists with one entry per output token, concatenated over chunks for a whole answer.
 LIST_META_KEYS = ("output_token_logprobs", "output_top_logprobs")
 
@@ -369,14 +371,18 @@ def _register_native_routes(app: FastAPI, state: ServerState) -> None:
             raise APIError(400, "the request body must be a JSON object")
         args = dict(body)
         prompt, input_ids = args.pop("text", None), args.pop("input_ids", None)
-        unknown = sorted(set(args) - set(_GENERATE_ARGS))
+        unknown = sorted(set(args) - set(_GENERATE_ARGS) - set(_OPTIONAL_GENERATE_ARGS))
         if unknown:
             raise APIError(400, f"unsupported generate argument(s): {', '.join(unknown)}", param=unknown[0])
         stream = bool(args.get("stream", False))
-        reqs, is_batch = normalize_generate(
-            prompt, input_ids, args.get("sampling_params"), stream, args.get("rid"),
-            args.get("return_logprob", False), args.get("logprob_start_len", -1),
-            args.get("top_logprobs_num", 0), args.get("return_hidden_states", False))
+        optional = {k: args[k] for k in _OPTIONAL_GENERATE_ARGS if k in args}
+        try:
+            reqs, is_batch = normalize_generate(
+                prompt, input_ids, args.get("sampling_params"), stream, args.get("rid"),
+                args.get("return_logprob", False), args.get("logprob_start_len", -1),
+                args.get("top_logprobs_num", 0), args.get("return_hidden_states", False), **optional)
+        except TypeError as e:
+            raise APIError(400, f"this engine does not support {', '.join(optional)}: {e}") from None
         with_index = is_batch or any(r.params.n > 1 for r in reqs)
         if stream:
             gen = stream_outputs(state, reqs)

@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
                             tool_call_parser=args.tool_call_parser, max_request_bytes=args.max_request_bytes)
         app = build_app(state)
         logger.info("serving %s on http://%s:%d", state.model_name, args.host, args.port)
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=30)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=30,
+                    timeout_graceful_shutdown=10)
     finally:
         engine.shutdown()
     return 0
