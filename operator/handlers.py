@@ -52,6 +52,8 @@ async def _parse_or_fail(rt: Runtime, body: Mapping[str, Any], emit: Emit) -> In
 
 
 async def run_reconcile(rt: Runtime, body: Mapping[str, Any], *, permanent_on_invalid: bool) -> None:
+    if rt.closed:
+        return
     emit = emitter(body)
     spec = await _parse_or_fail(rt, body, emit)
     if spec is None:
@@ -112,7 +114,7 @@ def build_registry(rt: Runtime) -> kopf.OperatorRegistry:
     async def pod_event(namespace: str, labels: Mapping[str, str], **_: Any) -> None:
         """An engine or router pod changed: bring the router lists up to date now."""
         owner = labels.get(names.LABEL_SERVICE)
-        if not owner:
+        if not owner or rt.closed:
             return
         body = await rt.kube.get("InferenceService", namespace, owner)
         if body is None:
@@ -128,6 +130,8 @@ def build_registry(rt: Runtime) -> kopf.OperatorRegistry:
 
     @kopf.timer(**ISVC, interval=rt.config.autoscale_interval_seconds, when=_wants_autoscaler, registry=registry)
     async def autoscale(body: kopf.Body, **_: Any) -> None:
+        if rt.closed:
+            return
         spec = parse_spec(body)
         scaling = spec.autoscaling
         assert scaling is not None and not scaling.external, "filtered by _wants_autoscaler"
@@ -146,6 +150,7 @@ def build_registry(rt: Runtime) -> kopf.OperatorRegistry:
     @kopf.on.cleanup(registry=registry)
     async def close(**_: Any) -> None:
         # Timers are not cancelled on exit: let a running reconcile finish its writes first.
+        rt.closed = True
         for lock in list(rt.locks.values()):
             try:
                 await asyncio.wait_for(lock.acquire(), timeout=10)

@@ -27,6 +27,7 @@ class Runtime:
     locks: dict[Key, asyncio.Lock] = field(default_factory=dict)
     routers: dict[Key, RouterMemory] = field(default_factory=dict)
     scale_history: dict[Key, ScaleHistory] = field(default_factory=dict)
+    closed: bool = False  # set at shutdown: kopf may still fire a timer after cleanup
 
     def set_credentials(self, credentials: Credentials) -> None:
         self.api = KubeApi(credentials)

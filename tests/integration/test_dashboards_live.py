@@ -15,6 +15,7 @@ import math
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -73,32 +74,38 @@ def stack():
             p.stop()
 
 
+def _chat(client: httpx.Client, router: str, body: dict, stream: bool) -> None:
+    if not stream:
+        resp = client.post(f"{router}/v1/chat/completions", json=body)
+        assert resp.status_code == 200, resp.text
+        return
+    with client.stream("POST", f"{router}/v1/chat/completions", json={**body, "stream": True}) as resp:
+        assert resp.status_code == 200
+        for _ in resp.iter_lines():
+            pass
+
+
 def drive_traffic(urls: dict[str, str]) -> None:
     router = urls["router"]
-    with httpx.Client(timeout=120, trust_env=False) as c:
+    with httpx.Client(timeout=120, trust_env=False) as c, ThreadPoolExecutor(4) as pool:
         # No workers yet: the router rejects (503, rejected_requests_total{reason="no_workers"}).
         assert c.post(f"{router}/generate", json={"text": "hi", "sampling_params": {"max_new_tokens": 2}}).status_code == 503
         for url in (urls["engine"], urls["broken"]):
             assert c.post(f"{router}/add_worker", params={"url": url}).status_code == 200
-        # Unrelated prompts: cache_aware sends each to the smallest tree, i.e. the failing peer,
-        # which answers 503; the router retries on the engine and, after repeated failures,
-        # removes the peer (worker_failures_total, retries_total, worker_removals_total).
-        for text in ("Zebras run", "Quantum foam is", "Kettles whistle when"):
+        # Unrelated prompts: cache_aware sends them to the smallest tree, i.e. the failing peer,
+        # which answers 503; the router retries on the engine (worker_failures_total, retries_total).
+        for text in ("Zebras run", "Quantum foam is"):
             resp = c.post(f"{router}/generate", json={"text": text, "sampling_params": {"max_new_tokens": 3, "temperature": 0}})
             assert resp.status_code == 200, resp.text
+        # Two waves of concurrent chats sharing a long system prompt (cache-aware and radix-cache
+        # hits; the engine batches them), one streamed per wave (inter-token latency).
         system = "You are a concise assistant. Answer in one short sentence. " * 4
         for wave in range(2):
-            for i in range(3):
-                body = {"model": "smollm2", "max_tokens": 4, "temperature": 0,
-                        "messages": [{"role": "system", "content": system}, {"role": "user", "content": f"Question {wave}-{i}: name a colour."}]}
-                if i % 2:
-                    with c.stream("POST", f"{router}/v1/chat/completions", json={**body, "stream": True}) as resp:
-                        assert resp.status_code == 200
-                        for _ in resp.iter_lines():
-                            pass
-                else:
-                    assert c.post(f"{router}/v1/chat/completions", json=body).status_code == 200
-            time.sleep(3)  # let Prometheus scrape between waves so rates are non-zero
+            bodies = [{"model": "smollm2", "max_tokens": 4, "temperature": 0,
+                       "messages": [{"role": "system", "content": system}, {"role": "user", "content": f"Question {wave}-{i}: name a colour."}]}
+                      for i in range(3)]
+            list(pool.map(lambda ib: _chat(c, router, ib[1], stream=ib[0] == 1), enumerate(bodies)))
+            time.sleep(2.5)  # let Prometheus scrape between waves so rates are non-zero
         # What the operator does on scale-down (worker_removals_total{reason="api"}).
         assert c.post(f"{router}/remove_worker", params={"url": urls["broken"]}).status_code == 200
 
