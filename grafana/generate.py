@@ -164,21 +164,22 @@ def fleet_dashboard() -> dict[str, Any]:
     """One row per InferenceService: traffic, latency, capacity at a glance."""
     es, rs = ENGINE_SEL, ROUTER_SEL
     by = "radixfleet_io_service"
+    legend = "{{" + by + "}}"
     panels = [
-        panel("Requests/s per InferenceService", [(f"sum by ({by}) (rate({R}requests_total{{{rs}}}[{RATE}]))", "{{%s}}" % by)], "reqps"),
+        panel("Requests/s per InferenceService", [(f"sum by ({by}) (rate({R}requests_total{{{rs}}}[{RATE}]))", legend)], "reqps"),
         panel("Error ratio per InferenceService", [
-            (f'sum by ({by}) (rate({R}requests_total{{{rs}, status=~"5.."}}[{RATE}])) / sum by ({by}) (rate({R}requests_total{{{rs}}}[{RATE}]))', "{{%s}}" % by),
+            (f'sum by ({by}) (rate({R}requests_total{{{rs}, status=~"5.."}}[{RATE}])) / sum by ({by}) (rate({R}requests_total{{{rs}}}[{RATE}]))', legend),
         ], "percentunit"),
         panel("Generated tokens/s per InferenceService", [
-            (f"sum by ({by}) (rate({E}generation_tokens_total{{{es}}}[{RATE}]))", "{{%s}}" % by)], "tokens/s", w=8),
+            (f"sum by ({by}) (rate({E}generation_tokens_total{{{es}}}[{RATE}]))", legend)], "tokens/s", w=8),
         panel("TTFT p90 per InferenceService", [
-            (f"histogram_quantile(0.9, sum by ({by}, le) (rate({E}time_to_first_token_seconds_bucket{{{es}}}[{RATE}])))", "{{%s}}" % by)], "s", w=8),
+            (f"histogram_quantile(0.9, sum by ({by}, le) (rate({E}time_to_first_token_seconds_bucket{{{es}}}[{RATE}])))", legend)], "s", w=8),
         panel("E2E latency p90 per InferenceService", [
-            (f"histogram_quantile(0.9, sum by ({by}, le) (rate({R}request_duration_seconds_bucket{{{rs}}}[{RATE}])))", "{{%s}}" % by)], "s", w=8),
-        panel("Registered workers", [(f"sum by ({by}) ({R}workers{{{rs}}})", "{{%s}}" % by)], "short", kind="stat", w=6, h=5),
-        panel("Healthy workers", [(f"sum by ({by}) ({R}worker_healthy{{{rs}}})", "{{%s}}" % by)], "short", kind="stat", w=6, h=5),
-        panel("Queued requests", [(f"sum by ({by}) ({E}num_queued_requests{{{es}}})", "{{%s}}" % by)], "short", kind="stat", w=6, h=5),
-        panel("KV cache usage (max)", [(f"max by ({by}) ({E}kv_cache_usage_ratio{{{es}}})", "{{%s}}" % by)], "percentunit", kind="gauge", w=6, h=5),
+            (f"histogram_quantile(0.9, sum by ({by}, le) (rate({R}request_duration_seconds_bucket{{{rs}}}[{RATE}])))", legend)], "s", w=8),
+        panel("Registered workers", [(f"sum by ({by}) ({R}workers{{{rs}}})", legend)], "short", kind="stat", w=6, h=5),
+        panel("Healthy workers", [(f"sum by ({by}) ({R}worker_healthy{{{rs}}})", legend)], "short", kind="stat", w=6, h=5),
+        panel("Queued requests", [(f"sum by ({by}) ({E}num_queued_requests{{{es}}})", legend)], "short", kind="stat", w=6, h=5),
+        panel("KV cache usage (max)", [(f"max by ({by}) ({E}kv_cache_usage_ratio{{{es}}})", legend)], "percentunit", kind="gauge", w=6, h=5),
     ]
     return dashboard("radixfleet-fleet", "radixfleet / Fleet overview", panels, True, f"{E}num_running_requests")
 
