@@ -35,8 +35,8 @@ def engine_args(spec: InferenceServiceSpec, replica: int | None = None) -> list[
         "--port", str(spec.port),
         "--tp-size", str(spec.tensor_parallel_size),
     ]
-    if spec.model.served_name:
-        args += ["--served-model-name", spec.model.served_name]
+    # The name clients send (and status.model shows): servedName, else the resource's name.
+    args += ["--served-model-name", spec.served_name]
     if replica is not None:
         rendezvous = f"{names.replica_name(spec, replica)}-0.{names.replica_name(spec, replica)}"
         args += [
@@ -44,8 +44,7 @@ def engine_args(spec: InferenceServiceSpec, replica: int | None = None) -> list[
             "--nnodes", str(spec.nodes_per_replica),
             "--node-rank", f"$({POD_INDEX_ENV})",
         ]
-    if spec.api_key_secret is not None:
-        args += ["--api-key", f"$({API_KEY_ENV})"]
+    # With apiKeySecret the engine reads its key from $RADIXFLEET_API_KEY (kept out of argv).
     return args + list(spec.engine_args)
 
 

@@ -76,7 +76,8 @@ def test_single_node_is_one_deployment_with_the_engine_command_line():
     assert deploy["spec"]["replicas"] == 2
     container = deploy["spec"]["template"]["spec"]["containers"][0]
     assert container["command"] == ["radixfleet"]
-    assert container["args"] == ["serve", "--model-path", "smollm2", "--host", "0.0.0.0", "--port", "30000", "--tp-size", "1"]
+    assert container["args"] == ["serve", "--model-path", "smollm2", "--host", "0.0.0.0", "--port", "30000", "--tp-size", "1",
+                                 "--served-model-name", "chat"]
     assert not by_kind(manifests, "StatefulSet")
 
 
