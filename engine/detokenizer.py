@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from radixfleet.engine import ipc
+from radixfleet.engine.sampling.logprobs import fill_texts
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,10 @@ def run_detokenizer(tokenizer_path: str, trust_remote_code: bool, ipc_names: dic
             deltas.append(detok.update(rid, msg.new_token_ids[i], msg.finished_reasons[i],
                                        msg.skip_special_tokens[i], msg.spaces_between_special_tokens[i],
                                        msg.no_stop_trim[i], msg.stop_strs[i]))
+        for meta in msg.meta:
+            if meta:
+                fill_texts(meta, (lambda ids: tokenizer.batch_decode([[t] for t in ids]))
+                           if tokenizer is not None else (lambda ids: [None] * len(ids)))
         ipc.send(send_sock, ipc.BatchTextOut(
             rids=msg.rids, text_deltas=deltas, new_token_ids=msg.new_token_ids,
             finished_reasons=msg.finished_reasons, prompt_tokens=msg.prompt_tokens,

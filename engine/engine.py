@@ -63,6 +63,7 @@ class Engine:
                  input_ids: list[int] | list[list[int]] | None = None, return_logprob: bool | list[bool] = False,
                  logprob_start_len: int = -1, top_logprobs_num: int = 0, stream: bool = False,
                  rid: str | list[str] | None = None, return_hidden_states: bool = False,
+                 return_text_in_logprobs: bool = False, custom_logit_processor: str | list | None = None,
                  **unsupported: Any) -> dict | list[dict] | Iterator[dict]:
         """Generate for one prompt (returns a dict) or a batch (returns a list of dicts).
 
@@ -70,7 +71,8 @@ class Engine:
         """
         _refuse(unsupported)
         reqs, is_batch = normalize_generate(prompt, input_ids, sampling_params, stream, rid, return_logprob,
-                                            logprob_start_len, top_logprobs_num, return_hidden_states)
+                                            logprob_start_len, top_logprobs_num, return_hidden_states,
+                                            return_text_in_logprobs, custom_logit_processor)
         tm = self._tm()
         if stream:
             return self._iter_stream(tm.stream_sync(reqs), is_batch)
@@ -83,11 +85,14 @@ class Engine:
                              return_logprob: bool | list[bool] = False, logprob_start_len: int = -1,
                              top_logprobs_num: int = 0, stream: bool = False,
                              rid: str | list[str] | None = None, return_hidden_states: bool = False,
+                             return_text_in_logprobs: bool = False,
+                             custom_logit_processor: str | list | None = None,
                              **unsupported: Any) -> dict | list[dict] | AsyncIterator[dict]:
         """Awaitable ``generate``; with ``stream=True`` it returns an async iterator of chunks."""
         _refuse(unsupported)
         reqs, is_batch = normalize_generate(prompt, input_ids, sampling_params, stream, rid, return_logprob,
-                                            logprob_start_len, top_logprobs_num, return_hidden_states)
+                                            logprob_start_len, top_logprobs_num, return_hidden_states,
+                                            return_text_in_logprobs, custom_logit_processor)
         tm = self._tm()
         if stream:
             return self._aiter_stream(tm.stream_async(reqs), is_batch)

@@ -21,10 +21,11 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from radixfleet.engine.io_struct import SingleReq, normalize_generate
 from radixfleet.engine.metrics import CONTENT_TYPE, UNMETERED_RID_PREFIX, EngineMetrics
 from radixfleet.engine.sampling.params import SamplingParams
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
 

@@ -20,6 +20,8 @@ class SingleReq:
     logprob_start_len: int = -1
     top_logprobs_num: int = 0
     return_hidden_states: bool = False
+    return_text_in_logprobs: bool = False
+    custom_logit_processor: str | None = None
 
 
 def _is_int_list(x: Any) -> bool:
@@ -30,6 +32,8 @@ def normalize_generate(prompt: str | list[str] | None, input_ids: Any, sampling_
                        stream: bool, rid: str | list[str] | None = None,
                        return_logprob: bool | list[bool] = False, logprob_start_len: int = -1,
                        top_logprobs_num: int = 0, return_hidden_states: bool = False,
+                       return_text_in_logprobs: bool = False,
+                       custom_logit_processor: str | list[str | None] | None = None,
                        ) -> tuple[list[SingleReq], bool]:
     """Return (requests, is_batch). Raises ValueError naming the problem."""
     if prompt is not None and input_ids is not None:
@@ -73,6 +77,11 @@ def normalize_generate(prompt: str | list[str] | None, input_ids: Any, sampling_
         if len(rids) != n:
             raise ValueError(f"got {len(rids)} rids for {n} prompts")
     logprob_flags = return_logprob if isinstance(return_logprob, list) else [return_logprob] * n
+    processors = (custom_logit_processor if isinstance(custom_logit_processor, list)
+                  else [custom_logit_processor] * n)
+    if len(processors) != n:
+        raise ValueError(f"got {len(processors)} custom_logit_processor entries for {n} prompts")
     reqs = [SingleReq(rids[i], texts_list[i], ids_list[i], params[i], stream, bool(logprob_flags[i]),
-                      logprob_start_len, top_logprobs_num, return_hidden_states) for i in range(n)]
+                      logprob_start_len, top_logprobs_num, return_hidden_states,
+                      return_text_in_logprobs, processors[i]) for i in range(n)]
     return reqs, is_batch

@@ -30,6 +30,8 @@ class TokenizedGenerateReq:
     top_logprobs_num: int = 0
     return_hidden_states: bool = False
     arrival_time: float = 0.0
+    return_text_in_logprobs: bool = False
+    custom_logit_processor: str | None = None  # CustomLogitProcessor.to_str()
 
 
 @dataclass

@@ -30,7 +30,7 @@ class KVManager:
 
     def match(self, req: Req):
         # Keep at least one token to compute, so the step yields logits for sampling.
-        return self.cache.match_prefix(req.fill_ids[: len(req.fill_ids) - 1])
+        return self.cache.match_prefix(req.fill_ids[: req.max_prefix_len])
 
     def admit(self, req: Req) -> bool:
         """Give ``req`` a table row and its cached prefix; False if no row is free."""

@@ -57,10 +57,10 @@ def _watch_parent(parent: int) -> None:
 
 
 def _run_scheduler(config, model_path, ipc_names) -> None:
+    import zmq
+
     from radixfleet.engine import ipc
     from radixfleet.engine.scheduler import Scheduler
-
-    import zmq
 
     ready = ipc.connect_push(zmq.Context.instance(), ipc_names["tokenizer"])
     try:
@@ -75,10 +75,10 @@ def _run_scheduler(config, model_path, ipc_names) -> None:
 
 
 def _run_detokenizer(tokenizer_path, trust_remote_code, ipc_names, skip_tokenizer_init) -> None:
+    import zmq
+
     from radixfleet.engine import ipc
     from radixfleet.engine.detokenizer import run_detokenizer
-
-    import zmq
 
     ready = ipc.connect_push(zmq.Context.instance(), ipc_names["tokenizer"])
     ipc.send(ready, {"ready": "detokenizer"})

@@ -14,6 +14,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.registry import REGISTRY
+
 from radixfleet.engine.metric_names import ENGINE_METRICS, PREFIX
 
 try:  # `_created` series only add noise to every counter and histogram

@@ -17,6 +17,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+
 from radixfleet.engine.chat_template import render_chat
 from radixfleet.engine.http_server import (
     LIST_META_KEYS,

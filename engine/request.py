@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from radixfleet.engine.memory.radix_cache import TreeNode
+from radixfleet.engine.sampling.logprobs import ReqOutputs
 from radixfleet.engine.sampling.params import SamplingParams
 
 
@@ -33,11 +35,26 @@ class Req:
     sent_len: int = 0  # output tokens already sent to the detokenizer
     first_scheduled_time: float | None = None
     retractions: int = 0
+    # Sampling extras (engine/sampling/): logprobs / hidden states asked for, the
+    # xgrammar matcher, the penalty-count row built for it, a custom logit processor.
+    outputs: ReqOutputs | None = None
+    grammar: Any = None
+    penalty_row: int | None = None
+    custom_logit_processor: str | None = None
 
     @property
     def fill_ids(self) -> list[int]:
         """Every token whose KV the request needs: prompt plus generated-so-far."""
         return self.input_ids + self.output_ids
+
+    @property
+    def max_prefix_len(self) -> int:
+        """Most tokens the radix cache may supply: one is always computed (for logits),
+        and prompt positions whose logprobs or hidden states are wanted must be too."""
+        limit = len(self.fill_ids) - 1
+        if self.outputs is not None and self.outputs.prefix_limit() is not None:
+            limit = min(limit, self.outputs.prefix_limit())
+        return limit
 
     @property
     def is_prefilling(self) -> bool:

@@ -22,12 +22,16 @@ import zmq
 from radixfleet.engine import ipc
 from radixfleet.engine.attention.base import ForwardBatch, ForwardMode
 from radixfleet.engine.config import EngineConfig
+from radixfleet.engine.grammar import GrammarBackend, GrammarQueue, grammar_key
 from radixfleet.engine.kv_manager import KVManager
 from radixfleet.engine.memory.radix_cache import RadixCache
 from radixfleet.engine.model_runner import ModelRunner
 from radixfleet.engine.prefill import SCHEDULE_POLICIES, PrefillAdder
 from radixfleet.engine.request import Req
-from radixfleet.engine.sampling.sampler import SamplingBatchInfo, sample
+from radixfleet.engine.sampling.custom_logit_processor import load_processor
+from radixfleet.engine.sampling.logprobs import ReqOutputs
+from radixfleet.engine.sampling.params import load_generation_defaults
+from radixfleet.engine.sampling.pipeline import SamplingPipeline
 from radixfleet.engine.stop import StopChecker
 
 logger = logging.getLogger(__name__)
@@ -61,6 +65,12 @@ class Scheduler:
             self.generator.manual_seed(config.random_seed)
         else:
             self.generator.seed()
+        vocab = self.runner.model_config.vocab_size
+        self.sampling = SamplingPipeline(vocab, self.max_running + 1, self.runner.device, self.generator,
+                                         self.runner.model_config.eos_token_ids)
+        self.generation_defaults = load_generation_defaults(model_path)
+        # Requests wait here (not in ``waiting``) until their grammar is compiled.
+        self.grammars = GrammarQueue(lambda: GrammarBackend(lambda: self.stop_checker.tokenizer, vocab))
         self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0,
                       "retractions": 0, "decode_steps": 0}
         self._recent: list[tuple[float, int]] = []  # (time, tokens) of recent decode steps
@@ -103,11 +113,14 @@ class Scheduler:
         while True:
             busy = bool(self.waiting or self.running or self.chunked)
             self._recv(block=not busy)
+            if self.grammars.pending:
+                self._admit_compiled()
             if self.waiting or self.running or self.chunked:
                 self.step()
 
     def _recv(self, block: bool) -> None:
-        timeout = 1000 if block else 0
+        # While only grammars are compiling, look again soon.
+        timeout = (5 if self.grammars.pending else 1000) if block else 0
         while self.poller.poll(timeout):
             self._handle(ipc.recv(self.recv_sock))
             timeout = 0
@@ -118,8 +131,18 @@ class Scheduler:
             if error:
                 ipc.send(self.reply_sock, ipc.ReqError(msg.rid, error))
                 return
-            self.waiting.append(Req(msg.rid, list(msg.input_ids), msg.sampling_params,
-                                    stream=msg.stream, arrival_time=msg.arrival_time or time.monotonic()))
+            req = Req(msg.rid, list(msg.input_ids), msg.sampling_params,
+                      stream=msg.stream, arrival_time=msg.arrival_time or time.monotonic(),
+                      custom_logit_processor=msg.custom_logit_processor)
+            if msg.return_logprob or msg.return_hidden_states:
+                req.outputs = ReqOutputs(len(req.input_ids), msg.return_logprob, msg.logprob_start_len,
+                                         msg.top_logprobs_num, msg.return_text_in_logprobs,
+                                         msg.return_hidden_states)
+            key = grammar_key(req.params)
+            if key is not None:
+                self.grammars.add(req, key)
+            else:
+                self.waiting.append(req)
         elif isinstance(msg, ipc.AbortReq):
             self._abort(msg.rid)
         elif isinstance(msg, ipc.RpcReq):
@@ -138,7 +161,31 @@ class Scheduler:
         vocab = self.runner.model_config.vocab_size
         if any(not 0 <= t < vocab for t in msg.input_ids):
             return f"input_ids contain token ids outside the vocabulary [0, {vocab})"
+        return self._validate_sampling(msg)
+
+    def _validate_sampling(self, msg: ipc.TokenizedGenerateReq) -> str | None:
+        params = msg.sampling_params
+        try:
+            params.apply_defaults(self.generation_defaults)
+        except ValueError as e:
+            return str(e)
+        if msg.custom_logit_processor:
+            if not self.config.enable_custom_logit_processor:
+                return ("custom_logit_processor is disabled; start the engine with "
+                        "enable_custom_logit_processor=True to accept it (it runs client code)")
+            try:
+                load_processor(msg.custom_logit_processor)
+            except ValueError as e:
+                return str(e)
+        if grammar_key(params) is not None and self.config.skip_tokenizer_init:
+            return "json_schema, regex and ebnf need the tokenizer (skip_tokenizer_init is set)"
         return None
+
+    def _admit_compiled(self) -> None:
+        ready, failed = self.grammars.take_ready()
+        self.waiting.extend(ready)
+        for req, message in failed:
+            ipc.send(self.reply_sock, ipc.ReqError(req.rid, message))
 
     def _rpc(self, msg: ipc.RpcReq) -> ipc.RpcReply:
         if msg.method == "flush_cache":
@@ -150,6 +197,9 @@ class Scheduler:
         return ipc.RpcReply(msg.call_id, error=f"unknown method {msg.method!r}")
 
     def _abort(self, rid: str) -> None:
+        for req in self.grammars.remove(rid):
+            req.finish("abort", message="aborted")
+            self._send([req])
         for req in list(self.waiting):
             if not rid or req.rid == rid:
                 self.waiting.remove(req)
@@ -240,7 +290,18 @@ class Scheduler:
 
     def _run(self, reqs: list[Req], mode: ForwardMode) -> None:
         fb = self._forward_batch(reqs, mode)
-        hidden = self.runner.forward(fb)
+        want_prompt = [r.outputs is not None and not r.outputs.prompt_done for r in reqs]
+        if mode is ForwardMode.EXTEND and any(want_prompt):
+            # Logprobs / hidden states of prompt positions: keep every new token's state.
+            hidden = self.runner.forward(fb, sample_last_only=False)
+            ends = torch.tensor(fb.extend_seq_lens_cpu).cumsum(0)
+            for r, want, end in zip(reqs, want_prompt, ends.tolist(), strict=True):
+                if want:
+                    r.outputs.collect_prompt(hidden[end - r.extend_len:end], r.kv_len, r.input_ids,
+                                             self.runner.compute_logits)
+            hidden = hidden[(ends - 1).to(hidden.device)]
+        else:
+            hidden = self.runner.forward(fb)
         now = time.monotonic()
         for r in reqs:
             r.kv_len += r.extend_len
@@ -258,11 +319,11 @@ class Scheduler:
         if sampled:
             idx = torch.tensor([i for i in ready if reqs[i].remaining_new_tokens > 0], device=hidden.device)
             logits = self.runner.compute_logits(hidden[idx])
-            info = SamplingBatchInfo.build([r.params for r in sampled], logits.shape[-1], logits.device)
-            next_ids = sample(logits, info, self.generator).tolist()
-            for r, tok in zip(sampled, next_ids):
+            next_ids = self.sampling.sample(sampled, logits, hidden[idx])
+            for r, tok in zip(sampled, next_ids, strict=True):
                 r.output_ids.append(tok)
                 self.stop_checker.check(r)
+                self.sampling.after_append(r, tok)
             self.stats["generated_tokens"] += len(sampled)
         for i in ready:
             r = reqs[i]
@@ -275,11 +336,15 @@ class Scheduler:
             self._recent = [(t, n) for t, n in self._recent if now - t < 10] + [(now, len(sampled))]
         self._send([r for r in reqs if r.finished_reason is not None or
                     (r.stream and len(r.output_ids) - r.sent_len >= self.config.stream_interval)])
-        self._reap()
+        self._reap(reqs)
 
-    def _reap(self) -> None:
-        """Free finished requests (including aborted ones) and drop them from the batch."""
+    def _reap(self, batch: list[Req] = ()) -> None:
+        """Free finished requests (including aborted ones) and drop them from the batch.
+
+        ``batch``: the step's requests; one that finished in its prefill step never joined
+        ``running`` and must be released here too (else its table row and slots leak)."""
         done = [r for r in self.running if r.finished_reason is not None]
+        done += [r for r in batch if r.finished_reason is not None and r not in done and r is not self.chunked]
         if self.chunked is not None and self.chunked.finished_reason is not None:
             done.append(self.chunked)
             self.chunked = None
@@ -318,4 +383,6 @@ class Scheduler:
             meta["queue_time"] = max(r.first_scheduled_time - r.arrival_time, 0.0)
         if r.retractions:
             meta["retractions"] = r.retractions
+        if r.outputs is not None:
+            meta.update(r.outputs.meta_delta(r.sent_len))
         return meta

@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
+
     from radixfleet.engine.chat_template import load_chat_template
     from radixfleet.engine.engine import Engine
     from radixfleet.engine.http_server import ServerState, build_app

@@ -29,6 +29,8 @@ from radixfleet.engine.io_struct import SingleReq
 logger = logging.getLogger(__name__)
 
 _END = object()  # marks the end of a request's results in its sink
+_LIST_META = ("input_token_logprobs", "input_top_logprobs", "output_token_logprobs",
+              "output_top_logprobs", "hidden_states")
 
 
 class ThreadSink:
@@ -152,7 +154,9 @@ class TokenizerManager:
             params = r.params
             fields = dict(stream=r.stream, return_logprob=r.return_logprob,
                           logprob_start_len=r.logprob_start_len, top_logprobs_num=r.top_logprobs_num,
-                          return_hidden_states=r.return_hidden_states, arrival_time=now)
+                          return_hidden_states=r.return_hidden_states, arrival_time=now,
+                          return_text_in_logprobs=r.return_text_in_logprobs,
+                          custom_logit_processor=r.custom_logit_processor)
             if params.n == 1:
                 msg = ipc.TokenizedGenerateReq(r.rid, ids, params, **fields)
                 states.append(ReqState(r.rid, len(states), r.stream, sink, now))
@@ -228,8 +232,11 @@ class TokenizerManager:
             st.first_token_time = now
         st.text += delta
         st.output_ids.extend(new_ids)
-        if msg.meta[i]:
-            st.meta.update(msg.meta[i])
+        for key, value in (msg.meta[i] or {}).items():
+            if key in _LIST_META:  # logprobs and hidden states arrive as deltas
+                st.meta.setdefault(key, []).extend(value)
+            else:
+                st.meta[key] = value
         meta = {"id": st.rid, "finish_reason": finished, "prompt_tokens": msg.prompt_tokens[i],
                 "completion_tokens": msg.completion_tokens[i], "cached_tokens": msg.cached_tokens[i],
                 **st.meta}

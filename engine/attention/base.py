@@ -84,6 +84,7 @@ class AttentionBackend(abc.ABC):
 
     def plan(self, batch: ForwardBatch) -> None:
         """Prepare per-step metadata once before the layers run (default: nothing)."""
+        return None
 
     @abc.abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,

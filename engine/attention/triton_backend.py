@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 
 import torch
+
 from radixfleet.engine.attention.base import AttentionBackend, ForwardBatch, ForwardMode, KVPool
 from radixfleet.kernels.decode_attention import choose_num_kv_splits, decode_attention
 from radixfleet.kernels.extend_attention import extend_attention

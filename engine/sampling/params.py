@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 _TOP_K_ALL = -1  # top_k = -1 means "no top-k cut"
+# Keys SGLang takes from the model's generation_config.json when the user omits them.
+GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def load_generation_defaults(model_path: str) -> dict[str, Any]:
+    """Sampling defaults from ``generation_config.json`` (only the keys SGLang uses)."""
+    path = os.path.join(model_path, "generation_config.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        gen = json.load(f)
+    if gen.get("do_sample") is False:
+        return {}  # the model asks for greedy decoding by default: keep SGLang's defaults
+    return {k: gen[k] for k in GENERATION_DEFAULT_KEYS if gen.get(k) is not None}
 
 
 @dataclass
@@ -35,18 +51,20 @@ class SamplingParams:
     stream_interval: int | None = None
     # Filled by the tokenizer manager, not by users.
     stop_strs: list[str] = field(default_factory=list, repr=False)
+    # Names the user set explicitly; the others may take the model's generation defaults.
+    explicit: frozenset[str] = field(default_factory=frozenset, repr=False)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> SamplingParams:
         d = dict(d or {})
-        known = {f.name for f in fields(cls)} - {"stop_strs"}
+        known = {f.name for f in fields(cls)} - {"stop_strs", "explicit"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown sampling parameter(s): {', '.join(unknown)}; "
                              f"allowed: {', '.join(sorted(known))}")
         if "sampling_seed" in d:  # SGLang's alias
             d["seed"] = d.pop("sampling_seed")
-        params = cls(**d)
+        params = cls(**d, explicit=frozenset(d))
         params.normalize()
         params.verify()
         return params
@@ -65,6 +83,21 @@ class SamplingParams:
             self.top_k = 1
         if self.top_k == 0:
             self.top_k = _TOP_K_ALL
+
+    def apply_defaults(self, defaults: dict[str, Any]) -> None:
+        """Take the model's defaults for the keys the user did not set (SGLang's
+        ``--sampling-defaults model``), then normalise and verify again."""
+        greedy = self.is_greedy  # an explicit greedy request stays greedy
+        changed = False
+        for key, value in defaults.items():
+            if key in GENERATION_DEFAULT_KEYS and key not in self.explicit:
+                setattr(self, key, value)
+                changed = True
+        if changed:
+            self.normalize()
+            if greedy:
+                self.temperature, self.top_k = 1.0, 1
+            self.verify()
 
     def verify(self) -> None:
         def bad(name: str, rule: str) -> ValueError:
@@ -99,6 +132,13 @@ class SamplingParams:
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
         if any(not isinstance(t, int) for t in self.stop_token_ids):
             raise ValueError("stop_token_ids must be a list of integers")
+        if self.custom_params is not None and not isinstance(self.custom_params, dict):
+            raise ValueError("custom_params must be a dict")
+        if self.logit_bias is not None:
+            try:
+                {int(k): float(v) for k, v in self.logit_bias.items()}
+            except (TypeError, ValueError, AttributeError):
+                raise ValueError("logit_bias must map token ids to floats") from None
 
     @property
     def is_greedy(self) -> bool:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,9 +19,15 @@ class SamplingBatchInfo:
     need_top_p: bool
     need_top_k: bool
     need_min_p: bool
+    # Rows with a per-request seed: (row, seed mixed with the output position).
+    seeded: list[tuple[int, int]] = field(default_factory=list)
 
     @classmethod
-    def build(cls, params: list[SamplingParams], vocab_size: int, device) -> SamplingBatchInfo:
+    def build(cls, params: list[SamplingParams], vocab_size: int, device,
+              positions: list[int] | None = None) -> SamplingBatchInfo:
+        """``positions``: each request's output length, which makes seeded draws
+        reproducible whatever else shares the batch."""
+        positions = positions or [0] * len(params)
         top_ks = [vocab_size if p.top_k < 0 else min(p.top_k, vocab_size) for p in params]
         return cls(
             temperatures=torch.tensor([p.temperature for p in params], dtype=torch.float32,
@@ -33,7 +39,16 @@ class SamplingBatchInfo:
             need_top_p=any(p.top_p < 1 for p in params),
             need_top_k=any(k < vocab_size for k in top_ks),
             need_min_p=any(p.min_p > 0 for p in params),
+            seeded=[(i, seed_for_step(p.seed, pos)) for i, (p, pos) in enumerate(zip(params, positions, strict=True))
+                    if p.seed is not None and not p.is_greedy],
         )
+
+
+def seed_for_step(seed: int, position: int) -> int:
+    """A distinct 63-bit seed per (request seed, output position); stable across processes."""
+    x = (seed * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
+    x ^= x >> 31
+    return x & ((1 << 63) - 1)
 
 
 def sample(logits: torch.Tensor, info: SamplingBatchInfo,
@@ -44,7 +59,13 @@ def sample(logits: torch.Tensor, info: SamplingBatchInfo,
     probs = torch.softmax(logits / info.temperatures, dim=-1)
     if info.need_top_k or info.need_top_p or info.need_min_p:
         probs = filter_probs(probs, info)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    # Seeded rows draw again from their own generator (only those rows loop).
+    for row, seed in info.seeded:
+        g = torch.Generator(device=probs.device)
+        g.manual_seed(seed)
+        next_ids[row] = torch.multinomial(probs[row], 1, generator=g)[0]
+    return next_ids
 
 
 def filter_probs(probs: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:

@@ -1,0 +1,129 @@
+"""Offline throughput: N random prompts through ``Engine.generate`` in one batch call, and
+(optionally) the same workload through HF transformers ``generate`` in the same run.
+
+Random-dataset semantics follow SGLang's bench: input and output lengths are drawn
+uniformly from [len × range_ratio, len]; prompts are random token ids; EOS is ignored so
+every request produces its full output length.
+
+    python benchmarks/offline_throughput.py --num-prompts 16 --random-input-len 128 \
+        --random-output-len 64 --random-range-ratio 1 --hf-baseline
+
+Prints one JSON line per system.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import time
+
+import torch
+
+
+def make_workload(n: int, in_len: int, out_len: int, ratio: float, vocab: int, seed: int):
+    rng = random.Random(seed)
+    inputs, outputs = [], []
+    for _ in range(n):
+        i = rng.randint(max(int(in_len * ratio), 1), in_len)
+        o = rng.randint(max(int(out_len * ratio), 1), out_len)
+        inputs.append([rng.randrange(100, vocab - 100) for _ in range(i)])
+        outputs.append(o)
+    return inputs, outputs
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def run_engine(args, inputs, outputs) -> dict:
+    from radixfleet.engine.engine import Engine
+
+    kwargs = dict(model_path=args.model_path, load_format=args.load_format, dtype=args.dtype,
+                  disable_radix_cache=True)
+    if args.max_total_tokens:
+        kwargs["max_total_tokens"] = args.max_total_tokens
+    if args.extra:
+        kwargs.update(json.loads(args.extra))
+    with Engine(**kwargs) as engine:
+        warm = engine.generate(input_ids=inputs[0][:16], sampling_params={"max_new_tokens": 4})
+        assert warm["meta_info"]["completion_tokens"] == 4
+        params = [{"max_new_tokens": o, "ignore_eos": True, "temperature": 0} for o in outputs]
+        t0 = time.perf_counter()
+        outs = engine.generate(input_ids=inputs, sampling_params=params)
+        elapsed = time.perf_counter() - t0
+        info = engine.get_server_info()
+    produced = sum(o["meta_info"]["completion_tokens"] for o in outs)
+    return {"system": "radixfleet", "elapsed_s": round(elapsed, 3), "output_tokens": produced,
+            "output_tok_per_s": round(produced / elapsed, 1),
+            "total_tok_per_s": round((produced + sum(map(len, inputs))) / elapsed, 1),
+            "attention_backend": info.get("attention_backend"), "dtype": info.get("dtype")}
+
+
+def run_hf(args, inputs, outputs) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from radixfleet.engine.model_prep import resolve_model_path
+
+    path = resolve_model_path(args.model_path)
+    dtype = torch.float32 if args.dtype in ("auto", "float32") else getattr(torch, args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(dev)
+    width = max(map(len, inputs))
+    ids = torch.zeros(len(inputs), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, x in enumerate(inputs):  # left padding, as HF batched generation needs
+        ids[i, width - len(x):] = torch.tensor(x)
+        mask[i, width - len(x):] = 1
+    new = max(outputs)
+    with torch.no_grad():
+        model.generate(ids[:1, -16:].to(dev), max_new_tokens=4, do_sample=False)
+        t0 = time.perf_counter()
+        model.generate(ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=new,
+                       min_new_tokens=new, do_sample=False, pad_token_id=0)
+        elapsed = time.perf_counter() - t0
+    # HF runs every row to the longest output; count only the tokens each request asked for.
+    produced = sum(outputs)
+    return {"system": "hf_transformers_generate", "elapsed_s": round(elapsed, 3), "output_tokens": produced,
+            "output_tok_per_s": round(produced / elapsed, 1)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-path", default="smollm2")
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--num-prompts", type=int, default=16)
+    p.add_argument("--random-input-len", type=int, default=128)
+    p.add_argument("--random-output-len", type=int, default=64)
+    p.add_argument("--random-range-ratio", type=float, default=1.0)
+    p.add_argument("--max-total-tokens", type=int, default=None)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--hf-baseline", action="store_true", help="also run HF transformers generate")
+    p.add_argument("--extra", default=None, help="JSON dict of extra Engine arguments")
+    args = p.parse_args()
+
+    from radixfleet.engine.model_config import ModelConfig
+    from radixfleet.engine.model_prep import resolve_model_path
+
+    vocab = ModelConfig.from_path(resolve_model_path(args.model_path)).vocab_size
+    inputs, outputs = make_workload(args.num_prompts, args.random_input_len, args.random_output_len,
+                                    args.random_range_ratio, vocab, args.seed)
+    common = {"benchmark": "offline_throughput", "device": device_name(), "model": args.model_path,
+              "num_prompts": args.num_prompts, "random_input_len": args.random_input_len,
+              "random_output_len": args.random_output_len, "random_range_ratio": args.random_range_ratio}
+    ours = run_engine(args, inputs, outputs)
+    print(json.dumps({**common, **ours}), flush=True)
+    if args.hf_baseline:
+        hf = run_hf(args, inputs, outputs)
+        print(json.dumps({**common, **hf}), flush=True)
+        print(json.dumps({**common, "system": "ratio", "radixfleet_over_hf":
+                          round(ours["output_tok_per_s"] / hf["output_tok_per_s"], 2)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Frequency, presence and repetition penalties from token counts held on the device.
+
+State: ``counts[row, token]`` (int32) is how often ``token`` occurs in the output of the
+request that holds req-table row ``row``; ``in_prompt[row, token]`` marks its prompt tokens
+(the repetition penalty covers prompt and output, the other two output only). A row is
+(re)built from the request's token lists the first time it is used (``Req.penalty_row``
+remembers which row it was built for, so a retracted request that returns on another row
+is rebuilt), then updated by one scatter per step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class PenaltyState:
+    def __init__(self, num_rows: int, vocab_size: int, device: torch.device):
+        self.num_rows, self.vocab_size, self.device = num_rows, vocab_size, device
+        self._counts: torch.Tensor | None = None  # [rows, V] int32, allocated on first use
+        self._in_prompt: torch.Tensor | None = None  # [rows, V] bool
+
+    def _ensure(self) -> None:
+        if self._counts is None:
+            shape = (self.num_rows, self.vocab_size)
+            self._counts = torch.zeros(shape, dtype=torch.int32, device=self.device)
+            self._in_prompt = torch.zeros(shape, dtype=torch.bool, device=self.device)
+
+    def prepare(self, reqs) -> torch.Tensor:
+        """Make sure every request's row is built; return the rows [B] int64."""
+        self._ensure()
+        for r in reqs:
+            if r.penalty_row != r.row:
+                self._counts[r.row].zero_()
+                self._in_prompt[r.row].zero_()
+                if r.output_ids:
+                    out = torch.tensor(r.output_ids, dtype=torch.int64, device=self.device)
+                    self._counts[r.row].scatter_add_(0, out, torch.ones_like(out, dtype=torch.int32))
+                self._in_prompt[r.row, torch.tensor(r.input_ids, dtype=torch.int64, device=self.device)] = True
+                r.penalty_row = r.row
+        return torch.tensor([r.row for r in reqs], dtype=torch.int64, device=self.device)
+
+    def apply(self, logits: torch.Tensor, rows: torch.Tensor, freq: torch.Tensor,
+              presence: torch.Tensor, repetition: torch.Tensor) -> torch.Tensor:
+        """logits [B, V] of the requests on ``rows``; freq/presence/repetition [B, 1]."""
+        counts = self._counts[rows]  # [B, V]
+        logits = apply_penalties(logits, counts, self._in_prompt[rows], freq, presence, repetition)
+        return logits
+
+    def record(self, rows: torch.Tensor, next_ids: torch.Tensor) -> None:
+        """Count the tokens just sampled for the penalised requests."""
+        self._counts.index_put_((rows, next_ids), torch.ones_like(rows, dtype=torch.int32),
+                                accumulate=True)
+
+
+def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, in_prompt: torch.Tensor,
+                    freq: torch.Tensor, presence: torch.Tensor,
+                    repetition: torch.Tensor) -> torch.Tensor:
+    """The reference rules, vectorised over the batch.
+
+    - repetition (CTRL/HF): tokens in prompt or output get logit / r if positive, × r if not;
+    - frequency, presence (OpenAI): logit -= f × count + p × [count > 0] over output tokens.
+    """
+    seen = counts > 0
+    if bool((repetition != 1).any()):
+        hit = seen | in_prompt
+        scaled = torch.where(logits > 0, logits / repetition, logits * repetition)
+        logits = torch.where(hit, scaled, logits)
+    return logits - freq * counts.to(logits.dtype) - presence * seen.to(logits.dtype)

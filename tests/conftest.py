@@ -1,0 +1,19 @@
+"""Shared fixtures: the default model folder and HF transformers references on it."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import PROMPTS, hf_greedy
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> str:
+    from radixfleet.engine.model_prep import prepare_default_model
+
+    return str(prepare_default_model())
+
+
+@pytest.fixture(scope="session")
+def hf_reference(model_dir):
+    """Greedy HF continuations of PROMPTS, 32 new tokens each (computed once per session)."""
+    return [hf_greedy(model_dir, p, 32) for p in PROMPTS]
