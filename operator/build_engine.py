@@ -80,13 +80,16 @@ def _resources(spec: InferenceServiceSpec) -> dict[str, Any]:
     return out
 
 
-def _probe(path: str, period: int, failures: int, timeout: int = 5) -> dict[str, Any]:
-    return {
-        "httpGet": {"path": path, "port": names.HTTP_PORT_NAME},
-        "periodSeconds": period,
-        "timeoutSeconds": timeout,
-        "failureThreshold": failures,
-    }
+def _probe(spec: InferenceServiceSpec, multi_node: bool, period: int, failures: int, timeout: int = 5) -> dict[str, Any]:
+    """GET /health; in a multi-node group only rank 0 serves HTTP, so the other ranks'
+    probe passes while their container runs (a dead rank exits and is restarted)."""
+    if multi_node:
+        check = (f'[ "${POD_INDEX_ENV}" != 0 ] || exec python3 -c "import urllib.request as u; '
+                 f"u.urlopen('http://127.0.0.1:{spec.port}/health', timeout={timeout})\"")
+        action: dict[str, Any] = {"exec": {"command": ["sh", "-c", check]}}
+    else:
+        action = {"httpGet": {"path": "/health", "port": names.HTTP_PORT_NAME}}
+    return {**action, "periodSeconds": period, "timeoutSeconds": timeout, "failureThreshold": failures}
 
 
 def _volumes(spec: InferenceServiceSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -109,6 +112,7 @@ def _volumes(spec: InferenceServiceSpec) -> tuple[list[dict[str, Any]], list[dic
 def build_engine_pod_spec(spec: InferenceServiceSpec, replica: int | None = None) -> dict[str, Any]:
     """The pod spec shared by single-node and multi-node engine pods."""
     volumes, mounts = _volumes(spec)
+    multi = replica is not None
     ports = [{"name": names.HTTP_PORT_NAME, "containerPort": spec.port, "protocol": "TCP"}]
     if replica is not None:
         ports.append({"name": "dist", "containerPort": names.DIST_PORT, "protocol": "TCP"})
@@ -124,9 +128,9 @@ def build_engine_pod_spec(spec: InferenceServiceSpec, replica: int | None = None
         "volumeMounts": mounts,
         # Model loading can take many minutes: the startup probe holds off the liveness
         # probe until /health first answers, for up to startupTimeoutSeconds.
-        "startupProbe": _probe("/health", PROBE_PERIOD_SECONDS, math.ceil(spec.startup_timeout_seconds / PROBE_PERIOD_SECONDS)),
-        "readinessProbe": _probe("/health", 5, 3),
-        "livenessProbe": _probe("/health", 15, 4),
+        "startupProbe": _probe(spec, multi, PROBE_PERIOD_SECONDS, math.ceil(spec.startup_timeout_seconds / PROBE_PERIOD_SECONDS)),
+        "readinessProbe": _probe(spec, multi, 5, 3),
+        "livenessProbe": _probe(spec, multi, 15, 4),
     }
     pod: dict[str, Any] = {
         "containers": [container],

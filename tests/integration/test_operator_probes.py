@@ -1,0 +1,37 @@
+"""The multi-node engine probes are shell commands: run them as the kubelet would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+from radixfleet.operator.manifests import build_children
+from radixfleet.operator.spec import parse_spec
+from radixfleet.operator.testing import free_port, router_process
+
+
+def probe_command(port: int) -> list[str]:
+    spec = parse_spec({"metadata": {"name": "b", "namespace": "n"},
+                       "spec": {"model": {"path": "m"}, "port": port, "tensorParallelSize": 2, "nodesPerReplica": 2}})
+    (sts, *_) = [m for m in build_children(spec) if m["kind"] == "StatefulSet"]
+    container = sts["spec"]["template"]["spec"]["containers"][0]
+    commands = {str(container[p]["exec"]["command"]) for p in ("startupProbe", "readinessProbe", "livenessProbe")}
+    assert len(commands) == 1
+    return container["livenessProbe"]["exec"]["command"]
+
+
+def run(command: list[str], rank: str) -> int:
+    env = {**os.environ, "RADIXFLEET_NODE_RANK": rank}
+    return subprocess.run(command, env=env, capture_output=True, timeout=30).returncode
+
+
+def test_rank_zero_probes_health_and_other_ranks_pass():
+    port = free_port()
+    command = probe_command(port)
+    assert run(command, "1") == 0  # rank 1 serves no HTTP: its probe passes while it runs
+    assert run(command, "0") != 0  # rank 0 with nothing listening fails
+    server = router_process(port).start().wait(30)  # any process answering /health on the port
+    try:
+        assert run(command, "0") == 0
+    finally:
+        server.stop()
