@@ -179,7 +179,7 @@ async def test_single_node_lifecycle(engines, router):
             operator = await start_operator(server, **OPERATOR_CONFIG)
             import asyncio
 
-            await asyncio.sleep(5)  # > 3 resync periods
+            await asyncio.sleep(4)  # > 2 resync periods
             assert child_writes(emulator)[writes_before:] == []
             assert api_removals(router_proc.url) == removals_before
             assert list_workers(router_proc.url) == {w1, w2}
