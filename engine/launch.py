@@ -24,6 +24,9 @@ _PARENT_POLL_S = 0.5
 def spawn(role: str, kwargs: dict[str, Any], log_level: str) -> subprocess.Popen:
     env = dict(os.environ)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # OpenMP's default busy-wait makes every torch op on CPU ~20x slower as soon as another
+    # process competes for the cores (several workers on a laptop, tests beside an engine).
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     proc = subprocess.Popen([sys.executable, "-m", "radixfleet.engine.launch"], stdin=subprocess.PIPE,
                             env=env, start_new_session=False)
     assert proc.stdin is not None
