@@ -102,3 +102,17 @@ def test_abort_frees_the_request_and_reports_abort(engine):
     assert sum(len(c["output_ids"]) for c in [first, *rest]) < 200
     state = engine.get_server_info()["internal_states"][0]
     assert state["num_running_requests"] == 0 and state["kv_used_tokens"] == 0
+
+
+def test_request_finishing_in_its_prefill_step_frees_its_slots_and_caches_its_prompt(engine):
+    """Regression: a request done after one token never joined the running batch, so its
+    table row and KV slots leaked and its prompt never reached the radix cache."""
+    prompt = "A request that finishes after exactly one token"
+    first = engine.generate(prompt, {"temperature": 0, "max_new_tokens": 1})
+    second = engine.generate(prompt, {"temperature": 0, "max_new_tokens": 1})
+    assert first["meta_info"]["completion_tokens"] == 1
+    assert second["meta_info"]["cached_tokens"] > 0
+    for _ in range(80):  # more than the table has rows
+        engine.generate(prompt, {"max_new_tokens": 1})
+    state = engine.get_server_info()["internal_states"][0]
+    assert state["kv_used_tokens"] == 0 and state["num_running_requests"] == 0
