@@ -53,30 +53,49 @@ def seed_for_step(seed: int, position: int) -> int:
 
 def sample(logits: torch.Tensor, info: SamplingBatchInfo,
            generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits [B, V] fp32 → next token ids [B] int64."""
+    """logits [B, V] fp32 → next token ids [B] int64.
+
+    Draws by the exponential race: argmax(p / E) with E ~ Exp(1) i.i.d. picks token i with
+    probability p_i. Unseeded rows share one batched draw of E; a seeded row redraws its
+    row of E from its own generator (seeded by request seed and output position)."""
     if info.all_greedy:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / info.temperatures, dim=-1)
     if info.need_top_k or info.need_top_p or info.need_min_p:
         probs = filter_probs(probs, info)
-    next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-    # Seeded rows draw again from their own generator (only those rows loop).
+    noise = torch.empty_like(probs).exponential_(generator=generator)
     for row, seed in info.seeded:
         g = torch.Generator(device=probs.device)
         g.manual_seed(seed)
-        next_ids[row] = torch.multinomial(probs[row], 1, generator=g)[0]
-    return next_ids
+        noise[row].exponential_(generator=g)
+    return (probs / noise).argmax(dim=-1)
+
+
+_CANDIDATES = 1024  # top-p / min-p look at the best tokens first; full sort only if needed
 
 
 def filter_probs(probs: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
-    """Zero out tokens outside top-k, the top-p nucleus and below min-p × max prob."""
-    sorted_probs, order = probs.sort(dim=-1, descending=True)  # [B, V]
-    ranks = torch.arange(probs.shape[-1], device=probs.device)[None, :]
-    drop = ranks >= info.top_ks[:, None]
+    """Zero out tokens outside top-k, the top-p nucleus and below min-p × max prob.
+
+    Works on the K best tokens of each row (K = the largest top-k, at least 1024) and
+    falls back to a full sort only when some row's kept set may extend beyond them."""
+    vocab = probs.shape[-1]
+    rows = (info.top_ks < vocab) | (info.top_ps < 1) | (info.min_ps > 0)  # [B] rows to filter
+    top_ks, top_ps, min_ps = info.top_ks[rows], info.top_ps[rows], info.min_ps[rows]
+    sub = probs[rows]
+    k = min(vocab, max(_CANDIDATES, int(top_ks[top_ks < vocab].max()) if bool((top_ks < vocab).any()) else 0))
+    cand, order = sub.topk(k, dim=-1)  # [b, K] sorted, descending
+    if k < vocab:
+        exact = (top_ks <= k) | (cand.sum(-1) >= top_ps) | (cand[:, -1] < cand[:, 0] * min_ps)
+        if not bool(exact.all()):
+            cand, order = sub.sort(dim=-1, descending=True)
+    ranks = torch.arange(cand.shape[-1], device=probs.device)[None, :]
+    drop = ranks >= top_ks[:, None]
     # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    drop |= mass_before > info.top_ps[:, None]
-    drop |= sorted_probs < sorted_probs[:, :1] * info.min_ps[:, None]
+    drop |= (cand.cumsum(dim=-1) - cand) > top_ps[:, None]
+    drop |= cand < cand[:, :1] * min_ps[:, None]
     drop[:, 0] = False
-    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    kept = torch.zeros_like(sub).scatter_(-1, order, cand.masked_fill(drop, 0.0))
+    out = probs.clone()
+    out[rows] = kept
+    return out
