@@ -25,6 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 import triton
+
 from radixfleet.kernels.activation import silu_and_mul
 from radixfleet.kernels.decode_attention import choose_num_kv_splits, decode_attention
 from radixfleet.kernels.extend_attention import default_extend_config, extend_attention

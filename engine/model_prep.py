@@ -83,6 +83,10 @@ def resolve_model_path(path: str) -> str:
     """Map the default-model alias to its prepared folder; other paths pass through."""
     if path in ALIASES:
         return str(prepare_default_model())
+    from radixfleet.engine.configs import NAMES, config_dir
+
+    if path in NAMES and not os.path.exists(path):
+        return config_dir(path)  # a shipped config, for load_format="dummy"
     return path
 
 

@@ -79,6 +79,13 @@ class ModelRunner:
         self.attn_backend = get_backend_class(backend_name)(
             self.kv_pool, self.model.layers[0].self_attn.num_heads,
             self.model.layers[0].self_attn.num_kv_heads, cfg.head_dim, cfg.head_dim ** -0.5)
+        self.cuda_graphs = None
+        if self.device.type == "cuda" and not config.disable_cuda_graph and backend_name != "torch_native":
+            from radixfleet.engine.cuda_graph import CudaGraphRunner
+
+            max_bs = min(config.cuda_graph_max_bs or 160, self.max_running_requests)
+            self.cuda_graphs = CudaGraphRunner(self.model, self.attn_backend, self.req_table.table,
+                                               max_bs, self.device)
 
     # ---- loading ---------------------------------------------------------------------
     def _load_model(self, model_path: str) -> torch.nn.Module:
@@ -130,6 +137,8 @@ class ModelRunner:
         """Run the model; return hidden states of the last new token per request [B, hidden]
         (or of every new token [T, hidden] when ``sample_last_only`` is false)."""
         batch.attn_backend = self.attn_backend
+        if self.cuda_graphs is not None and self.cuda_graphs.can_run(batch):
+            return self.cuda_graphs.replay(batch)
         self.attn_backend.plan(batch)
         hidden = self.model(batch)
         if batch.mode is ForwardMode.EXTEND and sample_last_only:

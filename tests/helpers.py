@@ -43,3 +43,69 @@ def hf_greedy(path: str, prompt: str | list[int], max_new_tokens: int) -> list[i
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=tok.eos_token_id or 0)
     return out[0, ids.shape[1]:].tolist()
+
+
+TINY_ARCHS = {
+    # name: (transformers config class name, extra config fields)
+    "llama3": ("LlamaConfig", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                "high_freq_factor": 4.0,
+                                                "original_max_position_embeddings": 64},
+                               "rope_theta": 500000.0}),
+    "mistral": ("MistralConfig", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),
+    "qwen3": ("Qwen3Config", {"head_dim": 32}),
+}
+
+
+def make_tiny_model(arch: str, folder: str, dtype: str = "float32") -> str:
+    """Save a tiny random-weight model of ``arch`` with transformers; return the folder."""
+    import torch
+    import transformers
+
+    cls_name, extra = TINY_ARCHS[arch]
+    config = getattr(transformers, cls_name)(
+        vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        eos_token_id=None, bos_token_id=None, **extra)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    with torch.no_grad():  # larger weights than the init default, so the logits are peaked
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(folder)
+    return folder
+
+
+def hf_teacher_forced_logprobs(folder: str, ids: list[int], dtype: str = "float32", device: str = "cpu"):
+    """log-softmax of HF's logits at every position of ``ids`` ([T, V], fp32)."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids], device=device)).logits[0].float()
+    return torch.log_softmax(logits, -1).cpu()
+
+
+def runner_teacher_forced_logprobs(runner, ids: list[int]):
+    """Our ModelRunner's log-softmax at every position of ``ids`` (one extend step)."""
+    import torch
+
+    from radixfleet.engine.attention.base import ForwardBatch, ForwardMode
+
+    dev, n = runner.device, len(ids)
+    row = runner.req_table.alloc()
+    slots = runner.allocator.alloc(n)
+    runner.req_table.write(row, 0, slots)
+    batch = ForwardBatch(
+        mode=ForwardMode.EXTEND, input_ids=torch.tensor(ids, device=dev), positions=torch.arange(n, device=dev),
+        req_pool_indices=torch.tensor([row], device=dev), seq_lens=torch.tensor([n], dtype=torch.int32, device=dev),
+        extend_prefix_lens=torch.zeros(1, dtype=torch.int32, device=dev),
+        extend_seq_lens=torch.tensor([n], dtype=torch.int32, device=dev), out_cache_loc=slots.to(dev),
+        req_to_token=runner.req_table.table, seq_lens_cpu=[n], extend_prefix_lens_cpu=[0], extend_seq_lens_cpu=[n])
+    hidden = runner.forward(batch, sample_last_only=False)
+    out = torch.log_softmax(runner.compute_logits(hidden), -1).cpu()
+    runner.allocator.free(slots)
+    runner.req_table.free(row)
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -59,3 +60,17 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     x1, x2 = x.float().chunk(2, dim=-1)
     out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return out.to(x.dtype)
+
+
+_SHARED: dict[tuple, RotaryEmbedding] = {}
+
+
+def get_rope(head_dim: int, max_positions: int, theta: float,
+             scaling: dict[str, Any] | None) -> RotaryEmbedding:
+    """One cos/sin cache per configuration and device, shared by every layer (a 128k-context
+    cache is ~64 MB; one per layer would waste gigabytes)."""
+    key = (head_dim, max_positions, theta, json.dumps(scaling, sort_keys=True),
+           str(torch.get_default_device()))
+    if key not in _SHARED:
+        _SHARED[key] = RotaryEmbedding(head_dim, max_positions, theta, scaling)
+    return _SHARED[key]

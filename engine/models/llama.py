@@ -21,7 +21,7 @@ from radixfleet.engine.layers.linear import (
     RowParallelLinear,
 )
 from radixfleet.engine.layers.norm import RMSNorm
-from radixfleet.engine.layers.rotary import RotaryEmbedding
+from radixfleet.engine.layers.rotary import get_rope
 from radixfleet.engine.model_config import ModelConfig
 
 
@@ -35,8 +35,8 @@ class Attention(nn.Module):
         self.num_heads = self.qkv_proj.q_heads  # per rank
         self.num_kv_heads = self.qkv_proj.kv_heads
         self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
-                                      cfg.rope_scaling)
+        self.rotary = get_rope(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
+                               cfg.rope_scaling)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if qk_norm else None
 

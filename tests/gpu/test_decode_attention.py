@@ -11,6 +11,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 from _reference import attention_ref, make_paged_kv, rel_err  # noqa: E402
+
 from radixfleet.kernels.decode_attention import decode_attention  # noqa: E402
 
 # (num_heads, num_kv_heads): GQA ratios 1, 3, 4, 8.

@@ -11,6 +11,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 from _reference import attention_ref, make_paged_kv, rel_err  # noqa: E402
+
 from radixfleet.kernels.extend_attention import extend_attention  # noqa: E402
 
 HEADS = [(8, 8), (12, 4), (32, 8), (32, 4)]  # GQA ratios 1, 3, 4, 8

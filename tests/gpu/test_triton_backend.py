@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 from _reference import attention_ref, rel_err  # noqa: E402
+
 from radixfleet.engine.attention.base import (  # noqa: E402
     AttentionBackend,
     ForwardBatch,

@@ -1,0 +1,113 @@
+"""Static-batch latency: one prefill of ``batch × input_len`` tokens, then ``output_len``
+decode steps, straight through the ModelRunner (no scheduler, no IPC).
+
+    python benchmarks/one_batch.py --model-path llama-3.1-8b --load-format dummy \
+        --batch-size 1 8 64 --input-len 512 --output-len 64
+
+Prints one JSON line per batch size: prefill ms, decode ms/step, decode tok/s, and for
+CUDA the weight-streaming roofline of a decode step at the measured HBM bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from radixfleet.engine.attention.base import ForwardBatch, ForwardMode
+from radixfleet.engine.config import EngineConfig
+from radixfleet.engine.model_prep import resolve_model_path
+from radixfleet.engine.model_runner import ModelRunner
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def batch_for(runner: ModelRunner, rows: list[int], ids: torch.Tensor, start: int, n: int,
+              mode: ForwardMode) -> ForwardBatch:
+    """Requests ``rows`` compute tokens [start, start + n) of ``ids`` ([B, L])."""
+    dev, bs = runner.device, len(rows)
+    slots = runner.allocator.alloc(bs * n)
+    assert slots is not None, "KV pool too small for the benchmark"
+    for i, r in enumerate(rows):
+        runner.req_table.write(r, start, slots[i * n:(i + 1) * n])
+    seq = [start + n] * bs
+    return ForwardBatch(
+        mode=mode, input_ids=ids[:, start:start + n].reshape(-1).to(dev),
+        positions=torch.arange(start, start + n, device=dev).repeat(bs),
+        req_pool_indices=torch.tensor(rows, device=dev), seq_lens=torch.tensor(seq, dtype=torch.int32, device=dev),
+        extend_prefix_lens=torch.full((bs,), start, dtype=torch.int32, device=dev),
+        extend_seq_lens=torch.full((bs,), n, dtype=torch.int32, device=dev),
+        out_cache_loc=slots.to(dev), req_to_token=runner.req_table.table,
+        seq_lens_cpu=seq, extend_prefix_lens_cpu=[start] * bs, extend_seq_lens_cpu=[n] * bs)
+
+
+def run_one(runner: ModelRunner, bs: int, in_len: int, out_len: int) -> dict:
+    dev = runner.device
+    vocab = runner.model_config.vocab_size
+    ids = torch.randint(100, vocab - 100, (bs, in_len + out_len))
+    rows = [runner.req_table.alloc() for _ in range(bs)]
+    sync(dev)
+    t0 = time.perf_counter()
+    hidden = runner.forward(batch_for(runner, rows, ids, 0, in_len, ForwardMode.EXTEND))
+    runner.compute_logits(hidden).argmax(-1)
+    sync(dev)
+    prefill_s = time.perf_counter() - t0
+    steps = []
+    for k in range(out_len):
+        batch = batch_for(runner, rows, ids, in_len + k, 1, ForwardMode.DECODE)
+        sync(dev)
+        t = time.perf_counter()
+        runner.compute_logits(runner.forward(batch)).argmax(-1).tolist()  # host sync, as serving does
+        steps.append(time.perf_counter() - t)
+    for r in rows:
+        runner.allocator.free(runner.req_table.read(r, in_len + out_len))
+        runner.req_table.free(r)
+    steps.sort()
+    step = steps[len(steps) // 2]
+    return {"batch_size": bs, "input_len": in_len, "output_len": out_len,
+            "prefill_ms": round(prefill_s * 1e3, 2), "prefill_tok_per_s": round(bs * in_len / prefill_s, 1),
+            "decode_ms_per_step_p50": round(step * 1e3, 3), "decode_tok_per_s": round(bs / step, 1)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-path", default="llama-3.1-8b")
+    p.add_argument("--load-format", default="dummy")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--batch-size", type=int, nargs="+", default=[1])
+    p.add_argument("--input-len", type=int, default=512)
+    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--attention-backend", default=None)
+    p.add_argument("--disable-cuda-graph", action="store_true")
+    p.add_argument("--hbm-tb-per-s", type=float, default=3.05, help="measured HBM bandwidth for the roofline")
+    args = p.parse_args()
+    max_bs = max(args.batch_size)
+    config = EngineConfig(model_path=args.model_path, load_format=args.load_format, dtype=args.dtype,
+                          max_total_tokens=max_bs * (args.input_len + args.output_len) + 1024,
+                          max_running_requests=max_bs, attention_backend=args.attention_backend,
+                          disable_cuda_graph=args.disable_cuda_graph, cuda_graph_max_bs=max_bs,
+                          skip_tokenizer_init=True)
+    runner = ModelRunner(config, resolve_model_path(args.model_path))
+    weight_bytes = sum(t.numel() * t.element_size() for t in runner.model.parameters())
+    device = torch.cuda.get_device_name() if runner.device.type == "cuda" else "cpu"
+    run_one(runner, 1, 16, 4)  # warm-up
+    for bs in args.batch_size:
+        row = {"benchmark": "one_batch", "device": device, "model": args.model_path,
+               "dtype": str(runner.dtype).removeprefix("torch."),
+               "attention_backend": type(runner.attn_backend).__name__,
+               "cuda_graph": runner.cuda_graphs is not None, "weight_gb": round(weight_bytes / 1e9, 2),
+               **run_one(runner, bs, args.input_len, args.output_len)}
+        if runner.device.type == "cuda":
+            roof_ms = weight_bytes / (args.hbm_tb_per_s * 1e12) * 1e3
+            row["roofline_ms_per_step"] = round(roof_ms, 3)
+            row["fraction_of_roofline"] = round(roof_ms / row["decode_ms_per_step_p50"], 3)
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
