@@ -10,6 +10,7 @@ from collections import Counter
 import pytest
 import torch
 from helpers import _hf_model, hf_greedy
+
 from radixfleet.engine.engine import Engine
 
 PROMPT = "The capital of France is"

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
 from radixfleet.engine.grammar import GrammarQueue, grammar_key
 from radixfleet.engine.sampling.custom_logit_processor import load_processor
 from radixfleet.engine.sampling.logprobs import TEXT_FLAG, ReqOutputs, fill_texts
@@ -164,9 +165,10 @@ def test_fill_texts_only_when_asked():
 
 
 def test_grammar_key_and_compile_errors_are_per_request():
+    from transformers import AutoTokenizer
+
     from radixfleet.engine.grammar import GrammarBackend
     from radixfleet.engine.model_prep import prepare_default_model
-    from transformers import AutoTokenizer
 
     assert grammar_key(SamplingParams.from_dict({"regex": "a+"})) == ("regex", "a+")
     assert grammar_key(SamplingParams.from_dict({})) is None
