@@ -125,8 +125,9 @@ async def send(client: httpx.AsyncClient, args, p: Prompt) -> Result:
                 if "error" in chunk:
                     res.error = str(chunk["error"])
                     return res
-                if chunk.get("usage"):
+                if chunk.get("usage"):  # OpenAI backends: the server's own token counts
                     tokens = max(tokens, chunk["usage"]["completion_tokens"])
+                    res.prompt_len = chunk["usage"]["prompt_tokens"]
                 n = _tokens_in(args, chunk)
                 if not n:
                     continue

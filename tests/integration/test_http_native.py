@@ -15,9 +15,16 @@ GREEDY = {"temperature": 0, "max_new_tokens": 16}
 LONG = {"temperature": 0, "max_new_tokens": 3000, "ignore_eos": True}
 
 
+# A custom --chat-template (the model's own ChatML template is the default).
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
 @pytest.fixture(scope="module")
-def url():
-    with engine_server(default_model_dir(), "--max-request-bytes", "65536") as u:
+def url(tmp_path_factory):
+    template = tmp_path_factory.mktemp("template") / "plain.jinja"
+    template.write_text(CHAT_TEMPLATE)
+    with engine_server(default_model_dir(), "--max-request-bytes", "65536", "--chat-template", str(template)) as u:
         yield u
 
 
@@ -165,13 +172,14 @@ def test_stream_client_disconnect_frees_its_kv_slots(client, url):
     with httpx.Client(base_url=url, timeout=60) as other:
         req = {"text": "Write a very long story about a dragon.", "sampling_params": LONG, "stream": True}
         with other.stream("POST", "/generate", json=req) as resp:
-            got = 0
+            got, last = 0, ""
             for line in resp.iter_lines():
                 got += bool(line)
+                last = line or last
                 if got == 20:
                     break
             during = internal_state(client)
-            assert during["num_running_requests"] == 1
+            assert got == 20 and during["num_running_requests"] == 1, (got, last, during)
             assert during["kv_used_tokens"] > before["kv_used_tokens"]
         # leaving the block closes the connection mid-stream
     after = wait_idle(client, timeout=10)
@@ -188,3 +196,13 @@ def test_non_streaming_client_disconnect_aborts_the_request(client, url):
     after = wait_idle(client, timeout=10)
     assert after["kv_used_tokens"] == before["kv_used_tokens"], (before, after)
     assert after["generated_tokens"] - before["generated_tokens"] < 300
+
+
+def test_chat_template_flag_replaces_the_tokenizer_template(client):
+    chat = client.post("/v1/chat/completions", json={
+        "model": "m", "messages": [{"role": "user", "content": "What is 2 + 2?"}], "temperature": 0,
+        "max_tokens": 8}).json()
+    native = client.post("/generate", json={"text": "user: What is 2 + 2?\nassistant:",
+                                            "sampling_params": {"temperature": 0, "max_new_tokens": 8}}).json()
+    assert chat["choices"][0]["message"]["content"] == native["text"]
+    assert chat["usage"]["prompt_tokens"] == native["meta_info"]["prompt_tokens"]
