@@ -54,8 +54,6 @@ def test_same_seed_same_sample_different_seeds_differ(engine):
 
 
 def test_sampled_frequencies_match_the_model_softmax(engine, model_dir):
-    from scipy.stats import chisquare
-
     prompt = "My favourite food is"
     probs = torch.softmax(_hf_logits(model_dir, tuple(_encode(model_dir, prompt))), -1)
     n = 2000
@@ -66,9 +64,24 @@ def test_sampled_frequencies_match_the_model_softmax(engine, model_dir):
     expected = [float(probs[t]) * n for t in common]
     observed.append(n - sum(observed))
     expected.append(n - sum(expected))
-    stat, pvalue = chisquare(observed, expected)
+    stat, pvalue = chi_square(observed, expected)
     assert len(common) >= 10
     assert pvalue > 1e-3, (stat, pvalue)
+
+
+def chi_square(observed: list[int], expected: list[float]) -> tuple[float, float]:
+    """(statistic, p-value): scipy's when installed, else Wilson–Hilferty's approximation."""
+    try:
+        from scipy.stats import chisquare
+    except ImportError:
+        import math
+
+        stat = sum((o - e) ** 2 / e for o, e in zip(observed, expected, strict=True))
+        k = len(observed) - 1
+        z = ((stat / k) ** (1 / 3) - (1 - 2 / (9 * k))) / math.sqrt(2 / (9 * k))
+        return stat, 0.5 * math.erfc(z / math.sqrt(2))
+    stat, pvalue = chisquare(observed, expected)
+    return float(stat), float(pvalue)
 
 
 def _reference_penalized_greedy(model_dir, prompt_ids, steps, f=0.0, p=0.0, r=1.0):

@@ -192,3 +192,35 @@ def test_grammar_key_and_compile_errors_are_per_request():
 def test_malformed_custom_logit_processor_is_a_value_error():
     with pytest.raises(ValueError, match="custom_logit_processor"):
         load_processor("not json")
+
+
+def _reference_filter(probs, top_k, top_p, min_p):
+    sorted_p, order = probs.sort(descending=True)
+    keep = torch.zeros_like(sorted_p, dtype=torch.bool)
+    mass = 0.0
+    for i, p in enumerate(sorted_p.tolist()):
+        if i == 0 or (i < top_k and mass <= top_p and p >= sorted_p[0] * min_p):
+            keep[i] = True
+        mass += p
+    out = torch.zeros_like(probs)
+    out[order[keep]] = sorted_p[keep]
+    return out
+
+
+@pytest.mark.parametrize("params", [{"top_p": 0.5}, {"top_p": 0.95, "top_k": 2000}, {"min_p": 0.5},
+                                    {"top_k": 5}, {"top_p": 0.3, "min_p": 0.2}])
+def test_filter_is_exact_beyond_the_candidate_window(params):
+    from radixfleet.engine.sampling.sampler import filter_probs
+
+    vocab = 4096
+    torch.manual_seed(2)
+    # Row 0 nearly flat (nucleus far beyond 1024 tokens), row 1 peaked, row 2 unfiltered.
+    # Distinct logits (no ties at a cut-off, where either of two equal tokens is right).
+    ranks = torch.randperm(vocab).float()
+    logits = torch.stack([ranks * 2e-4, ranks * 4e-3, torch.randn(vocab)])
+    probs = torch.softmax(logits, -1)
+    plist = [SamplingParams.from_dict(params), SamplingParams.from_dict(params), SamplingParams.from_dict({})]
+    got = filter_probs(probs, SamplingBatchInfo.build(plist, vocab, "cpu"))
+    for i, p in enumerate(plist):
+        top_k = vocab if p.top_k < 0 else p.top_k
+        assert torch.allclose(got[i], _reference_filter(probs[i], top_k, p.top_p, p.min_p))
