@@ -13,6 +13,20 @@ Prompts: ``random`` (random token ids; exact lengths with the native backend) or
     radixfleet serve --model-path smollm2 --port 30000 &
     python benchmarks/serving.py --base-url http://127.0.0.1:30000 --num-prompts 32 \\
         --random-input-len 256 --random-output-len 64 --max-concurrency 8
+
+Measured 2026-11-23 on the 2-core CPU dev machine (SmolLM2-135M fp32, default server flags,
+load average 2.5-4 from other jobs: figures are noisy, +-30%):
+
+    in x out (prompts, concurrency)          out tok/s  total tok/s  TTFT p50/p99 ms  ITL p50/p99 ms
+    random 16x64 (16, c=16)                      107        134          662/666        139/228
+    random 256x32 (32, c=8)                       28        250         3964/4323       163/219
+    shared-prefix 4 groups x 8, 512+32 x16 (c=8)  22        781          916/6995       201/2014
+    random 512x16 (32, c=8), cache flushed         9        306         6508/11462      203/5770
+    openai-chat 64x32 (24, 2 req/s Poisson)       47        187          345/506        166/1603
+    openai completions 64x64 (1, c=1)             17         34           67/67          59/62
+
+The offline ``Engine.generate`` on the same 16x64 batch gave 119-141 output tok/s in the
+same conditions (the server's HTTP/SSE layer and the client share the 2 cores).
 """
 
 from __future__ import annotations
