@@ -236,3 +236,26 @@ def test_bad_requests_are_400_error_objects(client, model, kwargs, needle):
     assert err.value.body["type"] == "invalid_request_error"
     # the server keeps serving
     assert client.chat.completions.create(model=model, messages=QUESTION, max_tokens=1).choices
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_auto_tool_call_is_parsed_from_model_text(client, model, stream):
+    # tool_choice "auto": the server's parser (qwen25 for this ChatML model) reads the call out of
+    # the text. SGLang's `regex` extension makes the small model write exactly such a call.
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>'
+    regex = "Checking\\. " + call.replace("{", "\\{").replace("}", "\\}")
+    resp = client.chat.completions.create(
+        model=model, temperature=0, max_tokens=160, tools=[WEATHER_TOOL], tool_choice="auto", stream=stream,
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}], extra_body={"regex": regex})
+    if stream:
+        chunks = list(resp)
+        content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+        reason = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    else:
+        msg = resp.choices[0].message
+        content, calls, reason = msg.content, msg.tool_calls, [resp.choices[0].finish_reason]
+    assert content.strip() == "Checking."
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == \
+        [("get_weather", {"city": "Paris", "unit": "celsius"})]
+    assert reason == ["tool_calls"]
