@@ -6,6 +6,7 @@ for the same prompt; ``tests/integration/test_engine_greedy.py`` ties those to H
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import jsonschema
@@ -259,3 +260,32 @@ def test_auto_tool_call_is_parsed_from_model_text(client, model, stream):
     assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == \
         [("get_weather", {"city": "Paris", "unit": "celsius"})]
     assert reason == ["tool_calls"]
+
+
+def test_completions_batch_of_prompts_with_n2_orders_choices_prompt_major(client, model):
+    prompts = ["The capital of France is", "Water boils at"]
+    resp = client.completions.create(model=model, prompt=prompts, n=2, temperature=0, max_tokens=4)
+    assert [c.index for c in resp.choices] == [0, 1, 2, 3]
+    alone = [client.completions.create(model=model, prompt=p, temperature=0, max_tokens=4).choices[0].text
+             for p in prompts]
+    assert [c.text for c in resp.choices] == [alone[0], alone[0], alone[1], alone[1]]
+
+
+def test_chat_stream_disconnect_frees_the_request(url, model):
+    def state() -> dict:
+        return httpx.get(url + "/get_server_info", timeout=30).json()["internal_states"][0]
+
+    before = state()
+    body = {"model": model, "messages": QUESTION, "max_tokens": 3000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as resp:
+        lines = (line for line in resp.iter_lines() if line)
+        for _ in range(10):
+            next(lines)
+        assert state()["num_running_requests"] == 1
+    for _ in range(100):
+        after = state()
+        if after["num_running_requests"] == 0:
+            break
+        time.sleep(0.1)
+    assert after["num_running_requests"] == 0 and after["kv_used_tokens"] == before["kv_used_tokens"]
+    assert after["generated_tokens"] - before["generated_tokens"] < 300
