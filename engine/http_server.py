@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import time
@@ -131,7 +132,9 @@ class GuardMiddleware:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         key = self.state.api_key
-        if key and scope["path"] not in OPEN_PATHS and headers.get("authorization") != f"Bearer {key}":
+        given = headers.get("authorization", "")
+        if key and scope["path"] not in OPEN_PATHS and not hmac.compare_digest(given.encode(),
+                                                                              f"Bearer {key}".encode()):
             resp = error_response(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                                   code="invalid_api_key")
             return await resp(scope, receive, send)
