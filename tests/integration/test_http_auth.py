@@ -7,8 +7,9 @@ from types import SimpleNamespace
 import httpx
 import openai
 import pytest
-from radixfleet.engine.http_server import ServerState, build_app
 from server_process import default_model_dir, engine_server
+
+from radixfleet.engine.http_server import ServerState, build_app
 
 KEY = "s3cret-key"
 # One request per route of the app (checked against build_app's routes below).

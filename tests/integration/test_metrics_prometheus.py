@@ -13,8 +13,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from radixfleet.engine.metric_names import ENGINE_METRICS
 from server_process import default_model_dir, engine_server, free_port
+
+from radixfleet.engine.metric_names import ENGINE_METRICS
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
+
 from radixfleet.engine.metric_names import ENGINE_METRICS
 from radixfleet.engine.metrics import EngineMetrics
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from radixfleet.engine.tool_parser import (
     Llama3JsonParser,
     Qwen25Parser,
