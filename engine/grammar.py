@@ -126,11 +126,11 @@ class GrammarMasker:
 
     def apply(self, logits: torch.Tensor, reqs: list) -> None:
         """Mask ``logits`` [B, V] in place where ``reqs[i].grammar`` is set."""
-        import xgrammar as xgr
-
         rows = [i for i, r in enumerate(reqs) if r.grammar is not None]
         if not rows:
             return
+        import xgrammar as xgr  # only once a constrained request exists (not needed otherwise)
+
         b = logits.shape[0]
         if self._bitmask is None or self._bitmask.shape[0] < b:
             self._bitmask = xgr.allocate_token_bitmask(max(b, 16), self.vocab_size)

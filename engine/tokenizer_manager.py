@@ -88,6 +88,7 @@ class TokenizerManager:
         self.vocab_size = 0
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
+        self._procs: list = []
         self.listeners: list[Any] = []  # callables(state, out) for metrics; called on every output
 
     # ---- start-up -------------------------------------------------------------------------
@@ -112,6 +113,7 @@ class TokenizerManager:
                 raise RuntimeError(f"an engine process exited during start-up (exit code {dead[0].returncode})")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the engine did not start within {timeout:.0f} s (waiting for {need})")
+        self._procs = list(procs)
         self._thread = threading.Thread(target=self._recv_loop, name="tokenizer-manager-recv", daemon=True)
         self._thread.start()
 
@@ -196,12 +198,25 @@ class TokenizerManager:
         poller.register(self.recv_sock, zmq.POLLIN)
         while not self._stopped.is_set():
             if not poller.poll(100):
+                self._check_children()
                 continue
             msg = ipc.recv(self.recv_sock)
             try:
                 self._dispatch(msg)
             except Exception:
                 logger.exception("failed to dispatch %s", type(msg).__name__)
+
+    def _check_children(self) -> None:
+        """If an engine process died, fail every pending request instead of hanging it."""
+        dead = [p for p in self._procs if p.poll() is not None]
+        if not dead or self._stopped.is_set():
+            return
+        with self._lock:
+            states, self.states = list(self.states.values()), {}
+        err = RuntimeError(f"an engine process died (exit code {dead[0].returncode}); restart the engine")
+        for st in states:
+            st.sink.put(err)
+        self._procs = []  # report once
 
     def _dispatch(self, msg: Any) -> None:
         if isinstance(msg, ipc.BatchTextOut):

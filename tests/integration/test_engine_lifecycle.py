@@ -116,3 +116,18 @@ def test_request_finishing_in_its_prefill_step_frees_its_slots_and_caches_its_pr
         engine.generate(prompt, {"max_new_tokens": 1})
     state = engine.get_server_info()["internal_states"][0]
     assert state["kv_used_tokens"] == 0 and state["num_running_requests"] == 0
+
+
+def test_a_dead_scheduler_fails_pending_requests_instead_of_hanging(model_dir):
+    """Regression: when the scheduler process crashed, callers waited forever."""
+    with Engine(model_path=model_dir, max_total_tokens=1024) as engine:
+        stream = engine.generate("Tell me a story", {"max_new_tokens": 500, "ignore_eos": True}, stream=True)
+        next(stream)
+        scheduler = [p for p in engine_children(os.getpid()) if p.pid == engine._procs[1].pid][0]
+        scheduler.kill()
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match="engine process died"):
+            list(stream)
+        assert time.monotonic() - t0 < 5
+        with pytest.raises(RuntimeError, match="died"):
+            engine.generate("hi")
