@@ -44,12 +44,14 @@ def run_engine(args, inputs, outputs) -> dict:
 
     kwargs = dict(model_path=args.model_path, load_format=args.load_format, dtype=args.dtype,
                   disable_radix_cache=True)
+    if args.load_format == "dummy":
+        kwargs["skip_tokenizer_init"] = True  # shipped configs carry no tokenizer
     if args.max_total_tokens:
         kwargs["max_total_tokens"] = args.max_total_tokens
     if args.extra:
         kwargs.update(json.loads(args.extra))
     with Engine(**kwargs) as engine:
-        warm = engine.generate(input_ids=inputs[0][:16], sampling_params={"max_new_tokens": 4})
+        warm = engine.generate(input_ids=inputs[0][:16], sampling_params={"max_new_tokens": 4, "ignore_eos": True})
         assert warm["meta_info"]["completion_tokens"] == 4
         params = [{"max_new_tokens": o, "ignore_eos": True, "temperature": 0} for o in outputs]
         t0 = time.perf_counter()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from radixfleet.engine.layers.fused import fused_ops
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden: int, eps: float = 1e-6):
@@ -20,6 +22,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """``residual is None``: return norm(x). Else return (norm(x + residual), x + residual)."""
+        ops = fused_ops(x) if x.dim() == 2 and x.stride(-1) == 1 else None
+        if ops is not None:
+            if residual is None:
+                return ops.rmsnorm(x, self.weight, self.eps)
+            return ops.fused_add_rmsnorm(x, residual, self.weight, self.eps)
         if residual is None:
             return self._norm(x)
         x = x + residual

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from radixfleet.engine.layers.fused import fused_ops
+
 
 def _inv_freq_default(head_dim: int, theta: float) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
@@ -51,6 +53,12 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """positions [T]; q [T, H, D], k [T, KVH, D] → rotated (q, k)."""
+        ops = fused_ops(q)
+        if ops is not None and q.stride(-1) == 1 and k.stride(-1) == 1:
+            if getattr(self, "_cos_sin", None) is None:
+                self._cos_sin = torch.cat([self.cos, self.sin], dim=-1).contiguous()  # [P, D] fp32
+            ops.apply_rotary_(positions, q, k, self._cos_sin)  # in place
+            return q, k
         cos = self.cos[positions].unsqueeze(1)  # [T, 1, D/2]
         sin = self.sin[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
