@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+
 from radixfleet.operator.spec import AutoscalingSpec
 
 TOLERANCE = 0.1

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import kopf
+
 from radixfleet.operator import names
 from radixfleet.operator.apply import is_subset
 from radixfleet.operator.autoscale import ScaleHistory, observe, recommend, stabilize

@@ -15,6 +15,7 @@ import random
 from dataclasses import fields
 
 import kopf
+
 from radixfleet.operator.config import OperatorConfig
 from radixfleet.operator.handlers import build_registry
 from radixfleet.operator.runtime import Runtime

@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 import kmock
+
 from radixfleet.operator import names
 from radixfleet.operator.config import OperatorConfig
 from radixfleet.operator.handlers import build_registry

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from radixfleet.engine.metric_names import ENGINE_METRICS
 from radixfleet.operator.autoscale import METRIC_SOURCES
 from radixfleet.operator.router_client import INFLIGHT_METRIC

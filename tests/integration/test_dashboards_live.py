@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+
 from radixfleet.operator.testing import (
     Proc,
     engine_process,

@@ -14,6 +14,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+
 from radixfleet.operator.kube import KINDS
 from radixfleet.operator.testing import kube_emulator
 

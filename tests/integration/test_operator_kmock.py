@@ -12,6 +12,7 @@ import tempfile
 
 import httpx
 import pytest
+
 from radixfleet.operator import names
 from radixfleet.operator.testing import (
     Api,

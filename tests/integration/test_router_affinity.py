@@ -13,6 +13,7 @@ import random
 
 import httpx
 import pytest
+
 from radixfleet.router.config import RouterConfig
 from radixfleet.router.testing import RouterThread, free_port, start_fake_workers
 

@@ -23,6 +23,7 @@ import httpx
 import openai
 import psutil
 import pytest
+
 from radixfleet.router.config import RouterConfig
 from radixfleet.router.testing import RouterThread, free_port
 

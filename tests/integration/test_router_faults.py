@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+
 from radixfleet.router.config import RouterConfig
 from radixfleet.router.testing import RouterThread, free_port, start_fake_workers
 

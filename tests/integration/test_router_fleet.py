@@ -13,6 +13,7 @@ import httpx
 import openai
 import psutil
 import pytest
+
 from radixfleet.router.testing import free_port
 
 FAKE = "{python} -m radixfleet.router.fake_worker --host {host} --port {port} --model-path {model_path}"

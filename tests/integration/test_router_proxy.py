@@ -8,6 +8,7 @@ import time
 
 import httpx
 import pytest
+
 from radixfleet.router.config import RouterConfig
 from radixfleet.router.metric_names import ROUTER_METRICS
 from radixfleet.router.testing import RouterThread, free_port, start_fake_workers

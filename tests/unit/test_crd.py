@@ -10,6 +10,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+
 from radixfleet.operator.spec import InferenceServiceSpec, SpecError, parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -20,6 +20,7 @@ GPU_TESTS = Path(__file__).resolve().parents[1] / "gpu"
 
 def case_decode() -> None:
     from _reference import attention_ref, make_paged_kv, rel_err
+
     from radixfleet.kernels.decode_attention import decode_attention
 
     gen = torch.Generator().manual_seed(0)
@@ -37,6 +38,7 @@ def case_decode() -> None:
 
 def case_extend() -> None:
     from _reference import attention_ref, make_paged_kv, rel_err
+
     from radixfleet.kernels.extend_attention import extend_attention
 
     gen = torch.Generator().manual_seed(1)
@@ -59,6 +61,7 @@ def case_extend() -> None:
 
 def case_small_kernels() -> None:
     import torch.nn.functional as F
+
     from radixfleet.kernels.activation import silu_and_mul
     from radixfleet.kernels.kv_store import store_kv
     from radixfleet.kernels.rmsnorm import fused_add_rmsnorm, rmsnorm
@@ -99,6 +102,7 @@ def case_small_kernels() -> None:
 def case_backend() -> None:
     """Extend (with a cached prefix) then decode through TritonAttentionBackend vs the reference."""
     from _reference import attention_ref, rel_err
+
     from radixfleet.engine.attention.base import ForwardBatch, ForwardMode, KVPool
     from radixfleet.engine.attention.triton_backend import TritonAttentionBackend
 

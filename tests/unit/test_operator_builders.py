@@ -7,6 +7,7 @@ import copy
 
 import kubernetes_validate
 import pytest
+
 from radixfleet.operator import names
 from radixfleet.operator.manifests import build_children
 from radixfleet.operator.spec import parse_spec

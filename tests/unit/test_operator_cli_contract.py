@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
+
 from radixfleet.operator.manifests import build_children
 from radixfleet.operator.spec import parse_spec
 

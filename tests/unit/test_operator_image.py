@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import tomllib
+
 from radixfleet.operator.manifests import build_children
 from radixfleet.operator.spec import parse_spec
 

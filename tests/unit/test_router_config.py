@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+
 from radixfleet.router.circuit_breaker import CircuitBreaker, CircuitState
 from radixfleet.router.cli import parse_config
 from radixfleet.router.config import RouterConfig

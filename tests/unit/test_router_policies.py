@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 
 import pytest
+
 from radixfleet.router.cache_aware import CacheAwarePolicy
 from radixfleet.router.circuit_breaker import CircuitBreaker
 from radixfleet.router.config import RouterConfig
