@@ -8,6 +8,7 @@ alias to the prepared folder (preparing it on first use). Any other path is retu
 from __future__ import annotations
 
 import argparse
+import fcntl
 import importlib.util
 import logging
 import os
@@ -49,8 +50,17 @@ def _find_gguf() -> Path:
 def prepare_default_model(force: bool = False) -> Path:
     """Convert the shipped GGUF to an fp32 safetensors HF folder once; return the folder."""
     target = default_model_dir()
-    if (target / "config.json").exists() and any(target.glob("*.safetensors")) and not force:
-        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Several processes may ask at once (workers of one fleet, test runs): one converts,
+    # the others wait on the lock and then find the folder ready.
+    with open(target.parent / f".{_FOLDER_NAME}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "config.json").exists() and any(target.glob("*.safetensors")) and not force:
+            return target
+        return _convert(target)
+
+
+def _convert(target: Path) -> Path:
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

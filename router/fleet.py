@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 import httpx
 import psutil
 
+from radixfleet.engine.model_prep import ALIASES, prepare_default_model
+
 from .cli_fields import add_dataclass_flags, from_namespace
 from .config import POLICY_NAMES
 
@@ -171,6 +173,9 @@ class Fleet:
         if not _port_is_free(c.host, c.port):
             log.error("port %d on %s is taken; pick another with --port", c.port, c.host)
             return 1
+        if c.model_path in ALIASES:
+            # Convert the default model once here, not in N workers at the same time.
+            prepare_default_model()
         router = spawn(self.router_command())
         self.procs.append(router)
         if not self._wait(lambda: self._healthy(self.router_url), router, 60.0):
