@@ -47,10 +47,11 @@ LIST_META_KEYS = ("output_token_logprobs", "output_top_logprobs")
 class APIError(Exception):
     """An error answered as an OpenAI error object with this HTTP status."""
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+    def __init__(self, status: int, message: str, type_: str | None = None,
                  param: str | None = None, code: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type_ or _TYPES.get(status, "invalid_request_error")
 
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -95,21 +96,6 @@ class ServerState:
         procs = getattr(self.engine, "_procs", None)
         if procs is not None and (not procs or any(p.poll() is not None for p in procs)):
             raise APIError(503, "an engine process has exited; restart the server")
-
-    async def watch_engine(self, interval: float = 0.5) -> None:
-        """Fail every pending request once an engine process has died (else they wait forever)."""
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                self.check_alive()
-            except APIError as e:
-                with self.tm._lock:
-                    states = list(self.tm.states.values())
-                    self.tm.states.clear()
-                for st in states:
-                    st.sink.put(RuntimeError(e.message))
-                if states:
-                    logger.error("%s; failed %d pending request(s)", e.message, len(states))
 
     async def rpc(self, method: str) -> Any:
         self.check_alive()
@@ -240,6 +226,12 @@ async def until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
             task.cancel()
 
 
+def stream_error(e: Exception) -> dict:
+    """The error event of a stream that fails after it started: 400 for a refused request,
+    503 for an engine failure (a ``RuntimeError``)."""
+    return error_body(400, str(e)) if isinstance(e, ValueError) else error_body(503, str(e))
+
+
 def sse(obj: Any) -> bytes:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
 
@@ -266,14 +258,8 @@ async def json_body(request: Request) -> Any:
 def build_app(state: ServerState) -> FastAPI:
     from radixfleet.engine.openai_serving import register_openai_routes
 
-    @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        watcher = asyncio.create_task(state.watch_engine())
-        yield
-        watcher.cancel()
-
-    app = FastAPI(title="radixfleet engine", docs_url=None, redoc_url=None, openapi_url=None,
-                  lifespan=lifespan)
+    # (A dead engine process fails pending requests in the TokenizerManager's receiver thread.)
+    app = FastAPI(title="radixfleet engine", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
     _register_error_handlers(app)
     _register_native_routes(app, state)
@@ -290,6 +276,11 @@ def _register_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ValueError)
     async def _value_error(_: Request, e: ValueError) -> JSONResponse:
         return error_response(400, str(e) or type(e).__name__, param=getattr(e, "param", None))
+
+    @app.exception_handler(RuntimeError)
+    async def _engine_error(_: Request, e: RuntimeError) -> JSONResponse:
+        # The engine failed the request (a process died, the request was aborted...).
+        return error_response(503, str(e) or type(e).__name__)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -417,5 +408,5 @@ async def _native_sse(gen: AsyncIterator[tuple[int, dict]], first: Any, with_ind
                 yield sse({**chunk, "index": index} if with_index else chunk)
                 item = await anext(gen, None)
         except (ValueError, RuntimeError) as e:
-            yield sse(error_body(400, str(e)))
+            yield sse(stream_error(e))
     yield SSE_DONE

@@ -27,10 +27,10 @@ from radixfleet.engine.http_server import (
     _first_or_error,
     chunk_entries,
     collect,
-    error_body,
     json_body,
     sse,
     sse_response,
+    stream_error,
     stream_outputs,
     until_disconnect,
 )
@@ -103,7 +103,7 @@ async def _stream(job: _Job, gen: AsyncIterator[tuple[int, dict]], first: Any) -
             if job.include_usage:
                 yield sse({**job.envelope(), "choices": [], "usage": job.usage([finals[i] for i in sorted(finals)])})
         except (ValueError, RuntimeError) as e:
-            yield sse(error_body(400, str(e)))
+            yield sse(stream_error(e))
     yield SSE_DONE
 
 
