@@ -56,7 +56,11 @@ def stack():
     """engine + router + failing peer router + Prometheus; yields their URLs."""
     tmp = Path(tempfile.mkdtemp(prefix="rf-dashboards-"))
     engine = engine_process("127.0.0.1", free_port(), log_path=str(tmp / "engine.log")).start()
-    router = router_process(free_port(), log_path=str(tmp / "router.log")).start()
+    # The failing peer must stay registered until the test removes it through the API (the
+    # worker_removals_total{reason="api"} panel); without a high limit its 503s could get it
+    # evicted first, depending on where cache_aware sends the traffic.
+    router = router_process(free_port(), "127.0.0.1", str(tmp / "router.log"),
+                            "--max-worker-retries", "1000").start()
     broken = router_process(free_port(), log_path=str(tmp / "broken.log")).start()  # no workers: answers 503
     prom_port = free_port()
     config = prometheus_config({"engine": engine.url.split("//")[1], "router": router.url.split("//")[1]})
