@@ -32,6 +32,10 @@ class Engine:
 
     def __init__(self, **kwargs: Any):
         self.config = EngineConfig.from_kwargs(**kwargs)
+        if self.config.tp_size > 1 or self.config.nnodes > 1:
+            # The layers are TP-aware, but the per-rank scheduler processes and the NCCL
+            # group are not built yet: refuse rather than silently run on one device.
+            raise ValueError("tensor parallelism (tp_size > 1, nnodes > 1) is not supported yet")
         logging.getLogger("radixfleet").setLevel(self.config.log_level_int)
         self.model_path = resolve_model_path(self.config.model_path)
         if not os.path.isdir(self.model_path):
