@@ -303,43 +303,47 @@ class TokenizerManager:
     def stream_sync(self, reqs: list[SingleReq]) -> Iterator[tuple[int, dict]]:
         """Yield (index, output) as results arrive; ends when every request has finished."""
         sink = ThreadSink()
-        states = self.submit(reqs, sink)
-        pending = len(states)
+        results = _Results(self, self.submit(reqs, sink))
         try:
-            while pending:
-                item = sink.get()
-                if isinstance(item, Exception):
-                    pending -= 1
-                    raise item
-                index, out = item
-                if out is _END:
-                    pending -= 1
-                    continue
-                yield index, out
+            while results.pending:
+                got = results.take(sink.get())
+                if got is not None:
+                    yield got
         finally:
-            if pending:
-                for st in states:
-                    if st.rid in self.states:
-                        self.abort(st.rid)
+            results.abort_unfinished()
 
     async def stream_async(self, reqs: list[SingleReq]) -> AsyncIterator[tuple[int, dict]]:
         """Async twin of ``stream_sync``; closing it early aborts the unfinished requests."""
         sink = AsyncSink()
-        states = self.submit(reqs, sink)
-        pending = len(states)
+        results = _Results(self, self.submit(reqs, sink))
         try:
-            while pending:
-                item = await sink.get()
-                if isinstance(item, Exception):
-                    pending -= 1
-                    raise item
-                index, out = item
-                if out is _END:
-                    pending -= 1
-                    continue
-                yield index, out
+            while results.pending:
+                got = results.take(await sink.get())
+                if got is not None:
+                    yield got
         finally:
-            if pending:
-                for st in states:
-                    if st.rid in self.states:
-                        self.abort(st.rid)
+            results.abort_unfinished()
+
+
+class _Results:
+    """What the sync and async result loops share: counting finished requests, raising a
+    request's error, and aborting what is unfinished when the caller stops early."""
+
+    def __init__(self, tm: TokenizerManager, states: list[ReqState]):
+        self.tm, self.states, self.pending = tm, states, len(states)
+
+    def take(self, item: Any) -> tuple[int, dict] | None:
+        if isinstance(item, Exception):
+            self.pending -= 1
+            raise item
+        index, out = item
+        if out is _END:
+            self.pending -= 1
+            return None
+        return index, out
+
+    def abort_unfinished(self) -> None:
+        if self.pending:
+            for st in self.states:
+                if st.rid in self.tm.states:
+                    self.tm.abort(st.rid)
