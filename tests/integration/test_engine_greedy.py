@@ -70,3 +70,20 @@ def test_chunked_prefill_of_a_long_prompt_matches_hf(model_dir):
         out = e.generate(prompt, {"temperature": 0, "max_new_tokens": 16})
     assert out["meta_info"]["prompt_tokens"] >= 1000
     assert out["output_ids"] == ref
+
+
+def test_paged_fcfs_with_few_running_slots_matches_hf(model_dir, hf_reference):
+    # page_size 4: prefixes are reused a whole page at a time; at most 3 requests decode
+    # together, the rest wait their turn in arrival order.
+    with Engine(model_path=model_dir, max_total_tokens=2048, page_size=4, schedule_policy="fcfs",
+                max_running_requests=3) as e:
+        first = e.generate(PROMPTS, GREEDY)
+        second = e.generate(PROMPTS, GREEDY)
+        state = e.get_server_info()["internal_states"][0]
+    for ref, a, b in zip(hf_reference, first, second):
+        assert_matches(ref, a)
+        assert_matches(ref, b)
+        cached, prompt = b["meta_info"]["cached_tokens"], b["meta_info"]["prompt_tokens"]
+        # Whole pages only, and at least one token is always computed.
+        assert cached % 4 == 0 and cached == (prompt - 1) // 4 * 4
+    assert state["kv_used_tokens"] == 0
