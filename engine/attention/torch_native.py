@@ -21,6 +21,7 @@ class TorchNativeBackend(AttentionBackend):
             lens = batch.seq_lens.to(rows.device).long()
             valid = torch.arange(max_len, device=rows.device)[None, :] < lens[:, None]  # [B, L]
             self._decode_slots = rows.masked_fill(~valid, 0)
+            self._decode_flat = self._decode_slots.flatten()
             self._decode_mask = valid[:, None, None, :]  # [B, 1, 1, L] for SDPA
         else:
             self._extend_slots = [
@@ -36,8 +37,11 @@ class TorchNativeBackend(AttentionBackend):
         return self._extend(q, k_buf, v_buf, batch)
 
     def _decode(self, q, k_buf, v_buf):
-        keys = k_buf[self._decode_slots].transpose(1, 2)  # [B, KVH, L, D]
-        vals = v_buf[self._decode_slots].transpose(1, 2)
+        b, n = self._decode_slots.shape
+        # index_select is ~2x faster than advanced indexing on CPU.
+        keys = k_buf.index_select(0, self._decode_flat).view(b, n, *k_buf.shape[1:]).transpose(1, 2)
+        vals = v_buf.index_select(0, self._decode_flat).view(b, n, *v_buf.shape[1:]).transpose(1, 2)
+        # keys/vals: [B, KVH, L, D]
         out = F.scaled_dot_product_attention(
             q.unsqueeze(2), keys, vals, attn_mask=self._decode_mask, scale=self.scale,
             enable_gqa=self.num_heads != self.num_kv_heads)  # [B, H, 1, D]
