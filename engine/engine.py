@@ -73,11 +73,10 @@ class Engine:
 
         With ``stream=True`` returns an iterator of chunks whose ``text`` is the new text.
         """
-        _refuse(unsupported)
-        reqs, is_batch = normalize_generate(prompt, input_ids, sampling_params, stream, rid, return_logprob,
-                                            logprob_start_len, top_logprobs_num, return_hidden_states,
-                                            return_text_in_logprobs, custom_logit_processor)
-        tm = self._tm()
+        reqs, is_batch, tm = self._prepare(
+            prompt, input_ids, sampling_params, stream, rid, return_logprob, logprob_start_len,
+            top_logprobs_num, return_hidden_states, return_text_in_logprobs, custom_logit_processor,
+            unsupported)
         if stream:
             return self._iter_stream(tm.stream_sync(reqs), is_batch)
         results = dict(tm.stream_sync(reqs))
@@ -93,15 +92,24 @@ class Engine:
                              custom_logit_processor: str | list | None = None,
                              **unsupported: Any) -> dict | list[dict] | AsyncIterator[dict]:
         """Awaitable ``generate``; with ``stream=True`` it returns an async iterator of chunks."""
-        _refuse(unsupported)
-        reqs, is_batch = normalize_generate(prompt, input_ids, sampling_params, stream, rid, return_logprob,
-                                            logprob_start_len, top_logprobs_num, return_hidden_states,
-                                            return_text_in_logprobs, custom_logit_processor)
-        tm = self._tm()
+        reqs, is_batch, tm = self._prepare(
+            prompt, input_ids, sampling_params, stream, rid, return_logprob, logprob_start_len,
+            top_logprobs_num, return_hidden_states, return_text_in_logprobs, custom_logit_processor,
+            unsupported)
         if stream:
             return self._aiter_stream(tm.stream_async(reqs), is_batch)
         results = {i: out async for i, out in tm.stream_async(reqs)}
         return _shape([results[i] for i in range(len(results))], is_batch)
+
+    def _prepare(self, prompt, input_ids, sampling_params, stream, rid, return_logprob,
+                 logprob_start_len, top_logprobs_num, return_hidden_states, return_text_in_logprobs,
+                 custom_logit_processor, unsupported: dict[str, Any]):
+        """Validate one generate call (both flavours); return (requests, is_batch, manager)."""
+        _refuse(unsupported)
+        reqs, is_batch = normalize_generate(prompt, input_ids, sampling_params, stream, rid, return_logprob,
+                                            logprob_start_len, top_logprobs_num, return_hidden_states,
+                                            return_text_in_logprobs, custom_logit_processor)
+        return reqs, is_batch, self._tm()
 
     @staticmethod
     def _iter_stream(it: Iterator[tuple[int, dict]], is_batch: bool) -> Iterator[dict]:

@@ -8,17 +8,9 @@ itself (no worker chosen) carry ``worker="none"``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from radixfleet.engine.metric_names import MetricFamily  # one table shape for both catalogs
 
 PREFIX = "radixfleet_router_"
-
-
-@dataclass(frozen=True)
-class MetricFamily:
-    name: str
-    kind: str  # "counter" | "gauge" | "histogram"
-    help: str
-    labels: tuple[str, ...] = ()
 
 
 ROUTER_METRICS: tuple[MetricFamily, ...] = (
@@ -34,7 +26,7 @@ ROUTER_METRICS: tuple[MetricFamily, ...] = (
     MetricFamily(PREFIX + "worker_healthy", "gauge", "1 if the worker passed its last health check and its circuit is not open.", ("worker",)),
     MetricFamily(PREFIX + "circuit_breaker_state", "gauge", "Circuit state per worker: 0 closed, 1 half-open, 2 open.", ("worker",)),
     MetricFamily(PREFIX + "tree_size_characters", "gauge", "Characters in a worker's approximate radix tree (cache_aware).", ("worker",)),
-    MetricFamily(PREFIX + "workers", "gauge", "Registered workers."),
+    MetricFamily(PREFIX + "workers", "gauge", "Registered workers.", ()),
 )
 
 
