@@ -5,6 +5,11 @@ Padding rows decode a dummy token at the padding slot 0 with a context of one to
 they never touch a real request's KV. Graphs share one memory pool; the attention backend
 reserves its scratch for the largest batch before capture (``reserve``), so no captured
 pointer moves afterwards.
+
+Batches built here carry ``cuda_graph=True`` and, at replay, the real host sequence lengths
+(padding rows: 1): the backend's ``plan`` runs outside the graph before every replay, and
+backends whose kernels read a per-step schedule from fixed buffers (flashinfer) rewrite it
+there.
 """
 
 from __future__ import annotations
@@ -45,14 +50,17 @@ class CudaGraphRunner:
             backend.reserve(self.max_bs)
         self._capture()
 
-    def _batch(self, bs: int) -> ForwardBatch:
+    def _batch(self, bs: int, seq_lens_cpu: list[int] | None = None) -> ForwardBatch:
+        """The static buffers' first ``bs`` rows as a decode batch; ``seq_lens_cpu`` must
+        match what ``self.seq_lens[:bs]`` holds (default: all 1, the capture-time state)."""
+        seq_lens_cpu = seq_lens_cpu or [1] * bs
         return ForwardBatch(
             mode=ForwardMode.DECODE, input_ids=self.input_ids[:bs], positions=self.positions[:bs],
             req_pool_indices=self.req_pool_indices[:bs], seq_lens=self.seq_lens[:bs],
             extend_prefix_lens=self.seq_lens[:bs] - 1, extend_seq_lens=self.ones[:bs],
             out_cache_loc=self.out_cache_loc[:bs], req_to_token=self.req_to_token,
-            seq_lens_cpu=[1] * bs, extend_prefix_lens_cpu=[0] * bs, extend_seq_lens_cpu=[1] * bs,
-            attn_backend=self.backend)
+            seq_lens_cpu=seq_lens_cpu, extend_prefix_lens_cpu=[n - 1 for n in seq_lens_cpu],
+            extend_seq_lens_cpu=[1] * bs, attn_backend=self.backend, cuda_graph=True)
 
     @torch.inference_mode()
     def _capture(self) -> None:
@@ -61,6 +69,7 @@ class CudaGraphRunner:
         for bs in reversed(self.sizes):
             batch = self._batch(bs)
             self.backend.plan(batch)
+            stream.wait_stream(torch.cuda.current_stream())  # plan may write device buffers
             with torch.cuda.stream(stream):
                 for _ in range(2):  # warm up (triton autotune/JIT) outside the graph
                     self.model(batch)
@@ -91,6 +100,6 @@ class CudaGraphRunner:
         self.req_pool_indices[:bs].copy_(batch.req_pool_indices)
         self.seq_lens[:bs].copy_(batch.seq_lens)
         self.out_cache_loc[:bs].copy_(batch.out_cache_loc)
-        self.backend.plan(self._batch(padded))
+        self.backend.plan(self._batch(padded, list(batch.seq_lens_cpu) + [1] * (padded - bs)))
         self.graphs[padded].replay()
         return self.outputs[padded][:bs]

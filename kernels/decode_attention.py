@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from radixfleet.kernels import dot_precision
+
 _LOG2E = 1.4426950408889634
 MAX_KV_SPLITS = 32
 
@@ -31,7 +33,8 @@ MAX_KV_SPLITS = 32
 @triton.jit
 def _decode_tile(acc, l_i, m_i, q, row, k_base, v_base, stride_kn, stride_vn, n0, end,
                  offs_d, d_mask, sm_scale_log2,
-                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr):
+                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
+                 PRECISION: tl.constexpr):
     """One BLOCK_N tile of context: online-softmax update of (acc, l_i, m_i).
 
     MASKED=False: the whole tile lies before ``end`` (no masks at all).
@@ -53,14 +56,14 @@ def _decode_tile(acc, l_i, m_i, q, row, k_base, v_base, stride_kn, stride_vn, n0
     else:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
-    qk = tl.dot(q, tl.trans(k)) * sm_scale_log2  # [BLOCK_H, BLOCK_N], log2 units
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale_log2  # [BLOCK_H, BLOCK_N], log2 units
     if MASKED:
         qk = tl.where(n_mask[None, :], qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(qk - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, l_i, m_new
 
 
@@ -80,6 +83,7 @@ def _decode_split_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -112,11 +116,11 @@ def _decode_split_kernel(
     for n0 in range(start, full_end, BLOCK_N):
         acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, row, k_base, v_base, stride_kn, stride_vn,
                                      n0, end, offs_d, d_mask, sm_scale_log2,
-                                     BLOCK_N, False, HEAD_DIM == BLOCK_D)
+                                     BLOCK_N, False, HEAD_DIM == BLOCK_D, PRECISION)
     if full_end < end:
         acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, row, k_base, v_base, stride_kn, stride_vn,
                                      full_end, end, offs_d, d_mask, sm_scale_log2,
-                                     BLOCK_N, True, HEAD_DIM == BLOCK_D)
+                                     BLOCK_N, True, HEAD_DIM == BLOCK_D, PRECISION)
 
     # An empty chunk (start >= end) leaves l_i == 0: store o = 0 and lse = -inf so that
     # stage 2 gives it zero weight without producing NaN.
@@ -184,14 +188,15 @@ def decode_attention(
     out: torch.Tensor | None = None,
     mid_o: torch.Tensor | None = None,
     mid_lse: torch.Tensor | None = None,
-    block_n: int = 64,
+    block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
 ) -> torch.Tensor:
     """Attention of ``q`` [B, H, D] over each request's cached context → [B, H, D].
 
     ``mid_o``/``mid_lse`` may be passed in (shapes in the module docstring) to reuse scratch
-    across layers; ``num_kv_splits`` defaults to :func:`choose_num_kv_splits`.
+    across layers; ``num_kv_splits`` defaults to :func:`choose_num_kv_splits`; ``block_n``
+    (keys per tile) defaults to 64, 32 for fp32 (shared memory).
     """
     B, H, D = q.shape
     KVH = k_buffer.shape[1]
@@ -208,6 +213,7 @@ def decode_attention(
     if mid_lse is None:
         mid_lse = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
     assert mid_o.shape[:3] == (B, H, splits) and mid_lse.shape[:3] == (B, H, splits)
+    block_n = block_n or (32 if q.dtype == torch.float32 else 64)
     block_d = triton.next_power_of_2(D)
     block_h = max(16, triton.next_power_of_2(group))  # tl.dot needs >= 16 rows
 
@@ -221,7 +227,7 @@ def decode_attention(
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1),
         GROUP=group, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_H=block_h, BLOCK_N=block_n,
-        NUM_SPLITS=splits,
+        NUM_SPLITS=splits, PRECISION=dot_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
     _decode_merge_kernel[(B, H)](

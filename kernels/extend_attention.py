@@ -26,13 +26,16 @@ import torch
 import triton
 import triton.language as tl
 
+from radixfleet.kernels import dot_precision
+
 _LOG2E = 1.4426950408889634
 
 
 @triton.jit
 def _extend_tile(acc, l_i, m_i, q, q_pos, row, k_base, v_base, stride_kn, stride_vn, n0, kv_end,
                  offs_d, d_mask, sm_scale_log2,
-                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr):
+                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
+                 PRECISION: tl.constexpr):
     """One BLOCK_N tile of keys: online-softmax update of (acc, l_i, m_i).
 
     CAUSAL=False: every key of the tile is visible to every row (no masks at all).
@@ -53,7 +56,7 @@ def _extend_tile(acc, l_i, m_i, q, q_pos, row, k_base, v_base, stride_kn, stride
     else:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
-    qk = tl.dot(q, tl.trans(k)) * sm_scale_log2  # [BLOCK_M, BLOCK_N], log2 units
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale_log2  # [BLOCK_M, BLOCK_N], log2 units
     if CAUSAL:
         # Every row keeps key 0 (in the first tile), so m_i is finite after it.
         qk = tl.where((q_pos[:, None] >= offs_n[None, :]) & n_mask[None, :], qk, float("-inf"))
@@ -61,7 +64,7 @@ def _extend_tile(acc, l_i, m_i, q, q_pos, row, k_base, v_base, stride_kn, stride
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(qk - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, l_i, m_new
 
 
@@ -79,6 +82,7 @@ def _extend_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     mblk = tl.program_id(0)
     b = tl.program_id(1)
@@ -114,26 +118,30 @@ def _extend_kernel(
     for n0 in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = _extend_tile(acc, l_i, m_i, q, q_pos, row, k_base, v_base, stride_kn,
                                      stride_vn, n0, kv_end, offs_d, d_mask, sm_scale_log2,
-                                     BLOCK_N, False, HEAD_DIM == BLOCK_D)
+                                     BLOCK_N, False, HEAD_DIM == BLOCK_D, PRECISION)
     for n0 in range(full_end, kv_end, BLOCK_N):
         acc, l_i, m_i = _extend_tile(acc, l_i, m_i, q, q_pos, row, k_base, v_base, stride_kn,
                                      stride_vn, n0, kv_end, offs_d, d_mask, sm_scale_log2,
-                                     BLOCK_N, True, HEAD_DIM == BLOCK_D)
+                                     BLOCK_N, True, HEAD_DIM == BLOCK_D, PRECISION)
 
     o = acc / l_i[:, None]
     tl.store(OUT + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
              o.to(OUT.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
-def default_extend_config(head_dim: int, max_extend_len: int,
-                          device: torch.device) -> tuple[int, int, int, int]:
+def default_extend_config(head_dim: int, max_extend_len: int, device: torch.device,
+                          dtype: torch.dtype = torch.bfloat16) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages), from the H100 sweep in benchmarks/kernels.py.
 
     Long extends: 128-row tiles, 3 stages (289-342 TFLOP/s at head dim 128). Short ones
-    (<= 1024 new tokens per request): 64-row tiles, for more programs on the SMs.
+    (<= 1024 new tokens per request): 64-row tiles, for more programs on the SMs. fp32
+    (a correctness mode, not tuned): 64 x 32 tiles, 2 stages, within shared memory at
+    head dim 256.
     """
     if device.type != "cuda":
         return 16, 16, 4, 1  # interpreter: small tiles keep CPU runs fast
+    if dtype == torch.float32:
+        return 64, 32, 4, 2
     if max_extend_len <= 1024:
         return 64, 64, 4, 2
     return 128, 64, 4, 3
@@ -170,7 +178,7 @@ def extend_attention(
         out = torch.empty_like(q)
     if T == 0 or B == 0:
         return out
-    block_m, block_n, num_warps, num_stages = config or default_extend_config(D, max_extend_len, q.device)
+    block_m, block_n, num_warps, num_stages = config or default_extend_config(D, max_extend_len, q.device, q.dtype)
     grid = (triton.cdiv(max_extend_len, block_m), B, H)
     _extend_kernel[grid](
         q, k_buffer, v_buffer, out, req_to_token, req_pool_indices, q_start, prefix_lens,
@@ -182,7 +190,7 @@ def extend_attention(
         out.stride(0), out.stride(1),
         req_to_token.stride(0),
         GROUP=H // KVH, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=block_m,
-        BLOCK_N=block_n,
+        BLOCK_N=block_n, PRECISION=dot_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

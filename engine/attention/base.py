@@ -46,6 +46,9 @@ class ForwardBatch:
     extend_prefix_lens_cpu: list[int]
     extend_seq_lens_cpu: list[int]
     attn_backend: AttentionBackend | None = None  # set by the model runner before forward
+    # A decode batch padded to a captured size and run through a CUDA graph (set by the
+    # graph runner): backends that plan into fixed buffers use their graph state for it.
+    cuda_graph: bool = False
 
     @property
     def batch_size(self) -> int:

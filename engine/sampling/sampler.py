@@ -1,4 +1,10 @@
-"""Batched sampling: one set of tensors for the whole batch, no per-request loop over logits."""
+"""Batched sampling: one set of tensors for the whole batch, no per-request loop over logits.
+
+On CUDA nothing here waits for the device: the per-request parameters go up through pinned
+memory without a sync, sizes come from host-side fields of ``SamplingBatchInfo``, and the
+filters and the draw are plain tensor ops; the caller's copy of the sampled ids is the
+step's only sync (tests/gpu/test_sampling_gpu.py checks this with sync-debug mode).
+"""
 
 from __future__ import annotations
 
@@ -21,6 +27,9 @@ class SamplingBatchInfo:
     need_min_p: bool
     # Rows with a per-request seed: (row, seed mixed with the output position).
     seeded: list[tuple[int, int]] = field(default_factory=list)
+    # Host copy: the largest top-k if every row has a top-k cut (then the top-k window
+    # holds every row's kept tokens), else 0.
+    top_k_window: int = 0
 
     @classmethod
     def build(cls, params: list[SamplingParams], vocab_size: int, device,
@@ -30,18 +39,27 @@ class SamplingBatchInfo:
         positions = positions or [0] * len(params)
         top_ks = [vocab_size if p.top_k < 0 else min(p.top_k, vocab_size) for p in params]
         return cls(
-            temperatures=torch.tensor([p.temperature for p in params], dtype=torch.float32,
-                                      device=device).unsqueeze(1),
-            top_ps=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
-            top_ks=torch.tensor(top_ks, dtype=torch.int64, device=device),
-            min_ps=torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device),
+            temperatures=_upload([p.temperature for p in params], torch.float32, device).unsqueeze(1),
+            top_ps=_upload([p.top_p for p in params], torch.float32, device),
+            top_ks=_upload(top_ks, torch.int64, device),
+            min_ps=_upload([p.min_p for p in params], torch.float32, device),
             all_greedy=all(p.is_greedy for p in params),
             need_top_p=any(p.top_p < 1 for p in params),
             need_top_k=any(k < vocab_size for k in top_ks),
             need_min_p=any(p.min_p > 0 for p in params),
             seeded=[(i, seed_for_step(p.seed, pos)) for i, (p, pos) in enumerate(zip(params, positions, strict=True))
                     if p.seed is not None and not p.is_greedy],
+            top_k_window=max(top_ks) if top_ks and max(top_ks) < vocab_size else 0,
         )
+
+
+def _upload(values: list, dtype: torch.dtype, device) -> torch.Tensor:
+    """A host list as a tensor on ``device``; to CUDA through pinned memory, without a sync
+    (``torch.tensor(..., device="cuda")`` waits for the stream)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
 
 
 def seed_for_step(seed: int, position: int) -> int:
@@ -75,10 +93,42 @@ _CANDIDATES = 1024  # top-p / min-p look at the best tokens first; full sort onl
 
 
 def filter_probs(probs: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
-    """Zero out tokens outside top-k, the top-p nucleus and below min-p × max prob.
+    """Zero out tokens outside top-k, the top-p nucleus and below min-p × max prob."""
+    if probs.device.type == "cpu":
+        return _filter_windowed(probs, info)
+    return _filter_sync_free(probs, info)
 
-    Works on the K best tokens of each row (K = the largest top-k, at least 1024) and
-    falls back to a full sort only when some row's kept set may extend beyond them."""
+
+def _filter_sync_free(probs: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
+    """Every row at once; the window is chosen on the host: the top-k window when every
+    row has a top-k cut, else a full sort (cheap on a GPU)."""
+    vocab = probs.shape[-1]
+    k = info.top_k_window
+    if 0 < k < vocab:
+        cand, order = probs.topk(k, dim=-1)  # [B, K] sorted, descending
+    else:
+        cand, order = probs.sort(dim=-1, descending=True)
+    kept = _keep_sorted(cand, info.top_ks, info.top_ps, info.min_ps)
+    return torch.zeros_like(probs).scatter_(-1, order, kept)
+
+
+def _keep_sorted(cand: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor,
+                 min_ps: torch.Tensor) -> torch.Tensor:
+    """``cand`` [b, K] sorted descending → the same with the filtered-out tokens zeroed."""
+    ranks = torch.arange(cand.shape[-1], device=cand.device)[None, :]
+    drop = ranks >= top_ks[:, None]
+    # Keep the smallest prefix whose mass reaches top_p (the first token always stays);
+    # top_p = 1 keeps everything, whatever the rounding of the running sum.
+    drop |= ((cand.cumsum(dim=-1) - cand) > top_ps[:, None]) & (top_ps[:, None] < 1)
+    drop |= cand < cand[:, :1] * min_ps[:, None]
+    drop[:, 0] = False
+    return cand.masked_fill(drop, 0.0)
+
+
+def _filter_windowed(probs: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
+    """CPU: only the filtered rows, on their K best tokens (K = the largest top-k, at
+    least 1024), falling back to a full sort only when some row's kept set may extend
+    beyond them (data-dependent checks: free on the CPU, a sync on a GPU)."""
     vocab = probs.shape[-1]
     rows = (info.top_ks < vocab) | (info.top_ps < 1) | (info.min_ps > 0)  # [B] rows to filter
     top_ks, top_ps, min_ps = info.top_ks[rows], info.top_ps[rows], info.min_ps[rows]
@@ -89,13 +139,7 @@ def filter_probs(probs: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
         exact = (top_ks <= k) | (cand.sum(-1) >= top_ps) | (cand[:, -1] < cand[:, 0] * min_ps)
         if not bool(exact.all()):
             cand, order = sub.sort(dim=-1, descending=True)
-    ranks = torch.arange(cand.shape[-1], device=probs.device)[None, :]
-    drop = ranks >= top_ks[:, None]
-    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-    drop |= (cand.cumsum(dim=-1) - cand) > top_ps[:, None]
-    drop |= cand < cand[:, :1] * min_ps[:, None]
-    drop[:, 0] = False
-    kept = torch.zeros_like(sub).scatter_(-1, order, cand.masked_fill(drop, 0.0))
+    kept = torch.zeros_like(sub).scatter_(-1, order, _keep_sorted(cand, top_ks, top_ps, min_ps))
     out = probs.clone()
     out[rows] = kept
     return out

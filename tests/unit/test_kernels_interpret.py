@@ -99,6 +99,19 @@ def case_small_kernels() -> None:
     torch.testing.assert_close(kk, k_ref)
 
 
+def case_kv_indices() -> None:
+    """CSR flattening of req_to_token rows (the flashinfer backend's kv_indices)."""
+    from radixfleet.kernels.kv_indices import build_kv_indices
+
+    table = torch.randint(1, 1000, (6, 1100), dtype=torch.int32)
+    rows, lens = torch.tensor([4, 0, 2]), [3, 1030, 0]
+    indptr = torch.tensor([0, 3, 1033, 1033], dtype=torch.int32)
+    out = torch.full((1040,), -1, dtype=torch.int32)
+    build_kv_indices(table, rows, indptr, out)
+    ref = torch.cat([table[r, :n] for r, n in zip(rows.tolist(), lens, strict=True)])
+    assert out[:1033].equal(ref) and bool((out[1033:] == -1).all())
+
+
 def case_backend() -> None:
     """Extend (with a cached prefix) then decode through TritonAttentionBackend vs the reference."""
     from _reference import attention_ref, rel_err

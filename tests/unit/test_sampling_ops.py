@@ -207,10 +207,14 @@ def _reference_filter(probs, top_k, top_p, min_p):
     return out
 
 
+@pytest.mark.parametrize("impl", ["_filter_windowed", "_filter_sync_free"])
 @pytest.mark.parametrize("params", [{"top_p": 0.5}, {"top_p": 0.95, "top_k": 2000}, {"min_p": 0.5},
                                     {"top_k": 5}, {"top_p": 0.3, "min_p": 0.2}])
-def test_filter_is_exact_beyond_the_candidate_window(params):
-    from radixfleet.engine.sampling.sampler import filter_probs
+def test_filter_is_exact_beyond_the_candidate_window(params, impl):
+    """Both filters (CPU's windowed one, and the sync-free one CUDA uses) against the rule."""
+    from radixfleet.engine.sampling import sampler
+
+    filter_probs = getattr(sampler, impl)
 
     vocab = 4096
     torch.manual_seed(2)
@@ -224,3 +228,18 @@ def test_filter_is_exact_beyond_the_candidate_window(params):
     for i, p in enumerate(plist):
         top_k = vocab if p.top_k < 0 else p.top_k
         assert torch.allclose(got[i], _reference_filter(probs[i], top_k, p.top_p, p.min_p))
+
+
+def test_sync_free_filter_uses_the_top_k_window_only_when_every_row_has_a_cut():
+    from radixfleet.engine.sampling.sampler import _filter_sync_free
+
+    vocab = 3000
+    probs = torch.softmax(torch.randn(2, vocab, generator=torch.Generator().manual_seed(4)), -1)
+    both = SamplingBatchInfo.build([SamplingParams.from_dict({"top_k": 7}),
+                                    SamplingParams.from_dict({"top_k": 40, "top_p": 0.5})], vocab, "cpu")
+    assert both.top_k_window == 40
+    mixed = SamplingBatchInfo.build([SamplingParams.from_dict({"top_k": 7}), SamplingParams.from_dict({})],
+                                    vocab, "cpu")
+    assert mixed.top_k_window == 0
+    got = _filter_sync_free(probs, mixed)
+    assert int((got[0] > 0).sum()) == 7 and torch.equal(got[1], probs[1])  # unfiltered row intact
