@@ -1,4 +1,5 @@
-"""Plain-torch references and random paged-KV layouts shared by the kernel tests.
+"""Plain-torch references and random paged-KV layouts shared by the kernel tests, plus a
+reference attention backend and a ForwardBatch builder shared by the backend tests.
 
 References compute in fp32 over gathered slots: no kernel code, no SDPA.
 """
@@ -8,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from radixfleet.engine.attention.base import AttentionBackend, ForwardBatch, ForwardMode
 
 
 def attention_ref(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, slots: torch.Tensor,
@@ -70,3 +73,48 @@ def make_paged_kv(seq_lens: list[int], num_kv_heads: int, head_dim: int, dtype: 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """‖out − ref‖ / ‖ref‖ in fp32."""
     return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
+
+
+class ReferenceBackend(AttentionBackend):
+    """Index-assign store, then per request a plain softmax over the gathered slots."""
+
+    def forward(self, q, k, v, layer_id, batch):
+        k_buf, v_buf = self.kv_pool.k_buffers[layer_id], self.kv_pool.v_buffers[layer_id]
+        k_buf[batch.out_cache_loc] = k
+        v_buf[batch.out_cache_loc] = v
+        out, start = [], 0
+        for b, (n, prefix) in enumerate(zip(batch.extend_seq_lens_cpu, batch.extend_prefix_lens_cpu,
+                                            strict=True)):
+            slots = batch.req_to_token[batch.req_pool_indices[b], :prefix + n].long()
+            out.append(attention_ref(q[start:start + n], k_buf, v_buf, slots, prefix, self.scale))
+            start += n
+        return torch.cat(out).to(q.dtype)
+
+
+class Step:
+    """Builds ForwardBatches over a shared req_to_token table and a slot free list."""
+
+    def __init__(self, num_slots: int, rows: list[int], gen: torch.Generator):
+        self.req_to_token = torch.zeros(8, 4096, dtype=torch.int32, device="cuda")
+        self.free = (torch.randperm(num_slots - 1, generator=gen) + 1).tolist()
+        self.rows = rows
+        self.lens = [0] * len(rows)
+
+    def batch(self, mode: ForwardMode, new: list[int]) -> ForwardBatch:
+        locs, positions = [], []
+        for b, n in enumerate(new):
+            slots = [self.free.pop() for _ in range(n)]
+            self.req_to_token[self.rows[b], self.lens[b]:self.lens[b] + n] = torch.tensor(slots, dtype=torch.int32)
+            locs += slots
+            positions += range(self.lens[b], self.lens[b] + n)
+        prefix = list(self.lens)
+        self.lens = [p + n for p, n in zip(prefix, new, strict=True)]
+        i32 = dict(dtype=torch.int32, device="cuda")
+        return ForwardBatch(
+            mode=mode, input_ids=torch.zeros(len(locs), dtype=torch.int64, device="cuda"),
+            positions=torch.tensor(positions, device="cuda"),
+            req_pool_indices=torch.tensor(self.rows, device="cuda"),
+            seq_lens=torch.tensor(self.lens, **i32), extend_prefix_lens=torch.tensor(prefix, **i32),
+            extend_seq_lens=torch.tensor(new, **i32), out_cache_loc=torch.tensor(locs, device="cuda"),
+            req_to_token=self.req_to_token, seq_lens_cpu=list(self.lens),
+            extend_prefix_lens_cpu=prefix, extend_seq_lens_cpu=list(new))

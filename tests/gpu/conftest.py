@@ -7,6 +7,7 @@ is importable from the test modules.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +15,9 @@ import pytest
 
 _HERE = Path(__file__).parent
 sys.path.insert(0, str(_HERE))
+# flashinfer JIT-compiles its kernels on first use into $FLASHINFER_WORKSPACE_BASE/.cache;
+# keep that under /tmp unless the caller chose a place (read when flashinfer is imported).
+os.environ.setdefault("FLASHINFER_WORKSPACE_BASE", "/tmp/radixfleet-flashinfer")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -83,3 +83,16 @@ def test_decode_non_contiguous_q():
     out = decode_attention(q, kv.k_buf, kv.v_buf, kv.req_to_token, kv.req_pool_indices,
                            kv.seq_lens, 128 ** -0.5)
     assert rel_err(out, _decode_ref(q, kv, 128 ** -0.5)) < 1e-2
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_decode_fp32_is_ieee_accurate(head_dim):
+    """fp32 caches: the dots run in ieee fp32, not tf32 (tf32 gives rel err ~1e-3)."""
+    gen = torch.Generator().manual_seed(5)
+    lens = [1, 64, 700, 3000]
+    kv = make_paged_kv(lens, 4, head_dim, torch.float32, "cuda", gen)
+    q = torch.randn(len(lens), 16, head_dim, generator=gen).cuda()
+    out = decode_attention(q, kv.k_buf, kv.v_buf, kv.req_to_token, kv.req_pool_indices,
+                           kv.seq_lens, head_dim ** -0.5)
+    err = rel_err(out, _decode_ref(q, kv, head_dim ** -0.5))
+    assert err < 1e-5, f"fp32 decode rel err {err:.2e}"

@@ -1,7 +1,20 @@
-"""The engine on CUDA: bf16 models on random weights against HF transformers, the attention
-backends against each other, CUDA graphs on vs off."""
+"""The engine on CUDA: models on random weights against HF transformers, the attention
+backends against each other, CUDA graphs on vs off.
+
+The tiny models use head dim 128 (what flashinfer's kernels are tuned and compiled for;
+one JIT pair serves every test here). Backend agreement is asserted where it is meaningful:
+
+* fp32 (torch_native, triton; flashinfer has no fp32 kernels): identical greedy tokens. The
+  triton kernels use ieee fp32 dots, so the backends differ by reassociation only (~1e-6).
+* bf16 (all three): teacher-forced top-1 matches HF for >= 95 % of positions with logprobs
+  within 5e-2; greedy runs are identical up to the first step whose top-2 margin (bf16
+  torch_native, teacher-forced) is a near-tie, where bf16 rounding may legitimately pick
+  either token. A divergence at a clear margin fails and prints the step and margin.
+"""
 
 from __future__ import annotations
+
+import importlib.util
 
 import pytest
 import torch
@@ -10,8 +23,8 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 from helpers import (  # noqa: E402
+    TINY_ARCHS,
     hf_teacher_forced_logprobs,
-    make_tiny_model,
     runner_teacher_forced_logprobs,
 )
 
@@ -19,22 +32,67 @@ from radixfleet.engine.config import EngineConfig  # noqa: E402
 from radixfleet.engine.engine import Engine  # noqa: E402
 from radixfleet.engine.model_runner import ModelRunner  # noqa: E402
 
-BACKENDS = ["torch_native", "triton"]
+HAS_FLASHINFER = importlib.util.find_spec("flashinfer") is not None
+NEEDS_FLASHINFER = pytest.mark.skipif(not HAS_FLASHINFER, reason="needs flashinfer-python")
+BACKENDS = ["torch_native", "triton", pytest.param("flashinfer", marks=NEEDS_FLASHINFER)]
+BF16_BACKENDS = ["torch_native", "triton"] + (["flashinfer"] if HAS_FLASHINFER else [])
+NEAR_TIE = 0.1  # top-1 minus top-2 logprob below which bf16 backends may pick differently
+PROMPTS = [[5, 17, 99, 3, 250, 8, 41], list(range(10, 200)), [7] * 33, [300, 301]]
+
+
+def make_model(arch: str, folder: str) -> str:
+    """A tiny random-weight model of ``arch`` with head dim 128, saved with transformers."""
+    import transformers
+
+    cls_name, extra = TINY_ARCHS[arch]
+    extra = {**extra, "head_dim": 128} if arch == "qwen3" else extra
+    config = getattr(transformers, cls_name)(
+        vocab_size=512, hidden_size=512, intermediate_size=512, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        eos_token_id=None, bos_token_id=None, **extra)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # larger weights than the init default, so the logits are peaked
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="module", params=["llama3", "qwen3", "qwen2"])
 def tiny(request, tmp_path_factory):
-    return request.param, make_tiny_model(request.param, str(tmp_path_factory.mktemp(request.param)))
+    return request.param, make_model(request.param, str(tmp_path_factory.mktemp(request.param)))
+
+
+def runner(folder: str, backend: str, dtype: str) -> ModelRunner:
+    return ModelRunner(EngineConfig(model_path=folder, dtype=dtype, attention_backend=backend,
+                                    max_total_tokens=2048, disable_cuda_graph=True,
+                                    skip_tokenizer_init=True), folder)
+
+
+def greedy(folder: str, dtype: str = "bfloat16", **kwargs) -> list[list[int]]:
+    params = {"temperature": 0, "max_new_tokens": 48, "ignore_eos": True}
+    with Engine(model_path=folder, dtype=dtype, max_total_tokens=4096, skip_tokenizer_init=True,
+                **kwargs) as engine:
+        return [o["output_ids"] for o in engine.generate(input_ids=PROMPTS, sampling_params=params)]
+
+
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
+
+
+def margin_at(ref_runner: ModelRunner, ids: list[int]) -> float:
+    """top-1 minus top-2 logprob for the token after ``ids`` (teacher-forced)."""
+    top2 = runner_teacher_forced_logprobs(ref_runner, ids)[-1].topk(2).values
+    return float(top2[0] - top2[1])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_top1_and_logprobs_match_hf(tiny, backend):
     arch, folder = tiny
     ids = torch.randint(0, 512, (300,), generator=torch.Generator().manual_seed(2)).tolist()
-    runner = ModelRunner(EngineConfig(model_path=folder, dtype="bfloat16", attention_backend=backend,
-                                      max_total_tokens=2048, disable_cuda_graph=True,
-                                      skip_tokenizer_init=True), folder)
-    ours = runner_teacher_forced_logprobs(runner, ids)
+    ours = runner_teacher_forced_logprobs(runner(folder, backend, "bfloat16"), ids)
     ref = hf_teacher_forced_logprobs(folder, ids, dtype="bfloat16", device="cuda")
     top1 = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
     chosen = ref.argmax(-1, keepdim=True)
@@ -45,37 +103,73 @@ def test_bf16_top1_and_logprobs_match_hf(tiny, backend):
     assert diff < 5e-2
 
 
-def greedy(folder: str, **kwargs) -> list[list[int]]:
-    prompts = [[5, 17, 99, 3, 250, 8, 41], list(range(10, 200)), [7] * 33, [300, 301]]
-    params = {"temperature": 0, "max_new_tokens": 48, "ignore_eos": True}
-    with Engine(model_path=folder, dtype="bfloat16", max_total_tokens=4096, skip_tokenizer_init=True,
-                **kwargs) as engine:
-        return [o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=params)]
-
-
-@pytest.mark.xfail(reason="on the H100 (2026-11-23) triton and torch_native disagreed on these "
-                          "random-weight bf16 models; not yet diagnosed (see issue 7)", strict=False)
-def test_backends_agree_with_each_other(tiny):
-    """bf16 kernels round differently, so long greedy runs on random weights may part at a
-    near-tie; teacher-forced top-1 must agree almost everywhere, and greedy runs must
-    agree on their first tokens."""
-    _, folder = tiny
+def test_fp32_backends_give_identical_greedy_tokens(tiny):
+    """Regression for the old xfail (issue 7): in bf16 triton and torch_native parted at
+    near-ties; in fp32 with ieee dots they must not part at all."""
+    arch, folder = tiny
     ids = torch.randint(0, 512, (300,), generator=torch.Generator().manual_seed(3)).tolist()
-    lp = {}
-    for b in BACKENDS:
-        runner = ModelRunner(EngineConfig(model_path=folder, dtype="bfloat16", attention_backend=b,
-                                          max_total_tokens=2048, disable_cuda_graph=True,
-                                          skip_tokenizer_init=True), folder)
-        lp[b] = runner_teacher_forced_logprobs(runner, ids)
-    agree = (lp["triton"].argmax(-1) == lp["torch_native"].argmax(-1)).float().mean().item()
-    assert agree >= 0.98
-    outs = {b: greedy(folder, attention_backend=b, disable_cuda_graph=True) for b in BACKENDS}
-    for a, b in zip(outs["triton"], outs["torch_native"], strict=True):
-        assert a[:8] == b[:8]
+    lp = {b: runner_teacher_forced_logprobs(runner(folder, b, "float32"), ids)
+          for b in ("torch_native", "triton")}
+    lp_diff = (lp["triton"] - lp["torch_native"]).abs().max().item()
+    print(f"{arch} fp32 triton vs torch_native: max teacher-forced logprob diff {lp_diff:.2e}")
+    assert lp_diff < 1e-3, "fp32 triton attention is not fp32-accurate (tf32 dots?)"
+    outs = {b: greedy(folder, "float32", attention_backend=b, disable_cuda_graph=True)
+            for b in ("torch_native", "triton")}
+    ref_runner = runner(folder, "torch_native", "float32")
+    for p, a, b in zip(PROMPTS, outs["triton"], outs["torch_native"], strict=True):
+        j = first_divergence(a, b)
+        if j is not None:
+            m = margin_at(ref_runner, p + b[:j])
+            pytest.fail(f"{arch} fp32: triton and torch_native part at step {j} of prompt "
+                        f"{p[:5]}... ({a[j]} vs {b[j]}), fp32 top-2 margin {m:.2e}")
 
 
-def test_cuda_graphs_on_and_off_give_identical_greedy_output(tiny):
+def test_bf16_backends_agree_up_to_near_ties(tiny):
+    arch, folder = tiny
+    outs = {b: greedy(folder, "bfloat16", attention_backend=b, disable_cuda_graph=True)
+            for b in BF16_BACKENDS}
+    ref_runner = runner(folder, "torch_native", "bfloat16")
+    ties = []
+    for b in BF16_BACKENDS[1:]:
+        for p, got, want in zip(PROMPTS, outs[b], outs["torch_native"], strict=True):
+            j = first_divergence(got, want)
+            if j is None:
+                continue
+            m = margin_at(ref_runner, p + want[:j])
+            print(f"{arch} bf16 {b} vs torch_native: part at step {j}, top-2 margin {m:.3f}")
+            assert m < NEAR_TIE, (f"{arch} bf16: {b} and torch_native part at step {j} "
+                                  f"({got[j]} vs {want[j]}) where the margin is {m:.3f}")
+            ties.append(j)
+    # Near-ties are rare on these peaked models: most runs must match to the end.
+    assert len(ties) <= len(PROMPTS) * (len(BF16_BACKENDS) - 1) // 2
+
+
+@pytest.mark.parametrize("backend", ["triton", pytest.param("flashinfer", marks=NEEDS_FLASHINFER)])
+def test_cuda_graphs_on_and_off_give_identical_greedy_output(tiny, backend):
     _, folder = tiny
-    eager = greedy(folder, attention_backend="triton", disable_cuda_graph=True)
-    graphed = greedy(folder, attention_backend="triton", cuda_graph_max_bs=8)
+    eager = greedy(folder, attention_backend=backend, disable_cuda_graph=True)
+    graphed = greedy(folder, attention_backend=backend, cuda_graph_max_bs=8)
     assert graphed == eager
+
+
+def test_default_model_backends_agree():
+    """The default model (SmolLM2-135M, head dim 64, GQA 3) when it can be prepared here."""
+    from radixfleet.engine.model_prep import prepare_default_model
+
+    try:
+        folder = str(prepare_default_model())
+    except (FileNotFoundError, ImportError) as e:
+        pytest.skip(f"default model unavailable: {e}")
+    outs = {b: greedy(folder, "float32", attention_backend=b, disable_cuda_graph=True)
+            for b in ("torch_native", "triton")}
+    assert outs["triton"] == outs["torch_native"]
+    if HAS_FLASHINFER:
+        ref_runner = runner(folder, "triton", "bfloat16")
+        fi = greedy(folder, "bfloat16", attention_backend="flashinfer")
+        tr = greedy(folder, "bfloat16", attention_backend="triton")
+        for p, a, b in zip(PROMPTS, fi, tr, strict=True):
+            j = first_divergence(a, b)
+            if j is not None:
+                m = margin_at(ref_runner, p + b[:j])
+                print(f"default model bf16 flashinfer vs triton: part at step {j}, margin {m:.3f}")
+                assert m < NEAR_TIE

@@ -63,3 +63,11 @@ def test_extend_block_configs(config):
 def test_extend_fp16_odd_head_dim():
     out, ref = _run((6, 2), 96, [10, 0], [40, 70], dtype=torch.float16)
     assert rel_err(out, ref) < 5e-3
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_extend_fp32_is_ieee_accurate(head_dim):
+    """fp32: ieee dots (tf32 gives rel err ~1e-3) and tiles that fit shared memory."""
+    out, ref = _run((16, 4), head_dim, [0, 300, 17], [200, 64, 1100], dtype=torch.float32)
+    err = rel_err(out, ref)
+    assert err < 1e-5, f"fp32 extend rel err {err:.2e}"

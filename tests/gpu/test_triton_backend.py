@@ -13,62 +13,12 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from _reference import attention_ref, rel_err  # noqa: E402
+from _reference import ReferenceBackend, Step, rel_err  # noqa: E402
 
-from radixfleet.engine.attention.base import (  # noqa: E402
-    AttentionBackend,
-    ForwardBatch,
-    ForwardMode,
-    KVPool,
-)
+from radixfleet.engine.attention.base import ForwardMode, KVPool  # noqa: E402
 from radixfleet.engine.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 
 NUM_LAYERS = 2
-
-
-class ReferenceBackend(AttentionBackend):
-    """Index-assign store, then per request a plain softmax over the gathered slots."""
-
-    def forward(self, q, k, v, layer_id, batch):
-        k_buf, v_buf = self.kv_pool.k_buffers[layer_id], self.kv_pool.v_buffers[layer_id]
-        k_buf[batch.out_cache_loc] = k
-        v_buf[batch.out_cache_loc] = v
-        out, start = [], 0
-        for b, (n, prefix) in enumerate(zip(batch.extend_seq_lens_cpu, batch.extend_prefix_lens_cpu,
-                                            strict=True)):
-            slots = batch.req_to_token[batch.req_pool_indices[b], :prefix + n].long()
-            out.append(attention_ref(q[start:start + n], k_buf, v_buf, slots, prefix, self.scale))
-            start += n
-        return torch.cat(out).to(q.dtype)
-
-
-class Step:
-    """Builds ForwardBatches over a shared req_to_token table and a slot free list."""
-
-    def __init__(self, num_slots: int, rows: list[int], gen: torch.Generator):
-        self.req_to_token = torch.zeros(8, 4096, dtype=torch.int32, device="cuda")
-        self.free = (torch.randperm(num_slots - 1, generator=gen) + 1).tolist()
-        self.rows = rows
-        self.lens = [0] * len(rows)
-
-    def batch(self, mode: ForwardMode, new: list[int]) -> ForwardBatch:
-        locs, positions = [], []
-        for b, n in enumerate(new):
-            slots = [self.free.pop() for _ in range(n)]
-            self.req_to_token[self.rows[b], self.lens[b]:self.lens[b] + n] = torch.tensor(slots, dtype=torch.int32)
-            locs += slots
-            positions += range(self.lens[b], self.lens[b] + n)
-        prefix = list(self.lens)
-        self.lens = [p + n for p, n in zip(prefix, new, strict=True)]
-        i32 = dict(dtype=torch.int32, device="cuda")
-        return ForwardBatch(
-            mode=mode, input_ids=torch.zeros(len(locs), dtype=torch.int64, device="cuda"),
-            positions=torch.tensor(positions, device="cuda"),
-            req_pool_indices=torch.tensor(self.rows, device="cuda"),
-            seq_lens=torch.tensor(self.lens, **i32), extend_prefix_lens=torch.tensor(prefix, **i32),
-            extend_seq_lens=torch.tensor(new, **i32), out_cache_loc=torch.tensor(locs, device="cuda"),
-            req_to_token=self.req_to_token, seq_lens_cpu=list(self.lens),
-            extend_prefix_lens_cpu=prefix, extend_seq_lens_cpu=list(new))
 
 
 def _backends(H, KVH, D, num_slots):
