@@ -81,6 +81,15 @@ class EngineConfig:
             raise bad(f"node_rank must be in [0, nnodes), got {self.node_rank} with nnodes={self.nnodes}")
         if self.nnodes > 1 and not self.dist_init_addr:
             raise bad("nnodes > 1 needs dist_init_addr (host:port of rank 0)")
+        if self.tp_size % self.nnodes:
+            raise bad(f"tp_size ({self.tp_size}) must be a multiple of nnodes ({self.nnodes}): "
+                      "every node runs tp_size // nnodes ranks")
+        if self.dist_init_addr and (":" not in self.dist_init_addr
+                                    or not self.dist_init_addr.rpartition(":")[2].isdigit()):
+            raise bad(f"dist_init_addr must be host:port, got {self.dist_init_addr!r}")
+        if self.tp_size > 1 and self.device.startswith("cuda:"):
+            raise bad(f"device={self.device!r} names one GPU, but tp_size={self.tp_size} needs one per "
+                      "rank: use device='cuda' (rank i takes cuda:i; pick GPUs with CUDA_VISIBLE_DEVICES)")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:

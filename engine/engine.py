@@ -6,19 +6,24 @@ import asyncio
 import atexit
 import logging
 import os
+import time
 import weakref
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import zmq
+
 from radixfleet.engine import ipc, launch
 from radixfleet.engine.config import EngineConfig
 from radixfleet.engine.io_struct import normalize_generate
+from radixfleet.engine.model_config import ModelConfig
 from radixfleet.engine.model_prep import resolve_model_path
 from radixfleet.engine.tokenizer_manager import TokenizerManager
 
 logger = logging.getLogger(__name__)
 
 _START_TIMEOUT_S = float(os.environ.get("RADIXFLEET_START_TIMEOUT", "600"))
+_STOP_GRACE_S = 5.0  # how long rank 0 gets to stop its TP followers before it is terminated
 
 
 def _load_tokenizer(path: str, trust_remote_code: bool):
@@ -32,35 +37,66 @@ class Engine:
 
     def __init__(self, **kwargs: Any):
         self.config = EngineConfig.from_kwargs(**kwargs)
-        if self.config.tp_size > 1 or self.config.nnodes > 1:
-            # The layers are TP-aware, but the per-rank scheduler processes and the NCCL
-            # group are not built yet: refuse rather than silently run on one device.
-            raise ValueError("tensor parallelism (tp_size > 1, nnodes > 1) is not supported yet")
         logging.getLogger("radixfleet").setLevel(self.config.log_level_int)
         self.model_path = resolve_model_path(self.config.model_path)
         if not os.path.isdir(self.model_path):
             raise ValueError(f"model_path {self.config.model_path!r} is not a folder (and not a known alias)")
-        tokenizer_path = self.config.tokenizer_path or self.model_path
+        if self.config.tp_size > 1:
+            check_tensor_parallel(self.config, ModelConfig.from_path(self.model_path))
         self._procs: list = []
+        self.tokenizer_manager: TokenizerManager | None = None
         names = ipc.new_ipc_names()
-        tokenizer = None if self.config.skip_tokenizer_init else _load_tokenizer(
-            tokenizer_path, self.config.trust_remote_code)
-        self.tokenizer_manager = TokenizerManager(
-            tokenizer, names, self.config.served_model_name or self.config.model_path)
         try:
-            self._procs.append(launch.spawn("detokenizer", {
-                "tokenizer_path": tokenizer_path, "trust_remote_code": self.config.trust_remote_code,
-                "ipc_names": names, "skip_tokenizer_init": self.config.skip_tokenizer_init,
-            }, self.config.log_level))
-            self._procs.append(launch.spawn("scheduler", {
-                "config": self.config, "model_path": self.model_path, "ipc_names": names,
-            }, self.config.log_level))
-            self.tokenizer_manager.wait_ready(self._procs, _START_TIMEOUT_S)
+            if self.config.node_rank == 0:
+                self._start_serving_node(names)
+            else:
+                self._start_worker_node(names)
         except BaseException:
             self.shutdown()
             raise
         self._finalizer = weakref.finalize(self, launch.terminate, list(self._procs))
         atexit.register(self.shutdown)
+
+    def _start_serving_node(self, names: dict[str, str]) -> None:
+        """Node 0: tokenizer manager here, a detokenizer, and this node's TP ranks (rank 0 schedules)."""
+        tokenizer_path = self.config.tokenizer_path or self.model_path
+        tokenizer = None if self.config.skip_tokenizer_init else _load_tokenizer(
+            tokenizer_path, self.config.trust_remote_code)
+        self.tokenizer_manager = TokenizerManager(
+            tokenizer, names, self.config.served_model_name or self.config.model_path)
+        self._procs.append(launch.spawn("detokenizer", {
+            "tokenizer_path": tokenizer_path, "trust_remote_code": self.config.trust_remote_code,
+            "ipc_names": names, "skip_tokenizer_init": self.config.skip_tokenizer_init,
+        }, self.config.log_level))
+        ranks = self._spawn_ranks(names)
+        self.tokenizer_manager.wait_ready(self._procs, _START_TIMEOUT_S,
+                                          {"detokenizer", *(launch.rank_role(r) for r in ranks)})
+
+    def _start_worker_node(self, names: dict[str, str]) -> None:
+        """Node > 0 of a multi-node TP group: only this node's ranks, which follow rank 0."""
+        ctx = zmq.Context()
+        sock = ipc.bind_pull(ctx, names["tokenizer"])
+        try:
+            ranks = self._spawn_ranks(names)
+            launch.wait_ready(sock, {launch.rank_role(r) for r in ranks}, self._procs, _START_TIMEOUT_S)
+        finally:
+            sock.close(linger=0)
+            ctx.term()
+
+    def _spawn_ranks(self, names: dict[str, str]) -> list[int]:
+        """Start this node's scheduler-side TP ranks; return their global ranks."""
+        cfg = self.config
+        per_node = cfg.tp_size // cfg.nnodes
+        init_method = None
+        if cfg.tp_size > 1:
+            init_method = f"tcp://{cfg.dist_init_addr or f'127.0.0.1:{launch.free_port()}'}"
+        ranks = [cfg.node_rank * per_node + local for local in range(per_node)]
+        for local, rank in enumerate(ranks):
+            self._procs.append(launch.spawn("scheduler" if rank == 0 else "tp_follower", {
+                "config": cfg, "model_path": self.model_path, "ipc_names": names, "rank": rank,
+                "local_rank": local, "init_method": init_method,
+            }, cfg.log_level))
+        return ranks
 
     # ---- generation ------------------------------------------------------------------------
     def generate(self, prompt: str | list[str] | None = None, sampling_params: dict | list[dict] | None = None,
@@ -141,6 +177,10 @@ class Engine:
         self._tm().abort(rid)
 
     def _tm(self) -> TokenizerManager:
+        if self.tokenizer_manager is None:
+            raise RuntimeError(f"this engine is node_rank {self.config.node_rank} of a {self.config.nnodes}-node "
+                               "tensor-parallel group: it only runs model shards; send requests to the "
+                               "engine with node_rank 0")
         if not self._procs:
             raise RuntimeError("the engine has been shut down")
         dead = [p for p in self._procs if p.poll() is not None]
@@ -153,15 +193,55 @@ class Engine:
         """End every child process and release the IPC sockets. Safe to call twice."""
         procs, self._procs = self._procs, []
         if procs:
+            scheduler = next((p for p in procs if getattr(p, "role", None) == "scheduler"), None)
+            if self.config.tp_size > 1 and self.tokenizer_manager is not None and scheduler is not None \
+                    and scheduler.poll() is None:
+                # Rank 0 tells every follower (other nodes' too) to stop before it exits.
+                self.tokenizer_manager.request_shutdown()
+                launch.wait_exit([scheduler], _STOP_GRACE_S)
             launch.terminate(procs)
-            self.tokenizer_manager.close()
+            if self.tokenizer_manager is not None:
+                self.tokenizer_manager.close()
         atexit.unregister(self.shutdown)
+
+    def wait(self) -> int:
+        """Block until one of this engine's processes exits; return its exit code. For a
+        ``node_rank > 0`` engine, whose ranks end when rank 0 stops them."""
+        if not self._procs:
+            raise RuntimeError("the engine has been shut down")
+        while True:
+            for p in self._procs:
+                if p.poll() is not None:
+                    return p.returncode
+            time.sleep(0.5)
 
     def __enter__(self) -> Engine:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
+
+
+def check_tensor_parallel(config: EngineConfig, model: ModelConfig) -> None:
+    """ValueError unless ``model`` splits over ``config.tp_size`` ranks and the ranks of
+    one node fit on its GPUs."""
+    tp = config.tp_size
+    for what, n in (("num_attention_heads", model.num_heads), ("intermediate_size", model.intermediate_size)):
+        if n % tp:
+            raise ValueError(f"tp_size={tp} does not divide the model's {what} ({n})")
+    kv = model.num_kv_heads
+    if kv % tp and tp % kv:
+        raise ValueError(f"tp_size={tp} and the model's num_key_value_heads ({kv}) must divide one another "
+                         "(kv heads are split, or replicated when tp_size > num_key_value_heads)")
+    if config.device != "cpu":
+        import torch
+
+        per_node = tp // config.nnodes
+        if torch.cuda.is_available() and per_node > torch.cuda.device_count():
+            raise ValueError(f"tp_size={tp} over nnodes={config.nnodes} needs {per_node} GPUs per node; "
+                             f"{torch.cuda.device_count()} are visible")
+        if config.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("device='cuda' requested but no CUDA GPU is available")
 
 
 def _shape(outputs: list[dict], is_batch: bool) -> dict | list[dict]:

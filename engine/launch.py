@@ -4,6 +4,9 @@ Children are fresh interpreters (``python -m radixfleet.engine.launch``) that re
 role and arguments as a pickle on stdin, so the caller's ``__main__`` is never re-imported
 (plain scripts without a main guard and notebooks both work). Each child watches its parent
 and exits within a second of the parent's death, SIGKILL included.
+
+With tensor parallelism a node runs ``tp_size // nnodes`` scheduler-side ranks: global rank 0
+is the ``scheduler`` role, every other rank a ``tp_follower`` (see ``tp_worker``).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import logging
 import os
 import pickle
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -27,13 +31,23 @@ def spawn(role: str, kwargs: dict[str, Any], log_level: str) -> subprocess.Popen
     # OpenMP's default busy-wait makes every torch op on CPU ~20x slower as soon as another
     # process competes for the cores (several workers on a laptop, tests beside an engine).
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # NVLink SHARP (multicast) collectives hang or fail on the GPU hosts we run on.
+    env.setdefault("NCCL_NVLS_ENABLE", "0")
+    env.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
     proc = subprocess.Popen([sys.executable, "-m", "radixfleet.engine.launch"], stdin=subprocess.PIPE,
                             env=env, start_new_session=False)
     assert proc.stdin is not None
     proc.stdin.write(pickle.dumps({"role": role, "kwargs": kwargs, "parent": os.getpid(),
                                    "log_level": log_level}))
     proc.stdin.close()
+    proc.role = role  # type: ignore[attr-defined]
     return proc
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def terminate(procs: list[subprocess.Popen], timeout: float = 5.0) -> None:
@@ -49,6 +63,16 @@ def terminate(procs: list[subprocess.Popen], timeout: float = 5.0) -> None:
             p.wait()
 
 
+def wait_exit(procs: list[subprocess.Popen], timeout: float) -> None:
+    """Give ``procs`` up to ``timeout`` seconds to exit on their own."""
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(max(deadline - time.monotonic(), 0.01))
+        except subprocess.TimeoutExpired:
+            return
+
+
 def _watch_parent(parent: int) -> None:
     def loop() -> None:
         while True:
@@ -59,22 +83,96 @@ def _watch_parent(parent: int) -> None:
     threading.Thread(target=loop, name="parent-watch", daemon=True).start()
 
 
-def _run_scheduler(config, model_path, ipc_names) -> None:
+def wait_ready(sock, need: set[str], procs: list[subprocess.Popen], timeout: float) -> dict[str, dict]:
+    """Read ``{"ready": role, ...}`` messages from ``sock`` until every role in ``need`` has
+    reported; raise with a child's start-up error, or when a child exits or time runs out."""
+    from radixfleet.engine import ipc
+
+    need, got = set(need), {}
+    deadline = time.monotonic() + timeout
+    while need:
+        if sock.poll(200):
+            msg = ipc.recv(sock)
+            if isinstance(msg, dict) and "ready" in msg:
+                if msg.get("error"):
+                    raise RuntimeError(f"engine {msg['ready']} failed to start: {msg['error']}")
+                need.discard(msg["ready"])
+                got[msg["ready"]] = msg
+            continue
+        dead = [p for p in procs if p.poll() is not None]
+        if dead:
+            raise RuntimeError(f"an engine process exited during start-up (exit code {dead[0].returncode})")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the engine did not start within {timeout:.0f} s (waiting for {sorted(need)})")
+    return got
+
+
+def rank_role(rank: int) -> str:
+    """The name a TP rank reports itself ready under."""
+    return "scheduler" if rank == 0 else f"tp-rank-{rank}"
+
+
+def _init_rank(config, rank: int, local_rank: int, init_method: str | None) -> None:
+    """Join the replica's TP group (a no-op for tp_size 1); before any model is built."""
+    from radixfleet.engine import distributed as dist
+    from radixfleet.engine.model_runner import resolve_device
+
+    cuda = resolve_device(config.device).type == "cuda"
+    if config.tp_size > 1:
+        import torch
+
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        elif "OMP_NUM_THREADS" not in os.environ:
+            # The node's ranks share its cores.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // (config.tp_size // config.nnodes)))
+    dist.init_tensor_parallel(rank, config.tp_size, init_method, "nccl" if cuda else "gloo")
+
+
+def _start(role: str, ipc_names, build):
+    """Run ``build()``; report its result's readiness (or its error) to the engine."""
     import zmq
 
     from radixfleet.engine import ipc
-    from radixfleet.engine.scheduler import Scheduler
 
     ready = ipc.connect_push(zmq.Context.instance(), ipc_names["tokenizer"])
     try:
-        scheduler = Scheduler(config, model_path, ipc_names)
+        obj, info = build()
     except Exception as e:  # reported to the parent, which raises it to the user
-        logging.getLogger(__name__).exception("scheduler failed to start")
-        ipc.send(ready, {"ready": "scheduler", "error": f"{type(e).__name__}: {e}"})
+        logging.getLogger(__name__).exception("%s failed to start", role)
+        ipc.send(ready, {"ready": role, "error": f"{type(e).__name__}: {e}"})
         time.sleep(0.5)
         raise SystemExit(1) from e
-    ipc.send(ready, {"ready": "scheduler", "info": scheduler.ready_info()})
-    scheduler.event_loop()
+    ipc.send(ready, {"ready": role, "info": info})
+    return obj
+
+
+def _run_scheduler(config, model_path, ipc_names, rank: int = 0, local_rank: int = 0,
+                   init_method: str | None = None) -> None:
+    from radixfleet.engine import distributed as dist
+    from radixfleet.engine.scheduler import Scheduler
+
+    def build():
+        _init_rank(config, rank, local_rank, init_method)
+        scheduler = Scheduler(config, model_path, ipc_names)
+        return scheduler, scheduler.ready_info()
+
+    _start(rank_role(rank), ipc_names, build).event_loop()
+    dist.shutdown()
+
+
+def _run_tp_follower(config, model_path, ipc_names, rank: int, local_rank: int, init_method: str | None) -> None:
+    from radixfleet.engine import distributed as dist
+    from radixfleet.engine.model_runner import ModelRunner
+    from radixfleet.engine.tp_worker import follow
+
+    def build():
+        _init_rank(config, rank, local_rank, init_method)
+        runner = ModelRunner(config, model_path, local_rank)
+        return runner, {"device": str(runner.device), "max_total_tokens": runner.max_total_tokens}
+
+    follow(_start(rank_role(rank), ipc_names, build))
+    dist.shutdown()
 
 
 def _run_detokenizer(tokenizer_path, trust_remote_code, ipc_names, skip_tokenizer_init) -> None:
@@ -88,7 +186,7 @@ def _run_detokenizer(tokenizer_path, trust_remote_code, ipc_names, skip_tokenize
     run_detokenizer(tokenizer_path, trust_remote_code, ipc_names, skip_tokenizer_init)
 
 
-ROLES = {"scheduler": _run_scheduler, "detokenizer": _run_detokenizer}
+ROLES = {"scheduler": _run_scheduler, "tp_follower": _run_tp_follower, "detokenizer": _run_detokenizer}
 
 
 def _child_main() -> None:

@@ -13,6 +13,7 @@ import psutil
 import torch
 from safetensors import safe_open
 
+from radixfleet.engine import distributed as dist
 from radixfleet.engine.attention.base import ForwardBatch, ForwardMode, KVPool
 from radixfleet.engine.attention.registry import default_backend, get_backend_class
 from radixfleet.engine.config import EngineConfig
@@ -63,12 +64,14 @@ class StepOutput:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_path: str, tp_rank: int = 0):
+    def __init__(self, config: EngineConfig, model_path: str, local_rank: int = 0):
+        """``local_rank``: this TP rank's index on its node; it picks the GPU ``cuda:local_rank``
+        unless ``config.device`` names one (tp_size 1 only)."""
         self.config = config
         self.model_config = ModelConfig.from_path(model_path)
         self.device = resolve_device(config.device)
         if self.device.type == "cuda":
-            torch.cuda.set_device(self.device.index if self.device.index is not None else tp_rank)
+            torch.cuda.set_device(self.device.index if self.device.index is not None else local_rank)
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
         self.context_len = config.context_length or self.model_config.max_position_embeddings
@@ -121,6 +124,8 @@ class ModelRunner:
             fraction = self.config.mem_fraction_static or _CPU_MEM_FRACTION
             budget = psutil.virtual_memory().available * fraction
             num_tokens = int(min(budget // per_token, _CPU_MAX_KV_TOKENS))
+        # Rank 0 hands out slot indices for every rank: all pools must be the same size.
+        num_tokens = dist.min_over_ranks(num_tokens)
         page = self.config.page_size
         self.max_total_tokens = num_tokens - num_tokens % page
         # One extra page: page 0 is the padding page, never allocated.

@@ -19,6 +19,7 @@ import time
 import torch
 import zmq
 
+from radixfleet.engine import distributed as dist
 from radixfleet.engine import ipc
 from radixfleet.engine.attention.base import ForwardBatch, ForwardMode
 from radixfleet.engine.config import EngineConfig
@@ -33,6 +34,7 @@ from radixfleet.engine.sampling.logprobs import ReqOutputs
 from radixfleet.engine.sampling.params import load_generation_defaults
 from radixfleet.engine.sampling.pipeline import SamplingPipeline
 from radixfleet.engine.stop import StopChecker
+from radixfleet.engine.tp_worker import TPLeader
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +49,9 @@ class Scheduler:
     def __init__(self, config: EngineConfig, model_path: str, ipc_names: dict[str, str]):
         self.config = config
         self.runner = ModelRunner(config, model_path)
+        # Forward and LM-head calls; with TP they are announced to the follower ranks first.
+        self.model = TPLeader(self.runner) if dist.tp_size() > 1 else self.runner
+        self._stopping = False
         cache = RadixCache(self.runner.allocator, config.page_size, disabled=config.disable_radix_cache)
         self.kv = KVManager(self.runner.allocator, self.runner.req_table, cache)
         self.stop_checker = StopChecker(config, model_path, self.runner.model_config)
@@ -110,7 +115,8 @@ class Scheduler:
 
     # ---- loop ------------------------------------------------------------------------------
     def event_loop(self) -> None:
-        while True:
+        """Serve until a ``shutdown`` call (or until the process is ended)."""
+        while not self._stopping:
             busy = bool(self.waiting or self.running or self.chunked)
             self._recv(block=not busy)
             if self.grammars.pending:
@@ -121,7 +127,7 @@ class Scheduler:
     def _recv(self, block: bool) -> None:
         # While only grammars are compiling, look again soon.
         timeout = (5 if self.grammars.pending else 1000) if block else 0
-        while self.poller.poll(timeout):
+        while not self._stopping and self.poller.poll(timeout):
             self._handle(ipc.recv(self.recv_sock))
             timeout = 0
 
@@ -145,6 +151,8 @@ class Scheduler:
                 self.waiting.append(req)
         elif isinstance(msg, ipc.AbortReq):
             self._abort(msg.rid)
+        elif isinstance(msg, ipc.RpcReq) and msg.method == "shutdown":
+            self._shutdown()
         elif isinstance(msg, ipc.RpcReq):
             ipc.send(self.reply_sock, self._rpc(msg))
         else:
@@ -195,6 +203,12 @@ class Scheduler:
         if msg.method == "get_internal_state":
             return ipc.RpcReply(msg.call_id, self.internal_state())
         return ipc.RpcReply(msg.call_id, error=f"unknown method {msg.method!r}")
+
+    def _shutdown(self) -> None:
+        """Leave the event loop; TP followers (on any node) leave theirs too."""
+        if isinstance(self.model, TPLeader):
+            self.model.stop()
+        self._stopping = True
 
     def _abort(self, rid: str) -> None:
         for req in self.grammars.remove(rid):
@@ -293,15 +307,15 @@ class Scheduler:
         want_prompt = [r.outputs is not None and not r.outputs.prompt_done for r in reqs]
         if mode is ForwardMode.EXTEND and any(want_prompt):
             # Logprobs / hidden states of prompt positions: keep every new token's state.
-            hidden = self.runner.forward(fb, sample_last_only=False)
+            hidden = self.model.forward(fb, sample_last_only=False)
             ends = torch.tensor(fb.extend_seq_lens_cpu).cumsum(0)
             for r, want, end in zip(reqs, want_prompt, ends.tolist(), strict=True):
                 if want:
                     r.outputs.collect_prompt(hidden[end - r.extend_len:end], r.kv_len, r.input_ids,
-                                             self.runner.compute_logits)
+                                             self.model.compute_logits)
             hidden = hidden[(ends - 1).to(hidden.device)]
         else:
-            hidden = self.runner.forward(fb)
+            hidden = self.model.forward(fb)
         now = time.monotonic()
         for r in reqs:
             r.kv_len += r.extend_len
@@ -318,7 +332,7 @@ class Scheduler:
         sampled = [reqs[i] for i in ready if reqs[i].remaining_new_tokens > 0]
         if sampled:
             idx = torch.tensor([i for i in ready if reqs[i].remaining_new_tokens > 0], device=hidden.device)
-            logits = self.runner.compute_logits(hidden[idx])
+            logits = self.model.compute_logits(hidden[idx])
             next_ids = self.sampling.sample(sampled, logits, hidden[idx])
             for r, tok in zip(sampled, next_ids, strict=True):
                 r.output_ids.append(tok)

@@ -23,7 +23,7 @@ from typing import Any
 
 import zmq
 
-from radixfleet.engine import ipc
+from radixfleet.engine import ipc, launch
 from radixfleet.engine.io_struct import SingleReq
 
 logger = logging.getLogger(__name__)
@@ -92,27 +92,12 @@ class TokenizerManager:
         self.listeners: list[Any] = []  # callables(state, out) for metrics; called on every output
 
     # ---- start-up -------------------------------------------------------------------------
-    def wait_ready(self, procs, timeout: float) -> None:
-        """Block until scheduler and detokenizer report ready; raise with their error."""
-        need = {"scheduler", "detokenizer"}
-        deadline = time.monotonic() + timeout
-        while need:
-            if self.recv_sock.poll(200):
-                msg = ipc.recv(self.recv_sock)
-                if isinstance(msg, dict) and "ready" in msg:
-                    if msg.get("error"):
-                        raise RuntimeError(f"engine {msg['ready']} failed to start: {msg['error']}")
-                    need.discard(msg["ready"])
-                    if msg["ready"] == "scheduler":
-                        self.server_info = msg["info"]
-                        self.context_length = msg["info"]["context_length"]
-                        self.vocab_size = msg["info"]["vocab_size"]
-                continue
-            dead = [p for p in procs if p.poll() is not None]
-            if dead:
-                raise RuntimeError(f"an engine process exited during start-up (exit code {dead[0].returncode})")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the engine did not start within {timeout:.0f} s (waiting for {need})")
+    def wait_ready(self, procs, timeout: float, need: set[str] = frozenset({"scheduler", "detokenizer"})) -> None:
+        """Block until every process in ``need`` reports ready; raise with their error."""
+        info = launch.wait_ready(self.recv_sock, set(need), procs, timeout)["scheduler"]["info"]
+        self.server_info = info
+        self.context_length = info["context_length"]
+        self.vocab_size = info["vocab_size"]
         self._procs = list(procs)
         self._thread = threading.Thread(target=self._recv_loop, name="tokenizer-manager-recv", daemon=True)
         self._thread.start()
@@ -191,6 +176,10 @@ class TokenizerManager:
 
     def abort(self, rid: str) -> None:
         self._send(ipc.AbortReq(rid))
+
+    def request_shutdown(self) -> None:
+        """Ask the scheduler to stop its TP followers and exit (no answer is awaited)."""
+        self._send(ipc.RpcReq(uuid.uuid4().hex, "shutdown"))
 
     # ---- receiving ------------------------------------------------------------------------
     def _recv_loop(self) -> None:

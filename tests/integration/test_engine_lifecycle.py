@@ -131,8 +131,3 @@ def test_a_dead_scheduler_fails_pending_requests_instead_of_hanging(model_dir):
         assert time.monotonic() - t0 < 5
         with pytest.raises(RuntimeError, match="died"):
             engine.generate("hi")
-
-
-def test_tensor_parallelism_is_refused_until_it_exists(model_dir):
-    with pytest.raises(ValueError, match="tensor parallelism"):
-        Engine(model_path=model_dir, tp_size=2)

@@ -1,0 +1,125 @@
+"""Tensor parallelism across scheduler processes: rank 0 leads, ranks > 0 follow.
+
+Rank 0 runs the whole ``Scheduler`` (requests, radix cache, sampling, output). Each other rank
+owns only a ``ModelRunner`` (its weight shards and a KV pool of the same number of slots) and
+repeats every collective rank 0 makes, in the same order, from messages rank 0 broadcasts on
+the CPU control group before each one:
+
+- ``Forward``: the step's batch (token ids, slots, lengths) and, for an extend step, the
+  req→token rows of each request's cached prefix. A decode step's prefix slots were all sent
+  before: a table row only ever gains slots at ``kv_len`` (``KVManager.extend``) or is filled
+  from the radix cache when a request is admitted, and an admitted request's first step is an
+  extend. The follower writes the rows into its own table and runs the same forward.
+- ``Logits``: rank 0 broadcasts the hidden states it wants logits for, and every rank runs
+  the LM head on them (its vocab slice is all-gathered).
+- ``Stop``: the follower leaves its loop.
+
+Followers never sample, so no random state or grammar needs to agree across ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from radixfleet.engine import distributed as dist
+from radixfleet.engine.attention.base import ForwardBatch, ForwardMode
+from radixfleet.engine.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Forward:
+    mode: ForwardMode
+    ids: torch.Tensor  # [T + B + T + sum(prefix)] int64 cpu: input ids, rows, out slots, prefix slots
+    seq_lens: list[int]
+    prefix_lens: list[int]
+    extend_lens: list[int]
+    send_prefix: bool  # extend steps carry each request's cached-prefix slots
+
+
+@dataclass
+class Logits:
+    shape: tuple[int, int]
+
+
+@dataclass
+class Stop:
+    pass
+
+
+class TPLeader:
+    """Rank 0's view of the model: ``forward`` and ``compute_logits`` of a ``ModelRunner``,
+    each announced to the followers first."""
+
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+
+    def forward(self, batch: ForwardBatch, sample_last_only: bool = True) -> torch.Tensor:
+        send_prefix = batch.mode is ForwardMode.EXTEND
+        parts = [batch.input_ids, batch.req_pool_indices, batch.out_cache_loc]
+        if send_prefix:
+            rows = batch.req_pool_indices.tolist()
+            parts += [batch.req_to_token[r, :p].to(torch.int64)
+                      for r, p in zip(rows, batch.extend_prefix_lens_cpu, strict=True)]
+        # One device→host copy per step.
+        ids = torch.cat([p.to(torch.int64) for p in parts]).cpu()
+        dist.broadcast_control(Forward(batch.mode, ids, batch.seq_lens_cpu, batch.extend_prefix_lens_cpu,
+                                       batch.extend_seq_lens_cpu, send_prefix))
+        return self.runner.forward(batch, sample_last_only)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden.contiguous()
+        dist.broadcast_control(Logits(tuple(hidden.shape)))
+        dist.broadcast_tensor(hidden)
+        return self.runner.compute_logits(hidden)
+
+    def stop(self) -> None:
+        dist.broadcast_control(Stop())
+
+
+def follow(runner: ModelRunner) -> None:
+    """A follower rank's loop: mirror rank 0's forwards and LM-head calls until ``Stop``."""
+    while True:
+        msg = dist.broadcast_control()
+        if isinstance(msg, Forward):
+            runner.forward(_rebuild(runner, msg))
+        elif isinstance(msg, Logits):
+            hidden = torch.empty(msg.shape, dtype=runner.dtype, device=runner.device)
+            runner.compute_logits(dist.broadcast_tensor(hidden))
+        elif isinstance(msg, Stop):
+            logger.info("tp rank %d: stop", dist.tp_rank())
+            return
+        else:
+            raise AssertionError(f"unknown control message {type(msg).__name__}")
+
+
+def _rebuild(runner: ModelRunner, msg: Forward) -> ForwardBatch:
+    """The ForwardBatch rank 0 ran, on this rank's device; writes this rank's table rows."""
+    dev, table = runner.device, runner.req_table.table
+    n_tok, n_req = sum(msg.extend_lens), len(msg.seq_lens)
+    ids = msg.ids.to(dev)
+    input_ids, rows, out_loc = ids[:n_tok], ids[n_tok:n_tok + n_req], ids[n_tok + n_req:2 * n_tok + n_req]
+    rows_cpu = msg.ids[n_tok:n_tok + n_req].tolist()
+    at = 2 * n_tok + n_req
+    start = 0
+    for row, prefix, ext in zip(rows_cpu, msg.prefix_lens, msg.extend_lens, strict=True):
+        if msg.send_prefix and prefix:
+            table[row, :prefix] = ids[at:at + prefix].to(torch.int32)
+            at += prefix
+        table[row, prefix:prefix + ext] = out_loc[start:start + ext].to(torch.int32)
+        start += ext
+    positions = torch.cat([torch.arange(p, p + e, dtype=torch.int64)
+                           for p, e in zip(msg.prefix_lens, msg.extend_lens, strict=True)]).to(dev)
+
+    def t(x: list[int]) -> torch.Tensor:
+        return torch.tensor(x, dtype=torch.int32, device=dev)
+
+    return ForwardBatch(mode=msg.mode, input_ids=input_ids, positions=positions, req_pool_indices=rows,
+                        seq_lens=t(msg.seq_lens), extend_prefix_lens=t(msg.prefix_lens),
+                        extend_seq_lens=t(msg.extend_lens), out_cache_loc=out_loc, req_to_token=table,
+                        seq_lens_cpu=msg.seq_lens, extend_prefix_lens_cpu=msg.prefix_lens,
+                        extend_seq_lens_cpu=msg.extend_lens)
