@@ -17,6 +17,7 @@ from radixfleet.engine import distributed as dist
 from radixfleet.engine.attention.base import ForwardBatch, ForwardMode, KVPool
 from radixfleet.engine.attention.registry import default_backend, get_backend_class
 from radixfleet.engine.config import EngineConfig
+from radixfleet.engine.layers.linear import prepack_cpu_weights
 from radixfleet.engine.memory.allocator import TokenSlotAllocator
 from radixfleet.engine.memory.req_table import ReqToTokenTable
 from radixfleet.engine.model_config import ModelConfig
@@ -107,6 +108,9 @@ class ModelRunner:
                     p.data.fill_(1.0)
         else:
             model.load_weights(iter_safetensors(model_path))
+        if self.device.type == "cpu":
+            packed = prepack_cpu_weights(model)
+            logger.info("prepacked %d linear weights for oneDNN", packed)
         return model.eval()
 
     def _init_memory(self) -> None:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from radixfleet.engine import distributed as dist
+from radixfleet.engine.layers.linear import matmul, pack_weight
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -34,7 +35,13 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
+    packed: torch.Tensor | None = None  # oneDNN-prepacked weight on CPU (see layers.linear)
+
+    def pack_cpu_weight(self) -> bool:
+        self.packed = pack_weight(self.weight)
+        return self.packed is not None
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, H] → logits [B, vocab] in fp32 (gathered across ranks)."""
-        local = F.linear(hidden, self.weight)
+        local = matmul(hidden, self.weight, None, self.packed)
         return dist.all_gather_last_dim(local).float()[:, : self.vocab_size]
