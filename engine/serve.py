@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"radixfleet serve: {e}", file=sys.stderr)
         return 2
     engine = Engine(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
+    if config.node_rank > 0:
+        return _serve_worker_node(engine)
     try:
         state = ServerState(engine, api_key=args.api_key or None, chat_template=chat_template,
                             tool_call_parser=args.tool_call_parser, max_request_bytes=args.max_request_bytes)
@@ -63,6 +65,21 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         engine.shutdown()
     return 0
+
+
+def _serve_worker_node(engine) -> int:
+    """A node > 0 of a multi-node TP group serves no HTTP: it runs its ranks until rank 0
+    stops them (or until it is killed)."""
+    cfg = engine.config
+    logger.info("node %d of %d: running tensor-parallel ranks for the engine at %s; send requests to node 0",
+                cfg.node_rank, cfg.nnodes, cfg.dist_init_addr)
+    try:
+        code = engine.wait()
+    except KeyboardInterrupt:
+        code = 0
+    finally:
+        engine.shutdown()
+    return 0 if code == 0 else 1
 
 
 if __name__ == "__main__":

@@ -157,6 +157,21 @@ def test_two_nodes_on_one_host_match_tp1_and_every_rank_ends(tiny_llama, tiny_ll
         node1.kill()
 
 
+def test_serve_on_node_rank_1_runs_until_node_0_stops_it(tiny_llama, tiny_llama_tp1):
+    addr = f"127.0.0.1:{free_port()}"
+    serve = subprocess.Popen([sys.executable, "-m", "radixfleet.engine.serve", "--model-path", tiny_llama,
+                              "--tp-size", "2", "--nnodes", "2", "--node-rank", "1", "--dist-init-addr", addr,
+                              "--max-total-tokens", "2048", "--skip-tokenizer-init"])
+    try:
+        with Engine(model_path=tiny_llama, tp_size=2, nnodes=2, node_rank=0, dist_init_addr=addr,
+                    max_total_tokens=2048, skip_tokenizer_init=True) as engine:
+            assert greedy(engine, PROMPTS[:1]) == tiny_llama_tp1[:1]
+            assert serve.poll() is None
+        assert serve.wait(15) == 0
+    finally:
+        serve.kill()
+
+
 def test_node_rank_1_ranks_exit_when_its_parent_is_killed(tiny_llama):
     """A node > 0 engine whose process dies (here: before node 0 ever starts) leaves no rank."""
     addr = f"127.0.0.1:{free_port()}"
