@@ -87,12 +87,3 @@ def broadcast_tensor(x: torch.Tensor) -> torch.Tensor:
     dist.broadcast(x, src=0)
     return x
 
-
-def shutdown() -> None:
-    global _CONTROL
-    if _TP_SIZE > 1:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        _CONTROL = None

@@ -147,9 +147,16 @@ def _start(role: str, ipc_names, build):
     return obj
 
 
+def _exit_stopped() -> None:
+    """Leave a rank stopped by rank 0. Skips ``destroy_process_group``: with NCCL it waited
+    for peers that had already gone (rank 0 hung > 5 s on an H200 pair) and freed nothing the
+    process exit does not."""
+    logging.shutdown()
+    os._exit(0)
+
+
 def _run_scheduler(config, model_path, ipc_names, rank: int = 0, local_rank: int = 0,
                    init_method: str | None = None) -> None:
-    from radixfleet.engine import distributed as dist
     from radixfleet.engine.scheduler import Scheduler
 
     def build():
@@ -158,11 +165,10 @@ def _run_scheduler(config, model_path, ipc_names, rank: int = 0, local_rank: int
         return scheduler, scheduler.ready_info()
 
     _start(rank_role(rank), ipc_names, build).event_loop()
-    dist.shutdown()
+    _exit_stopped()
 
 
 def _run_tp_follower(config, model_path, ipc_names, rank: int, local_rank: int, init_method: str | None) -> None:
-    from radixfleet.engine import distributed as dist
     from radixfleet.engine.model_runner import ModelRunner
     from radixfleet.engine.tp_worker import follow
 
@@ -172,7 +178,7 @@ def _run_tp_follower(config, model_path, ipc_names, rank: int, local_rank: int, 
         return runner, {"device": str(runner.device), "max_total_tokens": runner.max_total_tokens}
 
     follow(_start(rank_role(rank), ipc_names, build))
-    dist.shutdown()
+    _exit_stopped()
 
 
 def _run_detokenizer(tokenizer_path, trust_remote_code, ipc_names, skip_tokenizer_init) -> None:

@@ -91,6 +91,10 @@ def test_tiny_llama_tp2_matches_tp1_and_hf_with_chunking_cache_hits_and_logprobs
         # Prompt logprobs take the LM head on the followers too, in chunks of their own.
         lp = engine.generate(input_ids=logprob_prompt, sampling_params=GREEDY, return_logprob=True,
                              logprob_start_len=0, top_logprobs_num=2)["meta_info"]
+        # Rank 0 stops its followers and exits by itself, within the 5 s grace it is given.
+        t0 = time.monotonic()
+        engine.shutdown()
+        assert time.monotonic() - t0 < 3
     for key in ("input_token_logprobs", "output_token_logprobs"):
         assert [t for _, t, _ in lp[key]] == [t for _, t, _ in ref_lp[key]]
         got = [v for v, _, _ in lp[key] if v is not None]
