@@ -176,6 +176,34 @@ def test_serve_on_node_rank_1_runs_until_node_0_stops_it(tiny_llama, tiny_llama_
         serve.kill()
 
 
+NODE0 = """
+import time
+from radixfleet.engine.engine import Engine
+engine = Engine(model_path={folder!r}, tp_size=2, nnodes=2, node_rank=0, dist_init_addr={addr!r},
+                max_total_tokens=2048, skip_tokenizer_init=True)
+print(engine.generate(input_ids=[1, 2, 3], sampling_params={{"max_new_tokens": 4}})["output_ids"], flush=True)
+time.sleep(600)
+"""
+
+
+def test_serve_on_node_rank_1_exits_with_an_error_when_node_0_dies(tiny_llama):
+    """The operator restarts a multi-node group's pods on exit: a rank whose rank 0 is gone
+    must not wait for it forever."""
+    addr = f"127.0.0.1:{free_port()}"
+    serve = subprocess.Popen([sys.executable, "-m", "radixfleet.engine.serve", "--model-path", tiny_llama,
+                              "--tp-size", "2", "--nnodes", "2", "--node-rank", "1", "--dist-init-addr", addr,
+                              "--max-total-tokens", "2048", "--skip-tokenizer-init"], stderr=subprocess.DEVNULL)
+    node0 = subprocess.Popen([sys.executable, "-c", NODE0.format(folder=tiny_llama, addr=addr)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert len(json.loads(node0.stdout.readline())) == 4
+        os.kill(node0.pid, signal.SIGKILL)
+        assert serve.wait(30) == 1
+    finally:
+        serve.kill()
+        node0.kill()
+
+
 def test_node_rank_1_ranks_exit_when_its_parent_is_killed(tiny_llama):
     """A node > 0 engine whose process dies (here: before node 0 ever starts) leaves no rank."""
     addr = f"127.0.0.1:{free_port()}"
