@@ -1,8 +1,10 @@
 """Reference attention backend in plain torch (CPU and GPU).
 
-Extend: per request, gather the context's KV slots and run causal SDPA with the new tokens'
-queries offset by the cached prefix. Decode: all requests at once over a padded
-``[B, max_len]`` gather with a length mask.
+Extend: per request, causal SDPA. A request with no cached prefix attends to its own new
+k/v directly (no gather); one with a prefix gathers its context's KV slots and offsets the
+new tokens' queries by the prefix length. Decode: all requests at once over a padded
+``[B, max_len]`` gather with a length mask; the query heads of one KV head are folded into
+the query-length dimension, so SDPA needs no GQA expansion of the keys.
 """
 
 from __future__ import annotations
@@ -25,41 +27,57 @@ class TorchNativeBackend(AttentionBackend):
             self._decode_mask = valid[:, None, None, :]  # [B, 1, 1, L] for SDPA
         else:
             self._extend_slots = [
-                batch.req_to_token[int(r), :n].long()
-                for r, n in zip(batch.req_pool_indices.tolist(), batch.seq_lens_cpu)
+                batch.req_to_token[int(r), :n].long() if prefix else None
+                for r, n, prefix in zip(batch.req_pool_indices.tolist(), batch.seq_lens_cpu,
+                                        batch.extend_prefix_lens_cpu)
             ]
 
     def forward(self, q, k, v, layer_id, batch):
         self.kv_pool.store(layer_id, batch.out_cache_loc, k, v)
-        k_buf, v_buf = self.kv_pool.k_buffers[layer_id], self.kv_pool.v_buffers[layer_id]
         if batch.mode is ForwardMode.DECODE:
-            return self._decode(q, k_buf, v_buf)
-        return self._extend(q, k_buf, v_buf, batch)
+            return self._decode(q, layer_id)
+        return self._extend(q, k, v, layer_id, batch)
 
-    def _decode(self, q, k_buf, v_buf):
+    def _decode(self, q, layer_id):
         b, n = self._decode_slots.shape
-        # index_select is ~2x faster than advanced indexing on CPU.
-        keys = k_buf.index_select(0, self._decode_flat).view(b, n, *k_buf.shape[1:]).transpose(1, 2)
-        vals = v_buf.index_select(0, self._decode_flat).view(b, n, *v_buf.shape[1:]).transpose(1, 2)
-        # keys/vals: [B, KVH, L, D]
+        pool = self.kv_pool
+        # index_select is ~2x faster than advanced indexing on CPU; with K and V interleaved
+        # (the CPU layout) one gather fetches both.
+        if pool.kv_buffers is not None:
+            kv = pool.kv_buffers[layer_id].index_select(0, self._decode_flat)
+            kv = kv.view(b, n, 2, self.num_kv_heads, self.head_dim)
+            keys, vals = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+        else:
+            k_buf, v_buf = pool.k_buffers[layer_id], pool.v_buffers[layer_id]
+            keys = k_buf.index_select(0, self._decode_flat).view(b, n, *k_buf.shape[1:]).transpose(1, 2)
+            vals = v_buf.index_select(0, self._decode_flat).view(b, n, *v_buf.shape[1:]).transpose(1, 2)
+        # keys/vals: [B, KVH, L, D]; queries [B, KVH, H/KVH, D] (heads of a group are adjacent).
+        group = self.num_heads // self.num_kv_heads
         out = F.scaled_dot_product_attention(
-            q.unsqueeze(2), keys, vals, attn_mask=self._decode_mask, scale=self.scale,
-            enable_gqa=self.num_heads != self.num_kv_heads)  # [B, H, 1, D]
-        return out.squeeze(2)
+            q.reshape(b, self.num_kv_heads, group, self.head_dim), keys, vals,
+            attn_mask=self._decode_mask, scale=self.scale)
+        return out.reshape(b, self.num_heads, self.head_dim)
 
-    def _extend(self, q, k_buf, v_buf, batch):
+    def _extend(self, q, k, v, layer_id, batch):
+        k_buf, v_buf = self.kv_pool.k_buffers[layer_id], self.kv_pool.v_buffers[layer_id]
+        group = self.num_heads // self.num_kv_heads
         out = torch.empty_like(q)
         start = 0
         for slots, prefix, n in zip(self._extend_slots, batch.extend_prefix_lens_cpu,
                                     batch.extend_seq_lens_cpu):
-            qi = q[start:start + n].transpose(0, 1)  # [H, n, D]
-            keys = k_buf[slots].transpose(0, 1)  # [KVH, prefix + n, D]
-            vals = v_buf[slots].transpose(0, 1)
-            # Query i (absolute position prefix + i) sees keys 0 .. prefix + i.
-            mask = torch.ones(n, prefix + n, dtype=torch.bool, device=q.device).tril(prefix)
+            if slots is None:  # no cached prefix: the context is exactly the new tokens
+                keys, vals, mask = k[start:start + n], v[start:start + n], None
+            else:
+                keys, vals = k_buf.index_select(0, slots), v_buf.index_select(0, slots)
+                # Query i (absolute position prefix + i) sees keys 0 .. prefix + i.
+                mask = torch.ones(n, prefix + n, dtype=torch.bool, device=q.device).tril(prefix)
+            if group > 1:
+                # Expanded keys in 4-D inputs take SDPA's fused kernel; enable_gqa takes the
+                # unfused math path on CPU (~3x slower at these sizes).
+                keys, vals = keys.repeat_interleave(group, 1), vals.repeat_interleave(group, 1)
             o = F.scaled_dot_product_attention(
-                qi, keys, vals, attn_mask=mask, scale=self.scale,
-                enable_gqa=self.num_heads != self.num_kv_heads)
-            out[start:start + n] = o.transpose(0, 1)
+                q[start:start + n].transpose(0, 1)[None], keys.transpose(0, 1)[None],
+                vals.transpose(0, 1)[None], attn_mask=mask, is_causal=mask is None, scale=self.scale)
+            out[start:start + n] = o[0].transpose(0, 1)
             start += n
         return out

@@ -50,6 +50,8 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(t, inv_freq)  # [P, D/2]
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
+        self._step_positions: torch.Tensor | None = None
+        self._step_cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """positions [T]; q [T, H, D], k [T, KVH, D] → rotated (q, k)."""
@@ -59,15 +61,26 @@ class RotaryEmbedding(nn.Module):
                 self._cos_sin = torch.cat([self.cos, self.sin], dim=-1).contiguous()  # [P, D] fp32
             ops.apply_rotary_(positions, q, k, self._cos_sin)  # in place
             return q, k
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D/2]
-        sin = self.sin[positions].unsqueeze(1)
+        # Every layer of a step rotates at the same positions: look cos/sin up once per step.
+        if self._step_positions is not positions:
+            self._step_positions = positions
+            self._step_cos_sin = (self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
+        cos, sin = self._step_cos_sin  # [T, 1, D/2] each
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.float().chunk(2, dim=-1)
-    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return out.to(x.dtype)
+    if x.dtype != torch.float32:
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    # fp32: written into one output, 4 kernels instead of 7 (addcmul may fuse the multiply-add,
+    # so results can differ from the unfused form in the last bit).
+    x1, x2 = x.chunk(2, dim=-1)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    o1, o2 = out.chunk(2, dim=-1)
+    torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=o2).addcmul_(x1, sin)
+    return out
 
 
 _SHARED: dict[tuple, RotaryEmbedding] = {}
