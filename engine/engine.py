@@ -1,4 +1,9 @@
-"""``Engine``: SGLang's offline Python API over the three-process engine."""
+"""``Engine``: SGLang's offline Python API over the three-process engine.
+
+With ``tp_size > 1`` the scheduler side is one process per TP rank (rank 0 schedules, the
+others follow it; see ``tp_worker``). An engine with ``node_rank > 0`` runs only its node's
+ranks: it serves nothing, and ``generate`` on it raises.
+"""
 
 from __future__ import annotations
 
