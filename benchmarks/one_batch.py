@@ -27,6 +27,23 @@ def sync(dev: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def measure_hbm_tb_per_s(dev: torch.device, gib: int = 4) -> float:
+    """Device-to-device copy bandwidth (bytes read + written), best of 10 copies."""
+    src = torch.empty(gib << 28, dtype=torch.float32, device=dev)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(12):
+        sync(dev)
+        t = time.perf_counter()
+        dst.copy_(src)
+        sync(dev)
+        best = min(best, time.perf_counter() - t)
+    nbytes = 2 * src.numel() * src.element_size()
+    del src, dst
+    torch.cuda.empty_cache()
+    return nbytes / best / 1e12
+
+
 def batch_for(runner: ModelRunner, rows: list[int], ids: torch.Tensor, start: int, n: int,
               mode: ForwardMode) -> ForwardBatch:
     """Requests ``rows`` compute tokens [start, start + n) of ``ids`` ([B, L])."""
@@ -84,7 +101,8 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--attention-backend", default=None)
     p.add_argument("--disable-cuda-graph", action="store_true")
-    p.add_argument("--hbm-tb-per-s", type=float, default=3.05, help="measured HBM bandwidth for the roofline")
+    p.add_argument("--hbm-tb-per-s", type=float, default=None,
+                   help="HBM bandwidth for the roofline (default: measured here with a device copy)")
     args = p.parse_args()
     max_bs = max(args.batch_size)
     config = EngineConfig(model_path=args.model_path, load_format=args.load_format, dtype=args.dtype,
@@ -92,6 +110,9 @@ def main() -> None:
                           max_running_requests=max_bs, attention_backend=args.attention_backend,
                           disable_cuda_graph=args.disable_cuda_graph, cuda_graph_max_bs=max_bs,
                           skip_tokenizer_init=True)
+    hbm = None
+    if torch.cuda.is_available():
+        hbm = args.hbm_tb_per_s or measure_hbm_tb_per_s(torch.device("cuda"))
     runner = ModelRunner(config, resolve_model_path(args.model_path))
     weight_bytes = sum(t.numel() * t.element_size() for t in runner.model.parameters())
     device = torch.cuda.get_device_name() if runner.device.type == "cuda" else "cpu"
@@ -103,7 +124,8 @@ def main() -> None:
                "cuda_graph": runner.cuda_graphs is not None, "weight_gb": round(weight_bytes / 1e9, 2),
                **run_one(runner, bs, args.input_len, args.output_len)}
         if runner.device.type == "cuda":
-            roof_ms = weight_bytes / (args.hbm_tb_per_s * 1e12) * 1e3
+            roof_ms = weight_bytes / (hbm * 1e12) * 1e3
+            row["hbm_tb_per_s"] = round(hbm, 2)
             row["roofline_ms_per_step"] = round(roof_ms, 3)
             row["fraction_of_roofline"] = round(roof_ms / row["decode_ms_per_step_p50"], 3)
         print(json.dumps(row), flush=True)

@@ -87,7 +87,7 @@ class ModelRunner:
         if self.device.type == "cuda" and not config.disable_cuda_graph and backend_name != "torch_native":
             from radixfleet.engine.cuda_graph import CudaGraphRunner
 
-            max_bs = min(config.cuda_graph_max_bs or 160, self.max_running_requests)
+            max_bs = min(config.cuda_graph_max_bs or 256, self.max_running_requests)
             self.cuda_graphs = CudaGraphRunner(self.model, self.attn_backend, self.req_table.table,
                                                max_bs, self.device)
 
