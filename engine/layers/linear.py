@@ -4,12 +4,12 @@ Column-parallel layers shard the output dimension (no communication); row-parall
 shard the input dimension and all-reduce their output. Each parameter carries a
 ``weight_loader(param, loaded, shard_id)`` that copies this rank's slice of a checkpoint tensor.
 
-On CPU, ``prepack_cpu_weights`` switches every linear layer of a loaded model to oneDNN's
-prepacked-weight matmul: the weight is reordered once into the blocked layout oneDNN's
-AVX-512 kernels read, instead of on every call. At decode batch sizes this about halves the time of
-the matmuls, which are most of a CPU step (benchmarks/kernels.py has no CPU part; the figures
-are in benchmarks/offline_throughput.py's docstring). ``RADIXFLEET_CPU_PREPACK=0`` turns it off.
-Results agree with ``F.linear`` to fp32 rounding (~1e-6 relative).
+On CPU, ``prepack_cpu_weights`` switches every linear layer of a loaded model (and the LM
+head) to oneDNN's prepacked-weight matmul: the weight is reordered once into the blocked
+layout oneDNN's AVX-512 kernels read, instead of on every call. For SmolLM2 at 16 rows (a
+decode step of 16 requests) the 120 layer matmuls take 29 ms instead of 56 ms and the LM
+head 6 ms instead of 19 ms on the 2-core development machine. ``RADIXFLEET_CPU_PREPACK=0``
+turns it off. Results agree with ``F.linear`` to fp32 rounding (~1e-6 relative).
 """
 
 from __future__ import annotations
