@@ -57,22 +57,29 @@ TINY_ARCHS = {
 }
 
 
-def make_tiny_model(arch: str, folder: str, dtype: str = "float32") -> str:
-    """Save a tiny random-weight model of ``arch`` with transformers; return the folder."""
+def make_tiny_model(arch: str, folder: str, dtype: str = "float32", std: float = 0.08, **shape) -> str:
+    """Save a tiny random-weight model of ``arch`` with transformers; return the folder.
+
+    ``shape`` overrides the config's sizes (hidden_size, num_attention_heads, head_dim, ...).
+    Matrices are drawn with ``std``: the default 0.08 gives peaked logits, so greedy runs
+    rarely meet near-ties; 0.02 is transformers' own init."""
     import torch
     import transformers
 
     cls_name, extra = TINY_ARCHS[arch]
-    config = getattr(transformers, cls_name)(
-        vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        eos_token_id=None, bos_token_id=None, **extra)
+    fields = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  eos_token_id=None, bos_token_id=None, **extra)
+    fields.update(shape)
+    if fields.get("head_dim") is None:
+        fields.pop("head_dim", None)
+    config = getattr(transformers, cls_name)(**fields)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
-    with torch.no_grad():  # larger weights than the init default, so the logits are peaked
+    with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
-                p.normal_(0, 0.08)
+                p.normal_(0, std)
     model.save_pretrained(folder)
     return folder
 

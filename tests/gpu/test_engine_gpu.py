@@ -23,8 +23,8 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 from helpers import (  # noqa: E402
-    TINY_ARCHS,
     hf_teacher_forced_logprobs,
+    make_tiny_model,
     runner_teacher_forced_logprobs,
 )
 
@@ -41,26 +41,13 @@ PROMPTS = [[5, 17, 99, 3, 250, 8, 41], list(range(10, 200)), [7] * 33, [300, 301
 
 
 def make_model(arch: str, folder: str) -> str:
-    """A tiny random-weight model of ``arch`` with head dim 128, saved with transformers."""
-    import transformers
+    """A tiny random-weight model of ``arch`` with head dim 128, saved with transformers.
 
-    cls_name, extra = TINY_ARCHS[arch]
-    extra = {**extra, "head_dim": 128} if arch == "qwen3" else extra
-    config = getattr(transformers, cls_name)(
-        vocab_size=512, hidden_size=512, intermediate_size=512, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        eos_token_id=None, bos_token_id=None, **extra)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    # transformers' own init (std 0.02). With larger weights (0.08 was tried) the model is so
-    # ill-conditioned that transformers' bf16 agrees with its own fp32 on only ~93% of top-1
-    # tokens (measured on CPU), below the 95% bar the bf16 comparison checks.
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.02)
-    model.save_pretrained(folder)
-    return folder
+    transformers' own init (std 0.02): with larger weights (0.08 was tried) the model is so
+    ill-conditioned that transformers' bf16 agrees with its own fp32 on only ~93% of top-1
+    tokens (measured on CPU), below the 95% bar the bf16 comparison checks."""
+    head_dim = 128 if arch == "qwen3" else None
+    return make_tiny_model(arch, folder, std=0.02, hidden_size=512, intermediate_size=512, head_dim=head_dim)
 
 
 @pytest.fixture(scope="module", params=["llama3", "qwen3", "qwen2"])

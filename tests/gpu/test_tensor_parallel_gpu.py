@@ -24,7 +24,7 @@ import torch
 if torch.cuda.device_count() < 2:
     pytest.skip(f"needs 2 CUDA GPUs (found {torch.cuda.device_count()})", allow_module_level=True)
 
-from helpers import TINY_ARCHS, runner_teacher_forced_logprobs  # noqa: E402
+from helpers import make_tiny_model, runner_teacher_forced_logprobs  # noqa: E402
 
 from radixfleet.engine.config import EngineConfig  # noqa: E402
 from radixfleet.engine.engine import Engine  # noqa: E402
@@ -38,22 +38,8 @@ NEAR_TIE = 0.1  # top-1 minus top-2 logprob below which bf16 runs may pick diffe
 
 def make_model(arch: str, folder: str) -> str:
     """8 heads / 4 kv heads of dim 32, so each of 2 ranks gets 4 q heads and 2 kv heads."""
-    import transformers
-
-    cls_name, extra = TINY_ARCHS[arch]
-    extra = {k: v for k, v in extra.items() if k != "head_dim"}
-    config = getattr(transformers, cls_name)(
-        vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
-        eos_token_id=None, bos_token_id=None, **extra)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():  # larger weights than the init default, so the logits are peaked
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
-    model.save_pretrained(folder)
-    return folder
+    return make_tiny_model(arch, folder, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                           num_attention_heads=8, num_key_value_heads=4, head_dim=None)
 
 
 @pytest.fixture(scope="module", params=["llama3", "qwen2"])
