@@ -25,46 +25,10 @@ import triton
 import triton.language as tl
 
 from radixfleet.kernels import dot_precision
+from radixfleet.kernels.attention_tile import attend_tile
 
 _LOG2E = 1.4426950408889634
 MAX_KV_SPLITS = 32
-
-
-@triton.jit
-def _decode_tile(acc, l_i, m_i, q, row, k_base, v_base, stride_kn, stride_vn, n0, end,
-                 offs_d, d_mask, sm_scale_log2,
-                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
-                 PRECISION: tl.constexpr):
-    """One BLOCK_N tile of context: online-softmax update of (acc, l_i, m_i).
-
-    MASKED=False: the whole tile lies before ``end`` (no masks at all).
-    """
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    if MASKED:
-        n_mask = offs_n < end
-        slots = tl.load(row + offs_n, mask=n_mask, other=0).to(tl.int64)
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-    else:
-        slots = tl.load(row + offs_n).to(tl.int64)
-        kv_mask = d_mask[None, :]
-    k_ptrs = k_base + slots[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = v_base + slots[:, None] * stride_vn + offs_d[None, :]
-    # v is loaded with k, before it is needed, so both gathers are in flight together.
-    if MASKED or not EVEN_D:
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-    else:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
-    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale_log2  # [BLOCK_H, BLOCK_N], log2 units
-    if MASKED:
-        qk = tl.where(n_mask[None, :], qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(qk - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    return acc, l_i, m_new
 
 
 @triton.jit
@@ -114,13 +78,13 @@ def _decode_split_kernel(
     # Whole tiles without masks (pipelined by the compiler), then the ragged last tile.
     full_end = start + (end - start) // BLOCK_N * BLOCK_N
     for n0 in range(start, full_end, BLOCK_N):
-        acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, row, k_base, v_base, stride_kn, stride_vn,
-                                     n0, end, offs_d, d_mask, sm_scale_log2,
-                                     BLOCK_N, False, HEAD_DIM == BLOCK_D, PRECISION)
+        acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, l_i, row, k_base, v_base, stride_kn, stride_vn,
+                                    n0, end, offs_d, d_mask, sm_scale_log2,
+                                    BLOCK_N, False, False, HEAD_DIM == BLOCK_D, PRECISION)
     if full_end < end:
-        acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, row, k_base, v_base, stride_kn, stride_vn,
-                                     full_end, end, offs_d, d_mask, sm_scale_log2,
-                                     BLOCK_N, True, HEAD_DIM == BLOCK_D, PRECISION)
+        acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, l_i, row, k_base, v_base, stride_kn, stride_vn,
+                                    full_end, end, offs_d, d_mask, sm_scale_log2,
+                                    BLOCK_N, True, False, HEAD_DIM == BLOCK_D, PRECISION)
 
     # An empty chunk (start >= end) leaves l_i == 0: store o = 0 and lse = -inf so that
     # stage 2 gives it zero weight without producing NaN.

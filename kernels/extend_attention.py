@@ -27,45 +27,9 @@ import triton
 import triton.language as tl
 
 from radixfleet.kernels import dot_precision
+from radixfleet.kernels.attention_tile import attend_tile
 
 _LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _extend_tile(acc, l_i, m_i, q, q_pos, row, k_base, v_base, stride_kn, stride_vn, n0, kv_end,
-                 offs_d, d_mask, sm_scale_log2,
-                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
-                 PRECISION: tl.constexpr):
-    """One BLOCK_N tile of keys: online-softmax update of (acc, l_i, m_i).
-
-    CAUSAL=False: every key of the tile is visible to every row (no masks at all).
-    """
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    if CAUSAL:
-        n_mask = offs_n < kv_end
-        slots = tl.load(row + offs_n, mask=n_mask, other=0).to(tl.int64)
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-    else:
-        slots = tl.load(row + offs_n).to(tl.int64)
-        kv_mask = d_mask[None, :]
-    k_ptrs = k_base + slots[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = v_base + slots[:, None] * stride_vn + offs_d[None, :]
-    if CAUSAL or not EVEN_D:
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-    else:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
-    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale_log2  # [BLOCK_M, BLOCK_N], log2 units
-    if CAUSAL:
-        # Every row keeps key 0 (in the first tile), so m_i is finite after it.
-        qk = tl.where((q_pos[:, None] >= offs_n[None, :]) & n_mask[None, :], qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(qk - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    return acc, l_i, m_new
 
 
 @triton.jit
@@ -116,13 +80,13 @@ def _extend_kernel(
     # (which the compiler pipelines), then the causal tiles along the diagonal.
     full_end = (prefix + mblk * BLOCK_M) // BLOCK_N * BLOCK_N
     for n0 in range(0, full_end, BLOCK_N):
-        acc, l_i, m_i = _extend_tile(acc, l_i, m_i, q, q_pos, row, k_base, v_base, stride_kn,
-                                     stride_vn, n0, kv_end, offs_d, d_mask, sm_scale_log2,
-                                     BLOCK_N, False, HEAD_DIM == BLOCK_D, PRECISION)
+        acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, q_pos, row, k_base, v_base, stride_kn,
+                                    stride_vn, n0, kv_end, offs_d, d_mask, sm_scale_log2,
+                                    BLOCK_N, False, False, HEAD_DIM == BLOCK_D, PRECISION)
     for n0 in range(full_end, kv_end, BLOCK_N):
-        acc, l_i, m_i = _extend_tile(acc, l_i, m_i, q, q_pos, row, k_base, v_base, stride_kn,
-                                     stride_vn, n0, kv_end, offs_d, d_mask, sm_scale_log2,
-                                     BLOCK_N, True, HEAD_DIM == BLOCK_D, PRECISION)
+        acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, q_pos, row, k_base, v_base, stride_kn,
+                                    stride_vn, n0, kv_end, offs_d, d_mask, sm_scale_log2,
+                                    BLOCK_N, True, True, HEAD_DIM == BLOCK_D, PRECISION)
 
     o = acc / l_i[:, None]
     tl.store(OUT + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
