@@ -94,7 +94,10 @@ class AttentionBackend(abc.ABC):
 
     def __init__(self, kv_pool: KVPool, num_heads: int, num_kv_heads: int, head_dim: int,
                  scale: float):
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
         self.kv_pool = kv_pool
+        self.device = kv_pool.k_buffers[0].device
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim

@@ -49,9 +49,6 @@ class FlashInferBackend(AttentionBackend):
     def __init__(self, kv_pool: KVPool, num_heads: int, num_kv_heads: int, head_dim: int,
                  scale: float):
         super().__init__(kv_pool, num_heads, num_kv_heads, head_dim, scale)
-        if num_heads % num_kv_heads:
-            raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
-        self.device = kv_pool.k_buffers[0].device
         self.dtype = kv_pool.k_buffers[0].dtype
         if self.device.type != "cuda":
             raise ValueError("the flashinfer attention backend needs a CUDA device; use torch_native")

@@ -28,9 +28,6 @@ class TritonAttentionBackend(AttentionBackend):
     def __init__(self, kv_pool: KVPool, num_heads: int, num_kv_heads: int, head_dim: int,
                  scale: float):
         super().__init__(kv_pool, num_heads, num_kv_heads, head_dim, scale)
-        if num_heads % num_kv_heads:
-            raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
-        self.device = kv_pool.k_buffers[0].device
         if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("the triton attention backend needs a CUDA device; use torch_native")
         # Decode split-K scratch, grow-only (see `reserve`): fp32 partial outputs and lse.
