@@ -84,7 +84,11 @@ class TPLeader:
 def follow(runner: ModelRunner) -> None:
     """A follower rank's loop: mirror rank 0's forwards and LM-head calls until ``Stop``."""
     while True:
-        msg = dist.broadcast_control()
+        try:
+            msg = dist.broadcast_control()
+        except RuntimeError as e:  # gloo reports a closed connection: rank 0 is gone
+            logger.error("tp rank %d: lost rank 0 (%s); exiting", dist.tp_rank(), str(e).splitlines()[0])
+            raise SystemExit(1) from None
         if isinstance(msg, Forward):
             runner.forward(_rebuild(runner, msg))
         elif isinstance(msg, Logits):
