@@ -13,7 +13,9 @@ Prints one JSON line per system.
 Figures (2026-12-01). 2-core CPU, SmolLM2 fp32, 16 prompts × 64 new tokens,
 ``OMP_WAIT_POLICY=PASSIVE``, three runs each, HF ``generate`` at batch 16 in the same run:
 input 8: 239–253 tok/s against 123–129 (1.86–2.03×); input 32: 195–213 against 108–127
-(1.62–1.81×). The machine's own speed drifts by ±20% over minutes, so compare the ratio.
+(1.62–1.81×). With ``GOMP_SPINCOUNT=30000`` instead (OpenMP threads spin briefly between
+ops, for both systems): input 8 1.93–2.21×, input 32 1.66–1.79×. The machine's own speed
+drifts by ±20% over minutes, so compare the ratio.
 H200, Llama-3.1-8B shape, bf16, random weights, 500 prompts, input ≤ 4096, output ≤ 2048,
 range ratio 0, ``--extra '{"attention_backend": "flashinfer"}'``: 3,705 output tok/s.
 """

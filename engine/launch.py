@@ -30,7 +30,9 @@ def spawn(role: str, kwargs: dict[str, Any], log_level: str) -> subprocess.Popen
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     # OpenMP's default busy-wait makes every torch op on CPU ~20x slower as soon as another
     # process competes for the cores (several workers on a laptop, tests beside an engine).
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # A caller that tunes the wait itself (OMP_WAIT_POLICY or GOMP_SPINCOUNT) is left alone.
+    if "OMP_WAIT_POLICY" not in env and "GOMP_SPINCOUNT" not in env:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     # NVLink SHARP (multicast) collectives hang or fail on the GPU hosts we run on.
     env.setdefault("NCCL_NVLS_ENABLE", "0")
     env.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
