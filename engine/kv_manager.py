@@ -58,7 +58,7 @@ class KVManager:
         head = torch.empty(0, dtype=torch.int64)
         used = req.kv_len % self.page_size
         if used:  # continue the request's partly filled last page
-            last = int(self.table.table[req.row, req.kv_len - 1])
+            last = self.table.slot(req.row, req.kv_len - 1)
             head = torch.arange(last + 1, last + 1 + min(self.page_size - used, n))
         rest = n - len(head)
         if rest == 0:

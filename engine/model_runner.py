@@ -146,6 +146,7 @@ class ModelRunner:
         """Run the model; return hidden states of the last new token per request [B, hidden]
         (or of every new token [T, hidden] when ``sample_last_only`` is false)."""
         batch.attn_backend = self.attn_backend
+        self.req_table.flush()
         if self.cuda_graphs is not None and self.cuda_graphs.can_run(batch):
             return self.cuda_graphs.replay(batch)
         self.attn_backend.plan(batch)

@@ -281,14 +281,16 @@ class Scheduler:
     def _forward_batch(self, reqs: list[Req], mode: ForwardMode) -> ForwardBatch:
         dev = self.runner.device
         ids, pos, locs = [], [], []
-        table = self.kv.table.table
+        req_table = self.kv.table
+        req_table.flush()  # this step's slots, on the device before the forward reads them
+        host = req_table.host
         for r in reqs:
             fill = r.fill_ids
             ids += fill[r.kv_len:r.kv_len + r.extend_len]
             pos += range(r.kv_len, r.kv_len + r.extend_len)
         rows = torch.tensor([r.row for r in reqs], dtype=torch.int64)
         for r in reqs:
-            locs.append(table[r.row, r.kv_len:r.kv_len + r.extend_len])
+            locs.append(host[r.row, r.kv_len:r.kv_len + r.extend_len])
         seq = [r.kv_len + r.extend_len for r in reqs]
         prefix = [r.kv_len for r in reqs]
         ext = [r.extend_len for r in reqs]
@@ -299,7 +301,7 @@ class Scheduler:
         return ForwardBatch(mode=mode, input_ids=t(ids, torch.int64), positions=t(pos, torch.int64),
                             req_pool_indices=rows.to(dev), seq_lens=t(seq, torch.int32),
                             extend_prefix_lens=t(prefix, torch.int32), extend_seq_lens=t(ext, torch.int32),
-                            out_cache_loc=torch.cat(locs).to(dev, torch.int64), req_to_token=table,
+                            out_cache_loc=torch.cat(locs).to(dev, torch.int64), req_to_token=req_table.table,
                             seq_lens_cpu=seq, extend_prefix_lens_cpu=prefix, extend_seq_lens_cpu=ext)
 
     def _run(self, reqs: list[Req], mode: ForwardMode) -> None:
