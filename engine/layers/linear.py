@@ -7,8 +7,9 @@ shard the input dimension and all-reduce their output. Each parameter carries a
 On CPU, ``prepack_cpu_weights`` switches every linear layer of a loaded model (and the LM
 head) to oneDNN's prepacked-weight matmul: the weight is reordered once into the blocked
 layout oneDNN's AVX-512 kernels read, instead of on every call. For SmolLM2 at 16 rows (a
-decode step of 16 requests) the 120 layer matmuls take 29 ms instead of 56 ms and the LM
-head 6 ms instead of 19 ms on the 2-core development machine. ``RADIXFLEET_CPU_PREPACK=0``
+decode step of 16 requests) the 120 layer matmuls take 29–35 ms instead of 56–65 ms and the
+LM head 6–7.5 ms instead of 19–22 ms on the 2-core development machine
+(``benchmarks/cpu_matmul.py``). ``RADIXFLEET_CPU_PREPACK=0``
 turns it off. Results agree with ``F.linear`` to fp32 rounding (~1e-6 relative).
 """
 
