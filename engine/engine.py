@@ -241,12 +241,13 @@ def check_tensor_parallel(config: EngineConfig, model: ModelConfig) -> None:
     if config.device != "cpu":
         import torch
 
+        from radixfleet.engine.model_runner import resolve_device
+
         per_node = tp // config.nnodes
         if torch.cuda.is_available() and per_node > torch.cuda.device_count():
             raise ValueError(f"tp_size={tp} over nnodes={config.nnodes} needs {per_node} GPUs per node; "
                              f"{torch.cuda.device_count()} are visible")
-        if config.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError("device='cuda' requested but no CUDA GPU is available")
+        resolve_device(config.device)  # ValueError for cuda without a GPU
 
 
 def _shape(outputs: list[dict], is_batch: bool) -> dict | list[dict]:

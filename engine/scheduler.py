@@ -282,7 +282,6 @@ class Scheduler:
         dev = self.runner.device
         ids, pos, locs = [], [], []
         req_table = self.kv.table
-        req_table.flush()  # this step's slots, on the device before the forward reads them
         host = req_table.host
         for r in reqs:
             fill = r.fill_ids

@@ -62,9 +62,8 @@ class TPLeader:
         send_prefix = batch.mode is ForwardMode.EXTEND
         parts = [batch.input_ids, batch.req_pool_indices, batch.out_cache_loc]
         if send_prefix:
-            rows = batch.req_pool_indices.tolist()
-            parts += [batch.req_to_token[r, :p].to(torch.int64)
-                      for r, p in zip(rows, batch.extend_prefix_lens_cpu, strict=True)]
+            rows, host = batch.req_pool_indices.tolist(), self.runner.req_table.host
+            parts += [host[r, :p] for r, p in zip(rows, batch.extend_prefix_lens_cpu, strict=True)]
         # One device→host copy per step.
         ids = torch.cat([p.to(torch.int64) for p in parts]).cpu()
         dist.broadcast_control(Forward(batch.mode, ids, batch.seq_lens_cpu, batch.extend_prefix_lens_cpu,
@@ -103,19 +102,22 @@ def follow(runner: ModelRunner) -> None:
 
 def _rebuild(runner: ModelRunner, msg: Forward) -> ForwardBatch:
     """The ForwardBatch rank 0 ran, on this rank's device; writes this rank's table rows."""
-    dev, table = runner.device, runner.req_table.table
+    dev, table = runner.device, runner.req_table
     n_tok, n_req = sum(msg.extend_lens), len(msg.seq_lens)
-    ids = msg.ids.to(dev)
-    input_ids, rows, out_loc = ids[:n_tok], ids[n_tok:n_tok + n_req], ids[n_tok + n_req:2 * n_tok + n_req]
-    rows_cpu = msg.ids[n_tok:n_tok + n_req].tolist()
+    host_ids = msg.ids
+    out_loc_cpu = host_ids[n_tok + n_req:2 * n_tok + n_req]
     at = 2 * n_tok + n_req
     start = 0
-    for row, prefix, ext in zip(rows_cpu, msg.prefix_lens, msg.extend_lens, strict=True):
+    # Through the table's host copy: ``runner.forward`` flushes the writes in one copy.
+    for row, prefix, ext in zip(host_ids[n_tok:n_tok + n_req].tolist(), msg.prefix_lens, msg.extend_lens,
+                                strict=True):
         if msg.send_prefix and prefix:
-            table[row, :prefix] = ids[at:at + prefix].to(torch.int32)
+            table.write(row, 0, host_ids[at:at + prefix])
             at += prefix
-        table[row, prefix:prefix + ext] = out_loc[start:start + ext].to(torch.int32)
+        table.write(row, prefix, out_loc_cpu[start:start + ext])
         start += ext
+    ids = host_ids.to(dev)
+    input_ids, rows, out_loc = ids[:n_tok], ids[n_tok:n_tok + n_req], ids[n_tok + n_req:2 * n_tok + n_req]
     positions = torch.cat([torch.arange(p, p + e, dtype=torch.int64)
                            for p, e in zip(msg.prefix_lens, msg.extend_lens, strict=True)]).to(dev)
 
@@ -124,6 +126,6 @@ def _rebuild(runner: ModelRunner, msg: Forward) -> ForwardBatch:
 
     return ForwardBatch(mode=msg.mode, input_ids=input_ids, positions=positions, req_pool_indices=rows,
                         seq_lens=t(msg.seq_lens), extend_prefix_lens=t(msg.prefix_lens),
-                        extend_seq_lens=t(msg.extend_lens), out_cache_loc=out_loc, req_to_token=table,
+                        extend_seq_lens=t(msg.extend_lens), out_cache_loc=out_loc, req_to_token=table.table,
                         seq_lens_cpu=msg.seq_lens, extend_prefix_lens_cpu=msg.prefix_lens,
                         extend_seq_lens_cpu=msg.extend_lens)
