@@ -13,11 +13,18 @@ import torch
 import torch.nn.functional as F
 
 from radixfleet.engine.attention.base import AttentionBackend, ForwardBatch, ForwardMode
+from radixfleet.kernels import cpu_ops
 
 
 class TorchNativeBackend(AttentionBackend):
     def plan(self, batch: ForwardBatch) -> None:
-        if batch.mode is ForwardMode.DECODE:
+        self._cpu_decode = None
+        if batch.mode is ForwardMode.DECODE and self.kv_pool.kv_buffers is not None \
+                and cpu_ops.usable(self.kv_pool.kv_buffers[0]):
+            # One C call per layer reads K/V straight from the pool (kernels/cpu_ops.c).
+            self._cpu_decode = (batch.req_to_token, batch.req_pool_indices.long().contiguous(),
+                                batch.seq_lens.to(torch.int32).contiguous(), max(batch.seq_lens_cpu))
+        elif batch.mode is ForwardMode.DECODE:
             max_len = max(batch.seq_lens_cpu)
             rows = batch.req_to_token[batch.req_pool_indices, :max_len].long()  # [B, L]
             lens = batch.seq_lens.to(rows.device).long()
@@ -39,6 +46,10 @@ class TorchNativeBackend(AttentionBackend):
         return self._extend(q, k, v, layer_id, batch)
 
     def _decode(self, q, layer_id):
+        if self._cpu_decode is not None:
+            table, rows, lens, max_len = self._cpu_decode
+            return cpu_ops.decode_attention(q, self.kv_pool.kv_buffers[layer_id], table, rows, lens,
+                                            max_len, self.scale)
         b, n = self._decode_slots.shape
         pool = self.kv_pool
         # index_select is ~2x faster than advanced indexing on CPU; with K and V interleaved

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from radixfleet.engine.layers.fused import fused_ops
+from radixfleet.kernels import cpu_ops
 
 
 def _inv_freq_default(head_dim: int, theta: float) -> torch.Tensor:
@@ -57,9 +58,11 @@ class RotaryEmbedding(nn.Module):
         """positions [T]; q [T, H, D], k [T, KVH, D] → rotated (q, k)."""
         ops = fused_ops(q)
         if ops is not None and q.stride(-1) == 1 and k.stride(-1) == 1:
-            if getattr(self, "_cos_sin", None) is None:
-                self._cos_sin = torch.cat([self.cos, self.sin], dim=-1).contiguous()  # [P, D] fp32
-            ops.apply_rotary_(positions, q, k, self._cos_sin)  # in place
+            ops.apply_rotary_(positions, q, k, self._packed_cos_sin())  # in place
+            return q, k
+        if (cpu_ops.usable(q) and k.dtype == q.dtype and q.stride(1) == q.shape[2] == k.stride(1)
+                and q.stride(2) == 1 and k.stride(2) == 1):
+            cpu_ops.rotary_(positions, q, k, self._packed_cos_sin())  # in place
             return q, k
         # Every layer of a step rotates at the same positions: look cos/sin up once per step.
         if self._step_positions is not positions:
@@ -67,6 +70,12 @@ class RotaryEmbedding(nn.Module):
             self._step_cos_sin = (self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
         cos, sin = self._step_cos_sin  # [T, 1, D/2] each
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+    def _packed_cos_sin(self) -> torch.Tensor:
+        """``[P, D]`` fp32: cos of the D/2 frequencies, then sin (the fused kernels' table)."""
+        if getattr(self, "_cos_sin", None) is None:
+            self._cos_sin = torch.cat([self.cos, self.sin], dim=-1).contiguous()
+        return self._cos_sin
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

