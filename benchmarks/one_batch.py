@@ -91,6 +91,37 @@ def run_one(runner: ModelRunner, bs: int, in_len: int, out_len: int) -> dict:
             "decode_ms_per_step_p50": round(step * 1e3, 3), "decode_tok_per_s": round(bs / step, 1)}
 
 
+def profile_decode(runner: ModelRunner, bs: int, in_len: int, steps: int = 8) -> dict:
+    """Device time per decode step by kernel name (torch.profiler), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dev = runner.device
+    ids = torch.randint(100, runner.model_config.vocab_size - 100, (bs, in_len + steps + 2))
+    rows = [runner.req_table.alloc() for _ in range(bs)]
+    runner.forward(batch_for(runner, rows, ids, 0, in_len, ForwardMode.EXTEND))
+    runner.forward(batch_for(runner, rows, ids, in_len, 1, ForwardMode.DECODE))
+    sync(dev)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for k in range(steps):
+            runner.compute_logits(runner.forward(
+                batch_for(runner, rows, ids, in_len + 1 + k, 1, ForwardMode.DECODE))).argmax(-1)
+        sync(dev)
+    for r in rows:
+        runner.allocator.free(runner.req_table.read(r, in_len + steps + 1))
+        runner.req_table.free(r)
+    kernels = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            name = e.name[:90]
+            calls, us = kernels.get(name, (0, 0.0))
+            kernels[name] = (calls + 1, us + e.device_time)
+    total = sum(us for _, us in kernels.values()) / steps
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:25]
+    return {"batch_size": bs, "kernel_us_per_step": round(total, 1),
+            "kernels": [{"name": n, "calls_per_step": c / steps, "us_per_step": round(us / steps, 1)}
+                        for n, (c, us) in top]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-path", default="llama-3.1-8b")
@@ -101,6 +132,8 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--attention-backend", default=None)
     p.add_argument("--disable-cuda-graph", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="also print each batch size's device time per decode step by kernel (CUDA)")
     p.add_argument("--hbm-tb-per-s", type=float, default=None,
                    help="HBM bandwidth for the roofline (default: measured here with a device copy)")
     args = p.parse_args()
@@ -129,6 +162,9 @@ def main() -> None:
             row["roofline_ms_per_step"] = round(roof_ms, 3)
             row["fraction_of_roofline"] = round(roof_ms / row["decode_ms_per_step_p50"], 3)
         print(json.dumps(row), flush=True)
+        if args.profile and runner.device.type == "cuda":
+            print(json.dumps({"benchmark": "one_batch_profile", "device": device,
+                              **profile_decode(runner, bs, args.input_len)}), flush=True)
 
 
 if __name__ == "__main__":
