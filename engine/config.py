@@ -49,6 +49,10 @@ class EngineConfig:
     attention_backend: str | None = _opt(None, "torch_native, triton or flashinfer (default per device)")
     disable_cuda_graph: bool = _opt(False, "run decode without CUDA graphs")
     cuda_graph_max_bs: int | None = _opt(None, "largest decode batch captured in a CUDA graph")
+    disable_overlap_schedule: bool | None = _opt(
+        None, "build each batch only after the previous step's tokens reach the host (default: "
+              "overlap scheduling with the device's work on CUDA with tp_size 1, not elsewhere; "
+              "Engine(disable_overlap_schedule=False) overlaps on any device)")
     served_model_name: str | None = _opt(None, "model name reported by the API (default: model_path)")
     enable_custom_logit_processor: bool = _opt(False, "accept custom logit processors (deserialises code)")
     stream_interval: int = _opt(1, "send streamed tokens every N steps")
@@ -116,7 +120,7 @@ class EngineConfig:
             flag = "--" + f.name.replace("_", "-")
             hint = hints[f.name]
             help_ = f.metadata.get("help", "")
-            if hint is bool:
+            if hint is bool or hint == bool | None:  # the flag sets True; absent, the default (None: auto)
                 parser.add_argument(flag, action="store_true", default=f.default, help=help_)
                 continue
             kind = int if "int" in str(hint) else float if "float" in str(hint) else str

@@ -4,6 +4,10 @@ The only place that moves slots between the allocator, the radix tree and reques
 - ``admit``: match the longest cached prefix, lock it, take a req_table row;
 - ``extend``: allocate slots for the next ``n`` tokens (evicting unlocked tree leaves if short);
 - ``release``: hand a request's computed tokens to the tree (or free them) and unlock.
+
+Freed slots may be handed out again while a launched step still writes them (overlap
+schedule): harmless, as every step runs on one device stream, so the new owner's writes
+come after the old ones.
 """
 
 from __future__ import annotations
@@ -74,9 +78,12 @@ class KVManager:
             return
         slots = self.table.read(req.row, req.kv_len)
         own_from = len(req.prefix_slots)
+        # Slots past fill_ids hold the KV of a pending token (a step still in flight when the
+        # request finished): its id is unknown here, so the tree cannot key it; it is freed.
+        known = min(req.kv_len, len(req.fill_ids))
         if keep_in_cache and not self.cache.disabled:
-            cached = self.cache.insert(req.fill_ids[: req.kv_len], slots)
-            aligned = req.kv_len - req.kv_len % self.page_size
+            cached = self.cache.insert(req.fill_ids[:known], slots[:known])
+            aligned = known - known % self.page_size
             # Slots that duplicate what the tree already held, and the unaligned tail.
             self.allocator.free(slots[own_from:max(cached, own_from)])
             self.allocator.free(slots[aligned:])

@@ -22,11 +22,18 @@ class Req:
     arrival_time: float = field(default_factory=time.monotonic)
     output_ids: list[int] = field(default_factory=list)
     finished_reason: dict | None = None
-    # KV state. Invariant: req_table row ``row`` holds the slots of tokens [0, kv_len) of
-    # ``fill_ids``; the first ``len(prefix_slots)`` of them belong to the radix tree
-    # (locked through ``last_node``), the rest to this request.
+    # KV state. Invariant: req_table row ``row`` holds the slots of the first kv_len tokens
+    # of ``fill_ids`` + the ``pending`` ones; the first ``len(prefix_slots)`` of
+    # them belong to the radix tree (locked through ``last_node``), the rest to this request.
+    # A slot below kv_len holds valid KV once the device work launched so far has run (all
+    # of it is on one stream, so work launched later sees it).
     row: int | None = None
     kv_len: int = 0
+    # Tokens sampled on the device (their ids in the scheduler's ``last_token``) but not yet
+    # appended to ``output_ids``: at most 1 between steps with the overlap schedule (2 while
+    # the next step is launched before the previous one is processed), else 0. A decoding
+    # request has ``kv_len == total_len - 1`` between steps: the newest token lacks KV.
+    pending: int = 0
     prefix_slots: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
     last_node: TreeNode | None = None
     # What this step computes: tokens [kv_len, kv_len + extend_len) of fill_ids.
@@ -48,6 +55,16 @@ class Req:
         return self.input_ids + self.output_ids
 
     @property
+    def total_len(self) -> int:
+        """Prompt plus every sampled token, including the pending ones."""
+        return len(self.input_ids) + len(self.output_ids) + self.pending
+
+    @property
+    def generated_len(self) -> int:
+        """Output tokens sampled so far, including the pending ones."""
+        return len(self.output_ids) + self.pending
+
+    @property
     def max_prefix_len(self) -> int:
         """Most tokens the radix cache may supply: one is always computed (for logits),
         and prompt positions whose logprobs or hidden states are wanted must be too."""
@@ -57,15 +74,10 @@ class Req:
         return limit
 
     @property
-    def is_prefilling(self) -> bool:
-        """True until every fill token except the last sampled one has its KV."""
-        return self.kv_len + self.extend_len < len(self.fill_ids)
-
-    @property
     def remaining_new_tokens(self) -> int:
         if self.params.max_new_tokens is None:
             return 1 << 30
-        return max(self.params.max_new_tokens - len(self.output_ids), 0)
+        return max(self.params.max_new_tokens - self.generated_len, 0)
 
     def finish(self, kind: str, matched: int | str | None = None, message: str | None = None) -> None:
         reason: dict = {"type": kind}

@@ -1,20 +1,43 @@
 """The scheduler process: continuous batching over one ModelRunner.
 
 Each loop iteration: take new messages, pick one batch — a prefill/extend batch if any
-waiting request can be admitted, else a decode step over the running requests — run it,
-sample, and send the new tokens to the detokenizer.
+waiting request can be admitted, else a decode step over the running requests — and
+*launch* it (forward, sampling, new ids scattered into ``last_token`` on the device), then
+*process* a launched step (ids to the host, stop checks, send to the detokenizer, free
+finished requests).
 
-Invariant (enforced in ``_decode_batch`` and ``PrefillAdder``): every running request owns
-KV slots for all of its tokens but the last sampled one; a decode step needs one more slot
+KV invariant (enforced in ``_decode_batch`` and ``PrefillAdder``): every running request owns
+KV slots for all of its tokens but the newest sampled one; a decode step needs one more slot
 per request, and when the pool cannot give them even after evicting unlocked radix-cache
 leaves, the newest requests are retracted to the waiting queue with their output so far
 (nothing is lost: they re-prefill prompt + output and continue).
+
+Overlap schedule (``disable_overlap_schedule``): a step is processed only after the next one
+is launched, so the host's work on step N runs while the device computes step N+1. Request
+state is then one step ahead of ``output_ids``: a launch advances ``kv_len`` and adds the
+sampled token to ``Req.pending``; processing appends it. Decode input ids are gathered on
+the device from ``last_token`` (in both modes), and host data goes up through pinned memory,
+so a launch does not wait for the step before.
+- A request whose pending token reaches its length limit is left out of the next decode.
+- One that stops on EOS or a stop string is found one step late: the token of the step
+  already launched is dropped (never appended, sent or counted) and all its slots are freed.
+- KV slots, table rows and ``last_token`` rows freed while a step is in flight may go to
+  the next launch: all device work is on one stream, so the new owner's writes come after.
+- The step in flight is processed first (``_sync``) when the next batch needs its results
+  on the host: grammar, custom logit processor, logprobs or hidden states on a request with
+  a pending token; a KV shortage (retraction re-prefills the complete output); flush_cache;
+  shutdown; and when there is nothing to launch. Penalties and seeds need no sync: their
+  counts live on the device, and positions count pending tokens (``Req.generated_len``).
+Auto mode overlaps on CUDA with tp_size 1 only: on the CPU the host computes the step itself,
+and a TP leader copies each step's input ids to the host for its followers, which waits.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 import zmq
@@ -33,6 +56,7 @@ from radixfleet.engine.sampling.custom_logit_processor import load_processor
 from radixfleet.engine.sampling.logprobs import ReqOutputs
 from radixfleet.engine.sampling.params import load_generation_defaults
 from radixfleet.engine.sampling.pipeline import SamplingPipeline
+from radixfleet.engine.sampling.sampler import to_device
 from radixfleet.engine.stop import StopChecker
 from radixfleet.engine.tp_worker import TPLeader
 
@@ -43,6 +67,29 @@ _NEW_TOKEN_RATIO_MIN = 0.1
 _NEW_TOKEN_RATIO_DECAY = 0.001
 _CPU_CHUNK = 2048
 _GPU_CHUNK = 8192
+
+
+@dataclass
+class Launched:
+    """A step queued on the device whose sampled ids are not yet appended."""
+
+    reqs: list[Req]
+    mode: ForwardMode
+    sampled: list[Req]  # got a token (counted in their ``pending``), in ``next_ids`` order
+    at_limit: list[Req]  # prefill done but already at their length limit: nothing sampled
+    next_ids: torch.Tensor | None  # [len(sampled)] int64 on the host (pinned on CUDA)
+    copied: torch.cuda.Event | None  # CUDA: recorded after the device→host copy of next_ids
+
+    def tokens(self) -> list[int]:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return [] if self.next_ids is None else self.next_ids.tolist()
+
+
+def needs_host_state(req: Req) -> bool:
+    """Whether sampling this request reads host state its previous token updates (grammar
+    matcher, logprob / hidden-state lists), or runs client code (a custom logit processor)."""
+    return req.grammar is not None or bool(req.custom_logit_processor) or req.outputs is not None
 
 
 class Scheduler:
@@ -61,6 +108,13 @@ class Scheduler:
             chunk = _GPU_CHUNK if self.runner.device.type == "cuda" else _CPU_CHUNK
         self.chunk_size = config.max_prefill_tokens if chunk == -1 else chunk
         self.max_running = self.runner.max_running_requests
+        choice = config.disable_overlap_schedule
+        self.overlap = (self.runner.device.type == "cuda" and dist.tp_size() == 1) if choice is None else not choice
+        self.in_flight: Launched | None = None
+        # [table rows] int64 on the device: each row's newest sampled token, the input of its
+        # next decode step.
+        self.last_token = torch.zeros(self.runner.req_table.table.shape[0], dtype=torch.int64,
+                                      device=self.runner.device)
         self.waiting: list[Req] = []
         self.running: list[Req] = []
         self.chunked: Req | None = None  # a request part-way through its prefill
@@ -95,6 +149,7 @@ class Scheduler:
                 "device": str(self.runner.device), "dtype": str(self.runner.dtype).removeprefix("torch."),
                 "chunked_prefill_size": self.chunk_size,
                 "attention_backend": type(self.runner.attn_backend).__name__,
+                "overlap_schedule": self.overlap,
                 "eos_token_ids": list(self.runner.model_config.eos_token_ids)}
 
     def internal_state(self) -> dict:
@@ -117,12 +172,15 @@ class Scheduler:
     def event_loop(self) -> None:
         """Serve until a ``shutdown`` call (or until the process is ended)."""
         while not self._stopping:
-            busy = bool(self.waiting or self.running or self.chunked)
-            self._recv(block=not busy)
+            # Never block with a step in flight: its tokens would wait for the next message.
+            self._recv(block=not self._busy())
             if self.grammars.pending:
                 self._admit_compiled()
-            if self.waiting or self.running or self.chunked:
+            if self._busy() and not self._stopping:
                 self.step()
+
+    def _busy(self) -> bool:
+        return bool(self.waiting or self.running or self.chunked or self.in_flight)
 
     def _recv(self, block: bool) -> None:
         # While only grammars are compiling, look again soon.
@@ -197,6 +255,7 @@ class Scheduler:
 
     def _rpc(self, msg: ipc.RpcReq) -> ipc.RpcReply:
         if msg.method == "flush_cache":
+            self._sync()
             busy = self.waiting or self.running or self.chunked
             ok = not busy and self.kv.cache.flush()
             return ipc.RpcReply(msg.call_id, ok, None if ok else "requests are in flight; flush refused")
@@ -206,11 +265,13 @@ class Scheduler:
 
     def _shutdown(self) -> None:
         """Leave the event loop; TP followers (on any node) leave theirs too."""
+        self._sync()
         if isinstance(self.model, TPLeader):
             self.model.stop()
         self._stopping = True
 
     def _abort(self, rid: str) -> None:
+        """A request in the step in flight is released now; its pending token is dropped."""
         for req in self.grammars.remove(rid):
             req.finish("abort", message="aborted")
             self._send([req])
@@ -226,13 +287,30 @@ class Scheduler:
 
     # ---- one step --------------------------------------------------------------------------
     def step(self) -> None:
+        """Launch the next batch, then process the step before it (overlap: while the device
+        runs the new one) — or, without overlap, the new one at once."""
+        launched = self._launch_next()
+        self._sync()
+        self.in_flight = launched
+        if not self.overlap:
+            self._sync()
+
+    def _sync(self) -> None:
+        """Process the step in flight, if any."""
+        launched, self.in_flight = self.in_flight, None
+        if launched is not None:
+            self._process(launched)
+
+    def _launch_next(self) -> Launched | None:
         batch = self._prefill_batch()
         if batch:
-            self._run(batch, ForwardMode.EXTEND)
-        elif self.running:
+            # Requests waiting for a prefill have nothing in flight: no need to sync.
+            return self._launch(batch, ForwardMode.EXTEND)
+        if self.running:
             batch = self._decode_batch()
             if batch:
-                self._run(batch, ForwardMode.DECODE)
+                return self._launch(batch, ForwardMode.DECODE)
+        return None
 
     def _prefill_batch(self) -> list[Req]:
         if not self.waiting and self.chunked is None:
@@ -253,24 +331,39 @@ class Scheduler:
                 break
         return adder.batch
 
+    def _decodable(self) -> list[Req]:
+        """Running requests whose pending token (if any) is not their last."""
+        return [r for r in self.running if not self.stop_checker.at_length_limit(r, r.generated_len)]
+
     def _decode_batch(self) -> list[Req]:
-        while len(self.running) > 1 and self.kv.free_tokens < len(self.running):
-            self._retract(self.running.pop())
-        if self.kv.free_tokens < len(self.running):
-            # A lone request that outgrew the whole KV pool cannot continue.
-            self.running[0].finish("length", message="the KV cache is full")
-            self._send(self.running)
-            self._reap()
+        reqs = self._decodable()
+        if self.in_flight is not None and (self.kv.free_tokens < len(reqs) or
+                                           any(r.pending and needs_host_state(r) for r in reqs)):
+            self._sync()
+            reqs = self._decodable()
+        if not reqs:  # every pending token is its request's last
             return []
-        for req in self.running:
+        if self.kv.free_tokens < len(reqs):
+            assert self.in_flight is None, "retraction needs every output complete"
+            while len(self.running) > 1 and self.kv.free_tokens < len(self.running):
+                self._retract(self.running.pop())
+            if self.kv.free_tokens < len(self.running):
+                # A lone request that outgrew the whole KV pool cannot continue.
+                self.running[0].finish("length", message="the KV cache is full")
+                self._send(self.running)
+                self._reap()
+                return []
+            reqs = list(self.running)
+        for req in reqs:
             req.extend_len = 1
             slots = self.kv.extend(req, 1)
             assert slots is not None, "decode slots were checked above"
         self.new_token_ratio = max(self.new_token_ratio - _NEW_TOKEN_RATIO_DECAY, _NEW_TOKEN_RATIO_MIN)
-        return list(self.running)
+        return reqs
 
     def _retract(self, req: Req) -> None:
         """Send a running request back to the queue; its output so far is kept."""
+        assert req.pending == 0, "retracting a request with a token in flight"
         self.kv.release(req)
         req.retractions += 1
         self.stats["retractions"] += 1
@@ -280,41 +373,45 @@ class Scheduler:
 
     def _forward_batch(self, reqs: list[Req], mode: ForwardMode) -> ForwardBatch:
         dev = self.runner.device
-        ids, pos, locs = [], [], []
-        req_table = self.kv.table
-        host = req_table.host
+        host = self.kv.table.host
+        pos, locs = [], []
         for r in reqs:
-            fill = r.fill_ids
-            ids += fill[r.kv_len:r.kv_len + r.extend_len]
             pos += range(r.kv_len, r.kv_len + r.extend_len)
-        rows = torch.tensor([r.row for r in reqs], dtype=torch.int64)
-        for r in reqs:
             locs.append(host[r.row, r.kv_len:r.kv_len + r.extend_len])
+        rows = to_device([r.row for r in reqs], torch.int64, dev)
+        if mode is ForwardMode.DECODE:
+            # The newest token of each request, possibly sampled by a step still running.
+            input_ids = self.last_token[rows]
+        else:
+            ids = []
+            for r in reqs:
+                ids += r.fill_ids[r.kv_len:r.kv_len + r.extend_len]
+            input_ids = to_device(ids, torch.int64, dev)
         seq = [r.kv_len + r.extend_len for r in reqs]
         prefix = [r.kv_len for r in reqs]
         ext = [r.extend_len for r in reqs]
-
-        def t(x, dtype):
-            return torch.tensor(x, dtype=dtype, device=dev)
-
-        return ForwardBatch(mode=mode, input_ids=t(ids, torch.int64), positions=t(pos, torch.int64),
-                            req_pool_indices=rows.to(dev), seq_lens=t(seq, torch.int32),
-                            extend_prefix_lens=t(prefix, torch.int32), extend_seq_lens=t(ext, torch.int32),
-                            out_cache_loc=torch.cat(locs).to(dev, torch.int64), req_to_token=req_table.table,
+        return ForwardBatch(mode=mode, input_ids=input_ids, positions=to_device(pos, torch.int64, dev),
+                            req_pool_indices=rows, seq_lens=to_device(seq, torch.int32, dev),
+                            extend_prefix_lens=to_device(prefix, torch.int32, dev),
+                            extend_seq_lens=to_device(ext, torch.int32, dev),
+                            out_cache_loc=to_device(torch.cat(locs), torch.int64, dev),
+                            req_to_token=self.kv.table.table,
                             seq_lens_cpu=seq, extend_prefix_lens_cpu=prefix, extend_seq_lens_cpu=ext)
 
-    def _run(self, reqs: list[Req], mode: ForwardMode) -> None:
+    def _launch(self, reqs: list[Req], mode: ForwardMode) -> Launched:
+        """Queue the forward and the sampling of ``reqs`` on the device; nothing here waits
+        for it unless a request wants logprobs or hidden states."""
         fb = self._forward_batch(reqs, mode)
-        want_prompt = [r.outputs is not None and not r.outputs.prompt_done for r in reqs]
-        if mode is ForwardMode.EXTEND and any(want_prompt):
-            # Logprobs / hidden states of prompt positions: keep every new token's state.
+        if mode is ForwardMode.EXTEND:
+            # Every new token's state [T, H]; the last of each request is picked here, with
+            # indices uploaded without a sync.
             hidden = self.model.forward(fb, sample_last_only=False)
-            ends = torch.tensor(fb.extend_seq_lens_cpu).cumsum(0)
-            for r, want, end in zip(reqs, want_prompt, ends.tolist(), strict=True):
-                if want:
+            ends = list(itertools.accumulate(fb.extend_seq_lens_cpu))
+            for r, end in zip(reqs, ends, strict=True):
+                if r.outputs is not None and not r.outputs.prompt_done:  # prompt logprobs / hidden states
                     r.outputs.collect_prompt(hidden[end - r.extend_len:end], r.kv_len, r.input_ids,
                                              self.model.compute_logits)
-            hidden = hidden[(ends - 1).to(hidden.device)]
+            hidden = hidden[to_device([e - 1 for e in ends], torch.int64, hidden.device)]
         else:
             hidden = self.model.forward(fb)
         now = time.monotonic()
@@ -324,34 +421,66 @@ class Scheduler:
             if r.first_scheduled_time is None:
                 r.first_scheduled_time = now
         # Requests still prefilling (chunked) produce no token this step.
-        ready = [i for i, r in enumerate(reqs) if r.kv_len == len(r.fill_ids)]
+        ready = [i for i, r in enumerate(reqs) if r.kv_len == r.total_len]
         if mode is ForwardMode.EXTEND:
-            for r in reqs:
-                if r.kv_len == len(r.fill_ids) and not r.output_ids:
+            for i in ready:
+                r = reqs[i]
+                if not r.output_ids:
                     self.stats["prompt_tokens"] += len(r.input_ids)
                     self.stats["cached_tokens"] += max(r.cached_tokens, 0)
-        sampled = [reqs[i] for i in ready if reqs[i].remaining_new_tokens > 0]
-        if sampled:
-            idx = torch.tensor([i for i in ready if reqs[i].remaining_new_tokens > 0], device=hidden.device)
-            logits = self.model.compute_logits(hidden[idx])
-            next_ids = self.sampling.sample(sampled, logits, hidden[idx])
-            for r, tok in zip(sampled, next_ids, strict=True):
-                r.output_ids.append(tok)
-                self.stop_checker.check(r)
-                self.sampling.after_append(r, tok)
-            self.stats["generated_tokens"] += len(sampled)
-        for i in ready:
-            r = reqs[i]
-            if r.remaining_new_tokens == 0 and r.finished_reason is None:
+        at_limit = [reqs[i] for i in ready if self.stop_checker.at_length_limit(reqs[i], reqs[i].generated_len)]
+        keep = [i for i in ready if reqs[i] not in at_limit]
+        sampled = [reqs[i] for i in keep]
+        launched = Launched(reqs, mode, sampled, at_limit, None, None)
+        if not sampled:
+            return launched
+        dev = hidden.device
+        if len(keep) < len(reqs):
+            hidden = hidden[to_device(keep, torch.int64, dev)]
+            rows = to_device([r.row for r in sampled], torch.int64, dev)
+        else:
+            rows = fb.req_pool_indices
+        next_ids = self.sampling.sample(sampled, self.model.compute_logits(hidden), hidden)
+        self.last_token[rows] = next_ids
+        if next_ids.is_cuda:
+            launched.next_ids = torch.empty(next_ids.shape, dtype=next_ids.dtype, pin_memory=True)
+            launched.next_ids.copy_(next_ids, non_blocking=True)
+            launched.copied = torch.cuda.Event()
+            launched.copied.record()
+        else:
+            launched.next_ids = next_ids
+        for r in sampled:
+            r.pending += 1
+        if mode is ForwardMode.EXTEND:
+            # Joins the decode batch at once: its next step may launch before this one is processed.
+            self.running += [r for r in sampled if r not in self.running]
+        return launched
+
+    def _process(self, step: Launched) -> None:
+        """Append a launched step's tokens, check stops, send, and free finished requests."""
+        # Requests finished while the step ran (stopped in the step before, or aborted) were
+        # sent and released already; their token from this step is dropped.
+        live = [r for r in step.reqs if r.finished_reason is None]
+        kept = 0
+        for r, tok in zip(step.sampled, step.tokens(), strict=True):
+            r.pending -= 1
+            if r.finished_reason is not None:
+                continue
+            r.output_ids.append(tok)
+            self.stop_checker.check(r)
+            self.sampling.after_append(r, tok)
+            kept += 1
+        for r in step.at_limit:
+            if r.finished_reason is None:
                 r.finish("length")
-            if mode is ForwardMode.EXTEND and r.finished_reason is None and r not in self.running:
-                self.running.append(r)
-        if mode is ForwardMode.DECODE:
+        self.stats["generated_tokens"] += kept
+        if step.mode is ForwardMode.DECODE and kept:
+            now = time.monotonic()
             self.stats["decode_steps"] += 1
-            self._recent = [(t, n) for t, n in self._recent if now - t < 10] + [(now, len(sampled))]
-        self._send([r for r in reqs if r.finished_reason is not None or
+            self._recent = [(t, n) for t, n in self._recent if now - t < 10] + [(now, kept)]
+        self._send([r for r in live if r.finished_reason is not None or
                     (r.stream and len(r.output_ids) - r.sent_len >= self.config.stream_interval)])
-        self._reap(reqs)
+        self._reap(live)
 
     def _reap(self, batch: list[Req] = ()) -> None:
         """Free finished requests (including aborted ones) and drop them from the batch.

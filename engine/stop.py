@@ -42,8 +42,12 @@ class StopChecker:
                 for s in p.stop_strs:
                     if s in tail:
                         return req.finish("stop", s)
-        if p.max_new_tokens is not None and n >= p.max_new_tokens:
-            return req.finish("length")
-        if len(req.input_ids) + n >= self.context_len:
+        if self.at_length_limit(req, n):
             return req.finish("length")
         return None
+
+    def at_length_limit(self, req: Req, generated: int) -> bool:
+        """Whether ``generated`` output tokens end the request by length (``max_new_tokens``
+        or the context); the scheduler asks with its pending tokens counted."""
+        limit = req.params.max_new_tokens
+        return (limit is not None and generated >= limit) or len(req.input_ids) + generated >= self.context_len

@@ -45,7 +45,10 @@ class ReqToTokenTable:
         index = torch.tensor([self._pending_rows, self._pending_cols], dtype=torch.int64)
         # Values come from ``host`` (a position written twice gets its final value).
         packed = torch.cat([index, self.host[index[0], index[1]].to(torch.int64)[None]])
-        packed = packed.to(self.table.device)
+        if self.table.is_cuda:
+            # Pinned and non-blocking: the copy queues behind a step still running (overlap
+            # schedule) instead of waiting for it.
+            packed = packed.pin_memory().to(self.table.device, non_blocking=True)
         self.table[packed[0], packed[1]] = packed[2].to(torch.int32)
         self._pending_rows, self._pending_cols = [], []
 

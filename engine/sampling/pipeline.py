@@ -18,7 +18,7 @@ from radixfleet.engine.grammar import GrammarMasker
 from radixfleet.engine.sampling.custom_logit_processor import apply_processors
 from radixfleet.engine.sampling.logprobs import record_output
 from radixfleet.engine.sampling.penalties import PenaltyState
-from radixfleet.engine.sampling.sampler import SamplingBatchInfo, sample
+from radixfleet.engine.sampling.sampler import SamplingBatchInfo, sample, to_device
 
 
 def has_penalty(p) -> bool:
@@ -36,8 +36,10 @@ class SamplingPipeline:
         self.grammar = GrammarMasker(vocab_size)
 
     @torch.inference_mode()
-    def sample(self, reqs: list, logits: torch.Tensor, hidden: torch.Tensor) -> list[int]:
-        """``logits`` [B, V] fp32 (modified in place), ``hidden`` [B, H] → next ids."""
+    def sample(self, reqs: list, logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """``logits`` [B, V] fp32 (modified in place), ``hidden`` [B, H] → next ids [B] int64,
+        on the device. A request's position counts its pending tokens (``generated_len``).
+        Requests asking for logprobs or hidden states wait for the device here."""
         dev = logits.device
         lp_rows = [i for i, r in enumerate(reqs) if r.outputs is not None and r.outputs.return_logprob]
         raw_logprobs = torch.log_softmax(logits[lp_rows], dim=-1) if lp_rows else None
@@ -53,18 +55,18 @@ class SamplingPipeline:
             col = [[r.params.frequency_penalty for r in pen_reqs],
                    [r.params.presence_penalty for r in pen_reqs],
                    [r.params.repetition_penalty for r in pen_reqs]]
-            f, p, rp = torch.tensor(col, dtype=logits.dtype, device=dev)[:, :, None]
-            idx = torch.tensor(pen, device=dev)
+            f, p, rp = to_device(col, logits.dtype, dev)[:, :, None]
+            idx = to_device(pen, torch.int64, dev)
             logits[idx] = self.penalties.apply(logits[idx], pen_rows, f, p, rp)
         self.grammar.apply(logits, reqs)
         self._suppress_stop_tokens(logits, reqs)
 
         info = SamplingBatchInfo.build([r.params for r in reqs], logits.shape[-1], dev,
-                                       [len(r.output_ids) for r in reqs])
+                                       [r.generated_len for r in reqs])
         next_ids = sample(logits, info, self.generator)
 
         if pen_rows is not None:
-            self.penalties.record(pen_rows, next_ids[torch.tensor(pen, device=dev)])
+            self.penalties.record(pen_rows, next_ids[idx])
         if lp_rows:
             record_output([reqs[i] for i in lp_rows], raw_logprobs,
                           next_ids[torch.tensor(lp_rows, device=dev)])
@@ -74,7 +76,7 @@ class SamplingPipeline:
             rows = hidden[torch.tensor(hs_rows, device=hidden.device)].float().tolist()
             for i, h in zip(hs_rows, rows, strict=True):
                 reqs[i].outputs.decode_hidden.append(h)
-        return next_ids.tolist()
+        return next_ids
 
     def after_append(self, req, token: int) -> None:
         """Advance per-request state once ``token`` is part of the output."""
@@ -92,14 +94,14 @@ class SamplingPipeline:
                     vals.append(float(bias))
         if rows:
             dev = logits.device
-            logits.index_put_((torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)),
-                              torch.tensor(vals, dtype=logits.dtype, device=dev), accumulate=True)
+            logits.index_put_((to_device(rows, torch.int64, dev), to_device(cols, torch.int64, dev)),
+                              to_device(vals, logits.dtype, dev), accumulate=True)
 
     def _suppress_stop_tokens(self, logits: torch.Tensor, reqs: list) -> None:
         """Below ``min_new_tokens``, EOS and ``stop_token_ids`` cannot be sampled."""
         rows, cols = [], []
         for i, r in enumerate(reqs):
-            if len(r.output_ids) < r.params.min_new_tokens:
+            if r.generated_len < r.params.min_new_tokens:
                 for t in {*self.eos_ids, *r.params.stop_token_ids}:
                     if 0 <= t < logits.shape[-1]:
                         rows.append(i)
@@ -107,8 +109,8 @@ class SamplingPipeline:
         if not rows:
             return
         dev = logits.device
-        ri = torch.tensor(rows, device=dev)
-        ci = torch.tensor(cols, device=dev)
+        ri = to_device(rows, torch.int64, dev)
+        ci = to_device(cols, torch.int64, dev)
         kept = logits[ri, ci].clone()
         logits[ri, ci] = float("-inf")
         # A grammar that allows only EOS here wins over min_new_tokens.

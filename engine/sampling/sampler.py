@@ -39,10 +39,10 @@ class SamplingBatchInfo:
         positions = positions or [0] * len(params)
         top_ks = [vocab_size if p.top_k < 0 else min(p.top_k, vocab_size) for p in params]
         return cls(
-            temperatures=_upload([p.temperature for p in params], torch.float32, device).unsqueeze(1),
-            top_ps=_upload([p.top_p for p in params], torch.float32, device),
-            top_ks=_upload(top_ks, torch.int64, device),
-            min_ps=_upload([p.min_p for p in params], torch.float32, device),
+            temperatures=to_device([p.temperature for p in params], torch.float32, device).unsqueeze(1),
+            top_ps=to_device([p.top_p for p in params], torch.float32, device),
+            top_ks=to_device(top_ks, torch.int64, device),
+            min_ps=to_device([p.min_p for p in params], torch.float32, device),
             all_greedy=all(p.is_greedy for p in params),
             need_top_p=any(p.top_p < 1 for p in params),
             need_top_k=any(k < vocab_size for k in top_ks),
@@ -53,13 +53,13 @@ class SamplingBatchInfo:
         )
 
 
-def _upload(values: list, dtype: torch.dtype, device) -> torch.Tensor:
-    """A host list as a tensor on ``device``; to CUDA through pinned memory, without a sync
-    (``torch.tensor(..., device="cuda")`` waits for the stream)."""
+def to_device(values: list | torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
+    """A host list (or CPU tensor) as a tensor on ``device``; to CUDA through pinned memory,
+    without a sync (``torch.tensor(..., device="cuda")`` waits for the stream)."""
     device = torch.device(device)
     if device.type != "cuda":
-        return torch.tensor(values, dtype=dtype, device=device)
-    return torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
+        return torch.as_tensor(values, dtype=dtype, device=device)
+    return torch.as_tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
 
 
 def seed_for_step(seed: int, position: int) -> int:
