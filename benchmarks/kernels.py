@@ -191,6 +191,35 @@ def bench_small() -> None:
           "tb_per_s": round(2 * 2 * T * KVH * D * 2 / ms / 1e9, 3)})
 
 
+def _rotating(fn, x, weights):
+    """A call of ``fn(x, w)`` that takes the next of ``weights`` each time."""
+    state = {"i": 0}
+
+    def call():
+        state["i"] = (state["i"] + 1) % len(weights)
+        return fn(x, weights[state["i"]])
+
+    return call
+
+
+def bench_gemv() -> None:
+    """Batch-1 linear layers at the Llama-3.1-8B shapes: cuBLAS (F.linear) against
+    kernels/gemv.py, each timed over enough weight copies (>= 256 MB) that reads come from HBM."""
+    from radixfleet.kernels.gemv import gemv
+
+    shapes = {"qkv_proj": (6144, 4096), "o_proj": (4096, 4096), "gate_up_proj": (28672, 4096),
+              "down_proj": (4096, 14336), "lm_head": (128256, 4096)}
+    for name, (n, k) in shapes.items():
+        copies = max(2, -(-ROTATION_BYTES // (n * k * 2)))
+        ws = [torch.randn(n, k, device="cuda", dtype=DTYPE) * 0.02 for _ in range(copies)]
+        x = torch.randn(1, k, device="cuda", dtype=DTYPE)
+        for impl, fn in (("cublas", F.linear), ("triton_gemv", gemv)):
+            ms = bench(_rotating(fn, x, ws), graph=True)
+            emit({"bench": "gemv", "layer": name, "n": n, "k": k, "impl": impl, "us": round(ms * 1e3, 2),
+                  "tb_per_s": round(n * k * 2 / ms / 1e9, 3)})
+        del ws
+
+
 def bench_launch() -> None:
     """Host microseconds per call with tiny inputs (the eager-mode floor per kernel call)."""
     x = torch.randn(1, 4096, device="cuda", dtype=DTYPE)
@@ -219,12 +248,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also sweep tile configurations")
     parser.add_argument("--out", help="also append the JSON lines to this file")
-    parser.add_argument("--only", choices=["decode", "extend", "small", "launch"], action="append")
+    parser.add_argument("--only", choices=["decode", "extend", "small", "gemv", "launch"], action="append")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py needs a CUDA GPU")
     _out_file = open(args.out, "a") if args.out else None  # noqa: SIM115
-    only = set(args.only or ["decode", "extend", "small", "launch"])
+    only = set(args.only or ["decode", "extend", "small", "gemv", "launch"])
     torch.manual_seed(0)
     if "decode" in only:
         bench_decode(args.sweep)
@@ -232,6 +261,8 @@ def main() -> None:
         bench_extend(args.sweep)
     if "small" in only:
         bench_small()
+    if "gemv" in only:
+        bench_gemv()
     if "launch" in only:
         bench_launch()
 

@@ -20,12 +20,14 @@ def _ops() -> SimpleNamespace | None:
         return None
     try:
         from radixfleet.kernels.activation import silu_and_mul
+        from radixfleet.kernels.gemv import gemv
         from radixfleet.kernels.rmsnorm import fused_add_rmsnorm, rmsnorm
         from radixfleet.kernels.rotary import apply_rotary_
     except ImportError:
         return None
     return SimpleNamespace(rmsnorm=rmsnorm, fused_add_rmsnorm=fused_add_rmsnorm,
-                           apply_rotary_=apply_rotary_, silu_and_mul=silu_and_mul)
+                           apply_rotary_=apply_rotary_, silu_and_mul=silu_and_mul,
+                           gemv=gemv if os.environ.get("RADIXFLEET_GEMV", "1") != "0" else None)
 
 
 def fused_ops(x: torch.Tensor) -> SimpleNamespace | None:

@@ -22,6 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from radixfleet.engine import distributed as dist
+from radixfleet.engine.layers.fused import fused_ops
+
+# Batch-1 GEMVs up to this many weight elements use kernels/gemv.py: on an H200 it beat
+# cuBLAS for Llama-3.1-8B's qkv (6144x4096: 15.1 vs 15.3 us) and o_proj (4096x4096: 12.4 vs
+# 13.4 us, and no split-K reduce launch) but not for the larger MLP and LM-head weights
+# (`benchmarks/kernels.py --only gemv`).
+_GEMV_MAX_ELEMENTS = 32 << 20
 
 
 def _onednn_linear_available() -> bool:
@@ -33,6 +40,11 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     """``x @ weight.T + bias``, through the prepacked oneDNN weight when there is one."""
     if packed is not None:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+    if (x.dim() == 2 and x.shape[0] == 1 and x.dtype != torch.float32 and weight.dtype == x.dtype
+            and weight.stride(1) == 1 and weight.numel() <= _GEMV_MAX_ELEMENTS):
+        ops = fused_ops(x)
+        if ops is not None and ops.gemv is not None:  # batch-1 decode: kernels/gemv.py
+            return ops.gemv(x.contiguous(), weight, bias)
     return F.linear(x, weight, bias)
 
 

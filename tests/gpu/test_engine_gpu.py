@@ -165,3 +165,24 @@ def test_default_model_backends_agree():
                 m = margin_at(ref_runner, p + b[:j])
                 print(f"default model bf16 flashinfer vs triton: part at step {j}, margin {m:.3f}")
                 assert m < NEAR_TIE
+
+
+def test_overlap_schedule_on_and_off_give_identical_output(tiny):
+    """The overlap schedule (a step's tokens are processed while the next step runs) gives
+    the same tokens and finish reasons, also for requests that stop on a token mid-batch
+    (their in-flight token is dropped). fp32, so batch-size-dependent GEMM rounding cannot
+    flip a token."""
+    _, folder = tiny
+    base = greedy(folder, "float32", attention_backend="triton")
+    # Each request stops at the token it would produce at step 3 + 2i (or runs to its limit).
+    params = [{"temperature": 0, "max_new_tokens": 20 + 7 * i, "stop_token_ids": [out[3 + 2 * i]],
+               "ignore_eos": True} for i, out in enumerate(base)]
+    results = {}
+    for overlap in (False, True):
+        with Engine(model_path=folder, dtype="float32", attention_backend="triton", max_total_tokens=4096,
+                    skip_tokenizer_init=True, disable_overlap_schedule=not overlap) as engine:
+            assert engine.get_server_info()["overlap_schedule"] is overlap
+            outs = engine.generate(input_ids=PROMPTS * 4, sampling_params=params * 4)
+        results[overlap] = [(o["output_ids"], o["meta_info"]["finish_reason"]) for o in outs]
+    assert results[True] == results[False]
+    assert any(reason["type"] == "stop" for _, reason in results[True])

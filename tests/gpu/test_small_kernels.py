@@ -98,3 +98,13 @@ def test_silu_and_mul(T, inter):
     x = _rand(T, 2 * inter, seed=7)
     gate, up = x.chunk(2, -1)
     torch.testing.assert_close(silu_and_mul(x), F.silu(gate) * up, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("N,K,bias", [(6144, 4096, False), (4096, 4096, True), (1000, 577, True), (3, 64, False)])
+def test_gemv_matches_fp32_matmul(N, K, bias):
+    from radixfleet.kernels.gemv import gemv
+
+    x, w = _rand(1, K, seed=8), _rand(N, K, seed=9) * 0.05
+    b = _rand(N, seed=10) if bias else None
+    want = x.float() @ w.float().T + (b.float() if bias else 0)
+    torch.testing.assert_close(gemv(x, w, b).float(), want, atol=2e-2, rtol=1e-2)

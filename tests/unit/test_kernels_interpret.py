@@ -155,6 +155,18 @@ def case_backend() -> None:
         assert rel_err(out, torch.cat(refs)) < 1e-5, (mode, rel_err(out, torch.cat(refs)))
 
 
+def case_gemv() -> None:
+    from radixfleet.kernels.gemv import _CONFIGS, gemv
+
+    del _CONFIGS[1:]  # the interpreter runs every autotune candidate; one is enough here
+    gen = torch.Generator().manual_seed(3)
+    for n, k, bias in [(37, 600, True), (8, 512, False)]:
+        x, w = torch.randn(1, k, generator=gen), torch.randn(n, k, generator=gen)
+        b = torch.randn(n, generator=gen) if bias else None
+        want = x @ w.T + (b if bias else 0)
+        assert torch.allclose(gemv(x, w, b), want, atol=1e-4, rtol=1e-5)
+
+
 CASES = {name[len("case_"):]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 
