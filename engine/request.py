@@ -43,10 +43,9 @@ class Req:
     first_scheduled_time: float | None = None
     retractions: int = 0
     # Sampling extras (engine/sampling/): logprobs / hidden states asked for, the
-    # xgrammar matcher, the penalty-count row built for it, a custom logit processor.
+    # xgrammar matcher, a custom logit processor.
     outputs: ReqOutputs | None = None
     grammar: Any = None
-    penalty_row: int | None = None
     custom_logit_processor: str | None = None
 
     @property

@@ -3,9 +3,10 @@
 State: ``counts[row, token]`` (int32) is how often ``token`` occurs in the output of the
 request that holds req-table row ``row``; ``in_prompt[row, token]`` marks its prompt tokens
 (the repetition penalty covers prompt and output, the other two output only). A row is
-(re)built from the request's token lists the first time it is used (``Req.penalty_row``
-remembers which row it was built for, so a retracted request that returns on another row
-is rebuilt), then updated by one scatter per step.
+(re)built from the request's token lists when a request uses it for the first time (the
+state remembers which request each row was built for: a retracted request that returns on
+another row, or on its old row after another request used it, is rebuilt), then updated by
+one scatter per step.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ class PenaltyState:
         self.num_rows, self.vocab_size, self.device = num_rows, vocab_size, device
         self._counts: torch.Tensor | None = None  # [rows, V] int32, allocated on first use
         self._in_prompt: torch.Tensor | None = None  # [rows, V] bool
+        self._owner: list[str | None] = [None] * num_rows  # rid each row was built for
 
     def _ensure(self) -> None:
         if self._counts is None:
@@ -29,14 +31,14 @@ class PenaltyState:
         """Make sure every request's row is built; return the rows [B] int64."""
         self._ensure()
         for r in reqs:
-            if r.penalty_row != r.row:
+            if self._owner[r.row] != r.rid:
                 self._counts[r.row].zero_()
                 self._in_prompt[r.row].zero_()
                 if r.output_ids:
                     out = torch.tensor(r.output_ids, dtype=torch.int64, device=self.device)
                     self._counts[r.row].scatter_add_(0, out, torch.ones_like(out, dtype=torch.int32))
                 self._in_prompt[r.row, torch.tensor(r.input_ids, dtype=torch.int64, device=self.device)] = True
-                r.penalty_row = r.row
+                self._owner[r.row] = r.rid
         return torch.tensor([r.row for r in reqs], dtype=torch.int64, device=self.device)
 
     def apply(self, logits: torch.Tensor, rows: torch.Tensor, freq: torch.Tensor,

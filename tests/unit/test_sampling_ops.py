@@ -74,14 +74,29 @@ def test_penalties_match_the_reference_rule(f, p, r):
     logits = torch.randn(2, V)
     prompts, outs = [[1, 2, 3], [4, 4]], [[3, 5, 5, 5], [7]]
     state = PenaltyState(4, V, torch.device("cpu"))
-    reqs = [SimpleNamespace(row=2, input_ids=prompts[0], output_ids=outs[0][:-1], penalty_row=None),
-            SimpleNamespace(row=0, input_ids=prompts[1], output_ids=[], penalty_row=None)]
+    reqs = [SimpleNamespace(rid="a", row=2, input_ids=prompts[0], output_ids=outs[0][:-1]),
+            SimpleNamespace(rid="b", row=0, input_ids=prompts[1], output_ids=[])]
     rows = state.prepare(reqs)
     state.record(rows, torch.tensor([outs[0][-1], outs[1][-1]]))  # counts kept step by step
     col = torch.tensor([[f], [f]]), torch.tensor([[p], [p]]), torch.tensor([[r], [r]])
     got = state.apply(logits, rows, *col)
     for i in range(2):
         assert torch.allclose(got[i], _reference_penalize(logits[i], prompts[i], outs[i], f, p, r))
+
+
+def test_penalty_row_reused_by_another_request_is_rebuilt():
+    """A retracted request that comes back on its old row after another request used the
+    row must not see that request's counts."""
+    state = PenaltyState(2, V, torch.device("cpu"))
+    first = SimpleNamespace(rid="first", row=1, input_ids=[1], output_ids=[3, 3])
+    rows = state.prepare([first])
+    other = SimpleNamespace(rid="other", row=1, input_ids=[2], output_ids=[])
+    rows = state.prepare([other])
+    state.record(rows, torch.tensor([9]))
+    rows = state.prepare([first])  # back on row 1
+    counts = state._counts[rows[0]]
+    assert counts[3] == 2 and counts[9] == 0
+    assert state._in_prompt[rows[0], 1] and not state._in_prompt[rows[0], 2]
 
 
 def test_penalty_direction():
