@@ -107,6 +107,18 @@ class AttentionBackend(abc.ABC):
         """Prepare per-step metadata once before the layers run (default: nothing)."""
         return None
 
+    def _store_with_kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
+                           batch: ForwardBatch):
+        """The GPU backends' common first step: q/k/v as ``[T, heads, D]`` views, the new
+        tokens' k/v written to their slots by one triton launch (``kernels/kv_store.py``).
+        Returns ``(q, k_buffer, v_buffer)`` of ``layer_id``."""
+        from radixfleet.kernels.kv_store import store_kv
+
+        k_buf, v_buf = self.kv_pool.k_buffers[layer_id], self.kv_pool.v_buffers[layer_id]
+        store_kv(k.view(-1, self.num_kv_heads, self.head_dim), v.view(-1, self.num_kv_heads, self.head_dim),
+                 k_buf, v_buf, batch.out_cache_loc)
+        return q.view(-1, self.num_heads, self.head_dim), k_buf, v_buf
+
     @abc.abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
                 batch: ForwardBatch) -> torch.Tensor:

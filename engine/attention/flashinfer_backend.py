@@ -31,7 +31,6 @@ import torch
 
 from radixfleet.engine.attention.base import AttentionBackend, ForwardBatch, ForwardMode, KVPool
 from radixfleet.kernels.kv_indices import build_kv_indices
-from radixfleet.kernels.kv_store import store_kv
 
 WORKSPACE_BYTES = 128 << 20  # split-KV partial outputs; shared by every wrapper (one stream)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
@@ -155,11 +154,6 @@ class FlashInferBackend(AttentionBackend):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
                 batch: ForwardBatch) -> torch.Tensor:
         assert self._active is not None, "plan() must run before forward()"
-        k_buf = self.kv_pool.k_buffers[layer_id]
-        v_buf = self.kv_pool.v_buffers[layer_id]
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        store_kv(k, v, k_buf, v_buf, batch.out_cache_loc)
+        q, k_buf, v_buf = self._store_with_kernel(q, k, v, layer_id, batch)
         # 3-D [S, KVH, D] caches are read as [S, page_size=1, KVH, D] ("NHD").
         return self._active.run(q, (k_buf, v_buf))

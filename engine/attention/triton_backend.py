@@ -21,7 +21,6 @@ import torch
 from radixfleet.engine.attention.base import AttentionBackend, ForwardBatch, ForwardMode, KVPool
 from radixfleet.kernels.decode_attention import choose_num_kv_splits, decode_attention
 from radixfleet.kernels.extend_attention import extend_attention
-from radixfleet.kernels.kv_store import store_kv
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -66,12 +65,7 @@ class TritonAttentionBackend(AttentionBackend):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
                 batch: ForwardBatch) -> torch.Tensor:
-        k_buf = self.kv_pool.k_buffers[layer_id]
-        v_buf = self.kv_pool.v_buffers[layer_id]
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        store_kv(k, v, k_buf, v_buf, batch.out_cache_loc)
+        q, k_buf, v_buf = self._store_with_kernel(q, k, v, layer_id, batch)
         if batch.mode is ForwardMode.DECODE:
             mid_o, mid_lse = self._decode_scratch
             return decode_attention(

@@ -6,6 +6,7 @@ References compute in fp32 over gathered slots: no kernel code, no SDPA.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -118,3 +119,38 @@ class Step:
             extend_seq_lens=torch.tensor(new, **i32), out_cache_loc=torch.tensor(locs, device="cuda"),
             req_to_token=self.req_to_token, seq_lens_cpu=list(self.lens),
             extend_prefix_lens_cpu=prefix, extend_seq_lens_cpu=list(new))
+
+
+def check_decode_graph_replays(backend: AttentionBackend, ref: AttentionBackend, step: Step,
+                               heads: int, kv_heads: int, head_dim: int, gen: torch.Generator,
+                               replays: int) -> None:
+    """Capture one decode forward of ``backend`` (layer 0) in a CUDA graph, as the engine's
+    graph runner does, then replay it as the sequences grow: before each replay the static
+    inputs are refilled and the backend is re-planned with the new host lengths (the batch
+    is marked ``cuda_graph``); every replay must match ``ref`` run eagerly."""
+    bs = len(step.rows)
+    batch = dataclasses.replace(step.batch(ForwardMode.DECODE, [1] * bs), cuda_graph=True)
+    static = [torch.randn(bs, h, head_dim, generator=gen).to(torch.bfloat16).cuda()
+              for h in (heads, kv_heads, kv_heads)]
+    backend.plan(batch)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up (kernel compilation) outside the capture
+        backend.forward(*static, 0, batch)
+    torch.cuda.current_stream().wait_stream(stream)
+    ref.plan(batch)
+    ref.forward(*static, 0, batch)  # stores the same k/v the warm-up did
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_out = backend.forward(*static, 0, batch)
+    for i in range(replays):
+        nxt = step.batch(ForwardMode.DECODE, [1] * bs)
+        for name in ("seq_lens", "out_cache_loc", "positions"):
+            getattr(batch, name).copy_(getattr(nxt, name))
+        for t in static:
+            t.copy_(torch.randn(t.shape, generator=gen).to(torch.bfloat16))
+        backend.plan(dataclasses.replace(batch, seq_lens_cpu=list(nxt.seq_lens_cpu)))
+        graph.replay()
+        ref.plan(nxt)
+        err = rel_err(graph_out, ref.forward(*static, 0, nxt))
+        assert err < 1e-2, f"replay {i}: rel err {err:.2e}"

@@ -11,7 +11,6 @@ Run with ``-s`` to see the JIT cost: flashinfer compiles its kernels with nvcc o
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import pytest
@@ -21,7 +20,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 pytest.importorskip("flashinfer", reason="needs flashinfer-python (pip install radixfleet[gpu])")
 
-from _reference import ReferenceBackend, Step, rel_err  # noqa: E402
+from _reference import ReferenceBackend, Step, check_decode_graph_replays, rel_err  # noqa: E402
 
 from radixfleet.engine.attention.base import ForwardMode, KVPool  # noqa: E402
 from radixfleet.engine.attention.flashinfer_backend import FlashInferBackend  # noqa: E402
@@ -94,7 +93,6 @@ def test_fp32_is_refused_with_a_reason():
 def test_decode_cuda_graph_replay_as_sequences_grow(H, KVH):
     """Capture decode once (batch marked ``cuda_graph``); each replay is re-planned with the
     new host lengths and must match the reference."""
-    bs = 4
     gen = torch.Generator().manual_seed(1)
     backends = _backends(H, KVH, num_slots=8000)
     fi, ref = backends
@@ -102,29 +100,4 @@ def test_decode_cuda_graph_replay_as_sequences_grow(H, KVH):
     step = Step(8000, rows=[0, 1, 2, 3], gen=gen)
     _run_step(backends, step.batch(ForwardMode.EXTEND, [10, 200, 1, 999]), H, KVH, gen)
 
-    batch = dataclasses.replace(step.batch(ForwardMode.DECODE, [1] * bs), cuda_graph=True)
-    static = [torch.randn(bs, h, D, generator=gen).to(torch.bfloat16).cuda() for h in (H, KVH, KVH)]
-    fi.plan(batch)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm up outside the capture
-        fi.forward(*static, 0, batch)
-    torch.cuda.current_stream().wait_stream(stream)
-    ref.plan(batch)
-    ref.forward(*static, 0, batch)  # the same k/v the warm-up stored
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        graph_out = fi.forward(*static, 0, batch)
-
-    for i in range(4):
-        nxt = step.batch(ForwardMode.DECODE, [1] * bs)
-        for name in ("seq_lens", "out_cache_loc", "positions"):
-            getattr(batch, name).copy_(getattr(nxt, name))
-        for t in static:
-            t.copy_(torch.randn(t.shape, generator=gen).to(torch.bfloat16))
-        fi.plan(dataclasses.replace(batch, seq_lens_cpu=list(nxt.seq_lens_cpu)))
-        graph.replay()
-        ref.plan(nxt)
-        want = ref.forward(*static, 0, nxt)
-        err = rel_err(graph_out, want)
-        assert err < 1e-2, f"replay {i}: rel err {err:.2e}"
+    check_decode_graph_replays(fi, ref, step, H, KVH, D, gen, replays=4)

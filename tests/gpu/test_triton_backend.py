@@ -13,7 +13,7 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from _reference import ReferenceBackend, Step, rel_err  # noqa: E402
+from _reference import ReferenceBackend, Step, check_decode_graph_replays, rel_err  # noqa: E402
 
 from radixfleet.engine.attention.base import ForwardMode, KVPool  # noqa: E402
 from radixfleet.engine.attention.triton_backend import TritonAttentionBackend  # noqa: E402
@@ -54,8 +54,9 @@ def test_extend_then_decode_matches_reference(H, KVH, D):
 
 
 def test_decode_cuda_graph_replay_as_sequences_grow():
-    """Capture decode once; replays with longer contexts match eager results."""
-    H, KVH, D, bs = 32, 8, 128, 4
+    """Capture decode once; replays with longer contexts (re-planned before each, as the
+    engine does) match eager results."""
+    H, KVH, D = 32, 8, 128
     gen = torch.Generator().manual_seed(1)
     backends = _backends(H, KVH, D, num_slots=8000)
     triton_backend, ref = backends
@@ -63,27 +64,4 @@ def test_decode_cuda_graph_replay_as_sequences_grow():
     step = Step(8000, rows=[0, 1, 2, 3], gen=gen)
     _run_step(backends, step.batch(ForwardMode.EXTEND, [10, 200, 1, 999]), H, KVH, D, gen)
 
-    batch = step.batch(ForwardMode.DECODE, [1] * bs)
-    static = [torch.randn(bs, h, D, generator=gen).to(torch.bfloat16).cuda() for h in (H, KVH, KVH)]
-    triton_backend.plan(batch)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm up (compiles the kernels) outside the capture
-        triton_backend.forward(*static, 0, batch)
-    torch.cuda.current_stream().wait_stream(stream)
-    ref.plan(batch)
-    ref.forward(*static, 0, batch)  # the same k/v the warm-up stored
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        graph_out = triton_backend.forward(*static, 0, batch)
-
-    for _ in range(3):
-        nxt = step.batch(ForwardMode.DECODE, [1] * bs)
-        for name in ("seq_lens", "out_cache_loc", "positions"):
-            getattr(batch, name).copy_(getattr(nxt, name))
-        for t in static:
-            t.copy_(torch.randn(t.shape, generator=gen).to(torch.bfloat16))
-        graph.replay()
-        ref.plan(nxt)
-        want = ref.forward(*static, 0, nxt)
-        assert rel_err(graph_out, want) < 1e-2
+    check_decode_graph_replays(triton_backend, ref, step, H, KVH, D, gen, replays=3)
