@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from radixfleet.engine.sampling.sampler import to_device
+
 
 class PenaltyState:
     def __init__(self, num_rows: int, vocab_size: int, device: torch.device):
@@ -35,11 +37,11 @@ class PenaltyState:
                 self._counts[r.row].zero_()
                 self._in_prompt[r.row].zero_()
                 if r.output_ids:
-                    out = torch.tensor(r.output_ids, dtype=torch.int64, device=self.device)
+                    out = to_device(r.output_ids, torch.int64, self.device)
                     self._counts[r.row].scatter_add_(0, out, torch.ones_like(out, dtype=torch.int32))
-                self._in_prompt[r.row, torch.tensor(r.input_ids, dtype=torch.int64, device=self.device)] = True
+                self._in_prompt[r.row, to_device(r.input_ids, torch.int64, self.device)] = True
                 self._owner[r.row] = r.rid
-        return torch.tensor([r.row for r in reqs], dtype=torch.int64, device=self.device)
+        return to_device([r.row for r in reqs], torch.int64, self.device)
 
     def apply(self, logits: torch.Tensor, rows: torch.Tensor, freq: torch.Tensor,
               presence: torch.Tensor, repetition: torch.Tensor) -> torch.Tensor:
@@ -63,8 +65,8 @@ def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, in_prompt: torch
     - frequency, presence (OpenAI): logit -= f × count + p × [count > 0] over output tokens.
     """
     seen = counts > 0
-    if bool((repetition != 1).any()):
-        hit = seen | in_prompt
-        scaled = torch.where(logits > 0, logits / repetition, logits * repetition)
-        logits = torch.where(hit, scaled, logits)
+    # Unconditional (a factor of 1 leaves logits bit-identical): testing for it would make
+    # the host wait for the device.
+    scaled = torch.where(logits > 0, logits / repetition, logits * repetition)
+    logits = torch.where(seen | in_prompt, scaled, logits)
     return logits - freq * counts.to(logits.dtype) - presence * seen.to(logits.dtype)

@@ -112,8 +112,10 @@ class SamplingPipeline:
         ri = to_device(rows, torch.int64, dev)
         ci = to_device(cols, torch.int64, dev)
         kept = logits[ri, ci].clone()
-        logits[ri, ci] = float("-inf")
-        # A grammar that allows only EOS here wins over min_new_tokens.
+        # index_put_ with a device value: assigning a Python scalar syncs on CUDA.
+        masked = torch.full_like(kept, float("-inf"))
+        logits.index_put_((ri, ci), masked)
+        # A grammar that allows only EOS here wins over min_new_tokens: rows left with no
+        # token get theirs back (selected on the device; the host never looks).
         dead = torch.isneginf(logits[ri]).all(dim=-1)
-        if bool(dead.any()):
-            logits[ri[dead], ci[dead]] = kept[dead]
+        logits.index_put_((ri, ci), torch.where(dead, kept, masked))

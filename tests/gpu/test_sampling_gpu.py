@@ -58,3 +58,31 @@ def test_seeded_rows_repeat_on_cuda():
     draws = [sample(logits, SamplingBatchInfo.build(params, V, "cuda", [k, k])).tolist() for k in range(5)]
     assert all(a == b for a, b in draws)
     assert len({a for a, _ in draws}) > 1
+
+
+def test_penalties_and_min_new_tokens_do_not_sync():
+    """The whole pipeline for requests with frequency / presence / repetition penalties and
+    a min_new_tokens floor: after a first step (which builds the penalty rows) no step waits
+    for the device, so the overlap schedule keeps the GPU busy for them too."""
+    from radixfleet.engine.request import Req
+    from radixfleet.engine.sampling.pipeline import SamplingPipeline
+
+    specs = [{"frequency_penalty": 0.5}, {"presence_penalty": 0.3, "repetition_penalty": 1.2},
+             {"min_new_tokens": 5, "stop_token_ids": [7]}, {"temperature": 0}, {"top_p": 0.9, "seed": 1}]
+    reqs = []
+    for i, spec in enumerate(specs):
+        req = Req(f"r{i}", [3, 4, 5 + i], SamplingParams.from_dict(spec))
+        req.row, req.output_ids = i, [9, 9]
+        reqs.append(req)
+    pipe = SamplingPipeline(V, 8, torch.device("cuda"), torch.Generator(device="cuda").manual_seed(0), (2,))
+    logits = torch.randn(len(reqs), V, device="cuda") * 3
+    hidden = torch.zeros(len(reqs), 16, device="cuda")
+    pipe.sample(reqs, logits.clone(), hidden)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ids = pipe.sample(reqs, logits.clone(), hidden)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    ids = ids.tolist()
+    assert ids[2] not in (2, 7)  # below min_new_tokens: neither EOS nor the stop token
