@@ -22,6 +22,7 @@ from radixfleet.engine.memory.allocator import TokenSlotAllocator
 from radixfleet.engine.memory.req_table import ReqToTokenTable
 from radixfleet.engine.model_config import ModelConfig
 from radixfleet.engine.models.registry import get_model_class
+from radixfleet.kernels import cpu_ops
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,10 @@ class ModelRunner:
         if self.device.type == "cpu":
             packed = prepack_cpu_weights(model)
             logger.info("prepacked %d linear weights for oneDNN", packed)
+            if self.dtype == torch.float32:
+                # Build (first use on this machine) and load now rather than in the first request.
+                lib = cpu_ops.load()
+                logger.info("CPU decode kernels: %s", "kernels/cpu_ops.c" if lib else "torch ops (fallback)")
         return model.eval()
 
     def _init_memory(self) -> None:
