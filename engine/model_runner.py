@@ -22,6 +22,7 @@ from radixfleet.engine.memory.allocator import TokenSlotAllocator
 from radixfleet.engine.memory.req_table import ReqToTokenTable
 from radixfleet.engine.model_config import ModelConfig
 from radixfleet.engine.models.registry import get_model_class
+from radixfleet.engine.transfer import to_device
 from radixfleet.kernels import cpu_ops
 
 logger = logging.getLogger(__name__)
@@ -157,7 +158,7 @@ class ModelRunner:
         self.attn_backend.plan(batch)
         hidden = self.model(batch)
         if batch.mode is ForwardMode.EXTEND and sample_last_only:
-            last = torch.tensor(batch.extend_seq_lens_cpu, device=hidden.device).cumsum(0) - 1
+            last = to_device(batch.extend_seq_lens_cpu, torch.int64, hidden.device).cumsum(0) - 1
             hidden = hidden[last]
         return hidden
 

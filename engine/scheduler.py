@@ -2,8 +2,8 @@
 
 Each loop iteration: take new messages, pick one batch — a prefill/extend batch if any
 waiting request can be admitted, else a decode step over the running requests — and
-*launch* it (forward, sampling, new ids scattered into ``last_token`` on the device), then
-*process* a launched step (ids to the host, stop checks, send to the detokenizer, free
+*launch* it (``engine/step_executor.py`` runs forward and sampling on the device without
+waiting), then *process* a launched step (ids to the host, stop checks, send to the detokenizer, free
 finished requests).
 
 KV invariant (enforced in ``_decode_batch`` and ``PrefillAdder``): every running request owns
@@ -16,8 +16,8 @@ Overlap schedule (``disable_overlap_schedule``): a step is processed only after 
 is launched, so the host's work on step N runs while the device computes step N+1. Request
 state is then one step ahead of ``output_ids``: a launch advances ``kv_len`` and adds the
 sampled token to ``Req.pending``; processing appends it. Decode input ids are gathered on
-the device from ``last_token`` (in both modes), and host data goes up through pinned memory,
-so a launch does not wait for the step before.
+the device from the executor's ``last_token`` (in both modes), so a launch does not wait
+for the step before.
 - A request whose pending token reaches its length limit is left out of the next decode.
 - One that stops on EOS or a stop string is found one step late: the token of the step
   already launched is dropped (never appended, sent or counted) and all its slots are freed.
@@ -34,7 +34,6 @@ and a TP leader copies each step's input ids to the host for its followers, whic
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ import zmq
 
 from radixfleet.engine import distributed as dist
 from radixfleet.engine import ipc
-from radixfleet.engine.attention.base import ForwardBatch, ForwardMode
+from radixfleet.engine.attention.base import ForwardMode
 from radixfleet.engine.config import EngineConfig
 from radixfleet.engine.grammar import GrammarBackend, GrammarQueue, grammar_key
 from radixfleet.engine.kv_manager import KVManager
@@ -56,9 +55,10 @@ from radixfleet.engine.sampling.custom_logit_processor import load_processor
 from radixfleet.engine.sampling.logprobs import ReqOutputs
 from radixfleet.engine.sampling.params import load_generation_defaults
 from radixfleet.engine.sampling.pipeline import SamplingPipeline
-from radixfleet.engine.sampling.sampler import to_device
+from radixfleet.engine.step_executor import SampledIds, StepExecutor
 from radixfleet.engine.stop import StopChecker
 from radixfleet.engine.tp_worker import TPLeader
+from radixfleet.engine.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -75,15 +75,12 @@ class Launched:
 
     reqs: list[Req]
     mode: ForwardMode
-    sampled: list[Req]  # got a token (counted in their ``pending``), in ``next_ids`` order
+    sampled: list[Req]  # got a token (counted in their ``pending``), in ``ids`` order
     at_limit: list[Req]  # prefill done but already at their length limit: nothing sampled
-    next_ids: torch.Tensor | None  # [len(sampled)] int64 on the host (pinned on CUDA)
-    copied: torch.cuda.Event | None  # CUDA: recorded after the device→host copy of next_ids
+    ids: SampledIds | None = None
 
     def tokens(self) -> list[int]:
-        if self.copied is not None:
-            self.copied.synchronize()
-        return [] if self.next_ids is None else self.next_ids.tolist()
+        return [] if self.ids is None else self.ids.tolist()
 
 
 def needs_host_state(req: Req) -> bool:
@@ -111,10 +108,6 @@ class Scheduler:
         choice = config.disable_overlap_schedule
         self.overlap = (self.runner.device.type == "cuda" and dist.tp_size() == 1) if choice is None else not choice
         self.in_flight: Launched | None = None
-        # [table rows] int64 on the device: each row's newest sampled token, the input of its
-        # next decode step.
-        self.last_token = torch.zeros(self.runner.req_table.table.shape[0], dtype=torch.int64,
-                                      device=self.runner.device)
         self.waiting: list[Req] = []
         self.running: list[Req] = []
         self.chunked: Req | None = None  # a request part-way through its prefill
@@ -127,6 +120,7 @@ class Scheduler:
         vocab = self.runner.model_config.vocab_size
         self.sampling = SamplingPipeline(vocab, self.max_running + 1, self.runner.device, self.generator,
                                          self.runner.model_config.eos_token_ids)
+        self.executor = StepExecutor(self.model, self.runner.req_table, self.sampling, self.runner.device)
         self.generation_defaults = load_generation_defaults(model_path)
         # Requests wait here (not in ``waiting``) until their grammar is compiled.
         self.grammars = GrammarQueue(lambda: GrammarBackend(lambda: self.stop_checker.tokenizer, vocab))
@@ -371,89 +365,40 @@ class Scheduler:
         self.new_token_ratio = min(1.0, self.new_token_ratio + 0.2)
         logger.info("retracted %s after %d tokens", req.rid, len(req.output_ids))
 
-    def _forward_batch(self, reqs: list[Req], mode: ForwardMode) -> ForwardBatch:
-        dev = self.runner.device
-        host = self.kv.table.host
-        pos, locs = [], []
-        for r in reqs:
-            pos += range(r.kv_len, r.kv_len + r.extend_len)
-            locs.append(host[r.row, r.kv_len:r.kv_len + r.extend_len])
-        rows = to_device([r.row for r in reqs], torch.int64, dev)
-        if mode is ForwardMode.DECODE:
-            # The newest token of each request, possibly sampled by a step still running.
-            input_ids = self.last_token[rows]
-        else:
-            ids = []
-            for r in reqs:
-                ids += r.fill_ids[r.kv_len:r.kv_len + r.extend_len]
-            input_ids = to_device(ids, torch.int64, dev)
-        seq = [r.kv_len + r.extend_len for r in reqs]
-        prefix = [r.kv_len for r in reqs]
-        ext = [r.extend_len for r in reqs]
-        return ForwardBatch(mode=mode, input_ids=input_ids, positions=to_device(pos, torch.int64, dev),
-                            req_pool_indices=rows, seq_lens=to_device(seq, torch.int32, dev),
-                            extend_prefix_lens=to_device(prefix, torch.int32, dev),
-                            extend_seq_lens=to_device(ext, torch.int32, dev),
-                            out_cache_loc=to_device(torch.cat(locs), torch.int64, dev),
-                            req_to_token=self.kv.table.table,
-                            seq_lens_cpu=seq, extend_prefix_lens_cpu=prefix, extend_seq_lens_cpu=ext)
-
     def _launch(self, reqs: list[Req], mode: ForwardMode) -> Launched:
-        """Queue the forward and the sampling of ``reqs`` on the device; nothing here waits
-        for it unless a request wants logprobs or hidden states."""
-        fb = self._forward_batch(reqs, mode)
-        if mode is ForwardMode.EXTEND:
-            # Every new token's state [T, H]; the last of each request is picked here, with
-            # indices uploaded without a sync.
-            hidden = self.model.forward(fb, sample_last_only=False)
-            ends = list(itertools.accumulate(fb.extend_seq_lens_cpu))
-            for r, end in zip(reqs, ends, strict=True):
-                if r.outputs is not None and not r.outputs.prompt_done:  # prompt logprobs / hidden states
-                    r.outputs.collect_prompt(hidden[end - r.extend_len:end], r.kv_len, r.input_ids,
-                                             self.model.compute_logits)
-            hidden = hidden[to_device([e - 1 for e in ends], torch.int64, hidden.device)]
-        else:
-            hidden = self.model.forward(fb)
+        """Queue the forward and the sampling of ``reqs`` on the device (``StepExecutor``)
+        and advance their state by the launched step."""
+        hidden, rows = self.executor.forward(reqs, mode)
         now = time.monotonic()
         for r in reqs:
             r.kv_len += r.extend_len
             r.extend_len = 0
             if r.first_scheduled_time is None:
                 r.first_scheduled_time = now
-        # Requests still prefilling (chunked) produce no token this step.
-        ready = [i for i, r in enumerate(reqs) if r.kv_len == r.total_len]
-        if mode is ForwardMode.EXTEND:
-            for i in ready:
-                r = reqs[i]
-                if not r.output_ids:
-                    self.stats["prompt_tokens"] += len(r.input_ids)
-                    self.stats["cached_tokens"] += max(r.cached_tokens, 0)
-        at_limit = [reqs[i] for i in ready if self.stop_checker.at_length_limit(reqs[i], reqs[i].generated_len)]
-        keep = [i for i in ready if reqs[i] not in at_limit]
-        sampled = [reqs[i] for i in keep]
-        launched = Launched(reqs, mode, sampled, at_limit, None, None)
-        if not sampled:
+        launched = Launched(reqs, mode, [], [])
+        keep = []  # batch indices of the requests that get a token
+        for i, r in enumerate(reqs):
+            if r.kv_len < r.total_len:
+                continue  # still prefilling (chunked): no token this step
+            if mode is ForwardMode.EXTEND and not r.output_ids:
+                self.stats["prompt_tokens"] += len(r.input_ids)
+                self.stats["cached_tokens"] += max(r.cached_tokens, 0)
+            if self.stop_checker.at_length_limit(r, r.generated_len):
+                launched.at_limit.append(r)
+            else:
+                keep.append(i)
+                launched.sampled.append(r)
+        if not keep:
             return launched
-        dev = hidden.device
         if len(keep) < len(reqs):
-            hidden = hidden[to_device(keep, torch.int64, dev)]
-            rows = to_device([r.row for r in sampled], torch.int64, dev)
-        else:
-            rows = fb.req_pool_indices
-        next_ids = self.sampling.sample(sampled, self.model.compute_logits(hidden), hidden)
-        self.last_token[rows] = next_ids
-        if next_ids.is_cuda:
-            launched.next_ids = torch.empty(next_ids.shape, dtype=next_ids.dtype, pin_memory=True)
-            launched.next_ids.copy_(next_ids, non_blocking=True)
-            launched.copied = torch.cuda.Event()
-            launched.copied.record()
-        else:
-            launched.next_ids = next_ids
-        for r in sampled:
+            index = to_device(keep, torch.int64, hidden.device)
+            hidden, rows = hidden[index], rows[index]
+        launched.ids = self.executor.sample(launched.sampled, hidden, rows)
+        for r in launched.sampled:
             r.pending += 1
         if mode is ForwardMode.EXTEND:
             # Joins the decode batch at once: its next step may launch before this one is processed.
-            self.running += [r for r in sampled if r not in self.running]
+            self.running += [r for r in launched.sampled if r not in self.running]
         return launched
 
     def _process(self, step: Launched) -> None:

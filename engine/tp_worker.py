@@ -27,6 +27,7 @@ import torch
 from radixfleet.engine import distributed as dist
 from radixfleet.engine.attention.base import ForwardBatch, ForwardMode
 from radixfleet.engine.model_runner import ModelRunner
+from radixfleet.engine.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -121,11 +122,9 @@ def _rebuild(runner: ModelRunner, msg: Forward) -> ForwardBatch:
     positions = torch.cat([torch.arange(p, p + e, dtype=torch.int64)
                            for p, e in zip(msg.prefix_lens, msg.extend_lens, strict=True)]).to(dev)
 
-    def t(x: list[int]) -> torch.Tensor:
-        return torch.tensor(x, dtype=torch.int32, device=dev)
-
+    i32 = torch.int32
     return ForwardBatch(mode=msg.mode, input_ids=input_ids, positions=positions, req_pool_indices=rows,
-                        seq_lens=t(msg.seq_lens), extend_prefix_lens=t(msg.prefix_lens),
-                        extend_seq_lens=t(msg.extend_lens), out_cache_loc=out_loc, req_to_token=table.table,
+                        seq_lens=to_device(msg.seq_lens, i32, dev), extend_prefix_lens=to_device(msg.prefix_lens, i32, dev),
+                        extend_seq_lens=to_device(msg.extend_lens, i32, dev), out_cache_loc=out_loc, req_to_token=table.table,
                         seq_lens_cpu=msg.seq_lens, extend_prefix_lens_cpu=msg.prefix_lens,
                         extend_seq_lens_cpu=msg.extend_lens)

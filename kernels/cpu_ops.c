@@ -158,18 +158,19 @@ void rf_rmsnorm(const float *x, const float *res, const float *w, float *out, fl
     }
 }
 
-/* Neox rotary in place on q [T, H, D] and k [T, KVH, D] (rows strided by q_stride/k_stride,
- * heads contiguous), with cos_sin [P, D]: cos of the D/2 frequencies, then sin. */
+/* Neox rotary in place on q [T, H, D] and k [T, KVH, D] (token and head strides free, last
+ * dim contiguous), with cos_sin [P, D]: cos of the D/2 frequencies, then sin. */
 void rf_rotary(const int64_t *pos, float *q, float *k, const float *cos_sin, int T, int H, int KVH,
-               int D, int64_t q_stride, int64_t k_stride) {
+               int D, int64_t q_stride, int64_t q_head_stride, int64_t k_stride, int64_t k_head_stride) {
     const int half = D / 2;
     for (int t = 0; t < T; t++) {
         const float *c = cos_sin + pos[t] * D, *sn = c + half;
         for (int which = 0; which < 2; which++) {
             float *base = which ? k + t * k_stride : q + t * q_stride;
             const int heads = which ? KVH : H;
+            const int64_t head_stride = which ? k_head_stride : q_head_stride;
             for (int h = 0; h < heads; h++) {
-                float *x1 = base + h * D, *x2 = x1 + half;
+                float *x1 = base + h * head_stride, *x2 = x1 + half;
                 for (int i = 0; i < half; i++) {
                     const float a = x1[i], b = x2[i];
                     x1[i] = a * c[i] - b * sn[i];

@@ -35,7 +35,7 @@ _i64, _i32, _f32, _p = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_vo
 _SIGNATURES = {
     "rf_decode_attention": [_p, _p, _p, _i64, _p, _p, _p, _p, _i64, _i32, _i32, _i32, _i32, _f32],
     "rf_rmsnorm": [_p, _p, _p, _p, _p, _i32, _i32, _i64, _f32],
-    "rf_rotary": [_p, _p, _p, _p, _i32, _i32, _i32, _i32, _i64, _i64],
+    "rf_rotary": [_p, _p, _p, _p, _i32, _i32, _i32, _i32, _i64, _i64, _i64, _i64],
     "rf_silu_and_mul": [_p, _p, _i32, _i32],
 }
 
@@ -100,10 +100,10 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-            residual: torch.Tensor | None = None):
-    """``x`` [T, N] (row stride free, last dim contiguous). Without ``residual``: norm(x) * w.
-    With it: ``(norm(x + residual) * w, x + residual)``, as new tensors."""
+# The layer-facing kernels below have the signatures of their triton twins in this package
+# (rmsnorm.py, rotary.py, activation.py), so ``engine/layers/fused.py`` hands layers either set.
+
+def _rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None):
     t, n = x.shape
     assert x.stride(-1) == 1 and weight.is_contiguous()
     out = torch.empty((t, n), dtype=x.dtype)
@@ -112,17 +112,29 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         residual = residual.contiguous()
         res_out = torch.empty((t, n), dtype=x.dtype)
     load().rf_rmsnorm(_ptr(x), _ptr(residual), _ptr(weight), _ptr(out), _ptr(res_out), t, n, x.stride(0), eps)
-    return out if residual is None else (out, res_out)
+    return out, res_out
 
 
-def rotary_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor) -> None:
-    """In place, neox layout. q [T, H, D], k [T, KVH, D] with contiguous heads (rows may be
-    strided, as views of one fused QKV output are); cos_sin [P, D] fp32; positions [T] int64."""
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``x`` [T, N] (row stride free, last dim contiguous) → norm(x) * weight, a new tensor."""
+    return _rmsnorm(x, weight, eps, None)[0]
+
+
+def fused_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                      eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """``s = x + residual`` → ``(norm(s) * weight, s)``, both new tensors."""
+    return _rmsnorm(x, weight, eps, residual)
+
+
+def apply_rotary_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor) -> None:
+    """In place, neox layout. q [T, H, D], k [T, KVH, D] with a contiguous last dim (token and
+    head strides free, as views of one fused QKV output are); cos_sin [P, D] fp32 (the whole
+    head is rotated); positions [T] int64."""
     t, h, d = q.shape
-    assert q.stride(1) == d and k.stride(1) == d and q.stride(2) == 1 and k.stride(2) == 1
+    assert q.stride(2) == 1 and k.stride(2) == 1 and cos_sin.shape[1] == d and cos_sin.is_contiguous()
     positions = positions.contiguous()
     load().rf_rotary(_ptr(positions), _ptr(q), _ptr(k), _ptr(cos_sin), t, h, k.shape[1], d,
-                     q.stride(0), k.stride(0))
+                     q.stride(0), q.stride(1), k.stride(0), k.stride(1))
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from radixfleet.engine.layers.fused import fused_ops
-from radixfleet.kernels import cpu_ops
 
 
 class SiluAndMul(nn.Module):
@@ -15,7 +14,5 @@ class SiluAndMul(nn.Module):
         ops = fused_ops(x)
         if ops is not None and x.dim() == 2 and x.stride(-1) == 1:
             return ops.silu_and_mul(x)
-        if x.dim() == 2 and cpu_ops.usable(x):
-            return cpu_ops.silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from radixfleet.engine import distributed as dist
-from radixfleet.engine.layers.linear import matmul, pack_weight
+from radixfleet.engine.layers.linear import PackableWeight, matmul
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -34,13 +34,7 @@ class VocabParallelEmbedding(nn.Module):
         return dist.all_reduce(out)
 
 
-class ParallelLMHead(VocabParallelEmbedding):
-    packed: torch.Tensor | None = None  # oneDNN-prepacked weight on CPU (see layers.linear)
-
-    def pack_cpu_weight(self) -> bool:
-        self.packed = pack_weight(self.weight)
-        return self.packed is not None
-
+class ParallelLMHead(VocabParallelEmbedding, PackableWeight):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, H] → logits [B, vocab] in fp32 (gathered across ranks)."""
         local = matmul(hidden, self.weight, None, self.packed)

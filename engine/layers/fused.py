@@ -1,8 +1,13 @@
-"""Fused triton kernels for the elementwise layers on CUDA (``radixfleet.kernels``).
+"""Fused kernels for the elementwise layers (RMSNorm + residual, rotary, SiLU-mul) and the
+batch-1 GEMV, chosen by the device of the data:
 
-On CPU, or where triton cannot be imported, layers use their plain torch code; on CUDA the
-fused kernels cut a decode step's many tiny launches (RMSNorm + residual, rotary, SiLU-mul).
-Imported lazily: CPU-only installs never load triton.
+- CUDA: triton kernels (``radixfleet.kernels``), cutting a decode step's many tiny launches;
+  imported lazily, so CPU-only installs never load triton. ``RADIXFLEET_DISABLE_FUSED_KERNELS=1``
+  turns them off, ``RADIXFLEET_GEMV=0`` only the GEMV.
+- CPU, fp32: the C kernels of ``kernels/cpu_ops.c``, which replace several small torch ops
+  each (``RADIXFLEET_CPU_KERNELS=0`` turns them off; they are also off without a C compiler).
+
+Both sets have the same signatures. Where neither applies, layers run their plain torch code.
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ from types import SimpleNamespace
 
 import torch
 
+from radixfleet.kernels import cpu_ops
+
 
 @functools.cache
-def _ops() -> SimpleNamespace | None:
+def _triton_ops() -> SimpleNamespace | None:
     if os.environ.get("RADIXFLEET_DISABLE_FUSED_KERNELS") == "1":
         return None
     try:
@@ -30,6 +37,13 @@ def _ops() -> SimpleNamespace | None:
                            gemv=gemv if os.environ.get("RADIXFLEET_GEMV", "1") != "0" else None)
 
 
+_CPU_OPS = SimpleNamespace(rmsnorm=cpu_ops.rmsnorm, fused_add_rmsnorm=cpu_ops.fused_add_rmsnorm,
+                           apply_rotary_=cpu_ops.apply_rotary_, silu_and_mul=cpu_ops.silu_and_mul,
+                           gemv=None)
+
+
 def fused_ops(x: torch.Tensor) -> SimpleNamespace | None:
-    """The kernel namespace when ``x`` lives on CUDA and triton is available, else None."""
-    return _ops() if x.is_cuda else None
+    """The kernel namespace for ``x``'s device and dtype, or None (use plain torch)."""
+    if x.is_cuda:
+        return _triton_ops()
+    return _CPU_OPS if cpu_ops.usable(x) else None

@@ -69,8 +69,8 @@ def prepack_cpu_weights(model: nn.Module) -> int:
     return count
 
 
-class _PackableLinear(nn.Module):
-    """Shared by the linear layers: the optional prepacked CPU weight."""
+class PackableWeight(nn.Module):
+    """The optional prepacked CPU copy of ``weight``: shared by the linear layers and the LM head."""
 
     weight: nn.Parameter
     packed: torch.Tensor | None = None
@@ -86,7 +86,7 @@ def _param(shape: tuple[int, ...], loader) -> nn.Parameter:
     return p
 
 
-class ColumnParallelLinear(_PackableLinear):
+class ColumnParallelLinear(PackableWeight):
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
         tp = dist.tp_size()
@@ -142,7 +142,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         param.data.narrow(0, offset, size).copy_(loaded.narrow(0, start, size))
 
 
-class RowParallelLinear(_PackableLinear):
+class RowParallelLinear(PackableWeight):
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
         tp = dist.tp_size()

@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from radixfleet.engine.layers.fused import fused_ops
-from radixfleet.kernels import cpu_ops
 
 
 class RMSNorm(nn.Module):
@@ -31,8 +30,6 @@ class RMSNorm(nn.Module):
             if residual is None:
                 return ops.rmsnorm(x, self.weight, self.eps)
             return ops.fused_add_rmsnorm(x, residual, self.weight, self.eps)
-        if x.dim() == 2 and x.stride(-1) == 1 and cpu_ops.usable(x):
-            return cpu_ops.rmsnorm(x, self.weight, self.eps, residual)
         if residual is None:
             return self._norm(x)
         x = x + residual

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from radixfleet.engine.layers.fused import fused_ops
-from radixfleet.kernels import cpu_ops
 
 
 def _inv_freq_default(head_dim: int, theta: float) -> torch.Tensor:
@@ -59,10 +58,6 @@ class RotaryEmbedding(nn.Module):
         ops = fused_ops(q)
         if ops is not None and q.stride(-1) == 1 and k.stride(-1) == 1:
             ops.apply_rotary_(positions, q, k, self._packed_cos_sin())  # in place
-            return q, k
-        if (cpu_ops.usable(q) and k.dtype == q.dtype and q.stride(1) == q.shape[2] == k.stride(1)
-                and q.stride(2) == 1 and k.stride(2) == 1):
-            cpu_ops.rotary_(positions, q, k, self._packed_cos_sin())  # in place
             return q, k
         # Every layer of a step rotates at the same positions: look cos/sin up once per step.
         if self._step_positions is not positions:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from radixfleet.engine.transfer import to_device
+
 
 class ReqToTokenTable:
     def __init__(self, max_requests: int, max_context_len: int, device: torch.device | str):
@@ -45,10 +47,8 @@ class ReqToTokenTable:
         index = torch.tensor([self._pending_rows, self._pending_cols], dtype=torch.int64)
         # Values come from ``host`` (a position written twice gets its final value).
         packed = torch.cat([index, self.host[index[0], index[1]].to(torch.int64)[None]])
-        if self.table.is_cuda:
-            # Pinned and non-blocking: the copy queues behind a step still running (overlap
-            # schedule) instead of waiting for it.
-            packed = packed.pin_memory().to(self.table.device, non_blocking=True)
+        # Queued behind a step still running (overlap schedule) instead of waiting for it.
+        packed = to_device(packed, torch.int64, self.table.device)
         self.table[packed[0], packed[1]] = packed[2].to(torch.int32)
         self._pending_rows, self._pending_cols = [], []
 

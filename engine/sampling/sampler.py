@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from radixfleet.engine.sampling.params import SamplingParams
+from radixfleet.engine.transfer import to_device
 
 
 @dataclass
@@ -51,15 +52,6 @@ class SamplingBatchInfo:
                     if p.seed is not None and not p.is_greedy],
             top_k_window=max(top_ks) if top_ks and max(top_ks) < vocab_size else 0,
         )
-
-
-def to_device(values: list | torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
-    """A host list (or CPU tensor) as a tensor on ``device``; to CUDA through pinned memory,
-    without a sync (``torch.tensor(..., device="cuda")`` waits for the stream)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return torch.as_tensor(values, dtype=dtype, device=device)
-    return torch.as_tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
 
 
 def seed_for_step(seed: int, position: int) -> int:

@@ -61,7 +61,7 @@ def test_rmsnorm_with_and_without_residual(rows):
     x = wide[:, :576]  # strided rows, as a view of a wider output
     residual, w = torch.randn(rows, 576), torch.randn(576)
     torch.testing.assert_close(cpu_ops.rmsnorm(x, w, 1e-5), torch.rms_norm(x, (576,), w, 1e-5))
-    normed, summed = cpu_ops.rmsnorm(x, w, 1e-6, residual)
+    normed, summed = cpu_ops.fused_add_rmsnorm(x, residual, w, 1e-6)
     torch.testing.assert_close(summed, x + residual, atol=0, rtol=0)
     torch.testing.assert_close(normed, torch.rms_norm(x + residual, (576,), w, 1e-6))
     assert residual.data_ptr() != summed.data_ptr()  # inputs untouched
@@ -83,7 +83,7 @@ def test_rotary_in_place_on_fused_qkv_views():
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
     want_q, want_k = rotate(q.clone()), rotate(k.clone())
-    cpu_ops.rotary_(positions, q, k, torch.cat([freqs.cos(), freqs.sin()], dim=-1).contiguous())
+    cpu_ops.apply_rotary_(positions, q, k, torch.cat([freqs.cos(), freqs.sin()], dim=-1).contiguous())
     torch.testing.assert_close(q, want_q)
     torch.testing.assert_close(k, want_k)
     assert torch.equal(qkv[:, (h + kvh) * d:], v_before)  # v is not touched

@@ -1,0 +1,102 @@
+"""The device side of a scheduler step: a batch the scheduler chose, run without waiting.
+
+``forward`` turns the requests' host state (token ids, positions, KV slots from the
+req→token table) into a ``ForwardBatch`` and returns the hidden state of each request's
+newest token; ``sample`` turns chosen rows of it into next-token ids. Nothing here waits for
+the device (uploads go through pinned memory, ``engine/transfer.py``) unless a request wants
+prompt logprobs or hidden states. The scheduler decides what runs; this module only runs it.
+
+``last_token[row]`` (on the device) holds each req-table row's newest sampled token: every
+sampling writes it, and a decode step reads its input ids from it, so a decode can be
+launched before the previous step's ids reach the host (overlap schedule).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from radixfleet.engine.attention.base import ForwardBatch, ForwardMode
+from radixfleet.engine.memory.req_table import ReqToTokenTable
+from radixfleet.engine.request import Req
+from radixfleet.engine.sampling.pipeline import SamplingPipeline
+from radixfleet.engine.transfer import to_device
+
+
+@dataclass
+class SampledIds:
+    """Next-token ids on their way to the host."""
+
+    ids: torch.Tensor  # [B] int64 on the host (pinned on CUDA)
+    copied: torch.cuda.Event | None  # CUDA: recorded after the device→host copy
+
+    def tolist(self) -> list[int]:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.ids.tolist()
+
+
+class StepExecutor:
+    def __init__(self, model, table: ReqToTokenTable, sampling: SamplingPipeline, device: torch.device):
+        """``model``: the ModelRunner, or the TP leader that announces each call to the followers."""
+        self.model = model
+        self.table = table
+        self.sampling = sampling
+        self.device = device
+        self.last_token = torch.zeros(table.table.shape[0], dtype=torch.int64, device=device)
+
+    def forward(self, reqs: list[Req], mode: ForwardMode) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compute tokens [kv_len, kv_len + extend_len) of each request → (hidden state of
+        each request's last computed token [B, H], req-table rows [B] on the device)."""
+        fb = self._forward_batch(reqs, mode)
+        if mode is ForwardMode.DECODE:
+            return self.model.forward(fb), fb.req_pool_indices
+        hidden = self.model.forward(fb, sample_last_only=False)  # every new token [T, H]
+        ends = list(itertools.accumulate(fb.extend_seq_lens_cpu))
+        for r, end in zip(reqs, ends, strict=True):
+            if r.outputs is not None and not r.outputs.prompt_done:  # prompt logprobs / hidden states
+                r.outputs.collect_prompt(hidden[end - r.extend_len:end], r.kv_len, r.input_ids,
+                                         self.model.compute_logits)
+        return hidden[to_device([e - 1 for e in ends], torch.int64, hidden.device)], fb.req_pool_indices
+
+    def sample(self, reqs: list[Req], hidden: torch.Tensor, rows: torch.Tensor) -> SampledIds:
+        """Next ids of ``reqs`` from their hidden states [B, H]; written to ``last_token[rows]``
+        and copied to the host without waiting."""
+        next_ids = self.sampling.sample(reqs, self.model.compute_logits(hidden), hidden)
+        self.last_token[rows] = next_ids
+        if not next_ids.is_cuda:
+            return SampledIds(next_ids, None)
+        host = torch.empty(next_ids.shape, dtype=next_ids.dtype, pin_memory=True)
+        host.copy_(next_ids, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return SampledIds(host, copied)
+
+    def _forward_batch(self, reqs: list[Req], mode: ForwardMode) -> ForwardBatch:
+        dev = self.device
+        host = self.table.host
+        pos, locs = [], []
+        for r in reqs:
+            pos += range(r.kv_len, r.kv_len + r.extend_len)
+            locs.append(host[r.row, r.kv_len:r.kv_len + r.extend_len])
+        rows = to_device([r.row for r in reqs], torch.int64, dev)
+        if mode is ForwardMode.DECODE:
+            # The newest token of each request, possibly sampled by a step still running.
+            input_ids = self.last_token[rows]
+        else:
+            ids = []
+            for r in reqs:
+                ids += r.fill_ids[r.kv_len:r.kv_len + r.extend_len]
+            input_ids = to_device(ids, torch.int64, dev)
+        seq = [r.kv_len + r.extend_len for r in reqs]
+        prefix = [r.kv_len for r in reqs]
+        ext = [r.extend_len for r in reqs]
+        return ForwardBatch(mode=mode, input_ids=input_ids, positions=to_device(pos, torch.int64, dev),
+                            req_pool_indices=rows, seq_lens=to_device(seq, torch.int32, dev),
+                            extend_prefix_lens=to_device(prefix, torch.int32, dev),
+                            extend_seq_lens=to_device(ext, torch.int32, dev),
+                            out_cache_loc=to_device(torch.cat(locs), torch.int64, dev),
+                            req_to_token=self.table.table,
+                            seq_lens_cpu=seq, extend_prefix_lens_cpu=prefix, extend_seq_lens_cpu=ext)
