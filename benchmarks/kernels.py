@@ -11,12 +11,16 @@
 - extend attention: TFLOP/s (4 * H * D * visible (query, key) pairs), and torch's SDPA on the
   same causal no-prefix shapes for scale.
 - rmsnorm / rotary / silu-and-mul / kv store: achieved bandwidth.
+- gemv: batch-1 projections, cuBLAS vs kernels/gemv.py, and the separate norm / activation
+  kernels + projection vs the GEMV with them folded in; rotary_store: rotary + KV store in
+  two launches vs one.
 - ``--sweep``: decode and extend tile configurations.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -77,12 +81,14 @@ class DecodeCase:
         splits = kw.pop("num_kv_splits", None) or choose_num_kv_splits(self.B, KVH, self.q.device)
         mid_o = torch.empty(self.B, H, splits, D, dtype=torch.float32, device="cuda")
         mid_lse = torch.empty(self.B, H, splits, dtype=torch.float32, device="cuda")
+        semaphore = torch.zeros(self.B * KVH, dtype=torch.int32, device="cuda")
 
         def run():
             for layer in range(self.layers):
                 decode_attention(self.q, self.k[layer], self.v[layer], self.req_to_token,
                                  self.req_pool_indices, self.seq_lens, D ** -0.5, out=self.out,
-                                 num_kv_splits=splits, mid_o=mid_o, mid_lse=mid_lse, **kw)
+                                 num_kv_splits=splits, mid_o=mid_o, mid_lse=mid_lse,
+                                 semaphore=semaphore, **kw)
         return run, splits
 
 
@@ -204,20 +210,61 @@ def _rotating(fn, x, weights):
 
 def bench_gemv() -> None:
     """Batch-1 linear layers at the Llama-3.1-8B shapes: cuBLAS (F.linear) against
-    kernels/gemv.py, each timed over enough weight copies (>= 256 MB) that reads come from HBM."""
-    from radixfleet.kernels.gemv import gemv
+    kernels/gemv.py, each timed over enough weight copies (>= 256 MB) that reads come from HBM,
+    replayed from a CUDA graph. Then what the decoder layer runs at batch 1, separate kernels
+    against one fused launch: RMSNorm (+ residual add) then the projection vs ``gemv_rmsnorm``
+    (qkv, gate_up), SiLU-mul then the down projection vs ``gemv_silu_mul``."""
+    from radixfleet.kernels.gemv import gemv, gemv_rmsnorm, gemv_silu_mul
 
     shapes = {"qkv_proj": (6144, 4096), "o_proj": (4096, 4096), "gate_up_proj": (28672, 4096),
               "down_proj": (4096, 14336), "lm_head": (128256, 4096)}
+    hidden, res, norm_w = (torch.randn(1, 4096, device="cuda", dtype=DTYPE) for _ in range(3))
+    norm_w = norm_w[0]
     for name, (n, k) in shapes.items():
         copies = max(2, -(-ROTATION_BYTES // (n * k * 2)))
         ws = [torch.randn(n, k, device="cuda", dtype=DTYPE) * 0.02 for _ in range(copies)]
         x = torch.randn(1, k, device="cuda", dtype=DTYPE)
-        for impl, fn in (("cublas", F.linear), ("triton_gemv", gemv)):
+        impls = {"cublas": F.linear, "triton_gemv": gemv}
+        if name in ("qkv_proj", "gate_up_proj"):
+            impls["rmsnorm+cublas"] = lambda _, w: F.linear(fused_add_rmsnorm(hidden, res, norm_w)[0], w)
+            impls["rmsnorm+triton_gemv"] = lambda _, w: gemv(fused_add_rmsnorm(hidden, res, norm_w)[0], w)
+            impls["gemv_rmsnorm"] = lambda _, w: gemv_rmsnorm(hidden, res, norm_w, 1e-5, w)
+        if name == "down_proj":
+            gate_up = torch.randn(1, 2 * k, device="cuda", dtype=DTYPE)
+            impls["silu+cublas"] = lambda _, w, g=gate_up: F.linear(silu_and_mul(g), w)
+            impls["silu+triton_gemv"] = lambda _, w, g=gate_up: gemv(silu_and_mul(g), w)
+            impls["gemv_silu_mul"] = lambda _, w, g=gate_up: gemv_silu_mul(g, w)
+        for impl, fn in impls.items():
             ms = bench(_rotating(fn, x, ws), graph=True)
             emit({"bench": "gemv", "layer": name, "n": n, "k": k, "impl": impl, "us": round(ms * 1e3, 2),
                   "tb_per_s": round(n * k * 2 / ms / 1e9, 3)})
         del ws
+
+
+def bench_rotary_store() -> None:
+    """Rotary then the KV store (two launches) vs ``rotary_store_kv_`` at batch 1 and 64,
+    Llama-3.1-8B heads, replayed from a CUDA graph."""
+    from radixfleet.kernels.rotary import rotary_store_kv_
+
+    cache = build_cos_sin_cache(D, 8192, 500000.0, device="cuda")
+    kbuf = torch.zeros(100_000, KVH, D, device="cuda", dtype=DTYPE)
+    vbuf = torch.zeros_like(kbuf)
+
+    def separate(pos, q, k, v, loc):
+        apply_rotary_(pos, q, k, cache)
+        store_kv(k, v, kbuf, vbuf, loc)
+
+    def fused(pos, q, k, v, loc):
+        rotary_store_kv_(pos, q, k, v, cache, kbuf, vbuf, loc)
+
+    for T in (1, 64):
+        qkv = torch.randn(T, (H + 2 * KVH) * D, device="cuda", dtype=DTYPE)
+        args = (torch.randint(0, 8192, (T,), device="cuda"),
+                *(t.view(T, -1, D) for t in qkv.split([H * D, KVH * D, KVH * D], -1)),
+                torch.randperm(100_000, device="cuda")[:T])
+        for impl, fn in (("rotary+store_kv", separate), ("rotary_store_kv", fused)):
+            emit({"bench": "rotary_store", "tokens": T, "impl": impl,
+                  "us": round(bench(functools.partial(fn, *args), graph=True) * 1e3, 2)})
 
 
 def bench_launch() -> None:
@@ -248,12 +295,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also sweep tile configurations")
     parser.add_argument("--out", help="also append the JSON lines to this file")
-    parser.add_argument("--only", choices=["decode", "extend", "small", "gemv", "launch"], action="append")
+    parser.add_argument("--only", choices=["decode", "extend", "small", "gemv", "rotary_store", "launch"], action="append")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py needs a CUDA GPU")
     _out_file = open(args.out, "a") if args.out else None  # noqa: SIM115
-    only = set(args.only or ["decode", "extend", "small", "gemv", "launch"])
+    only = set(args.only or ["decode", "extend", "small", "gemv", "rotary_store", "launch"])
     torch.manual_seed(0)
     if "decode" in only:
         bench_decode(args.sweep)
@@ -263,6 +310,8 @@ def main() -> None:
         bench_small()
     if "gemv" in only:
         bench_gemv()
+    if "rotary_store" in only:
+        bench_rotary_store()
     if "launch" in only:
         bench_launch()
 

@@ -4,8 +4,10 @@ decode steps, straight through the ModelRunner (no scheduler, no IPC).
     python benchmarks/one_batch.py --model-path llama-3.1-8b --load-format dummy \
         --batch-size 1 8 64 --input-len 512 --output-len 64
 
-Prints one JSON line per batch size: prefill ms, decode ms/step, decode tok/s, and for
-CUDA the weight-streaming roofline of a decode step at the measured HBM bandwidth.
+Prints one JSON line per batch size: prefill ms; decode ms/step and tok/s, first with the
+host waiting for each step before building the next (p50), then pipelined as the engine's
+overlap schedule runs decode (the next step built while this one runs; mean); and for CUDA
+the weight-streaming roofline of a decode step at the measured HBM bandwidth.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from radixfleet.engine.attention.base import ForwardBatch, ForwardMode
 from radixfleet.engine.config import EngineConfig
 from radixfleet.engine.model_prep import resolve_model_path
 from radixfleet.engine.model_runner import ModelRunner
+from radixfleet.engine.transfer import to_device
 
 
 def sync(dev: torch.device) -> None:
@@ -52,21 +55,18 @@ def batch_for(runner: ModelRunner, rows: list[int], ids: torch.Tensor, start: in
     assert slots is not None, "KV pool too small for the benchmark"
     for i, r in enumerate(rows):
         runner.req_table.write(r, start, slots[i * n:(i + 1) * n])
-    seq = [start + n] * bs
-    return ForwardBatch(
-        mode=mode, input_ids=ids[:, start:start + n].reshape(-1).to(dev),
-        positions=torch.arange(start, start + n, device=dev).repeat(bs),
-        req_pool_indices=torch.tensor(rows, device=dev), seq_lens=torch.tensor(seq, dtype=torch.int32, device=dev),
-        extend_prefix_lens=torch.full((bs,), start, dtype=torch.int32, device=dev),
-        extend_seq_lens=torch.full((bs,), n, dtype=torch.int32, device=dev),
-        out_cache_loc=slots.to(dev), req_to_token=runner.req_table.table,
-        seq_lens_cpu=seq, extend_prefix_lens_cpu=[start] * bs, extend_seq_lens_cpu=[n] * bs)
+    # Uploads through pinned memory, queued on the stream (as the engine's step executor does):
+    # building the next step's batch does not wait for the step still running.
+    return ForwardBatch.from_host(
+        mode, to_device(ids[:, start:start + n].reshape(-1), torch.int64, dev),
+        to_device(rows, torch.int64, dev), to_device(slots, torch.int64, dev),
+        runner.req_table.table, [start] * bs, [n] * bs)
 
 
 def run_one(runner: ModelRunner, bs: int, in_len: int, out_len: int) -> dict:
     dev = runner.device
     vocab = runner.model_config.vocab_size
-    ids = torch.randint(100, vocab - 100, (bs, in_len + out_len))
+    ids = torch.randint(100, vocab - 100, (bs, in_len + 2 * out_len))
     rows = [runner.req_table.alloc() for _ in range(bs)]
     sync(dev)
     t0 = time.perf_counter()
@@ -81,14 +81,28 @@ def run_one(runner: ModelRunner, bs: int, in_len: int, out_len: int) -> dict:
         t = time.perf_counter()
         runner.compute_logits(runner.forward(batch)).argmax(-1).tolist()  # host sync, as serving does
         steps.append(time.perf_counter() - t)
+    # Then out_len more steps pipelined as the engine's overlap schedule runs them: the next
+    # step's batch is built on the host while this step runs on the device.
+    start = in_len + out_len
+    batch = batch_for(runner, rows, ids, start, 1, ForwardMode.DECODE)
+    sync(dev)
+    t = time.perf_counter()
+    for k in range(out_len):
+        tokens = runner.compute_logits(runner.forward(batch)).argmax(-1)
+        if k + 1 < out_len:
+            batch = batch_for(runner, rows, ids, start + k + 1, 1, ForwardMode.DECODE)
+        tokens.tolist()
+    piped = (time.perf_counter() - t) / out_len
     for r in rows:
-        runner.allocator.free(runner.req_table.read(r, in_len + out_len))
+        runner.allocator.free(runner.req_table.read(r, in_len + 2 * out_len))
         runner.req_table.free(r)
     steps.sort()
     step = steps[len(steps) // 2]
     return {"batch_size": bs, "input_len": in_len, "output_len": out_len,
             "prefill_ms": round(prefill_s * 1e3, 2), "prefill_tok_per_s": round(bs * in_len / prefill_s, 1),
-            "decode_ms_per_step_p50": round(step * 1e3, 3), "decode_tok_per_s": round(bs / step, 1)}
+            "decode_ms_per_step_p50": round(step * 1e3, 3), "decode_tok_per_s": round(bs / step, 1),
+            "decode_ms_per_step_pipelined": round(piped * 1e3, 3),
+            "decode_tok_per_s_pipelined": round(bs / piped, 1)}
 
 
 def profile_decode(runner: ModelRunner, bs: int, in_len: int, steps: int = 8) -> dict:
@@ -139,7 +153,7 @@ def main() -> None:
     args = p.parse_args()
     max_bs = max(args.batch_size)
     config = EngineConfig(model_path=args.model_path, load_format=args.load_format, dtype=args.dtype,
-                          max_total_tokens=max_bs * (args.input_len + args.output_len) + 1024,
+                          max_total_tokens=max_bs * (args.input_len + 2 * args.output_len) + 1024,
                           max_running_requests=max_bs, attention_backend=args.attention_backend,
                           disable_cuda_graph=args.disable_cuda_graph, cuda_graph_max_bs=max_bs,
                           skip_tokenizer_init=True)
@@ -161,6 +175,7 @@ def main() -> None:
             row["hbm_tb_per_s"] = round(hbm, 2)
             row["roofline_ms_per_step"] = round(roof_ms, 3)
             row["fraction_of_roofline"] = round(roof_ms / row["decode_ms_per_step_p50"], 3)
+            row["fraction_of_roofline_pipelined"] = round(roof_ms / row["decode_ms_per_step_pipelined"], 3)
         print(json.dumps(row), flush=True)
         if args.profile and runner.device.type == "cuda":
             print(json.dumps({"benchmark": "one_batch_profile", "device": device,

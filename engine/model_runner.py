@@ -22,7 +22,6 @@ from radixfleet.engine.memory.allocator import TokenSlotAllocator
 from radixfleet.engine.memory.req_table import ReqToTokenTable
 from radixfleet.engine.model_config import ModelConfig
 from radixfleet.engine.models.registry import get_model_class
-from radixfleet.engine.transfer import to_device
 from radixfleet.kernels import cpu_ops
 
 logger = logging.getLogger(__name__)
@@ -158,8 +157,7 @@ class ModelRunner:
         self.attn_backend.plan(batch)
         hidden = self.model(batch)
         if batch.mode is ForwardMode.EXTEND and sample_last_only:
-            last = to_device(batch.extend_seq_lens_cpu, torch.int64, hidden.device).cumsum(0) - 1
-            hidden = hidden[last]
+            hidden = batch.last_tokens(hidden)
         return hidden
 
     @torch.inference_mode()

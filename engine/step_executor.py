@@ -59,7 +59,7 @@ class StepExecutor:
             if r.outputs is not None and not r.outputs.prompt_done:  # prompt logprobs / hidden states
                 r.outputs.collect_prompt(hidden[end - r.extend_len:end], r.kv_len, r.input_ids,
                                          self.model.compute_logits)
-        return hidden[to_device([e - 1 for e in ends], torch.int64, hidden.device)], fb.req_pool_indices
+        return fb.last_tokens(hidden), fb.req_pool_indices
 
     def sample(self, reqs: list[Req], hidden: torch.Tensor, rows: torch.Tensor) -> SampledIds:
         """Next ids of ``reqs`` from their hidden states [B, H]; written to ``last_token[rows]``
@@ -77,10 +77,7 @@ class StepExecutor:
     def _forward_batch(self, reqs: list[Req], mode: ForwardMode) -> ForwardBatch:
         dev = self.device
         host = self.table.host
-        pos, locs = [], []
-        for r in reqs:
-            pos += range(r.kv_len, r.kv_len + r.extend_len)
-            locs.append(host[r.row, r.kv_len:r.kv_len + r.extend_len])
+        locs = [host[r.row, r.kv_len:r.kv_len + r.extend_len] for r in reqs]
         rows = to_device([r.row for r in reqs], torch.int64, dev)
         if mode is ForwardMode.DECODE:
             # The newest token of each request, possibly sampled by a step still running.
@@ -90,13 +87,6 @@ class StepExecutor:
             for r in reqs:
                 ids += r.fill_ids[r.kv_len:r.kv_len + r.extend_len]
             input_ids = to_device(ids, torch.int64, dev)
-        seq = [r.kv_len + r.extend_len for r in reqs]
-        prefix = [r.kv_len for r in reqs]
-        ext = [r.extend_len for r in reqs]
-        return ForwardBatch(mode=mode, input_ids=input_ids, positions=to_device(pos, torch.int64, dev),
-                            req_pool_indices=rows, seq_lens=to_device(seq, torch.int32, dev),
-                            extend_prefix_lens=to_device(prefix, torch.int32, dev),
-                            extend_seq_lens=to_device(ext, torch.int32, dev),
-                            out_cache_loc=to_device(torch.cat(locs), torch.int64, dev),
-                            req_to_token=self.table.table,
-                            seq_lens_cpu=seq, extend_prefix_lens_cpu=prefix, extend_seq_lens_cpu=ext)
+        return ForwardBatch.from_host(mode, input_ids, rows, to_device(torch.cat(locs), torch.int64, dev),
+                                      self.table.table, [r.kv_len for r in reqs],
+                                      [r.extend_len for r in reqs])

@@ -117,14 +117,7 @@ def _rebuild(runner: ModelRunner, msg: Forward) -> ForwardBatch:
             at += prefix
         table.write(row, prefix, out_loc_cpu[start:start + ext])
         start += ext
-    ids = host_ids.to(dev)
-    input_ids, rows, out_loc = ids[:n_tok], ids[n_tok:n_tok + n_req], ids[n_tok + n_req:2 * n_tok + n_req]
-    positions = torch.cat([torch.arange(p, p + e, dtype=torch.int64)
-                           for p, e in zip(msg.prefix_lens, msg.extend_lens, strict=True)]).to(dev)
-
-    i32 = torch.int32
-    return ForwardBatch(mode=msg.mode, input_ids=input_ids, positions=positions, req_pool_indices=rows,
-                        seq_lens=to_device(msg.seq_lens, i32, dev), extend_prefix_lens=to_device(msg.prefix_lens, i32, dev),
-                        extend_seq_lens=to_device(msg.extend_lens, i32, dev), out_cache_loc=out_loc, req_to_token=table.table,
-                        seq_lens_cpu=msg.seq_lens, extend_prefix_lens_cpu=msg.prefix_lens,
-                        extend_seq_lens_cpu=msg.extend_lens)
+    ids = to_device(host_ids, torch.int64, dev)
+    return ForwardBatch.from_host(msg.mode, ids[:n_tok], ids[n_tok:n_tok + n_req],
+                                  ids[n_tok + n_req:2 * n_tok + n_req], table.table,
+                                  msg.prefix_lens, msg.extend_lens)

@@ -11,9 +11,13 @@ import torch
 import triton
 import triton.language as tl
 
+from radixfleet.kernels.pdl import pdl_start, use_pdl
+
 
 @triton.jit
-def _silu_and_mul_kernel(X, OUT, stride_x, stride_o, INTER: tl.constexpr, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(X, OUT, stride_x, stride_o, INTER: tl.constexpr, BLOCK: tl.constexpr,
+                         USE_PDL: tl.constexpr):
+    pdl_start(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < INTER
@@ -33,5 +37,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     block = min(1024, triton.next_power_of_2(inter))
     _silu_and_mul_kernel[(T, triton.cdiv(inter, block))](
         x, out, x.stride(0), out.stride(0), INTER=inter, BLOCK=block, num_warps=4,
+        USE_PDL=use_pdl(x), launch_pdl=use_pdl(x),
     )
     return out

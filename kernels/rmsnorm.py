@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from radixfleet.kernels.pdl import pdl_start, use_pdl
+
 
 @triton.jit
 def _rmsnorm_kernel(
@@ -25,7 +27,9 @@ def _rmsnorm_kernel(
     N: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_start(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_N)
     mask = offs < N
@@ -57,6 +61,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
         x.stride(0), r.stride(0), out.stride(0), new_r.stride(0),
         eps,
         N=N, BLOCK_N=block_n, HAS_RESIDUAL=residual is not None,
+        USE_PDL=use_pdl(x), launch_pdl=use_pdl(x),
         num_warps=min(16, max(1, block_n // 512)),
     )
     return out, new_r

@@ -10,7 +10,8 @@ Shapes (T tokens, H query heads, KVH kv heads, D head dim, P positions, R rotary
     q              [T, H, D]    model dtype, last dim contiguous, rotated in place
     k              [T, KVH, D]  model dtype, last dim contiguous, rotated in place
     cos_sin_cache  [P, R] fp32  (cos | sin)
-Grid: (T,); one program rotates every head of one token.
+Grid: (T,); one program rotates every head of one token. ``rotary_store_kv_`` also writes the
+rotated k and the v of each token to its KV-cache slot (one launch instead of two).
 """
 
 from __future__ import annotations
@@ -22,62 +23,121 @@ import torch
 import triton
 import triton.language as tl
 
+from radixfleet.kernels.pdl import pdl_start, use_pdl
+
 
 @triton.jit
-def _rotate_heads(X, stride_h, cos, sin, NUM_HEADS: tl.constexpr, HALF: tl.constexpr,
-                  BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
+def _rotate_heads(SRC, stride_src, DST, stride_dst, cos, sin, NUM_HEADS: tl.constexpr,
+                  HALF: tl.constexpr, HEAD_DIM: tl.constexpr, COPY_REST: tl.constexpr,
+                  BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_REST: tl.constexpr):
+    """Rotate the heads of one token from SRC into DST (may be SRC); with COPY_REST also copy
+    the dims past the rotary dim (partial rotary into a separate destination)."""
     offs_h = tl.arange(0, BLOCK_H)
     offs_r = tl.arange(0, BLOCK_R)
     mask = (offs_h < NUM_HEADS)[:, None] & (offs_r < HALF)[None, :]
-    p1 = X + offs_h[:, None] * stride_h + offs_r[None, :]
-    p2 = p1 + HALF
-    x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(p2, mask=mask, other=0.0).to(tl.float32)
-    tl.store(p1, (x1 * cos[None, :] - x2 * sin[None, :]).to(X.dtype.element_ty), mask=mask)
-    tl.store(p2, (x2 * cos[None, :] + x1 * sin[None, :]).to(X.dtype.element_ty), mask=mask)
+    src = SRC + offs_h[:, None] * stride_src + offs_r[None, :]
+    dst = DST + offs_h[:, None] * stride_dst + offs_r[None, :]
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dst, (x1 * cos[None, :] - x2 * sin[None, :]).to(DST.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF, (x2 * cos[None, :] + x1 * sin[None, :]).to(DST.dtype.element_ty), mask=mask)
+    if COPY_REST:
+        offs_x = 2 * HALF + tl.arange(0, BLOCK_REST)
+        rest = (offs_h < NUM_HEADS)[:, None] & (offs_x < HEAD_DIM)[None, :]
+        x = tl.load(SRC + offs_h[:, None] * stride_src + offs_x[None, :], mask=rest)
+        tl.store(DST + offs_h[:, None] * stride_dst + offs_x[None, :], x, mask=rest)
 
 
 @triton.jit
 def _rotary_kernel(
-    POS, Q, K, CACHE,
+    POS, Q, K, CACHE, V, K_BUF, V_BUF, LOC,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_c,
+    stride_vt, stride_vh, stride_kbn, stride_kbh, stride_vbn, stride_vbh,
     NUM_Q_HEADS: tl.constexpr,
     NUM_K_HEADS: tl.constexpr,
     HALF: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    STORE_KV: tl.constexpr,
+    USE_PDL: tl.constexpr,
     BLOCK_HQ: tl.constexpr,
     BLOCK_HK: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
+    pdl_start(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(POS + t).to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < HALF
     cos = tl.load(CACHE + pos * stride_c + offs_r, mask=r_mask, other=0.0)
     sin = tl.load(CACHE + pos * stride_c + HALF + offs_r, mask=r_mask, other=0.0)
-    _rotate_heads(Q + t * stride_qt, stride_qh, cos, sin, NUM_Q_HEADS, HALF, BLOCK_HQ, BLOCK_R)
-    _rotate_heads(K + t * stride_kt, stride_kh, cos, sin, NUM_K_HEADS, HALF, BLOCK_HK, BLOCK_R)
+    q = Q + t * stride_qt
+    _rotate_heads(q, stride_qh, q, stride_qh, cos, sin, NUM_Q_HEADS, HALF, HEAD_DIM, False,
+                  BLOCK_HQ, BLOCK_R, BLOCK_D)
+    k = K + t * stride_kt
+    if STORE_KV:  # rotated k and plain v go straight to the token's cache slot
+        loc = tl.load(LOC + t).to(tl.int64)
+        _rotate_heads(k, stride_kh, K_BUF + loc * stride_kbn, stride_kbh, cos, sin, NUM_K_HEADS,
+                      HALF, HEAD_DIM, 2 * HALF < HEAD_DIM, BLOCK_HK, BLOCK_R, BLOCK_D)
+        offs_h = tl.arange(0, BLOCK_HK)
+        offs_d = tl.arange(0, BLOCK_D)
+        vmask = (offs_h < NUM_K_HEADS)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        v = tl.load(V + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=vmask)
+        tl.store(V_BUF + loc * stride_vbn + offs_h[:, None] * stride_vbh + offs_d[None, :], v,
+                 mask=vmask)
+    else:
+        _rotate_heads(k, stride_kh, k, stride_kh, cos, sin, NUM_K_HEADS, HALF, HEAD_DIM, False,
+                      BLOCK_HK, BLOCK_R, BLOCK_D)
 
 
-def apply_rotary_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                  cos_sin_cache: torch.Tensor) -> None:
-    """Rotate ``q`` [T, H, D] and ``k`` [T, KVH, D] in place at ``positions`` [T]."""
+def _check(positions, q, k, cos_sin_cache) -> None:
     T, H, D = q.shape
-    KVH = k.shape[1]
     R = cos_sin_cache.shape[1]
     assert k.shape[0] == T and k.shape[2] == D and positions.shape == (T,)
     assert R % 2 == 0 and R <= D, f"rotary dim {R} must be even and <= head dim {D}"
     assert cos_sin_cache.dtype == torch.float32 and cos_sin_cache.stride(1) == 1
     assert q.stride(2) == 1 and k.stride(2) == 1, "q/k last dim must be contiguous"
+
+
+def _launch(positions, q, k, cos_sin_cache, v=None, k_buffer=None, v_buffer=None, loc=None) -> None:
+    T, H, D = q.shape
+    KVH, R = k.shape[1], cos_sin_cache.shape[1]
     if T == 0:
         return
-    block_r = triton.next_power_of_2(R // 2)
+    store = v is not None
+    v, k_buffer, v_buffer, loc = (v, k_buffer, v_buffer, loc) if store else (k, k, k, positions)
     _rotary_kernel[(T,)](
-        positions, q, k, cos_sin_cache,
+        positions, q, k, cos_sin_cache, v, k_buffer, v_buffer, loc,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
-        NUM_Q_HEADS=H, NUM_K_HEADS=KVH, HALF=R // 2,
-        BLOCK_HQ=triton.next_power_of_2(H), BLOCK_HK=triton.next_power_of_2(KVH), BLOCK_R=block_r,
+        v.stride(0), v.stride(1), k_buffer.stride(0), k_buffer.stride(1),
+        v_buffer.stride(0), v_buffer.stride(1),
+        NUM_Q_HEADS=H, NUM_K_HEADS=KVH, HALF=R // 2, HEAD_DIM=D, STORE_KV=store,
+        USE_PDL=use_pdl(q), launch_pdl=use_pdl(q),
+        BLOCK_HQ=triton.next_power_of_2(H), BLOCK_HK=triton.next_power_of_2(KVH),
+        BLOCK_R=triton.next_power_of_2(R // 2), BLOCK_D=triton.next_power_of_2(D),
         num_warps=4,
     )
+
+
+def apply_rotary_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                  cos_sin_cache: torch.Tensor) -> None:
+    """Rotate ``q`` [T, H, D] and ``k`` [T, KVH, D] in place at ``positions`` [T]."""
+    _check(positions, q, k, cos_sin_cache)
+    _launch(positions, q, k, cos_sin_cache)
+
+
+def rotary_store_kv_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     cos_sin_cache: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
+                     loc: torch.Tensor) -> None:
+    """Rotate ``q`` in place, and write rotated ``k`` and ``v`` [T, KVH, D] to the cache slots
+    ``loc`` [T] of ``k_buffer``/``v_buffer`` [S, KVH, D] (``k`` itself is left unrotated):
+    ``apply_rotary_`` then ``kv_store.store_kv`` in one launch."""
+    _check(positions, q, k, cos_sin_cache)
+    assert v.shape == k.shape and v.stride(2) == 1 and loc.shape == positions.shape
+    assert k_buffer.shape[1:] == k.shape[1:] and v_buffer.shape == k_buffer.shape
+    assert k_buffer.dtype == k.dtype and v_buffer.dtype == v.dtype, "cast k/v to the cache dtype first"
+    assert k_buffer.stride(2) == 1 and v_buffer.stride(2) == 1
+    _launch(positions, q, k, cos_sin_cache, v, k_buffer, v_buffer, loc)
 
 
 def rope_inv_freq(rotary_dim: int, base: float,

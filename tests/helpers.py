@@ -105,12 +105,9 @@ def runner_teacher_forced_logprobs(runner, ids: list[int]):
     row = runner.req_table.alloc()
     slots = runner.allocator.alloc(n)
     runner.req_table.write(row, 0, slots)
-    batch = ForwardBatch(
-        mode=ForwardMode.EXTEND, input_ids=torch.tensor(ids, device=dev), positions=torch.arange(n, device=dev),
-        req_pool_indices=torch.tensor([row], device=dev), seq_lens=torch.tensor([n], dtype=torch.int32, device=dev),
-        extend_prefix_lens=torch.zeros(1, dtype=torch.int32, device=dev),
-        extend_seq_lens=torch.tensor([n], dtype=torch.int32, device=dev), out_cache_loc=slots.to(dev),
-        req_to_token=runner.req_table.table, seq_lens_cpu=[n], extend_prefix_lens_cpu=[0], extend_seq_lens_cpu=[n])
+    batch = ForwardBatch.from_host(ForwardMode.EXTEND, torch.tensor(ids, device=dev),
+                                   torch.tensor([row], device=dev), slots.to(dev),
+                                   runner.req_table.table, [0], [n])
     hidden = runner.forward(batch, sample_last_only=False)
     out = torch.log_softmax(runner.compute_logits(hidden), -1).cpu()
     runner.allocator.free(slots)

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import abc
 import enum
+import itertools
 from dataclasses import dataclass
 
 import torch
+
+from radixfleet.engine.transfer import to_device
 
 
 class ForwardMode(enum.Enum):
@@ -53,6 +56,29 @@ class ForwardBatch:
     @property
     def batch_size(self) -> int:
         return len(self.seq_lens_cpu)
+
+    def last_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The rows of ``hidden`` [T, ...] (every new token) that hold each request's last
+        new token → [B, ...]."""
+        ends = itertools.accumulate(self.extend_seq_lens_cpu)
+        return hidden[to_device([e - 1 for e in ends], torch.int64, hidden.device)]
+
+    @classmethod
+    def from_host(cls, mode: ForwardMode, input_ids: torch.Tensor, req_pool_indices: torch.Tensor,
+                  out_cache_loc: torch.Tensor, req_to_token: torch.Tensor, prefix_lens: list[int],
+                  extend_lens: list[int]) -> ForwardBatch:
+        """A batch whose requests each add ``extend_lens[i]`` tokens after ``prefix_lens[i]``
+        cached ones: positions and lengths are derived from the host lists and uploaded
+        without a device sync (``engine/transfer.py``)."""
+        dev = req_to_token.device
+        seq = [p + e for p, e in zip(prefix_lens, extend_lens, strict=True)]
+        positions = [i for p, e in zip(prefix_lens, extend_lens, strict=True) for i in range(p, p + e)]
+        return cls(mode=mode, input_ids=input_ids, positions=to_device(positions, torch.int64, dev),
+                   req_pool_indices=req_pool_indices, seq_lens=to_device(seq, torch.int32, dev),
+                   extend_prefix_lens=to_device(prefix_lens, torch.int32, dev),
+                   extend_seq_lens=to_device(extend_lens, torch.int32, dev),
+                   out_cache_loc=out_cache_loc, req_to_token=req_to_token, seq_lens_cpu=seq,
+                   extend_prefix_lens_cpu=list(prefix_lens), extend_seq_lens_cpu=list(extend_lens))
 
 
 class KVPool:
@@ -103,23 +129,35 @@ class AttentionBackend(abc.ABC):
         self.head_dim = head_dim
         self.scale = scale
 
+    # Whether ``forward`` takes ``rope=(positions, cos_sin_table)`` and rotates q and k itself
+    # as it stores k/v (the GPU backends: ``kernels/rotary.py``'s rotary_store_kv_).
+    fuses_rope = False
+
     def plan(self, batch: ForwardBatch) -> None:
         """Prepare per-step metadata once before the layers run (default: nothing)."""
         return None
 
     def _store_with_kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
-                           batch: ForwardBatch):
+                           batch: ForwardBatch, rope: tuple[torch.Tensor, torch.Tensor] | None):
         """The GPU backends' common first step: q/k/v as ``[T, heads, D]`` views, the new
-        tokens' k/v written to their slots by one triton launch (``kernels/kv_store.py``).
+        tokens' k/v written to their slots by one triton launch (``kernels/kv_store.py``), or,
+        with ``rope``, rotary applied to q and k in the same launch (``kernels/rotary.py``).
         Returns ``(q, k_buffer, v_buffer)`` of ``layer_id``."""
         from radixfleet.kernels.kv_store import store_kv
+        from radixfleet.kernels.rotary import rotary_store_kv_
 
         k_buf, v_buf = self.kv_pool.k_buffers[layer_id], self.kv_pool.v_buffers[layer_id]
-        store_kv(k.view(-1, self.num_kv_heads, self.head_dim), v.view(-1, self.num_kv_heads, self.head_dim),
-                 k_buf, v_buf, batch.out_cache_loc)
-        return q.view(-1, self.num_heads, self.head_dim), k_buf, v_buf
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if rope is None:
+            store_kv(k, v, k_buf, v_buf, batch.out_cache_loc)
+        else:
+            rotary_store_kv_(rope[0], q, k, v, rope[1], k_buf, v_buf, batch.out_cache_loc)
+        return q, k_buf, v_buf
 
     @abc.abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
                 batch: ForwardBatch) -> torch.Tensor:
-        """q ``[T, H, D]``, k/v ``[T, KVH, D]`` → output ``[T, H, D]``; stores k/v first."""
+        """q ``[T, H, D]``, k/v ``[T, KVH, D]`` → output ``[T, H, D]``; stores k/v first.
+        Backends with ``fuses_rope`` also take ``rope=(positions, cos_sin_table)``."""

@@ -45,6 +45,8 @@ def host_indptr(lens: list[int]) -> torch.Tensor:
 
 
 class FlashInferBackend(AttentionBackend):
+    fuses_rope = True
+
     def __init__(self, kv_pool: KVPool, num_heads: int, num_kv_heads: int, head_dim: int,
                  scale: float):
         super().__init__(kv_pool, num_heads, num_kv_heads, head_dim, scale)
@@ -152,8 +154,8 @@ class FlashInferBackend(AttentionBackend):
 
     # ---- per layer -----------------------------------------------------------------------
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
-                batch: ForwardBatch) -> torch.Tensor:
+                batch: ForwardBatch, rope=None) -> torch.Tensor:
         assert self._active is not None, "plan() must run before forward()"
-        q, k_buf, v_buf = self._store_with_kernel(q, k, v, layer_id, batch)
+        q, k_buf, v_buf = self._store_with_kernel(q, k, v, layer_id, batch, rope)
         # 3-D [S, KVH, D] caches are read as [S, page_size=1, KVH, D] ("NHD").
         return self._active.run(q, (k_buf, v_buf))

@@ -24,6 +24,7 @@ from radixfleet.kernels.extend_attention import extend_attention
 
 
 class TritonAttentionBackend(AttentionBackend):
+    fuses_rope = True
     def __init__(self, kv_pool: KVPool, num_heads: int, num_kv_heads: int, head_dim: int,
                  scale: float):
         super().__init__(kv_pool, num_heads, num_kv_heads, head_dim, scale)
@@ -32,6 +33,8 @@ class TritonAttentionBackend(AttentionBackend):
         # Decode split-K scratch, grow-only (see `reserve`): fp32 partial outputs and lse.
         self._mid_o = torch.empty(0, dtype=torch.float32, device=self.device)
         self._mid_lse = torch.empty(0, dtype=torch.float32, device=self.device)
+        # The decode kernel's per-(request, kv head) merge counters; every launch leaves them 0.
+        self._semaphore = torch.zeros(0, dtype=torch.int32, device=self.device)
         self._num_kv_splits = 1
         self._q_start: torch.Tensor | None = None
         self._max_extend_len = 0
@@ -46,6 +49,8 @@ class TritonAttentionBackend(AttentionBackend):
         if self._mid_lse.numel() < n:
             self._mid_o = torch.empty(n * self.head_dim, dtype=torch.float32, device=self.device)
             self._mid_lse = torch.empty(n, dtype=torch.float32, device=self.device)
+        if self._semaphore.numel() < bs * self.num_kv_heads:
+            self._semaphore = torch.zeros(bs * self.num_kv_heads, dtype=torch.int32, device=self.device)
         mid_o = self._mid_o[: n * self.head_dim].view(bs, self.num_heads, splits, self.head_dim)
         mid_lse = self._mid_lse[:n].view(bs, self.num_heads, splits)
         return mid_o, mid_lse
@@ -64,13 +69,14 @@ class TritonAttentionBackend(AttentionBackend):
         self._max_extend_len = max(batch.extend_seq_lens_cpu, default=0)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
-                batch: ForwardBatch) -> torch.Tensor:
-        q, k_buf, v_buf = self._store_with_kernel(q, k, v, layer_id, batch)
+                batch: ForwardBatch, rope=None) -> torch.Tensor:
+        q, k_buf, v_buf = self._store_with_kernel(q, k, v, layer_id, batch, rope)
         if batch.mode is ForwardMode.DECODE:
             mid_o, mid_lse = self._decode_scratch
             return decode_attention(
                 q, k_buf, v_buf, batch.req_to_token, batch.req_pool_indices, batch.seq_lens,
-                self.scale, num_kv_splits=self._num_kv_splits, mid_o=mid_o, mid_lse=mid_lse)
+                self.scale, num_kv_splits=self._num_kv_splits, mid_o=mid_o, mid_lse=mid_lse,
+                semaphore=self._semaphore)
         assert self._q_start is not None, "plan() must run before forward()"
         return extend_attention(
             q, k_buf, v_buf, batch.req_to_token, batch.req_pool_indices, self._q_start,

@@ -3,7 +3,10 @@ batch-1 GEMV, chosen by the device of the data:
 
 - CUDA: triton kernels (``radixfleet.kernels``), cutting a decode step's many tiny launches;
   imported lazily, so CPU-only installs never load triton. ``RADIXFLEET_DISABLE_FUSED_KERNELS=1``
-  turns them off, ``RADIXFLEET_GEMV=0`` only the GEMV.
+  turns them off, ``RADIXFLEET_GEMV=0`` only the GEMVs. Only here: the batch-1 GEMVs with the
+  RMSNorm or SiLU-mul before them folded in (``gemv_rmsnorm``, ``gemv_silu_mul``;
+  ``RADIXFLEET_GEMV_FUSE=0`` keeps them separate), and rotary with the KV-cache store
+  (``rotary_store_kv_``).
 - CPU, fp32: the C kernels of ``kernels/cpu_ops.c``, which replace several small torch ops
   each (``RADIXFLEET_CPU_KERNELS=0`` turns them off; they are also off without a C compiler).
 
@@ -27,19 +30,24 @@ def _triton_ops() -> SimpleNamespace | None:
         return None
     try:
         from radixfleet.kernels.activation import silu_and_mul
-        from radixfleet.kernels.gemv import gemv
+        from radixfleet.kernels.gemv import gemv, gemv_rmsnorm, gemv_silu_mul
         from radixfleet.kernels.rmsnorm import fused_add_rmsnorm, rmsnorm
-        from radixfleet.kernels.rotary import apply_rotary_
+        from radixfleet.kernels.rotary import apply_rotary_, rotary_store_kv_
     except ImportError:
         return None
+    use_gemv = os.environ.get("RADIXFLEET_GEMV", "1") != "0"
+    fuse = use_gemv and os.environ.get("RADIXFLEET_GEMV_FUSE", "1") != "0"
     return SimpleNamespace(rmsnorm=rmsnorm, fused_add_rmsnorm=fused_add_rmsnorm,
                            apply_rotary_=apply_rotary_, silu_and_mul=silu_and_mul,
-                           gemv=gemv if os.environ.get("RADIXFLEET_GEMV", "1") != "0" else None)
+                           gemv=gemv if use_gemv else None,
+                           gemv_rmsnorm=gemv_rmsnorm if fuse else None,
+                           gemv_silu_mul=gemv_silu_mul if fuse else None,
+                           rotary_store_kv_=rotary_store_kv_)
 
 
 _CPU_OPS = SimpleNamespace(rmsnorm=cpu_ops.rmsnorm, fused_add_rmsnorm=cpu_ops.fused_add_rmsnorm,
                            apply_rotary_=cpu_ops.apply_rotary_, silu_and_mul=cpu_ops.silu_and_mul,
-                           gemv=None)
+                           gemv=None, gemv_rmsnorm=None, gemv_silu_mul=None, rotary_store_kv_=None)
 
 
 def fused_ops(x: torch.Tensor) -> SimpleNamespace | None:

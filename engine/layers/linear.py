@@ -24,15 +24,26 @@ from torch import nn
 from radixfleet.engine import distributed as dist
 from radixfleet.engine.layers.fused import fused_ops
 
-# Batch-1 GEMVs up to this many weight elements use kernels/gemv.py: on an H200 it beat
-# cuBLAS for Llama-3.1-8B's qkv (6144x4096: 15.1 vs 15.3 us) and o_proj (4096x4096: 12.4 vs
-# 13.4 us, and no split-K reduce launch) but not for the larger MLP and LM-head weights
-# (`benchmarks/kernels.py --only gemv`).
-_GEMV_MAX_ELEMENTS = 32 << 20
+# Batch-1 GEMVs up to this many weight elements use kernels/gemv.py (with the norm or SiLU-mul
+# before them folded in): on an H200 it beat cuBLAS for Llama-3.1-8B's qkv (6144x4096: 15.1 vs
+# 15.3 us) and o_proj (4096x4096: 12.4 vs 13.4 us, and no split-K reduce launch) but not for
+# the larger MLP and LM-head weights (`benchmarks/kernels.py --only gemv`).
+# RADIXFLEET_GEMV_MAX_ELEMENTS overrides it (tuning for other GPUs).
+_GEMV_MAX_ELEMENTS = int(os.environ.get("RADIXFLEET_GEMV_MAX_ELEMENTS", 32 << 20))
 
 
 def _onednn_linear_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _gemv_ops(x: torch.Tensor, weight: torch.Tensor):
+    """The fused-kernel namespace when ``x @ weight.T`` is a batch-1 GEMV the triton kernels
+    take (one contiguous half-precision row, rows of ``weight`` contiguous), else None."""
+    if (x.dim() == 2 and x.shape[0] == 1 and x.is_cuda and x.dtype != torch.float32
+            and weight.dtype == x.dtype and weight.stride(1) == 1 and x.is_contiguous()
+            and weight.numel() <= _GEMV_MAX_ELEMENTS):
+        return fused_ops(x)
+    return None
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -40,11 +51,9 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     """``x @ weight.T + bias``, through the prepacked oneDNN weight when there is one."""
     if packed is not None:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
-    if (x.dim() == 2 and x.shape[0] == 1 and x.dtype != torch.float32 and weight.dtype == x.dtype
-            and weight.stride(1) == 1 and weight.numel() <= _GEMV_MAX_ELEMENTS):
-        ops = fused_ops(x)
-        if ops is not None and ops.gemv is not None:  # batch-1 decode: kernels/gemv.py
-            return ops.gemv(x.contiguous(), weight, bias)
+    ops = _gemv_ops(x, weight)
+    if ops is not None and ops.gemv is not None:  # batch-1 decode: kernels/gemv.py
+        return ops.gemv(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
@@ -101,6 +110,20 @@ class ColumnParallelLinear(PackableWeight):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return matmul(x, self.weight, self.bias, self.packed)
+
+    def forward_normed(self, norm, x: torch.Tensor,
+                       residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``norm`` (an RMSNorm) applied to ``x + residual`` (or ``x``), then this layer.
+        Returns ``(output, new residual)``. At batch 1 on CUDA the norm runs inside the GEMV
+        (``kernels/gemv.py``: one launch, no normalised copy of the row)."""
+        ops = _gemv_ops(x, self.weight)
+        if (ops is not None and ops.gemv_rmsnorm is not None
+                and (residual is None or residual.is_contiguous())):
+            return ops.gemv_rmsnorm(x, residual, norm.weight, norm.eps, self.weight, self.bias)
+        if residual is None:
+            return self(norm(x)), x
+        x, residual = norm(x, residual)
+        return self(x), residual
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -159,7 +182,17 @@ class RowParallelLinear(PackableWeight):
         param.data.copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = matmul(x, self.weight, None, self.packed)
+        return self._reduce(matmul(x, self.weight, None, self.packed))
+
+    def forward_silu_mul(self, gate_up: torch.Tensor, act) -> torch.Tensor:
+        """This layer applied to ``act(gate_up)`` (``act``: SiluAndMul). At batch 1 on CUDA the
+        activation runs inside the GEMV (``kernels/gemv.py``)."""
+        ops = _gemv_ops(gate_up, self.weight)
+        if ops is not None and ops.gemv_silu_mul is not None:
+            return self._reduce(ops.gemv_silu_mul(gate_up, self.weight))
+        return self(act(gate_up))
+
+    def _reduce(self, y: torch.Tensor) -> torch.Tensor:
         y = dist.all_reduce(y)
         # The bias is added once, after the reduction.
         return y + self.bias if self.bias is not None else y

@@ -66,6 +66,14 @@ class RotaryEmbedding(nn.Module):
         cos, sin = self._step_cos_sin  # [T, 1, D/2] each
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
+    def fused_table(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+        """The cos/sin table for ``kernels/rotary.py``'s rotary + KV store, when that kernel
+        runs on ``q``'s device and layout; None otherwise."""
+        ops = fused_ops(q)
+        if ops is None or ops.rotary_store_kv_ is None or q.stride(-1) != 1 or k.stride(-1) != 1:
+            return None
+        return self._packed_cos_sin()
+
     def _packed_cos_sin(self) -> torch.Tensor:
         """``[P, D]`` fp32: cos of the D/2 frequencies, then sin (the fused kernels' table)."""
         if getattr(self, "_cos_sin", None) is None:

@@ -40,17 +40,24 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if qk_norm else None
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        t = x.shape[0]
+    def forward(self, positions: torch.Tensor, qkv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """``qkv``: this layer's ``qkv_proj`` output (the decoder layer runs the projection
+        together with the norm before it)."""
+        t = qkv.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.reshape(t, self.num_heads, self.head_dim)  # [T, H, D]
         k = k.reshape(t, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        o = batch.attn_backend.forward(q, k, v, self.layer_id, batch)  # [T, H, D]
+        backend = batch.attn_backend
+        table = self.rotary.fused_table(q, k) if backend.fuses_rope else None
+        if table is not None:  # the backend rotates q and k as it stores k/v (one launch)
+            o = backend.forward(q, k, v, self.layer_id, batch, rope=(positions, table))
+        else:
+            q, k = self.rotary(positions, q, k)
+            o = backend.forward(q, k, v, self.layer_id, batch)  # [T, H, D]
         return self.o_proj(o.reshape(t, q_size))
 
 
@@ -62,8 +69,9 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.act = SiluAndMul()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """``gate_up``: this MLP's ``gate_up_proj`` output (run with the norm before it)."""
+        return self.down_proj.forward_silu_mul(gate_up, self.act)
 
 
 class DecoderLayer(nn.Module):
@@ -75,13 +83,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, positions, x, residual, batch):
-        if residual is None:
-            residual, x = x, self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, batch)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        # Each norm runs with the projection after it: inside its GEMV at batch 1 on CUDA.
+        qkv, residual = self.self_attn.qkv_proj.forward_normed(self.input_layernorm, x, residual)
+        x = self.self_attn(positions, qkv, batch)
+        gate_up, residual = self.mlp.gate_up_proj.forward_normed(self.post_attention_layernorm, x,
+                                                                 residual)
+        return self.mlp(gate_up), residual
 
 
 class LlamaForCausalLM(nn.Module):

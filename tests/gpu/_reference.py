@@ -102,23 +102,16 @@ class Step:
         self.lens = [0] * len(rows)
 
     def batch(self, mode: ForwardMode, new: list[int]) -> ForwardBatch:
-        locs, positions = [], []
+        locs = []
         for b, n in enumerate(new):
             slots = [self.free.pop() for _ in range(n)]
             self.req_to_token[self.rows[b], self.lens[b]:self.lens[b] + n] = torch.tensor(slots, dtype=torch.int32)
             locs += slots
-            positions += range(self.lens[b], self.lens[b] + n)
         prefix = list(self.lens)
         self.lens = [p + n for p, n in zip(prefix, new, strict=True)]
-        i32 = dict(dtype=torch.int32, device="cuda")
-        return ForwardBatch(
-            mode=mode, input_ids=torch.zeros(len(locs), dtype=torch.int64, device="cuda"),
-            positions=torch.tensor(positions, device="cuda"),
-            req_pool_indices=torch.tensor(self.rows, device="cuda"),
-            seq_lens=torch.tensor(self.lens, **i32), extend_prefix_lens=torch.tensor(prefix, **i32),
-            extend_seq_lens=torch.tensor(new, **i32), out_cache_loc=torch.tensor(locs, device="cuda"),
-            req_to_token=self.req_to_token, seq_lens_cpu=list(self.lens),
-            extend_prefix_lens_cpu=prefix, extend_seq_lens_cpu=list(new))
+        return ForwardBatch.from_host(mode, torch.zeros(len(locs), dtype=torch.int64, device="cuda"),
+                                      torch.tensor(self.rows, device="cuda"),
+                                      torch.tensor(locs, device="cuda"), self.req_to_token, prefix, new)
 
 
 def check_decode_graph_replays(backend: AttentionBackend, ref: AttentionBackend, step: Step,

@@ -1,4 +1,6 @@
-"""KV store, RMSNorm (plain and fused with the residual add), rotary, SiLU-and-mul vs torch."""
+"""KV store, RMSNorm (plain and fused with the residual add), rotary (alone and with the KV
+store), SiLU-and-mul and the batch-1 GEMVs (plain and with the norm or SiLU-mul folded in)
+vs torch or the separate kernels."""
 
 from __future__ import annotations
 
@@ -12,7 +14,11 @@ if not torch.cuda.is_available():
 from radixfleet.kernels.activation import silu_and_mul  # noqa: E402
 from radixfleet.kernels.kv_store import store_kv  # noqa: E402
 from radixfleet.kernels.rmsnorm import fused_add_rmsnorm, rmsnorm  # noqa: E402
-from radixfleet.kernels.rotary import apply_rotary_, build_cos_sin_cache  # noqa: E402
+from radixfleet.kernels.rotary import (  # noqa: E402
+    apply_rotary_,
+    build_cos_sin_cache,
+    rotary_store_kv_,
+)
 
 BF16 = torch.bfloat16
 
@@ -108,3 +114,55 @@ def test_gemv_matches_fp32_matmul(N, K, bias):
     b = _rand(N, seed=10) if bias else None
     want = x.float() @ w.float().T + (b.float() if bias else 0)
     torch.testing.assert_close(gemv(x, w, b).float(), want, atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("N,K,residual", [(6144, 4096, True), (28672, 4096, True), (1000, 577, False),
+                                          (3, 64, True)])
+def test_gemv_rmsnorm_matches_norm_then_matmul(N, K, residual):
+    """``gemv_rmsnorm`` vs the fused add + RMSNorm kernel followed by an fp32 matmul: the
+    new residual bit-identical, the output within bf16 rounding of the normalised row."""
+    from radixfleet.kernels.gemv import gemv_rmsnorm
+
+    h, r, nw = _rand(1, K, seed=11), _rand(1, K, seed=12), _rand(K, seed=13)
+    w, b = _rand(N, K, seed=14) * 0.05, _rand(N, seed=15)
+    if residual:
+        normed, want_r = fused_add_rmsnorm(h, r, nw, 1e-5)
+    else:
+        normed, want_r = rmsnorm(h, nw, 1e-5), h
+    y, new_r = gemv_rmsnorm(h, r if residual else None, nw, 1e-5, w, b)
+    assert new_r.equal(want_r)
+    torch.testing.assert_close(y.float(), normed.float() @ w.float().T + b.float(), atol=3e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("N,K", [(4096, 14336), (1000, 577), (7, 64)])
+def test_gemv_silu_mul_matches_activation_then_matmul(N, K):
+    from radixfleet.kernels.gemv import gemv_silu_mul
+
+    gate_up, w = _rand(1, 2 * K, seed=16), _rand(N, K, seed=17) * 0.05
+    want = silu_and_mul(gate_up).float() @ w.float().T
+    torch.testing.assert_close(gemv_silu_mul(gate_up, w).float(), want, atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("H,KVH,D,R", [(32, 8, 128, 128), (12, 4, 64, 64), (8, 2, 128, 64)])
+def test_rotary_store_kv_equals_rotary_then_store(H, KVH, D, R):
+    """One launch gives bit-identical q and cache rows to ``apply_rotary_`` + ``store_kv``,
+    on views of a fused qkv row, with full and partial rotary (llama3 scaling)."""
+    T, S = 19, 300
+    cache = build_cos_sin_cache(R, 4096, 500000.0, {"rope_type": "llama3", "factor": 8.0,
+                                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                     "original_max_position_embeddings": 8192}, "cuda")
+    qkv = _rand(T, (H + 2 * KVH) * D, seed=18)
+    pos = torch.randint(0, 4096, (T,), generator=torch.Generator().manual_seed(19)).cuda()
+    loc = torch.randperm(S - 1, generator=torch.Generator().manual_seed(20))[:T].cuda() + 1
+
+    def views(t):
+        return (x.view(T, -1, D) for x in t.split([H * D, KVH * D, KVH * D], -1))
+
+    q1, k1, v1 = views(qkv.clone())
+    kb1, vb1 = torch.zeros(S, KVH, D, dtype=BF16, device="cuda"), torch.zeros(S, KVH, D, dtype=BF16, device="cuda")
+    apply_rotary_(pos, q1, k1, cache)
+    store_kv(k1, v1, kb1, vb1, loc)
+    q2, k2, v2 = views(qkv.clone())
+    kb2, vb2 = torch.zeros_like(kb1), torch.zeros_like(vb1)
+    rotary_store_kv_(pos, q2, k2, v2, cache, kb2, vb2, loc)
+    assert q2.equal(q1) and kb2.equal(kb1) and vb2.equal(vb1)

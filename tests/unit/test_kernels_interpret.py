@@ -30,10 +30,13 @@ def case_decode() -> None:
         q = torch.randn(len(lens), H, D, generator=gen)
         ref = torch.cat([attention_ref(q[b:b + 1], kv.k_buf, kv.v_buf, kv.slots(b), n - 1, D ** -0.5)
                          for b, n in enumerate(lens)])
-        for splits in (1, 3, 8):
+        semaphore = torch.zeros(len(lens) * KVH, dtype=torch.int32)
+        for splits in (1, 3, 8, 8):  # the merge counters are reused (left zero) across calls
             out = decode_attention(q, kv.k_buf, kv.v_buf, kv.req_to_token, kv.req_pool_indices,
-                                   kv.seq_lens, D ** -0.5, num_kv_splits=splits, block_n=16)
+                                   kv.seq_lens, D ** -0.5, num_kv_splits=splits, block_n=16,
+                                   semaphore=semaphore)
             assert rel_err(out, ref) < 1e-5, (H, KVH, D, splits, rel_err(out, ref))
+            assert not semaphore.any()
 
 
 def case_extend() -> None:
@@ -99,6 +102,33 @@ def case_small_kernels() -> None:
     torch.testing.assert_close(kk, k_ref)
 
 
+def case_rotary_store_kv() -> None:
+    """Rotary + KV store in one launch, on views of a fused qkv row as the model passes them,
+    full and partial rotary (rotary dim < head dim: the rest is copied unrotated)."""
+    from radixfleet.kernels.rotary import build_cos_sin_cache, rotary_store_kv_
+
+    gen = torch.Generator().manual_seed(5)
+    for H, KVH, D, R in [(4, 2, 16, 16), (6, 3, 24, 8)]:
+        cache = build_cos_sin_cache(R, 64, 10000.0)
+        pos, loc = torch.tensor([0, 7, 63, 2]), torch.tensor([5, 1, 19, 11])
+        qkv = torch.randn(4, (H + 2 * KVH) * D, generator=gen)
+        q, k, v = (t.view(4, -1, D) for t in qkv.split([H * D, KVH * D, KVH * D], -1))
+        cos, sin = cache[pos, :R // 2][:, None], cache[pos, R // 2:][:, None]
+
+        def rot(t, R=R, cos=cos, sin=sin):
+            t1, t2, rest = t[..., :R // 2], t[..., R // 2:R], t[..., R:]
+            return torch.cat((t1 * cos - t2 * sin, t2 * cos + t1 * sin, rest), -1)
+
+        q_ref, k_ref, v_ref, k_before = rot(q), rot(k), v.clone(), k.clone()
+        kb, vb = torch.zeros(20, KVH, D), torch.zeros(20, KVH, D)
+        rotary_store_kv_(pos, q, k, v, cache, kb, vb, loc)
+        torch.testing.assert_close(q, q_ref)
+        torch.testing.assert_close(kb[loc], k_ref)
+        torch.testing.assert_close(vb[loc], v_ref)
+        assert k.equal(k_before), "k itself is left as it was"
+        assert int(kb.ne(0).flatten(1).any(1).sum()) == len(loc) == int(vb.ne(0).flatten(1).any(1).sum())
+
+
 def case_kv_indices() -> None:
     """CSR flattening of req_to_token rows (the flashinfer backend's kv_indices)."""
     from radixfleet.kernels.kv_indices import build_kv_indices
@@ -134,14 +164,9 @@ def case_backend() -> None:
             req_to_token[rows[b], lens[b]:lens[b] + n] = torch.tensor(slots, dtype=torch.int32)
             locs += slots
         prefix, lens = list(lens), [p + n for p, n in zip(lens, new, strict=True)]
-        i32 = dict(dtype=torch.int32)
-        batch = ForwardBatch(
-            mode=mode, input_ids=torch.zeros(len(locs), dtype=torch.int64),
-            positions=torch.zeros(len(locs), dtype=torch.int64),
-            req_pool_indices=torch.tensor(rows), seq_lens=torch.tensor(lens, **i32),
-            extend_prefix_lens=torch.tensor(prefix, **i32), extend_seq_lens=torch.tensor(new, **i32),
-            out_cache_loc=torch.tensor(locs), req_to_token=req_to_token, seq_lens_cpu=lens,
-            extend_prefix_lens_cpu=prefix, extend_seq_lens_cpu=new)
+        batch = ForwardBatch.from_host(mode, torch.zeros(len(locs), dtype=torch.int64),
+                                       torch.tensor(rows), torch.tensor(locs), req_to_token,
+                                       prefix, new)
         q, k, v = (torch.randn(len(locs), h, D, generator=gen) for h in (H, KVH, KVH))
         backend.plan(batch)
         out = backend.forward(q, k, v, 0, batch)
@@ -165,6 +190,33 @@ def case_gemv() -> None:
         b = torch.randn(n, generator=gen) if bias else None
         want = x @ w.T + (b if bias else 0)
         assert torch.allclose(gemv(x, w, b), want, atol=1e-4, rtol=1e-5)
+
+
+def case_gemv_prologues() -> None:
+    """The GEMV with the residual add + RMSNorm or the SiLU-mul folded in, against the
+    separate ops (fp32), over K that is not a multiple of the tile."""
+    import torch.nn.functional as F
+
+    from radixfleet.kernels.gemv import _CONFIGS, gemv_rmsnorm, gemv_silu_mul
+
+    del _CONFIGS[1:]
+    gen = torch.Generator().manual_seed(4)
+    for n, k in [(37, 600), (8, 512)]:
+        h, r, nw = (torch.randn(1, k, generator=gen), torch.randn(1, k, generator=gen),
+                    torch.randn(k, generator=gen))
+        w, b = torch.randn(n, k, generator=gen), torch.randn(n, generator=gen)
+        s = h + r
+        normed = nw * s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-5)
+        y, new_r = gemv_rmsnorm(h, r, nw, 1e-5, w, b)
+        torch.testing.assert_close(y, normed @ w.T + b, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(new_r, s)
+        y, same = gemv_rmsnorm(h, None, nw, 1e-5, w)
+        normed = nw * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)
+        torch.testing.assert_close(y, normed @ w.T, atol=1e-4, rtol=1e-4)
+        assert same is h
+        gu = torch.randn(1, 2 * k, generator=gen)
+        want = (F.silu(gu[:, :k]) * gu[:, k:]) @ w.T
+        torch.testing.assert_close(gemv_silu_mul(gu, w), want, atol=1e-4, rtol=1e-4)
 
 
 CASES = {name[len("case_"):]: fn for name, fn in globals().items() if name.startswith("case_")}
