@@ -22,7 +22,6 @@ from radixfleet.engine.attention.base import ForwardBatch, ForwardMode
 from radixfleet.engine.config import EngineConfig
 from radixfleet.engine.model_prep import resolve_model_path
 from radixfleet.engine.model_runner import ModelRunner
-from radixfleet.engine.transfer import to_device
 
 
 def sync(dev: torch.device) -> None:
@@ -50,17 +49,15 @@ def measure_hbm_tb_per_s(dev: torch.device, gib: int = 4) -> float:
 def batch_for(runner: ModelRunner, rows: list[int], ids: torch.Tensor, start: int, n: int,
               mode: ForwardMode) -> ForwardBatch:
     """Requests ``rows`` compute tokens [start, start + n) of ``ids`` ([B, L])."""
-    dev, bs = runner.device, len(rows)
+    bs = len(rows)
     slots = runner.allocator.alloc(bs * n)
     assert slots is not None, "KV pool too small for the benchmark"
     for i, r in enumerate(rows):
         runner.req_table.write(r, start, slots[i * n:(i + 1) * n])
     # Uploads through pinned memory, queued on the stream (as the engine's step executor does):
     # building the next step's batch does not wait for the step still running.
-    return ForwardBatch.from_host(
-        mode, to_device(ids[:, start:start + n].reshape(-1), torch.int64, dev),
-        to_device(rows, torch.int64, dev), to_device(slots, torch.int64, dev),
-        runner.req_table.table, [start] * bs, [n] * bs)
+    return ForwardBatch.from_host(mode, ids[:, start:start + n].reshape(-1), rows, slots,
+                                  runner.req_table.table, [start] * bs, [n] * bs)
 
 
 def run_one(runner: ModelRunner, bs: int, in_len: int, out_len: int) -> dict:

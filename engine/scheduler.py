@@ -28,8 +28,10 @@ for the step before.
   a pending token; a KV shortage (retraction re-prefills the complete output); flush_cache;
   shutdown; and when there is nothing to launch. Penalties and seeds need no sync: their
   counts live on the device, and positions count pending tokens (``Req.generated_len``).
-Auto mode overlaps on CUDA with tp_size 1 only: on the CPU the host computes the step itself,
-and a TP leader copies each step's input ids to the host for its followers, which waits.
+Auto mode overlaps on CUDA with tp_size 1 only: on the CPU the host computes the step itself.
+With tensor parallelism the leader no longer waits for the device (decode ids go to the
+followers as a device broadcast, ``tp_worker``), and ``disable_overlap_schedule=False`` turns
+overlap on; auto leaves it off until it has been measured on GPUs.
 """
 
 from __future__ import annotations

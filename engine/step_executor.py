@@ -22,7 +22,6 @@ from radixfleet.engine.attention.base import ForwardBatch, ForwardMode
 from radixfleet.engine.memory.req_table import ReqToTokenTable
 from radixfleet.engine.request import Req
 from radixfleet.engine.sampling.pipeline import SamplingPipeline
-from radixfleet.engine.transfer import to_device
 
 
 @dataclass
@@ -75,18 +74,16 @@ class StepExecutor:
         return SampledIds(host, copied)
 
     def _forward_batch(self, reqs: list[Req], mode: ForwardMode) -> ForwardBatch:
-        dev = self.device
         host = self.table.host
         locs = [host[r.row, r.kv_len:r.kv_len + r.extend_len] for r in reqs]
-        rows = to_device([r.row for r in reqs], torch.int64, dev)
-        if mode is ForwardMode.DECODE:
-            # The newest token of each request, possibly sampled by a step still running.
-            input_ids = self.last_token[rows]
-        else:
+        ids = None
+        if mode is ForwardMode.EXTEND:
             ids = []
             for r in reqs:
                 ids += r.fill_ids[r.kv_len:r.kv_len + r.extend_len]
-            input_ids = to_device(ids, torch.int64, dev)
-        return ForwardBatch.from_host(mode, input_ids, rows, to_device(torch.cat(locs), torch.int64, dev),
-                                      self.table.table, [r.kv_len for r in reqs],
-                                      [r.extend_len for r in reqs])
+        fb = ForwardBatch.from_host(mode, ids, [r.row for r in reqs], torch.cat(locs), self.table.table,
+                                    [r.kv_len for r in reqs], [r.extend_len for r in reqs])
+        if mode is ForwardMode.DECODE:
+            # The newest token of each request, possibly sampled by a step still running.
+            fb.input_ids = self.last_token[fb.req_pool_indices]
+        return fb

@@ -10,6 +10,10 @@ the CPU control group before each one:
   before: a table row only ever gains slots at ``kv_len`` (``KVManager.extend``) or is filled
   from the radix cache when a request is admitted, and an admitted request's first step is an
   extend. The follower writes the rows into its own table and runs the same forward.
+  Everything in the message comes from rank 0's host copies (``ForwardBatch.from_host``),
+  so sending it never waits for the device. Decode ids exist only on the device (sampled by
+  the step before, possibly still running under the overlap schedule): rank 0 broadcasts
+  them on the device group right after the message, queued behind that step.
 - ``Logits``: rank 0 broadcasts the hidden states it wants logits for, and every rank runs
   the LM head on them (its vocab slice is all-gathered).
 - ``Stop``: the follower leaves its loop.
@@ -27,7 +31,6 @@ import torch
 from radixfleet.engine import distributed as dist
 from radixfleet.engine.attention.base import ForwardBatch, ForwardMode
 from radixfleet.engine.model_runner import ModelRunner
-from radixfleet.engine.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +38,12 @@ logger = logging.getLogger(__name__)
 @dataclass
 class Forward:
     mode: ForwardMode
-    ids: torch.Tensor  # [T + B + T + sum(prefix)] int64 cpu: input ids, rows, out slots, prefix slots
+    ids: torch.Tensor  # int64 cpu: [input ids (T)], rows (B), out slots (T), prefix slots
     seq_lens: list[int]
     prefix_lens: list[int]
     extend_lens: list[int]
     send_prefix: bool  # extend steps carry each request's cached-prefix slots
+    ids_on_device: bool  # the input ids follow as a device broadcast, not in ``ids``
 
 
 @dataclass
@@ -60,15 +64,20 @@ class TPLeader:
         self.runner = runner
 
     def forward(self, batch: ForwardBatch, sample_last_only: bool = True) -> torch.Tensor:
+        assert batch.req_pool_indices_cpu is not None and batch.out_cache_loc_cpu is not None, \
+            "tensor parallelism needs a batch built by ForwardBatch.from_host"
         send_prefix = batch.mode is ForwardMode.EXTEND
-        parts = [batch.input_ids, batch.req_pool_indices, batch.out_cache_loc]
+        ids_on_device = batch.input_ids_cpu is None
+        parts = [] if ids_on_device else [batch.input_ids_cpu]
+        parts += [batch.req_pool_indices_cpu, batch.out_cache_loc_cpu]
         if send_prefix:
-            rows, host = batch.req_pool_indices.tolist(), self.runner.req_table.host
+            rows, host = batch.req_pool_indices_cpu.tolist(), self.runner.req_table.host
             parts += [host[r, :p] for r, p in zip(rows, batch.extend_prefix_lens_cpu, strict=True)]
-        # One device→host copy per step.
-        ids = torch.cat([p.to(torch.int64) for p in parts]).cpu()
+        ids = torch.cat([p.to(torch.int64) for p in parts])
         dist.broadcast_control(Forward(batch.mode, ids, batch.seq_lens_cpu, batch.extend_prefix_lens_cpu,
-                                       batch.extend_seq_lens_cpu, send_prefix))
+                                       batch.extend_seq_lens_cpu, send_prefix, ids_on_device))
+        if ids_on_device:
+            dist.broadcast_tensor(batch.input_ids.contiguous())
         return self.runner.forward(batch, sample_last_only)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -103,21 +112,24 @@ def follow(runner: ModelRunner) -> None:
 
 def _rebuild(runner: ModelRunner, msg: Forward) -> ForwardBatch:
     """The ForwardBatch rank 0 ran, on this rank's device; writes this rank's table rows."""
-    dev, table = runner.device, runner.req_table
+    table = runner.req_table
     n_tok, n_req = sum(msg.extend_lens), len(msg.seq_lens)
     host_ids = msg.ids
-    out_loc_cpu = host_ids[n_tok + n_req:2 * n_tok + n_req]
-    at = 2 * n_tok + n_req
+    at = 0 if msg.ids_on_device else n_tok
+    input_ids = None if msg.ids_on_device else host_ids[:n_tok]
+    rows = host_ids[at:at + n_req].tolist()
+    out_loc = host_ids[at + n_req:at + n_req + n_tok]
+    at += n_req + n_tok
     start = 0
     # Through the table's host copy: ``runner.forward`` flushes the writes in one copy.
-    for row, prefix, ext in zip(host_ids[n_tok:n_tok + n_req].tolist(), msg.prefix_lens, msg.extend_lens,
-                                strict=True):
+    for row, prefix, ext in zip(rows, msg.prefix_lens, msg.extend_lens, strict=True):
         if msg.send_prefix and prefix:
             table.write(row, 0, host_ids[at:at + prefix])
             at += prefix
-        table.write(row, prefix, out_loc_cpu[start:start + ext])
+        table.write(row, prefix, out_loc[start:start + ext])
         start += ext
-    ids = to_device(host_ids, torch.int64, dev)
-    return ForwardBatch.from_host(msg.mode, ids[:n_tok], ids[n_tok:n_tok + n_req],
-                                  ids[n_tok + n_req:2 * n_tok + n_req], table.table,
-                                  msg.prefix_lens, msg.extend_lens)
+    batch = ForwardBatch.from_host(msg.mode, input_ids, rows, out_loc, table.table, msg.prefix_lens,
+                                   msg.extend_lens)
+    if msg.ids_on_device:
+        batch.input_ids = dist.broadcast_tensor(torch.empty(n_tok, dtype=torch.int64, device=runner.device))
+    return batch

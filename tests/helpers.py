@@ -101,13 +101,11 @@ def runner_teacher_forced_logprobs(runner, ids: list[int]):
 
     from radixfleet.engine.attention.base import ForwardBatch, ForwardMode
 
-    dev, n = runner.device, len(ids)
+    n = len(ids)
     row = runner.req_table.alloc()
     slots = runner.allocator.alloc(n)
     runner.req_table.write(row, 0, slots)
-    batch = ForwardBatch.from_host(ForwardMode.EXTEND, torch.tensor(ids, device=dev),
-                                   torch.tensor([row], device=dev), slots.to(dev),
-                                   runner.req_table.table, [0], [n])
+    batch = ForwardBatch.from_host(ForwardMode.EXTEND, ids, [row], slots, runner.req_table.table, [0], [n])
     hidden = runner.forward(batch, sample_last_only=False)
     out = torch.log_softmax(runner.compute_logits(hidden), -1).cpu()
     runner.allocator.free(slots)

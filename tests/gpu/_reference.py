@@ -109,9 +109,8 @@ class Step:
             locs += slots
         prefix = list(self.lens)
         self.lens = [p + n for p, n in zip(prefix, new, strict=True)]
-        return ForwardBatch.from_host(mode, torch.zeros(len(locs), dtype=torch.int64, device="cuda"),
-                                      torch.tensor(self.rows, device="cuda"),
-                                      torch.tensor(locs, device="cuda"), self.req_to_token, prefix, new)
+        return ForwardBatch.from_host(mode, [0] * len(locs), self.rows, torch.tensor(locs),
+                                      self.req_to_token, prefix, new)
 
 
 def check_decode_graph_replays(backend: AttentionBackend, ref: AttentionBackend, step: Step,

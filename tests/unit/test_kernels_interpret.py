@@ -164,8 +164,7 @@ def case_backend() -> None:
             req_to_token[rows[b], lens[b]:lens[b] + n] = torch.tensor(slots, dtype=torch.int32)
             locs += slots
         prefix, lens = list(lens), [p + n for p, n in zip(lens, new, strict=True)]
-        batch = ForwardBatch.from_host(mode, torch.zeros(len(locs), dtype=torch.int64),
-                                       torch.tensor(rows), torch.tensor(locs), req_to_token,
+        batch = ForwardBatch.from_host(mode, [0] * len(locs), rows, torch.tensor(locs), req_to_token,
                                        prefix, new)
         q, k, v = (torch.randn(len(locs), h, D, generator=gen) for h in (H, KVH, KVH))
         backend.plan(batch)
