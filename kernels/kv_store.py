@@ -15,6 +15,17 @@ import triton.language as tl
 
 
 @triton.jit
+def copy_heads(SRC, stride_src, DST, stride_dst, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Copy one token's ``[NUM_HEADS, HEAD_DIM]`` rows (head stride given, dims contiguous)."""
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_h < NUM_HEADS)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    x = tl.load(SRC + offs_h[:, None] * stride_src + offs_d[None, :], mask=mask)
+    tl.store(DST + offs_h[:, None] * stride_dst + offs_d[None, :], x, mask=mask)
+
+
+@triton.jit
 def _store_kv_kernel(
     K, V, K_BUF, V_BUF, LOC,
     stride_kt, stride_kh, stride_vt, stride_vh,
@@ -26,13 +37,10 @@ def _store_kv_kernel(
 ):
     t = tl.program_id(0).to(tl.int64)
     loc = tl.load(LOC + t).to(tl.int64)
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_h < NUM_KV_HEADS)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    k = tl.load(K + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
-    v = tl.load(V + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
-    tl.store(K_BUF + loc * stride_kbn + offs_h[:, None] * stride_kbh + offs_d[None, :], k, mask=mask)
-    tl.store(V_BUF + loc * stride_vbn + offs_h[:, None] * stride_vbh + offs_d[None, :], v, mask=mask)
+    copy_heads(K + t * stride_kt, stride_kh, K_BUF + loc * stride_kbn, stride_kbh, NUM_KV_HEADS,
+               HEAD_DIM, BLOCK_H, BLOCK_D)
+    copy_heads(V + t * stride_vt, stride_vh, V_BUF + loc * stride_vbn, stride_vbh, NUM_KV_HEADS,
+               HEAD_DIM, BLOCK_H, BLOCK_D)
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,

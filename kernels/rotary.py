@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from radixfleet.kernels.kv_store import copy_heads
 from radixfleet.kernels.pdl import pdl_start, use_pdl
 
 
@@ -79,12 +80,8 @@ def _rotary_kernel(
         loc = tl.load(LOC + t).to(tl.int64)
         _rotate_heads(k, stride_kh, K_BUF + loc * stride_kbn, stride_kbh, cos, sin, NUM_K_HEADS,
                       HALF, HEAD_DIM, 2 * HALF < HEAD_DIM, BLOCK_HK, BLOCK_R, BLOCK_D)
-        offs_h = tl.arange(0, BLOCK_HK)
-        offs_d = tl.arange(0, BLOCK_D)
-        vmask = (offs_h < NUM_K_HEADS)[:, None] & (offs_d < HEAD_DIM)[None, :]
-        v = tl.load(V + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=vmask)
-        tl.store(V_BUF + loc * stride_vbn + offs_h[:, None] * stride_vbh + offs_d[None, :], v,
-                 mask=vmask)
+        copy_heads(V + t * stride_vt, stride_vh, V_BUF + loc * stride_vbn, stride_vbh, NUM_K_HEADS,
+                   HEAD_DIM, BLOCK_HK, BLOCK_D)
     else:
         _rotate_heads(k, stride_kh, k, stride_kh, cos, sin, NUM_K_HEADS, HALF, HEAD_DIM, False,
                       BLOCK_HK, BLOCK_R, BLOCK_D)

@@ -25,6 +25,7 @@ from radixfleet.kernels.extend_attention import extend_attention
 
 class TritonAttentionBackend(AttentionBackend):
     fuses_rope = True
+
     def __init__(self, kv_pool: KVPool, num_heads: int, num_kv_heads: int, head_dim: int,
                  scale: float):
         super().__init__(kv_pool, num_heads, num_kv_heads, head_dim, scale)
