@@ -210,11 +210,24 @@ def _rotating(fn, x, weights):
 
 def bench_gemv() -> None:
     """Batch-1 linear layers at the Llama-3.1-8B shapes: cuBLAS (F.linear) against
-    kernels/gemv.py, each timed over enough weight copies (>= 256 MB) that reads come from HBM,
-    replayed from a CUDA graph. Then what the decoder layer runs at batch 1, separate kernels
-    against one fused launch: RMSNorm (+ residual add) then the projection vs ``gemv_rmsnorm``
-    (qkv, gate_up), SiLU-mul then the down projection vs ``gemv_silu_mul``."""
+    kernels/gemv.py's two kernels (``rows``: whole rows, x made once per program; ``kloop``:
+    K walked in chunks), each timed over enough weight copies (>= 256 MB) that reads come
+    from HBM, replayed from a CUDA graph. Then what the decoder layer runs at batch 1,
+    separate kernels against one fused launch: RMSNorm (+ residual add) then the projection
+    vs ``gemv_rmsnorm`` (qkv, gate_up), SiLU-mul then the down projection vs
+    ``gemv_silu_mul``."""
+    from radixfleet.kernels import gemv as gemv_mod
     from radixfleet.kernels.gemv import gemv, gemv_rmsnorm, gemv_silu_mul
+
+    def kernel(fn, rows: bool):
+        def call(*args):
+            saved = gemv_mod.ROWS_MAX_K
+            gemv_mod.ROWS_MAX_K = saved if rows else 0
+            try:
+                return fn(*args)
+            finally:
+                gemv_mod.ROWS_MAX_K = saved
+        return call
 
     shapes = {"qkv_proj": (6144, 4096), "o_proj": (4096, 4096), "gate_up_proj": (28672, 4096),
               "down_proj": (4096, 14336), "lm_head": (128256, 4096)}
@@ -224,21 +237,56 @@ def bench_gemv() -> None:
         copies = max(2, -(-ROTATION_BYTES // (n * k * 2)))
         ws = [torch.randn(n, k, device="cuda", dtype=DTYPE) * 0.02 for _ in range(copies)]
         x = torch.randn(1, k, device="cuda", dtype=DTYPE)
-        impls = {"cublas": F.linear, "triton_gemv": gemv}
+        impls = {"cublas": F.linear, "gemv_rows": kernel(gemv, True), "gemv_kloop": kernel(gemv, False)}
         if name in ("qkv_proj", "gate_up_proj"):
             impls["rmsnorm+cublas"] = lambda _, w: F.linear(fused_add_rmsnorm(hidden, res, norm_w)[0], w)
-            impls["rmsnorm+triton_gemv"] = lambda _, w: gemv(fused_add_rmsnorm(hidden, res, norm_w)[0], w)
-            impls["gemv_rmsnorm"] = lambda _, w: gemv_rmsnorm(hidden, res, norm_w, 1e-5, w)
+            for variant in ("rows", "kloop"):
+                impls[f"gemv_rmsnorm_{variant}"] = kernel(
+                    lambda _, w: gemv_rmsnorm(hidden, res, norm_w, 1e-5, w), variant == "rows")
         if name == "down_proj":
             gate_up = torch.randn(1, 2 * k, device="cuda", dtype=DTYPE)
             impls["silu+cublas"] = lambda _, w, g=gate_up: F.linear(silu_and_mul(g), w)
-            impls["silu+triton_gemv"] = lambda _, w, g=gate_up: gemv(silu_and_mul(g), w)
-            impls["gemv_silu_mul"] = lambda _, w, g=gate_up: gemv_silu_mul(g, w)
+            for variant in ("rows", "kloop"):
+                impls[f"gemv_silu_mul_{variant}"] = kernel(
+                    lambda _, w, g=gate_up: gemv_silu_mul(g, w), variant == "rows")
         for impl, fn in impls.items():
             ms = bench(_rotating(fn, x, ws), graph=True)
             emit({"bench": "gemv", "layer": name, "n": n, "k": k, "impl": impl, "us": round(ms * 1e3, 2),
                   "tb_per_s": round(n * k * 2 / ms / 1e9, 3)})
         del ws
+
+
+def bench_gemv_sweep() -> None:
+    """Every whole-row GEMV configuration (kernels/gemv.py ROWS_CANDIDATES) on what the
+    Llama-3.1-8B decoder layer runs at batch 1, fused prologues included: the data behind
+    ``gemv._rows_config``."""
+    from radixfleet.kernels import gemv as gemv_mod
+    from radixfleet.kernels.gemv import gemv, gemv_rmsnorm, gemv_silu_mul
+
+    hidden, res, norm_w = (torch.randn(1, 4096, device="cuda", dtype=DTYPE) for _ in range(3))
+    norm_w = norm_w[0]
+    cases = {"qkv_proj+rmsnorm": (6144, 4096, lambda x, w: gemv_rmsnorm(hidden, res, norm_w, 1e-5, w)),
+             "o_proj": (4096, 4096, gemv),
+             "gate_up_proj+rmsnorm": (28672, 4096, lambda x, w: gemv_rmsnorm(hidden, res, norm_w, 1e-5, w)),
+             "down_proj+silu_mul": (4096, 14336, lambda x, w: gemv_silu_mul(x, w))}
+    try:
+        for name, (n, k, fn) in cases.items():
+            copies = max(2, -(-ROTATION_BYTES // (n * k * 2)))
+            ws = [torch.randn(n, k, device="cuda", dtype=DTYPE) * 0.02 for _ in range(copies)]
+            x = torch.randn(1, 2 * k if "silu" in name else k, device="cuda", dtype=DTYPE)
+            gemv_mod.ROWS_OVERRIDE = None
+            default = gemv_mod._rows_config(n, k, 2 if "silu" in name else int("rmsnorm" in name))
+            for config in gemv_mod.ROWS_CANDIDATES:
+                if not gemv_mod.fits_registers(config[0], config[1], triton.next_power_of_2(k)):
+                    continue
+                gemv_mod.ROWS_OVERRIDE = config
+                ms = bench(_rotating(fn, x, ws), graph=True)
+                emit({"bench": "gemv_sweep", "layer": name, "n": n, "k": k, "block_n": config[0],
+                      "warps": config[1], "per_sm": config[2], "default": config == default,
+                      "us": round(ms * 1e3, 2), "tb_per_s": round(n * k * 2 / ms / 1e9, 3)})
+            del ws
+    finally:
+        gemv_mod.ROWS_OVERRIDE = None
 
 
 def bench_rotary_store() -> None:
@@ -295,7 +343,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also sweep tile configurations")
     parser.add_argument("--out", help="also append the JSON lines to this file")
-    parser.add_argument("--only", choices=["decode", "extend", "small", "gemv", "rotary_store", "launch"], action="append")
+    parser.add_argument("--only", choices=["decode", "extend", "small", "gemv", "gemv_sweep", "rotary_store", "launch"], action="append")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py needs a CUDA GPU")
@@ -310,6 +358,8 @@ def main() -> None:
         bench_small()
     if "gemv" in only:
         bench_gemv()
+    if "gemv_sweep" in only:
+        bench_gemv_sweep()
     if "rotary_store" in only:
         bench_rotary_store()
     if "launch" in only:

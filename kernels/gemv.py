@@ -3,28 +3,35 @@ optionally with the elementwise op that produces ``x`` folded into it.
 
 At batch 1 a linear layer only streams its weight, so its time is bytes / bandwidth, and each
 separate elementwise kernel before it costs a launch and a gap in the CUDA graph that are
-about as long as the kernel. Each program owns ``BLOCK_N`` output rows and walks K in
-``BLOCK_K`` steps, keeping a ``[BLOCK_N, BLOCK_K]`` fp32 partial-product tile in registers and
-reducing it once at the end: no split-K, one launch. Every program reads all of ``x`` (from
-L2), so the op that makes ``x`` can run in the loop:
+about as long as the kernel. Every program reads all of ``x`` (from L2), so the op that makes
+``x`` can run inside the GEMV:
 
 - ``gemv``: plain ``x``.
 - ``gemv_rmsnorm``: ``x = rmsnorm(h + residual) * norm_weight`` (the decoder layer's input and
-  post-attention norms). The sum of squares is accumulated in the same loop and ``1/rms``
-  scales each output at the end, so ``x`` is never materialised; the first program writes
+  post-attention norms). The sum of squares is accumulated as ``x`` is read and ``1/rms``
+  scales each output, so ``x`` is never materialised; the first program writes
   the new residual ``h + residual``. Differs from the separate kernels only in rounding:
   the normalised row is not rounded to the model dtype before the weight multiply.
 - ``gemv_silu_mul``: ``x = silu(gate) * up`` from the ``[1, 2K]`` gate_up output (the MLP's
   down projection), rounded as ``kernels/activation.py`` rounds it.
 
-Configurations are autotuned per (N, K, prologue) on first use (outside CUDA-graph capture:
-the graph runner warms every batch size up first).
+Two kernels, no split-K, one launch each:
 
-Grid: (cdiv(N, BLOCK_N),).
+- whole rows (K up to ``ROWS_MAX_K``, 16384): each program makes ``x`` once (fp32, in
+  registers) and takes whole ``[BLOCK_N, K]`` row blocks ``pid, pid + G, ...``, loading the
+  next block's weight while it reduces this one. Grid: ``cdiv(N, BLOCK_N)`` programs, or
+  ``G = SMs x PER_SM`` persistent ones. Its configuration is a fixed choice per shape
+  (``_rows_config``).
+- K loop (larger K): each program owns ``BLOCK_N`` rows and walks K in ``BLOCK_K`` steps,
+  keeping a ``[BLOCK_N, BLOCK_K]`` fp32 partial-product tile and re-reading ``x`` chunk by
+  chunk. Grid: ``cdiv(N, BLOCK_N)``. Autotuned per (N, K, prologue) on first use (outside
+  CUDA-graph capture: the graph runner warms every batch size up first).
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 
 import torch
@@ -42,8 +49,54 @@ _CONFIGS = [
     ]
 ]
 
+# Whole-row kernel configurations: (BLOCK_N, warps, programs per SM; 0 = one program per row
+# block). Not autotuned: autotuning picked differently from process to process (timings a few
+# percent apart) and the decode step moved by ~0.2 ms with it, so the config is a fixed
+# choice (``_rows_config``), swept by ``benchmarks/kernels.py --only gemv_sweep`` over these.
+ROWS_CANDIDATES = [
+    (1, 4, 0), (2, 4, 0), (2, 8, 0), (4, 8, 0), (1, 8, 0), (4, 4, 0),
+    (1, 4, 8), (2, 4, 4), (2, 4, 8), (2, 8, 2), (2, 8, 4), (4, 8, 2), (1, 8, 4), (4, 4, 4),
+    (1, 8, 1), (1, 8, 2), (1, 16, 1), (1, 16, 2), (2, 16, 1), (2, 8, 1), (4, 16, 1),
+]
+# "N,K,PROLOGUE" -> [BLOCK_N, warps, per SM], JSON (tuning for other GPUs); see _rows_config.
+try:
+    ROWS_TABLE = json.loads(os.environ.get("RADIXFLEET_GEMV_ROWS_TABLE", "{}"))
+except json.JSONDecodeError as e:
+    raise ValueError(f"RADIXFLEET_GEMV_ROWS_TABLE must be JSON like "
+                     f'{{"4096,4096,0": [2, 4, 8]}}: {e}') from None
+ROWS_OVERRIDE: tuple[int, int, int] | None = None  # set by tests and the sweep
+# Largest power-of-two K the whole-row kernel holds in registers; above it, the K-loop kernel.
+ROWS_MAX_K = int(os.environ.get("RADIXFLEET_GEMV_ROWS_MAX_K", 16384))
+
 PLAIN, RMSNORM, SILU_MUL = 0, 1, 2
 _PREFETCH_MAX_BYTES = int(os.environ.get("RADIXFLEET_GEMV_PREFETCH_MAX_BYTES", 40 << 20))
+
+
+@triton.jit
+def _x_chunk(X, RES, NORM_W, NEW_RES, K, offs, pid, PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """``x`` at columns ``offs`` (fp32) and, for the RMSNorm prologue, the squares of the
+    normalised-to-be row there (summed by the caller)."""
+    ok = offs < K
+    if PROLOGUE == 1:  # x = (h + residual) * norm_weight; 1/rms applied at the end
+        s = tl.load(X + offs, mask=ok, other=0.0)
+        if HAS_RESIDUAL:
+            r = tl.load(RES + offs, mask=ok, other=0.0)
+            s = (s.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
+            if pid == 0:
+                tl.store(NEW_RES + offs, s, mask=ok)
+        sf = s.to(tl.float32)
+        x = sf * tl.load(NORM_W + offs, mask=ok, other=0.0).to(tl.float32)
+        sq = sf * sf
+    elif PROLOGUE == 2:  # x = silu(gate) * up, gate_up = [gate | up] of width 2K
+        gate = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
+        up = tl.load(X + K + offs, mask=ok, other=0.0).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(X.dtype.element_ty).to(tl.float32)
+        x = (act * up).to(X.dtype.element_ty).to(tl.float32)
+        sq = x * 0.0
+    else:
+        x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
+        sq = x * 0.0
+    return x, sq
 
 
 @triton.autotune(configs=_CONFIGS, key=["N", "K", "PROLOGUE"])
@@ -52,6 +105,7 @@ def _gemv_kernel(X, RES, NORM_W, W, B, OUT, NEW_RES, N, K, stride_w, eps,
                  PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                  USE_PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr, LINE_ELEMS: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Any K: each program walks K for its BLOCK_N rows, re-reading x chunk by chunk."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     if USE_PDL:  # see kernels/pdl.py
@@ -70,25 +124,9 @@ def _gemv_kernel(X, RES, NORM_W, W, B, OUT, NEW_RES, N, K, stride_w, eps,
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     sum_sq = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
-        col_ok = (k + cols) < K
-        if PROLOGUE == 1:  # x = (h + residual) * norm_weight; 1/rms applied at the end
-            s = tl.load(X + k + cols, mask=col_ok, other=0.0)
-            if HAS_RESIDUAL:
-                r = tl.load(RES + k + cols, mask=col_ok, other=0.0)
-                s = (s.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
-                if pid == 0:
-                    tl.store(NEW_RES + k + cols, s, mask=col_ok)
-            sf = s.to(tl.float32)
-            sum_sq += sf * sf
-            x = sf * tl.load(NORM_W + k + cols, mask=col_ok, other=0.0).to(tl.float32)
-        elif PROLOGUE == 2:  # x = silu(gate) * up, gate_up = [gate | up] of width 2K
-            gate = tl.load(X + k + cols, mask=col_ok, other=0.0).to(tl.float32)
-            up = tl.load(X + K + k + cols, mask=col_ok, other=0.0).to(tl.float32)
-            act = (gate / (1.0 + tl.exp(-gate))).to(X.dtype.element_ty).to(tl.float32)
-            x = (act * up).to(X.dtype.element_ty).to(tl.float32)
-        else:
-            x = tl.load(X + k + cols, mask=col_ok, other=0.0).to(tl.float32)
-        w = tl.load(w_ptrs + k, mask=row_ok[:, None] & col_ok[None, :], other=0.0,
+        x, sq = _x_chunk(X, RES, NORM_W, NEW_RES, K, k + cols, pid, PROLOGUE, HAS_RESIDUAL)
+        sum_sq += sq
+        w = tl.load(w_ptrs + k, mask=row_ok[:, None] & ((k + cols) < K)[None, :], other=0.0,
                     eviction_policy="evict_first")
         acc += w.to(tl.float32) * x[None, :]
     y = tl.sum(acc, axis=1)
@@ -99,22 +137,108 @@ def _gemv_kernel(X, RES, NORM_W, W, B, OUT, NEW_RES, N, K, stride_w, eps,
     tl.store(OUT + rows, y.to(OUT.dtype.element_ty), mask=row_ok)
 
 
+def fits_registers(block_n: int, warps: int, block_k: int) -> bool:
+    """Whether a whole-row weight tile stays within 128 elements per thread."""
+    return block_n * block_k <= 128 * 32 * warps
+
+
+def _rows_config(n: int, k: int, prologue: int) -> tuple[int, int, int]:
+    """(BLOCK_N, warps, programs per SM) for the whole-row kernel. From the sweep on an H200 at
+    the Llama-3.1-8B shapes (kernels/NOTES.md): two rows per block, persistent programs, 8
+    per SM at K <= 8192 and one at K = 16384 (the row block fills the registers)."""
+    if ROWS_OVERRIDE is not None:
+        return ROWS_OVERRIDE
+    tuned = ROWS_TABLE.get(f"{n},{k},{prologue}")
+    if tuned is not None:
+        return tuple(tuned)
+    if triton.next_power_of_2(k) >= 16384:
+        return (2, 8, 1)
+    return (2, 4, 8)
+
+
+@triton.jit
+def _gemv_rows_kernel(X, RES, NORM_W, W, B, OUT, NEW_RES, N, K, stride_w, eps,
+                      PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, LINE_ELEMS: tl.constexpr,
+                      BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PER_SM: tl.constexpr):
+    """K <= BLOCK_K: each program makes x once (one load of it, the prologue run once), then
+    takes whole row blocks ``pid, pid + G, ...`` (G programs), loading the next block's
+    weight before reducing this one's. Under PDL the first block's weight is loaded before
+    waiting for the previous kernel (the weight does not depend on it), and with ``PREFETCH``
+    the program's other blocks are requested into L2 then too."""
+    pid = tl.program_id(0)
+    step = tl.num_programs(0)
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    cols = tl.arange(0, BLOCK_K)
+    col_ok = cols < K
+    lane = tl.arange(0, BLOCK_N)
+    rows = pid * BLOCK_N + lane
+    w = tl.load(W + rows.to(tl.int64)[:, None] * stride_w + cols[None, :],
+                mask=(rows < N)[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first")
+    if USE_PDL:  # see kernels/pdl.py
+        gdc_launch_dependents()
+        if PREFETCH:
+            lines = tl.arange(0, BLOCK_K // LINE_ELEMS) * LINE_ELEMS
+            lines = tl.where(lines < K, lines, 0)
+            for block in range(pid + step, n_blocks, step):
+                ahead = tl.minimum(block * BLOCK_N + lane, N - 1).to(tl.int64)
+                prefetch_l2(W + ahead[:, None] * stride_w + lines[None, :])
+        gdc_wait()
+    x, sq = _x_chunk(X, RES, NORM_W, NEW_RES, K, cols, pid, PROLOGUE, HAS_RESIDUAL)
+    scale = 1.0
+    if PROLOGUE == 1:
+        scale = 1.0 / tl.sqrt(tl.sum(sq, 0) / K + eps)
+    for block in range(pid, n_blocks, step):
+        rows = block * BLOCK_N + lane
+        nxt = rows + step * BLOCK_N
+        w_next = tl.load(W + nxt.to(tl.int64)[:, None] * stride_w + cols[None, :],
+                         mask=(nxt < N)[:, None] & col_ok[None, :], other=0.0,
+                         eviction_policy="evict_first")
+        y = tl.sum(w.to(tl.float32) * x[None, :], axis=1) * scale
+        if HAS_BIAS:
+            y += tl.load(B + rows, mask=rows < N, other=0.0).to(tl.float32)
+        tl.store(OUT + rows, y.to(OUT.dtype.element_ty), mask=rows < N)
+        w = w_next
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # triton's interpreter
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _launch(x, weight, bias, prologue, k, residual=None, norm_weight=None, new_residual=None,
             eps=0.0) -> torch.Tensor:
     n = weight.shape[0]
     assert weight.shape[1] == k and weight.stride(1) == 1, "weight must be [N, K] with contiguous rows"
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     pdl = use_pdl(x)
+    args = (x, residual if residual is not None else x, norm_weight if norm_weight is not None else x,
+            weight, bias if bias is not None else x, out,
+            new_residual if new_residual is not None else x, n, k, weight.stride(0), eps)
+    flags = dict(PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
+                 USE_PDL=pdl, launch_pdl=pdl)
     line_elems = 128 // weight.element_size()
     # Prefetch only weights that fit in L2 beside everything else (H100/H200: 50 MB).
     prefetch = pdl and weight.numel() * weight.element_size() <= _PREFETCH_MAX_BYTES
+    block_k = triton.next_power_of_2(k)
+    if block_k <= ROWS_MAX_K:
+        block_n, warps, per_sm = _rows_config(n, k, prologue)
+        programs = blocks = triton.cdiv(n, block_n)
+        if per_sm:  # as many programs as fit, then fewer so that each takes as many blocks
+            programs = triton.cdiv(blocks, triton.cdiv(blocks, min(blocks, _sm_count(x.device) * per_sm)))
+        _gemv_rows_kernel[(programs,)](
+            *args, PREFETCH=prefetch, LINE_ELEMS=line_elems, BLOCK_K=max(block_k, line_elems),
+            BLOCK_N=block_n, PER_SM=per_sm, num_warps=warps, **flags)
+        return out
     _gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
-        x, residual if residual is not None else x, norm_weight if norm_weight is not None else x,
-        weight, bias if bias is not None else x, out,
-        new_residual if new_residual is not None else x, n, k, weight.stride(0), eps,
-        PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
-        USE_PDL=pdl, PREFETCH_LINES=triton.next_power_of_2(triton.cdiv(k, line_elems)) if prefetch else 0,
-        LINE_ELEMS=line_elems, launch_pdl=pdl)
+        *args, PREFETCH_LINES=triton.next_power_of_2(triton.cdiv(k, line_elems)) if prefetch else 0,
+        LINE_ELEMS=line_elems, **flags)
     return out
 
 

@@ -7,7 +7,8 @@ it is still running: each kernel lets its dependents launch as soon as its own p
 all started (``gdc_launch_dependents``), and waits for the previous kernel to finish and its
 writes to be visible (``gdc_wait``) before it reads or writes any tensor. Both calls sit under
 a ``USE_PDL`` constexpr, and every kernel launched with ``launch_pdl`` must make them before
-touching memory: that is what keeps the chain correct.
+touching memory: that is what keeps the chain correct. The one exception is model weights,
+which no kernel of a step writes: the GEMVs load or prefetch them before waiting.
 
 ``RADIXFLEET_PDL=0`` turns it off; it is off before compute capability 9.0 and under
 triton's interpreter.

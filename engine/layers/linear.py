@@ -25,11 +25,11 @@ from radixfleet.engine import distributed as dist
 from radixfleet.engine.layers.fused import fused_ops
 
 # Batch-1 GEMVs up to this many weight elements use kernels/gemv.py (with the norm or SiLU-mul
-# before them folded in): on an H200 it beat cuBLAS for Llama-3.1-8B's qkv (6144x4096: 15.1 vs
-# 15.3 us) and o_proj (4096x4096: 12.4 vs 13.4 us, and no split-K reduce launch) but not for
-# the larger MLP and LM-head weights (`benchmarks/kernels.py --only gemv`).
+# before them folded in). On an H200 at Llama-3.1-8B's shapes its whole-row kernel beats or
+# matches cuBLAS on every layer projection (qkv, o_proj, gate_up, down) but not on the LM
+# head (128256x4096), which stays on cuBLAS (`benchmarks/kernels.py --only gemv`; NOTES.md).
 # RADIXFLEET_GEMV_MAX_ELEMENTS overrides it (tuning for other GPUs).
-_GEMV_MAX_ELEMENTS = int(os.environ.get("RADIXFLEET_GEMV_MAX_ELEMENTS", 32 << 20))
+_GEMV_MAX_ELEMENTS = int(os.environ.get("RADIXFLEET_GEMV_MAX_ELEMENTS", 128 << 20))
 
 
 def _onednn_linear_available() -> bool:

@@ -179,16 +179,34 @@ def case_backend() -> None:
         assert rel_err(out, torch.cat(refs)) < 1e-5, (mode, rel_err(out, torch.cat(refs)))
 
 
-def case_gemv() -> None:
-    from radixfleet.kernels.gemv import _CONFIGS, gemv
+def _gemv_variants():
+    """Each GEMV kernel in turn: whole rows with one program per row block, whole rows with
+    persistent programs, then the K loop (ROWS_MAX_K 0) with one autotune config (the
+    interpreter would run every candidate)."""
+    from radixfleet.kernels import gemv as mod
 
-    del _CONFIGS[1:]  # the interpreter runs every autotune candidate; one is enough here
+    loop_configs, saved = list(mod._CONFIGS), mod.ROWS_MAX_K
+    try:
+        for variant, override, limit in [("per_block", (2, 4, 0), saved), ("persistent", (1, 4, 8), saved),
+                                         ("k_loop", None, 0)]:
+            mod.ROWS_OVERRIDE, mod.ROWS_MAX_K = override, limit
+            mod._CONFIGS[:] = loop_configs[:1]
+            mod._gemv_kernel.cache.clear()
+            yield variant
+    finally:
+        mod._CONFIGS[:], mod.ROWS_MAX_K, mod.ROWS_OVERRIDE = loop_configs, saved, None
+
+
+def case_gemv() -> None:
+    from radixfleet.kernels.gemv import gemv
+
     gen = torch.Generator().manual_seed(3)
-    for n, k, bias in [(37, 600, True), (8, 512, False)]:
-        x, w = torch.randn(1, k, generator=gen), torch.randn(n, k, generator=gen)
-        b = torch.randn(n, generator=gen) if bias else None
-        want = x @ w.T + (b if bias else 0)
-        assert torch.allclose(gemv(x, w, b), want, atol=1e-4, rtol=1e-5)
+    for variant in _gemv_variants():
+        for n, k, bias in [(37, 600, True), (8, 512, False)]:
+            x, w = torch.randn(1, k, generator=gen), torch.randn(n, k, generator=gen)
+            b = torch.randn(n, generator=gen) if bias else None
+            want = x @ w.T + (b if bias else 0)
+            assert torch.allclose(gemv(x, w, b), want, atol=1e-4, rtol=1e-5), (variant, n, k)
 
 
 def case_gemv_prologues() -> None:
@@ -196,26 +214,26 @@ def case_gemv_prologues() -> None:
     separate ops (fp32), over K that is not a multiple of the tile."""
     import torch.nn.functional as F
 
-    from radixfleet.kernels.gemv import _CONFIGS, gemv_rmsnorm, gemv_silu_mul
+    from radixfleet.kernels.gemv import gemv_rmsnorm, gemv_silu_mul
 
-    del _CONFIGS[1:]
     gen = torch.Generator().manual_seed(4)
-    for n, k in [(37, 600), (8, 512)]:
-        h, r, nw = (torch.randn(1, k, generator=gen), torch.randn(1, k, generator=gen),
-                    torch.randn(k, generator=gen))
-        w, b = torch.randn(n, k, generator=gen), torch.randn(n, generator=gen)
-        s = h + r
-        normed = nw * s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-5)
-        y, new_r = gemv_rmsnorm(h, r, nw, 1e-5, w, b)
-        torch.testing.assert_close(y, normed @ w.T + b, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(new_r, s)
-        y, same = gemv_rmsnorm(h, None, nw, 1e-5, w)
-        normed = nw * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)
-        torch.testing.assert_close(y, normed @ w.T, atol=1e-4, rtol=1e-4)
-        assert same is h
-        gu = torch.randn(1, 2 * k, generator=gen)
-        want = (F.silu(gu[:, :k]) * gu[:, k:]) @ w.T
-        torch.testing.assert_close(gemv_silu_mul(gu, w), want, atol=1e-4, rtol=1e-4)
+    for variant in _gemv_variants():
+        for n, k in [(37, 600), (8, 512)]:
+            h, r, nw = (torch.randn(1, k, generator=gen), torch.randn(1, k, generator=gen),
+                        torch.randn(k, generator=gen))
+            w, b = torch.randn(n, k, generator=gen), torch.randn(n, generator=gen)
+            s = h + r
+            normed = nw * s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-5)
+            y, new_r = gemv_rmsnorm(h, r, nw, 1e-5, w, b)
+            torch.testing.assert_close(y, normed @ w.T + b, atol=1e-4, rtol=1e-4, msg=variant)
+            torch.testing.assert_close(new_r, s)
+            y, same = gemv_rmsnorm(h, None, nw, 1e-5, w)
+            normed = nw * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)
+            torch.testing.assert_close(y, normed @ w.T, atol=1e-4, rtol=1e-4, msg=variant)
+            assert same is h
+            gu = torch.randn(1, 2 * k, generator=gen)
+            want = (F.silu(gu[:, :k]) * gu[:, k:]) @ w.T
+            torch.testing.assert_close(gemv_silu_mul(gu, w), want, atol=1e-4, rtol=1e-4, msg=variant)
 
 
 CASES = {name[len("case_"):]: fn for name, fn in globals().items() if name.startswith("case_")}
