@@ -106,7 +106,8 @@ def test_silu_and_mul(T, inter):
     torch.testing.assert_close(silu_and_mul(x), F.silu(gate) * up, atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("N,K,bias", [(6144, 4096, False), (4096, 4096, True), (1000, 577, True), (3, 64, False)])
+@pytest.mark.parametrize("N,K,bias", [(6144, 4096, False), (4096, 4096, True), (1000, 577, True), (3, 64, False),
+                                    (300, 20000, True)])  # K > ROWS_MAX_K: the K-loop kernel
 def test_gemv_matches_fp32_matmul(N, K, bias):
     from radixfleet.kernels.gemv import gemv
 
