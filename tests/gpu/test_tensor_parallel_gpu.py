@@ -8,6 +8,7 @@ no downloads) split over 2 ranks give tp=1's greedy output.
   (on an H200, 2026-12: 3 of 4 llama3 and 2 of 4 qwen2 runs parted, at steps 21-29 of 48,
   all at margins <= 0.031).
 * CUDA graphs (which capture the NCCL all-reduces) on and off agree with each other.
+* The overlap schedule forced on (decode ids broadcast on the device group) agrees with it off.
 * Two "nodes" on one host (one rank each, one GPU each) give the same output as one node.
 """
 
@@ -93,6 +94,13 @@ def test_tp2_cuda_graphs_on_and_off_agree(tiny):
     eager = greedy(folder, "bfloat16", tp_size=2, disable_cuda_graph=True)
     graphed = greedy(folder, "bfloat16", tp_size=2, cuda_graph_max_bs=8)
     assert graphed == eager
+
+
+def test_tp2_overlap_schedule_on_and_off_agree(tiny):
+    arch, folder = tiny
+    serial = greedy(folder, "float32", tp_size=2, disable_overlap_schedule=True)
+    overlapped = greedy(folder, "float32", tp_size=2, disable_overlap_schedule=False)
+    assert overlapped == serial, f"{arch}: tp=2 with the overlap schedule parts from without it"
 
 
 NODE1 = """
