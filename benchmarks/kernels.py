@@ -256,33 +256,47 @@ def bench_gemv() -> None:
         del ws
 
 
+# The whole-row GEMV configurations the sweep tries: (BLOCK_N, warps, programs per SM; 0 = one
+# program per row block).
+GEMV_ROWS_CANDIDATES = [
+    (1, 4, 0), (2, 4, 0), (2, 8, 0), (4, 8, 0), (1, 8, 0), (4, 4, 0),
+    (1, 4, 8), (2, 4, 4), (2, 4, 8), (2, 8, 2), (2, 8, 4), (4, 8, 2), (1, 8, 4), (4, 4, 4),
+    (1, 8, 1), (1, 8, 2), (1, 16, 1), (1, 16, 2), (2, 16, 1), (2, 8, 1), (4, 16, 1),
+]
+
+
 def bench_gemv_sweep() -> None:
-    """Every whole-row GEMV configuration (kernels/gemv.py ROWS_CANDIDATES) on what the
-    Llama-3.1-8B decoder layer runs at batch 1, fused prologues included: the data behind
-    ``gemv._rows_config``."""
+    """Every whole-row GEMV configuration (``GEMV_ROWS_CANDIDATES`` whose weight tile stays
+    within 128 elements per thread) on what the Llama-3.1-8B decoder layer runs at batch 1,
+    fused prologues included: the data behind ``kernels/gemv.py: _rows_config``."""
     from radixfleet.kernels import gemv as gemv_mod
-    from radixfleet.kernels.gemv import gemv, gemv_rmsnorm, gemv_silu_mul
+    from radixfleet.kernels.gemv import PLAIN, RMSNORM, SILU_MUL, gemv, gemv_rmsnorm, gemv_silu_mul
 
     hidden, res, norm_w = (torch.randn(1, 4096, device="cuda", dtype=DTYPE) for _ in range(3))
     norm_w = norm_w[0]
-    cases = {"qkv_proj+rmsnorm": (6144, 4096, lambda x, w: gemv_rmsnorm(hidden, res, norm_w, 1e-5, w)),
-             "o_proj": (4096, 4096, gemv),
-             "gate_up_proj+rmsnorm": (28672, 4096, lambda x, w: gemv_rmsnorm(hidden, res, norm_w, 1e-5, w)),
-             "down_proj+silu_mul": (4096, 14336, lambda x, w: gemv_silu_mul(x, w))}
+
+    def normed(_, w):
+        return gemv_rmsnorm(hidden, res, norm_w, 1e-5, w)
+
+    cases = {"qkv_proj+rmsnorm": (6144, 4096, RMSNORM, normed), "o_proj": (4096, 4096, PLAIN, gemv),
+             "gate_up_proj+rmsnorm": (28672, 4096, RMSNORM, normed),
+             "down_proj+silu_mul": (4096, 14336, SILU_MUL, gemv_silu_mul)}
     try:
-        for name, (n, k, fn) in cases.items():
+        for name, (n, k, prologue, fn) in cases.items():
             copies = max(2, -(-ROTATION_BYTES // (n * k * 2)))
             ws = [torch.randn(n, k, device="cuda", dtype=DTYPE) * 0.02 for _ in range(copies)]
-            x = torch.randn(1, 2 * k if "silu" in name else k, device="cuda", dtype=DTYPE)
+            x = torch.randn(1, 2 * k if prologue == SILU_MUL else k, device="cuda", dtype=DTYPE)
             gemv_mod.ROWS_OVERRIDE = None
-            default = gemv_mod._rows_config(n, k, 2 if "silu" in name else int("rmsnorm" in name))
-            for config in gemv_mod.ROWS_CANDIDATES:
-                if not gemv_mod.fits_registers(config[0], config[1], triton.next_power_of_2(k)):
+            default = gemv_mod._rows_config(n, k, prologue)
+            block_k = triton.next_power_of_2(k)
+            for config in GEMV_ROWS_CANDIDATES:
+                block_n, warps, _ = config
+                if block_n * block_k > 128 * 32 * warps:
                     continue
                 gemv_mod.ROWS_OVERRIDE = config
                 ms = bench(_rotating(fn, x, ws), graph=True)
-                emit({"bench": "gemv_sweep", "layer": name, "n": n, "k": k, "block_n": config[0],
-                      "warps": config[1], "per_sm": config[2], "default": config == default,
+                emit({"bench": "gemv_sweep", "layer": name, "n": n, "k": k, "block_n": block_n,
+                      "warps": warps, "per_sm": config[2], "default": config == default,
                       "us": round(ms * 1e3, 2), "tb_per_s": round(n * k * 2 / ms / 1e9, 3)})
             del ws
     finally:

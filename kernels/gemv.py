@@ -49,15 +49,10 @@ _CONFIGS = [
     ]
 ]
 
-# Whole-row kernel configurations: (BLOCK_N, warps, programs per SM; 0 = one program per row
+# Whole-row kernel configuration: (BLOCK_N, warps, programs per SM; 0 = one program per row
 # block). Not autotuned: autotuning picked differently from process to process (timings a few
 # percent apart) and the decode step moved by ~0.2 ms with it, so the config is a fixed
-# choice (``_rows_config``), swept by ``benchmarks/kernels.py --only gemv_sweep`` over these.
-ROWS_CANDIDATES = [
-    (1, 4, 0), (2, 4, 0), (2, 8, 0), (4, 8, 0), (1, 8, 0), (4, 4, 0),
-    (1, 4, 8), (2, 4, 4), (2, 4, 8), (2, 8, 2), (2, 8, 4), (4, 8, 2), (1, 8, 4), (4, 4, 4),
-    (1, 8, 1), (1, 8, 2), (1, 16, 1), (1, 16, 2), (2, 16, 1), (2, 8, 1), (4, 16, 1),
-]
+# choice (``_rows_config``), from ``benchmarks/kernels.py --only gemv_sweep``.
 # "N,K,PROLOGUE" -> [BLOCK_N, warps, per SM], JSON (tuning for other GPUs); see _rows_config.
 try:
     ROWS_TABLE = json.loads(os.environ.get("RADIXFLEET_GEMV_ROWS_TABLE", "{}"))
@@ -135,11 +130,6 @@ def _gemv_kernel(X, RES, NORM_W, W, B, OUT, NEW_RES, N, K, stride_w, eps,
     if HAS_BIAS:
         y += tl.load(B + rows, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(OUT + rows, y.to(OUT.dtype.element_ty), mask=row_ok)
-
-
-def fits_registers(block_n: int, warps: int, block_k: int) -> bool:
-    """Whether a whole-row weight tile stays within 128 elements per thread."""
-    return block_n * block_k <= 128 * 32 * warps
 
 
 def _rows_config(n: int, k: int, prologue: int) -> tuple[int, int, int]:
