@@ -5,7 +5,22 @@ Subpackages: ``radixfleet.engine`` (SGLang-compatible inference engine),
 kernels), ``radixfleet.operator`` (kopf operator for ``InferenceService``).
 """
 
+import os as _os
+import sys as _sys
+
 __version__ = "0.1.0"
+
+
+def _drop_repo_root_from_path() -> None:
+    """This folder is the ``radixfleet`` package, never an import root. It lands on
+    ``sys.path`` when Python runs from a checkout (``python -m pytest``, ``python -m
+    radixfleet``), where its subfolders would shadow real top-level packages: ``kernels/``
+    hides HF's ``kernels``, which transformers imports."""
+    here = _os.path.dirname(_os.path.abspath(__file__))
+    _sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != here]
+
+
+_drop_repo_root_from_path()
 
 
 def __getattr__(name: str):

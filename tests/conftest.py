@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from helpers import PROMPTS, hf_greedy
 
+import radixfleet  # noqa: F401  (before transformers: takes the checkout root off sys.path)
+
 
 @pytest.fixture(scope="session")
 def model_dir() -> str:
