@@ -1,5 +1,5 @@
-"""Static-batch latency: one prefill of ``batch × input_len`` tokens, then ``output_len``
-decode steps, straight through the ModelRunner (no scheduler, no IPC).
+"""Static-batch latency: a prefill of ``batch × input_len`` tokens (in forwards of at most
+8192 tokens, or one request), then ``output_len`` decode steps, straight through the ModelRunner (no scheduler, no IPC).
 
     python benchmarks/one_batch.py --model-path llama-3.1-8b --load-format dummy \
         --batch-size 1 8 64 --input-len 512 --output-len 64
@@ -7,7 +7,8 @@ decode steps, straight through the ModelRunner (no scheduler, no IPC).
 Prints one JSON line per batch size: prefill ms; decode ms/step and tok/s, first with the
 host waiting for each step before building the next (p50), then pipelined as the engine's
 overlap schedule runs decode (the next step built while this one runs; mean); and for CUDA
-the weight-streaming roofline of a decode step at the measured HBM bandwidth.
+the roofline of a decode step at the measured HBM bandwidth: streaming the weights, and the
+weights plus the batch's KV cache.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ import time
 
 import torch
 
-from radixfleet.engine.attention.base import ForwardBatch, ForwardMode
+from radixfleet.engine.attention.base import ForwardBatch, ForwardMode, KVPool
 from radixfleet.engine.config import EngineConfig
 from radixfleet.engine.model_prep import resolve_model_path
 from radixfleet.engine.model_runner import ModelRunner
+
+PREFILL_TOKENS = 8192
 
 
 def sync(dev: torch.device) -> None:
@@ -60,6 +63,15 @@ def batch_for(runner: ModelRunner, rows: list[int], ids: torch.Tensor, start: in
                                   runner.req_table.table, [start] * bs, [n] * bs)
 
 
+def prefill(runner: ModelRunner, rows: list[int], ids: torch.Tensor, in_len: int) -> None:
+    """Prefill every row's first ``in_len`` tokens, as few rows per forward as keep it within
+    ``PREFILL_TOKENS`` (the engine's GPU chunk), so large batches fit next to the KV pool."""
+    per = max(1, PREFILL_TOKENS // in_len)
+    for i in range(0, len(rows), per):
+        hidden = runner.forward(batch_for(runner, rows[i:i + per], ids[i:i + per], 0, in_len, ForwardMode.EXTEND))
+        runner.compute_logits(hidden).argmax(-1)
+
+
 def run_one(runner: ModelRunner, bs: int, in_len: int, out_len: int) -> dict:
     dev = runner.device
     vocab = runner.model_config.vocab_size
@@ -67,8 +79,7 @@ def run_one(runner: ModelRunner, bs: int, in_len: int, out_len: int) -> dict:
     rows = [runner.req_table.alloc() for _ in range(bs)]
     sync(dev)
     t0 = time.perf_counter()
-    hidden = runner.forward(batch_for(runner, rows, ids, 0, in_len, ForwardMode.EXTEND))
-    runner.compute_logits(hidden).argmax(-1)
+    prefill(runner, rows, ids, in_len)
     sync(dev)
     prefill_s = time.perf_counter() - t0
     steps = []
@@ -109,7 +120,7 @@ def profile_decode(runner: ModelRunner, bs: int, in_len: int, steps: int = 8) ->
     dev = runner.device
     ids = torch.randint(100, runner.model_config.vocab_size - 100, (bs, in_len + steps + 2))
     rows = [runner.req_table.alloc() for _ in range(bs)]
-    runner.forward(batch_for(runner, rows, ids, 0, in_len, ForwardMode.EXTEND))
+    prefill(runner, rows, ids, in_len)
     runner.forward(batch_for(runner, rows, ids, in_len, 1, ForwardMode.DECODE))
     sync(dev)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -173,6 +184,13 @@ def main() -> None:
             row["roofline_ms_per_step"] = round(roof_ms, 3)
             row["fraction_of_roofline"] = round(roof_ms / row["decode_ms_per_step_p50"], 3)
             row["fraction_of_roofline_pipelined"] = round(roof_ms / row["decode_ms_per_step_pipelined"], 3)
+            # Large batches also stream their KV: mean context over the measured steps.
+            attn = runner.model.layers[0].self_attn
+            kv_bytes = bs * (args.input_len + args.output_len) * KVPool.bytes_per_token(
+                runner.model_config.num_layers, attn.num_kv_heads, runner.model_config.head_dim, runner.dtype)
+            roof_kv_ms = (weight_bytes + kv_bytes) / (hbm * 1e12) * 1e3
+            row["roofline_with_kv_ms_per_step"] = round(roof_kv_ms, 3)
+            row["fraction_of_roofline_with_kv_pipelined"] = round(roof_kv_ms / row["decode_ms_per_step_pipelined"], 3)
         print(json.dumps(row), flush=True)
         if args.profile and runner.device.type == "cuda":
             print(json.dumps({"benchmark": "one_batch_profile", "device": device,

@@ -55,7 +55,15 @@ class PrefillAdder:
         self.batch: list[Req] = []
 
     def add(self, req: Req, continuing: bool = False) -> bool:
-        """Try to put ``req`` in the batch; False means stop adding (budget exhausted)."""
+        """Try to put ``req`` in the batch; False means stop adding (budget exhausted).
+
+        ``continuing``: the request part-way through a chunked prefill. It is not in
+        ``running`` yet, but it holds a running slot and will decode: it takes its slot and
+        its decode reserve here, even when no token budget is left for it this step, so
+        the requests admitted after it never outnumber ``max_running``."""
+        if continuing:
+            self.slots_left -= 1
+            self.kv_budget -= decode_reserve(req, self.ratio)
         if self.chunk_budget <= 0 or (not continuing and self.slots_left <= 0):
             return False
         if not continuing:
@@ -81,6 +89,6 @@ class PrefillAdder:
             req.cached_tokens = req.kv_len
         req.extend_len = n
         self.chunk_budget -= n
-        self.kv_budget -= n + (0 if continuing else decode_reserve(req, self.ratio))
+        self.kv_budget -= n if continuing else n + decode_reserve(req, self.ratio)
         self.batch.append(req)
         return n == todo

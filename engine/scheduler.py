@@ -127,7 +127,8 @@ class Scheduler:
         # Requests wait here (not in ``waiting``) until their grammar is compiled.
         self.grammars = GrammarQueue(lambda: GrammarBackend(lambda: self.stop_checker.tokenizer, vocab))
         self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0,
-                      "retractions": 0, "decode_steps": 0}
+                      "retractions": 0, "decode_steps": 0, "extend_steps": 0,
+                      "peak_running_requests": 0}
         self._recent: list[tuple[float, int]] = []  # (time, tokens) of recent decode steps
         ctx = zmq.Context()
         self.recv_sock = ipc.bind_pull(ctx, ipc_names["scheduler"])
@@ -301,12 +302,14 @@ class Scheduler:
         batch = self._prefill_batch()
         if batch:
             # Requests waiting for a prefill have nothing in flight: no need to sync.
-            return self._launch(batch, ForwardMode.EXTEND)
-        if self.running:
-            batch = self._decode_batch()
-            if batch:
-                return self._launch(batch, ForwardMode.DECODE)
-        return None
+            launched = self._launch(batch, ForwardMode.EXTEND)
+        elif self.running and (batch := self._decode_batch()):
+            launched = self._launch(batch, ForwardMode.DECODE)
+        else:
+            return None
+        busy = len(self.running) + (self.chunked is not None)
+        self.stats["peak_running_requests"] = max(self.stats["peak_running_requests"], busy)
+        return launched
 
     def _prefill_batch(self) -> list[Req]:
         if not self.waiting and self.chunked is None:
@@ -372,6 +375,8 @@ class Scheduler:
         and advance their state by the launched step."""
         hidden, rows = self.executor.forward(reqs, mode)
         now = time.monotonic()
+        if mode is ForwardMode.EXTEND:
+            self.stats["extend_steps"] += 1
         for r in reqs:
             r.kv_len += r.extend_len
             r.extend_len = 0

@@ -9,7 +9,9 @@ decode, the split-K count (a function of the batch size alone, so graph-safe) an
 views. ``forward`` stores k/v at ``out_cache_loc`` and then attends.
 
 CUDA graphs: call ``reserve(max_batch_size)`` before capturing, so the decode scratch is
-allocated once and never moves under a captured graph.
+allocated once and never moves under a captured graph. A larger batch afterwards (run
+without a graph) gets scratch of its own for that step: replacing the reserved buffers
+would leave the graphs writing into freed memory that other tensors then own.
 """
 
 from __future__ import annotations
@@ -36,25 +38,29 @@ class TritonAttentionBackend(AttentionBackend):
         self._mid_lse = torch.empty(0, dtype=torch.float32, device=self.device)
         # The decode kernel's per-(request, kv head) merge counters; every launch leaves them 0.
         self._semaphore = torch.zeros(0, dtype=torch.int32, device=self.device)
+        self._reserved = False  # set by `reserve`: the scratch buffers may no longer move
         self._num_kv_splits = 1
         self._q_start: torch.Tensor | None = None
         self._max_extend_len = 0
 
     def reserve(self, max_batch_size: int) -> None:
-        """Allocate decode scratch for every batch size up to ``max_batch_size``."""
+        """Allocate decode scratch for every batch size up to ``max_batch_size``, for good."""
         for bs in (1, max_batch_size):
             self._scratch(bs, choose_num_kv_splits(bs, self.num_kv_heads, self.device))
+        self._reserved = True
 
-    def _scratch(self, bs: int, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _scratch(self, bs: int, splits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Views ``(mid_o, mid_lse, semaphore)`` for a decode step of ``bs`` requests."""
         n = bs * self.num_heads * splits
-        if self._mid_lse.numel() < n:
-            self._mid_o = torch.empty(n * self.head_dim, dtype=torch.float32, device=self.device)
-            self._mid_lse = torch.empty(n, dtype=torch.float32, device=self.device)
-        if self._semaphore.numel() < bs * self.num_kv_heads:
-            self._semaphore = torch.zeros(bs * self.num_kv_heads, dtype=torch.int32, device=self.device)
-        mid_o = self._mid_o[: n * self.head_dim].view(bs, self.num_heads, splits, self.head_dim)
-        mid_lse = self._mid_lse[:n].view(bs, self.num_heads, splits)
-        return mid_o, mid_lse
+        mid_o, mid_lse, semaphore = self._mid_o, self._mid_lse, self._semaphore
+        if mid_lse.numel() < n or semaphore.numel() < bs * self.num_kv_heads:
+            mid_o = torch.empty(n * self.head_dim, dtype=torch.float32, device=self.device)
+            mid_lse = torch.empty(n, dtype=torch.float32, device=self.device)
+            semaphore = torch.zeros(bs * self.num_kv_heads, dtype=torch.int32, device=self.device)
+            if not self._reserved:  # else: this step's own (see the module docstring)
+                self._mid_o, self._mid_lse, self._semaphore = mid_o, mid_lse, semaphore
+        return (mid_o[: n * self.head_dim].view(bs, self.num_heads, splits, self.head_dim),
+                mid_lse[:n].view(bs, self.num_heads, splits), semaphore)
 
     def plan(self, batch: ForwardBatch) -> None:
         bs = batch.batch_size
@@ -73,11 +79,11 @@ class TritonAttentionBackend(AttentionBackend):
                 batch: ForwardBatch, rope=None) -> torch.Tensor:
         q, k_buf, v_buf = self._store_with_kernel(q, k, v, layer_id, batch, rope)
         if batch.mode is ForwardMode.DECODE:
-            mid_o, mid_lse = self._decode_scratch
+            mid_o, mid_lse, semaphore = self._decode_scratch
             return decode_attention(
                 q, k_buf, v_buf, batch.req_to_token, batch.req_pool_indices, batch.seq_lens,
                 self.scale, num_kv_splits=self._num_kv_splits, mid_o=mid_o, mid_lse=mid_lse,
-                semaphore=self._semaphore)
+                semaphore=semaphore)
         assert self._q_start is not None, "plan() must run before forward()"
         return extend_attention(
             q, k_buf, v_buf, batch.req_to_token, batch.req_pool_indices, self._q_start,

@@ -216,3 +216,26 @@ def test_overlap_schedule_on_and_off_give_identical_output(tiny):
         results[overlap] = [(o["output_ids"], o["meta_info"]["finish_reason"]) for o in outs]
     assert results[True] == results[False]
     assert any(reason["type"] == "stop" for _, reason in results[True])
+
+
+def test_cuda_graphs_with_chunked_prefills_at_the_running_cap(tmp_path):
+    """Three times more requests than ``max_running_requests`` and prompts longer than the
+    prefill chunk: a request part-way through its chunked prefill holds a running slot, so
+    no decode batch outgrows the largest captured graph, and the triton backend's graph
+    scratch never moves (it once did: a 257-request batch reallocated it under the graphs,
+    which then wrote attention partials into freed memory). Graphed output equals eager
+    output; fp32, so padding a batch to its graph size cannot flip a token."""
+    folder = make_model("llama3", str(tmp_path))
+    prompts = [[(7 * i + j) % 400 + 3 for j in range(40 + 13 * i)] for i in range(12)]
+    params = [{"temperature": 0, "max_new_tokens": 8 + 5 * i, "ignore_eos": True} for i in range(12)]
+    results = {}
+    for graphs in (False, True):
+        with Engine(model_path=folder, dtype="float32", attention_backend="triton", max_total_tokens=4096,
+                    skip_tokenizer_init=True, max_running_requests=4, chunked_prefill_size=64,
+                    cuda_graph_max_bs=4, disable_cuda_graph=not graphs) as engine:
+            outs = engine.generate(input_ids=prompts, sampling_params=params)
+            state = engine.get_server_info()["internal_states"][0]
+        results[graphs] = [o["output_ids"] for o in outs]
+        assert state["peak_running_requests"] <= 4
+    assert [len(o) for o in results[True]] == [p["max_new_tokens"] for p in params]
+    assert results[True] == results[False]
