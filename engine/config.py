@@ -57,6 +57,8 @@ class EngineConfig:
     enable_custom_logit_processor: bool = _opt(False, "accept custom logit processors (deserialises code)")
     stream_interval: int = _opt(1, "send streamed tokens every N steps")
     skip_tokenizer_init: bool = _opt(False, "take and return token ids only")
+    is_embedding: bool = _opt(False, "serve an embedding model (encode only); BERT-family models "
+                                     "always are, generation architectures cannot be")
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> ConfigError:

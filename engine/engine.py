@@ -20,9 +20,10 @@ import zmq
 
 from radixfleet.engine import ipc, launch
 from radixfleet.engine.config import EngineConfig
-from radixfleet.engine.io_struct import normalize_generate
+from radixfleet.engine.io_struct import normalize_encode, normalize_generate
 from radixfleet.engine.model_config import ModelConfig
 from radixfleet.engine.model_prep import resolve_model_path
+from radixfleet.engine.models.registry import EMBEDDING_REGISTRY, is_embedding_architecture
 from radixfleet.engine.tokenizer_manager import TokenizerManager
 
 logger = logging.getLogger(__name__)
@@ -46,8 +47,17 @@ class Engine:
         self.model_path = resolve_model_path(self.config.model_path)
         if not os.path.isdir(self.model_path):
             raise ValueError(f"model_path {self.config.model_path!r} is not a folder (and not a known alias)")
-        if self.config.tp_size > 1:
-            check_tensor_parallel(self.config, ModelConfig.from_path(self.model_path))
+        if self.config.tp_size > 1 or self.config.is_embedding:
+            model = ModelConfig.from_path(self.model_path)
+            if is_embedding_architecture(model.architecture):
+                if self.config.tp_size > 1:
+                    raise ValueError(f"{model.architecture} is an embedding model: it runs on one device "
+                                     "(tp_size 1)")
+            elif self.config.is_embedding:
+                raise ValueError(f"is_embedding: {model.architecture} is a generation model; embedding "
+                                 f"models are {', '.join(sorted(EMBEDDING_REGISTRY))}")
+            else:
+                check_tensor_parallel(self.config, model)
         self._procs: list = []
         self.tokenizer_manager: TokenizerManager | None = None
         names = ipc.new_ipc_names()
@@ -151,6 +161,34 @@ class Engine:
                                             logprob_start_len, top_logprobs_num, return_hidden_states,
                                             return_text_in_logprobs, custom_logit_processor)
         return reqs, is_batch, self._tm()
+
+    # ---- embeddings ----------------------------------------------------------------------
+    def encode(self, prompt: str | list[str] | None = None, input_ids: list[int] | list[list[int]] | None = None,
+               rid: str | list[str] | None = None, dimensions: int | None = None,
+               **unsupported: Any) -> dict | list[dict]:
+        """Embed one input (returns ``{"embedding": [...], "meta_info": {...}}``) or a batch
+        (a list of such dicts). Needs an embedding model."""
+        reqs, is_batch = self._prepare_encode(prompt, input_ids, rid, dimensions, unsupported)
+        results = dict(self._tm().stream_sync(reqs))
+        return _shape([results[i] for i in range(len(results))], is_batch)
+
+    async def async_encode(self, prompt: str | list[str] | None = None,
+                           input_ids: list[int] | list[list[int]] | None = None,
+                           rid: str | list[str] | None = None, dimensions: int | None = None,
+                           **unsupported: Any) -> dict | list[dict]:
+        """Awaitable ``encode``."""
+        reqs, is_batch = self._prepare_encode(prompt, input_ids, rid, dimensions, unsupported)
+        results = {i: out async for i, out in self._tm().stream_async(reqs)}
+        return _shape([results[i] for i in range(len(results))], is_batch)
+
+    def _prepare_encode(self, prompt, input_ids, rid, dimensions, unsupported: dict[str, Any]):
+        if unsupported:
+            raise ValueError(f"unsupported encode argument(s): {', '.join(sorted(unsupported))}")
+        tm = self._tm()
+        if dimensions is not None and dimensions != tm.server_info.get("embedding_dim"):
+            raise ValueError(f"dimensions={dimensions}: this model has no reduced-dimension embeddings "
+                             f"(it gives {tm.server_info.get('embedding_dim')})")
+        return normalize_encode(prompt, input_ids, rid)
 
     @staticmethod
     def _iter_stream(it: Iterator[tuple[int, dict]], is_batch: bool) -> Iterator[dict]:

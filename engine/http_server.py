@@ -24,7 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from radixfleet.engine.io_struct import SingleReq, normalize_generate
+from radixfleet.engine.io_struct import EmbedReq, SingleReq, normalize_generate
 from radixfleet.engine.metrics import CONTENT_TYPE, UNMETERED_RID_PREFIX, EngineMetrics
 from radixfleet.engine.sampling.params import SamplingParams
 
@@ -256,6 +256,7 @@ async def json_body(request: Request) -> Any:
 
 # ---- app ---------------------------------------------------------------------------------------
 def build_app(state: ServerState) -> FastAPI:
+    from radixfleet.engine.embedding_serving import register_embedding_routes
     from radixfleet.engine.openai_serving import register_openai_routes
 
     # (A dead engine process fails pending requests in the TokenizerManager's receiver thread.)
@@ -264,6 +265,7 @@ def build_app(state: ServerState) -> FastAPI:
     _register_error_handlers(app)
     _register_native_routes(app, state)
     register_openai_routes(app, state)
+    register_embedding_routes(app, state)
     app.add_middleware(GuardMiddleware, state=state)
     return app
 
@@ -305,12 +307,19 @@ def _register_native_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/health_generate")
     async def health_generate() -> Response:
+        """One token generated (or, on an embedding model, one input embedded) end to end."""
         tm = state.tm
         token = tm.tokenizer.bos_token_id if tm.tokenizer is not None else None
-        req = SingleReq(f"{UNMETERED_RID_PREFIX}{uuid.uuid4().hex}", None, [token or 0],
-                        SamplingParams.from_dict({"max_new_tokens": 1, "temperature": 0}), True)
+        rid = f"{UNMETERED_RID_PREFIX}{uuid.uuid4().hex}"
+        if tm.is_embedding:
+            from radixfleet.engine.embedding_serving import embed
+
+            work = embed(state, [EmbedReq(rid, None, [token or 0])])
+        else:
+            work = collect(state, [SingleReq(rid, None, [token or 0], SamplingParams.from_dict(
+                {"max_new_tokens": 1, "temperature": 0}), True)])
         try:
-            await asyncio.wait_for(collect(state, [req]), _HEALTH_GENERATE_TIMEOUT_S)
+            await asyncio.wait_for(work, _HEALTH_GENERATE_TIMEOUT_S)
         except asyncio.TimeoutError:
             raise APIError(503, f"no token generated within {_HEALTH_GENERATE_TIMEOUT_S:.0f} s") from None
         return Response(status_code=200)
@@ -326,7 +335,7 @@ def _register_native_routes(app: FastAPI, state: ServerState) -> None:
         engine = state.engine
         return {"model_path": engine.model_path,
                 "tokenizer_path": engine.config.tokenizer_path or engine.model_path,
-                "is_generation": True}
+                "is_generation": not state.tm.is_embedding}
 
     @app.get("/get_server_info")
     async def get_server_info() -> dict:

@@ -85,3 +85,47 @@ def normalize_generate(prompt: str | list[str] | None, input_ids: Any, sampling_
                       logprob_start_len, top_logprobs_num, return_hidden_states,
                       return_text_in_logprobs, processors[i]) for i in range(n)]
     return reqs, is_batch
+
+
+GENERATE_REFUSED = "this engine serves an embedding model: use encode (/encode, /v1/embeddings)"
+ENCODE_REFUSED = ("encode needs an embedding model (e.g. model_path='all-minilm-l6-v2'); this "
+                  "engine serves a generation model")
+
+
+@dataclass
+class EmbedReq:
+    rid: str
+    text: str | None
+    input_ids: list[int] | None
+
+
+def normalize_encode(prompt: str | list[str] | None, input_ids: Any = None,
+                     rid: str | list[str] | None = None) -> tuple[list[EmbedReq], bool]:
+    """One ``encode`` call → (requests, is_batch). Raises ValueError naming the problem."""
+    if prompt is not None and input_ids is not None:
+        raise ValueError("pass either prompt or input_ids, not both")
+    if prompt is None and input_ids is None:
+        raise ValueError("pass a prompt or input_ids")
+    if prompt is not None:
+        is_batch = isinstance(prompt, list)
+        texts = prompt if is_batch else [prompt]
+        if is_batch and not texts:
+            raise ValueError("the prompt list is empty")
+        for t in texts:
+            if not isinstance(t, str):
+                raise ValueError(f"prompt must be a string or a list of strings, got {type(t).__name__}")
+            if t == "":
+                raise ValueError("the prompt is empty")
+        items: list[tuple[str | None, list[int] | None]] = [(t, None) for t in texts]
+    else:
+        if _is_int_list(input_ids) and input_ids:
+            is_batch, id_lists = False, [input_ids]
+        elif isinstance(input_ids, list) and input_ids and all(_is_int_list(x) and x for x in input_ids):
+            is_batch, id_lists = True, list(input_ids)
+        else:
+            raise ValueError("input_ids must be a non-empty list of token ids or a list of such lists")
+        items = [(None, ids) for ids in id_lists]
+    rids = [uuid.uuid4().hex for _ in items] if rid is None else (rid if isinstance(rid, list) else [rid])
+    if len(rids) != len(items):
+        raise ValueError(f"got {len(rids)} rids for {len(items)} inputs")
+    return [EmbedReq(r, t, ids) for r, (t, ids) in zip(rids, items, strict=True)], is_batch

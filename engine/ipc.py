@@ -3,6 +3,8 @@
 Flow: TokenizerManager ──TokenizedGenerateReq/AbortReq/RpcReq──► Scheduler
       Scheduler ──BatchTokenOut──► Detokenizer ──BatchTextOut──► TokenizerManager
       Scheduler ──RpcReply──► TokenizerManager (control answers and errors)
+Embedding models: TokenizerManager ──TokenizedEmbeddingReq──► EmbeddingScheduler
+      ──EmbeddingOut──► TokenizerManager (nothing to detokenize)
 """
 
 from __future__ import annotations
@@ -32,6 +34,21 @@ class TokenizedGenerateReq:
     arrival_time: float = 0.0
     return_text_in_logprobs: bool = False
     custom_logit_processor: str | None = None  # CustomLogitProcessor.to_str()
+
+
+@dataclass
+class TokenizedEmbeddingReq:
+    rid: str
+    input_ids: list[int]
+    arrival_time: float = 0.0
+
+
+@dataclass
+class EmbeddingOut:
+    rids: list[str]
+    embeddings: list[list[float]]
+    prompt_tokens: list[int]
+    queue_times: list[float]  # seconds from arrival to the forward
 
 
 @dataclass

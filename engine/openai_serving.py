@@ -34,7 +34,7 @@ from radixfleet.engine.http_server import (
     stream_outputs,
     until_disconnect,
 )
-from radixfleet.engine.io_struct import SingleReq, normalize_generate
+from radixfleet.engine.io_struct import GENERATE_REFUSED, SingleReq, normalize_generate
 from radixfleet.engine.openai_protocol import (
     ChatRequest,
     CompletionRequest,
@@ -65,13 +65,19 @@ def register_openai_routes(app: FastAPI, state: ServerState) -> None:
                                 f"{state.model_name!r}", param="model", code="model_not_found")
         return model_card()
 
+    def refuse_on_embedding_model() -> None:
+        if state.tm.is_embedding:
+            raise APIError(400, GENERATE_REFUSED)
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
+        refuse_on_embedding_model()
         req = parse_request(CompletionRequest, await json_body(request))
         return await _serve(request, state, _CompletionJob.build(state, req))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
+        refuse_on_embedding_model()
         req = parse_request(ChatRequest, await json_body(request))
         return await _serve(request, state, _ChatJob.build(state, req))
 

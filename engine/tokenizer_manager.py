@@ -24,7 +24,7 @@ from typing import Any
 import zmq
 
 from radixfleet.engine import ipc, launch
-from radixfleet.engine.io_struct import SingleReq
+from radixfleet.engine.io_struct import ENCODE_REFUSED, GENERATE_REFUSED, EmbedReq, SingleReq
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,11 @@ class TokenizerManager:
         with self._send_lock:
             ipc.send(self.send_sock, msg)
 
-    def tokenize(self, req: SingleReq) -> list[int]:
+    @property
+    def is_embedding(self) -> bool:
+        return bool(self.server_info.get("is_embedding"))
+
+    def tokenize(self, req: SingleReq | EmbedReq) -> list[int]:
         if req.input_ids is not None:
             ids = req.input_ids
         else:
@@ -127,13 +131,35 @@ class TokenizerManager:
         if any(not 0 <= t < self.vocab_size for t in ids):
             bad = next(t for t in ids if not 0 <= t < self.vocab_size)
             raise ValueError(f"input_ids contain token id {bad} outside the vocabulary [0, {self.vocab_size})")
-        if len(ids) >= self.context_length:
+        # A generation prompt leaves room for one new token; an embedding input may fill it.
+        if len(ids) > self.context_length - (not self.is_embedding):
             raise ValueError(f"the prompt has {len(ids)} tokens; the model's context length is "
                              f"{self.context_length}")
         return ids
 
+    def _submit(self, reqs: list[SingleReq] | list[EmbedReq], sink) -> list[ReqState]:
+        if reqs and isinstance(reqs[0], EmbedReq):
+            return self.submit_embeddings(reqs, sink)
+        return self.submit(reqs, sink)
+
+    def submit_embeddings(self, reqs: list[EmbedReq], sink) -> list[ReqState]:
+        """Tokenize and validate all, then send; each result is one ``EmbeddingOut`` row."""
+        if not self.is_embedding:
+            raise ValueError(ENCODE_REFUSED)
+        tokenized = [self.tokenize(r) for r in reqs]
+        now = time.monotonic()
+        states = [ReqState(r.rid, i, False, sink, now) for i, r in enumerate(reqs)]
+        with self._lock:
+            for st in states:
+                self.states[st.rid] = st
+        for r, ids in zip(reqs, tokenized, strict=True):
+            self._send(ipc.TokenizedEmbeddingReq(r.rid, ids, now))
+        return states
+
     def submit(self, reqs: list[SingleReq], sink) -> list[ReqState]:
         """Tokenize, validate (all before sending any) and send; results go to ``sink``."""
+        if self.is_embedding:
+            raise ValueError(GENERATE_REFUSED)
         tokenized = [self.tokenize(r) for r in reqs]
         now = time.monotonic()
         states, to_send = [], []
@@ -214,6 +240,12 @@ class TokenizerManager:
                     st = self.states.get(rid)
                 if st is not None:
                     self._on_output(st, msg, i)
+        elif isinstance(msg, ipc.EmbeddingOut):
+            for i, rid in enumerate(msg.rids):
+                with self._lock:
+                    st = self.states.pop(rid, None)
+                if st is not None:
+                    self._on_embedding(st, msg, i)
         elif isinstance(msg, ipc.ReqError):
             with self._lock:
                 st = self.states.pop(msg.rid, None)
@@ -267,6 +299,16 @@ class TokenizerManager:
         if finished is not None:
             st.sink.put((st.index, _END))
 
+    def _on_embedding(self, st: ReqState, msg: ipc.EmbeddingOut, i: int) -> None:
+        finished = {"type": "length", "length": 0}  # SGLang's reason for a finished embedding
+        meta = {"id": st.rid, "finish_reason": finished, "prompt_tokens": msg.prompt_tokens[i],
+                "completion_tokens": 0, "cached_tokens": 0, "queue_time": msg.queue_times[i],
+                "e2e_latency": time.monotonic() - st.arrival}
+        for listener in self.listeners:
+            listener(st, [], finished, meta)
+        st.sink.put((st.index, {"embedding": msg.embeddings[i], "meta_info": meta}))
+        st.sink.put((st.index, _END))
+
     # ---- control calls --------------------------------------------------------------------
     def rpc_sync(self, method: str, timeout: float = 30.0, **args: Any) -> Any:
         sink = ThreadSink()
@@ -292,7 +334,7 @@ class TokenizerManager:
     def stream_sync(self, reqs: list[SingleReq]) -> Iterator[tuple[int, dict]]:
         """Yield (index, output) as results arrive; ends when every request has finished."""
         sink = ThreadSink()
-        results = _Results(self, self.submit(reqs, sink))
+        results = _Results(self, self._submit(reqs, sink))
         try:
             while results.pending:
                 got = results.take(sink.get())
@@ -304,7 +346,7 @@ class TokenizerManager:
     async def stream_async(self, reqs: list[SingleReq]) -> AsyncIterator[tuple[int, dict]]:
         """Async twin of ``stream_sync``; closing it early aborts the unfinished requests."""
         sink = AsyncSink()
-        results = _Results(self, self.submit(reqs, sink))
+        results = _Results(self, self._submit(reqs, sink))
         try:
             while results.pending:
                 got = results.take(await sink.get())

@@ -24,7 +24,7 @@ from .upstream import Upstream, UpstreamError
 log = logging.getLogger(__name__)
 
 # Routes proxied to one worker chosen by the policy (POST, JSON body) or by load (GET).
-POST_ROUTES = ("/generate", "/v1/completions", "/v1/chat/completions", "/v1/embeddings")
+POST_ROUTES = ("/generate", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/encode")
 GET_ROUTES = ("/v1/models", "/get_model_info", "/get_server_info")
 
 

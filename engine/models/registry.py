@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from radixfleet.engine.models.bert import BertEmbeddingModel
 from radixfleet.engine.models.llama import LlamaForCausalLM, Qwen3ForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
@@ -13,10 +14,21 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
 }
 
+# Embedding models: one bidirectional forward per request, no KV cache (``EmbeddingScheduler``).
+EMBEDDING_REGISTRY: dict[str, type[nn.Module]] = {
+    "BertModel": BertEmbeddingModel,
+}
+
+
+def is_embedding_architecture(architecture: str) -> bool:
+    return architecture in EMBEDDING_REGISTRY
+
 
 def get_model_class(architecture: str) -> type[nn.Module]:
+    """The generation model class for ``architecture``."""
     try:
         return MODEL_REGISTRY[architecture]
     except KeyError:
-        raise ValueError(f"unsupported architecture {architecture!r}; "
-                         f"supported: {', '.join(sorted(MODEL_REGISTRY))}") from None
+        raise ValueError(f"unsupported architecture {architecture!r}; supported: "
+                         f"{', '.join(sorted(MODEL_REGISTRY))}, and for embeddings "
+                         f"{', '.join(sorted(EMBEDDING_REGISTRY))}") from None

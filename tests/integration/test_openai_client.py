@@ -239,6 +239,15 @@ def test_bad_requests_are_400_error_objects(client, model, kwargs, needle):
     assert client.chat.completions.create(model=model, messages=QUESTION, max_tokens=1).choices
 
 
+def test_embeddings_on_a_generation_model_are_400(client, model, url):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.embeddings.create(model=model, input="hi")
+    assert "encode needs an embedding model" in err.value.message
+    native = httpx.post(url + "/encode", json={"text": "hi"}, timeout=30)
+    assert native.status_code == 400 and "embedding model" in native.json()["error"]["message"]
+    assert client.chat.completions.create(model=model, messages=QUESTION, max_tokens=1).choices
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_auto_tool_call_is_parsed_from_model_text(client, model, stream):
     # tool_choice "auto": the server's parser (qwen25 for this ChatML model) reads the call out of

@@ -1,0 +1,142 @@
+"""EmbeddingScheduler: the scheduler process of an embedding model.
+
+An embedding request is one bidirectional forward over its prompt and then done, so there
+is no KV cache, no radix tree and no decode: each step takes waiting requests in arrival
+order while the padded batch (requests × longest prompt) stays within
+``max_prefill_tokens``, runs the forward, and sends the pooled vectors straight back to the
+TokenizerManager (there is no text to detokenize).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+
+import torch
+import zmq
+
+from radixfleet.engine import ipc
+from radixfleet.engine.config import EngineConfig
+from radixfleet.engine.io_struct import GENERATE_REFUSED
+from radixfleet.engine.model_config import ModelConfig
+from radixfleet.engine.model_runner import iter_safetensors, resolve_device, resolve_dtype
+from radixfleet.engine.models.bert import Pooling
+from radixfleet.engine.models.registry import EMBEDDING_REGISTRY
+
+logger = logging.getLogger(__name__)
+
+class EmbeddingScheduler:
+    def __init__(self, config: EngineConfig, model_path: str, ipc_names: dict[str, str]):
+        self.config = config
+        self.model_config = ModelConfig.from_path(model_path)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
+        self.context_len = min(config.context_length or self.model_config.max_position_embeddings,
+                               self.model_config.max_position_embeddings)
+        self.pooling = Pooling.from_folder(model_path)
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                self.model = EMBEDDING_REGISTRY[self.model_config.architecture](self.model_config)
+        finally:
+            torch.set_default_dtype(torch.float32)
+        if config.load_format == "dummy":
+            for p in self.model.parameters():
+                p.data.normal_(0, 0.02)
+        else:
+            self.model.load_weights(iter_safetensors(model_path))
+        self.model.eval()
+        self.budget = config.max_prefill_tokens
+        self.waiting: deque[ipc.TokenizedEmbeddingReq] = deque()
+        self.stats = {"prompt_tokens": 0, "embedded_requests": 0, "forward_steps": 0}
+        self._stopping = False
+        ctx = zmq.Context()
+        self.recv_sock = ipc.bind_pull(ctx, ipc_names["scheduler"])
+        self.reply_sock = ipc.connect_push(ctx, ipc_names["tokenizer"])
+        logger.info("embedding model %s on %s (%s), pooling %s", self.model_config.architecture,
+                    self.device, self.dtype, self.pooling)
+
+    def ready_info(self) -> dict:
+        return {"is_embedding": True, "context_length": self.context_len,
+                "vocab_size": self.model_config.vocab_size, "embedding_dim": self.model_config.hidden_size,
+                "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+                "pooling": self.pooling.mode, "normalize": self.pooling.normalize,
+                "max_total_tokens": 0, "max_running_requests": 0, "eos_token_ids": []}
+
+    def internal_state(self) -> dict:
+        return {"num_running_requests": 0, "num_queued_requests": len(self.waiting),
+                "kv_cache_usage_ratio": 0.0, "cache_hit_ratio": 0.0, "generation_throughput": 0.0,
+                **self.stats}
+
+    def event_loop(self) -> None:
+        while not self._stopping:
+            self._recv(block=not self.waiting)
+            if self.waiting:
+                self.step()
+
+    def _recv(self, block: bool) -> None:
+        timeout = 1000 if block else 0
+        while not self._stopping and self.recv_sock.poll(timeout):
+            self._handle(ipc.recv(self.recv_sock))
+            timeout = 0
+
+    def _handle(self, msg) -> None:
+        if isinstance(msg, ipc.TokenizedEmbeddingReq):
+            error = self._validate(msg.input_ids)
+            if error:
+                ipc.send(self.reply_sock, ipc.ReqError(msg.rid, error))
+            else:
+                self.waiting.append(msg)
+        elif isinstance(msg, ipc.TokenizedGenerateReq):
+            ipc.send(self.reply_sock, ipc.ReqError(msg.rid, GENERATE_REFUSED))
+        elif isinstance(msg, ipc.AbortReq):
+            keep = deque(r for r in self.waiting if msg.rid and r.rid != msg.rid)
+            for r in self.waiting:
+                if r not in keep:  # ends the request's state in the TokenizerManager
+                    ipc.send(self.reply_sock, ipc.ReqError(r.rid, "request aborted"))
+            self.waiting = keep
+        elif isinstance(msg, ipc.RpcReq):
+            if msg.method == "shutdown":
+                self._stopping = True
+            elif msg.method == "flush_cache":  # nothing is cached
+                ipc.send(self.reply_sock, ipc.RpcReply(msg.call_id, True))
+            elif msg.method == "get_internal_state":
+                ipc.send(self.reply_sock, ipc.RpcReply(msg.call_id, self.internal_state()))
+            else:
+                ipc.send(self.reply_sock, ipc.RpcReply(msg.call_id, error=f"unknown method {msg.method!r}"))
+        else:
+            logger.error("embedding scheduler got an unknown message %r", type(msg).__name__)
+
+    def _validate(self, ids: list[int]) -> str | None:
+        if not ids:
+            return "the input is empty"
+        if len(ids) > self.context_len:
+            return f"the input has {len(ids)} tokens; the model's context length is {self.context_len}"
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            return f"input_ids contain token ids outside the vocabulary [0, {vocab})"
+        return None
+
+    def _take_batch(self) -> list[ipc.TokenizedEmbeddingReq]:
+        """Arrival order, while requests × longest prompt fits the token budget (at least one)."""
+        batch: list[ipc.TokenizedEmbeddingReq] = []
+        longest = 0
+        while self.waiting:
+            n = max(longest, len(self.waiting[0].input_ids))
+            if batch and n * (len(batch) + 1) > self.budget:
+                break
+            batch.append(self.waiting.popleft())
+            longest = n
+        return batch
+
+    def step(self) -> None:
+        batch = self._take_batch()
+        now = time.monotonic()
+        vectors = self.model.embed([r.input_ids for r in batch], self.pooling).cpu().tolist()
+        self.stats["forward_steps"] += 1
+        self.stats["embedded_requests"] += len(batch)
+        self.stats["prompt_tokens"] += sum(len(r.input_ids) for r in batch)
+        ipc.send(self.reply_sock, ipc.EmbeddingOut(
+            [r.rid for r in batch], vectors, [len(r.input_ids) for r in batch],
+            [max(now - r.arrival_time, 0.0) if r.arrival_time else 0.0 for r in batch]))
