@@ -24,6 +24,7 @@ from radixfleet.engine.io_struct import normalize_encode, normalize_generate
 from radixfleet.engine.model_config import ModelConfig
 from radixfleet.engine.model_prep import resolve_model_path
 from radixfleet.engine.models.registry import EMBEDDING_REGISTRY, is_embedding_architecture
+from radixfleet.engine.scoring import SCORE_SAMPLING, ScoreResult, score_prompts, score_result
 from radixfleet.engine.tokenizer_manager import TokenizerManager
 
 logger = logging.getLogger(__name__)
@@ -119,6 +120,7 @@ class Engine:
                  logprob_start_len: int = -1, top_logprobs_num: int = 0, stream: bool = False,
                  rid: str | list[str] | None = None, return_hidden_states: bool = False,
                  return_text_in_logprobs: bool = False, custom_logit_processor: str | list | None = None,
+                 token_ids_logprob: list[int] | list[list[int]] | None = None,
                  **unsupported: Any) -> dict | list[dict] | Iterator[dict]:
         """Generate for one prompt (returns a dict) or a batch (returns a list of dicts).
 
@@ -127,7 +129,7 @@ class Engine:
         reqs, is_batch, tm = self._prepare(
             prompt, input_ids, sampling_params, stream, rid, return_logprob, logprob_start_len,
             top_logprobs_num, return_hidden_states, return_text_in_logprobs, custom_logit_processor,
-            unsupported)
+            token_ids_logprob, unsupported)
         if stream:
             return self._iter_stream(tm.stream_sync(reqs), is_batch)
         results = dict(tm.stream_sync(reqs))
@@ -141,12 +143,13 @@ class Engine:
                              rid: str | list[str] | None = None, return_hidden_states: bool = False,
                              return_text_in_logprobs: bool = False,
                              custom_logit_processor: str | list | None = None,
+                             token_ids_logprob: list[int] | list[list[int]] | None = None,
                              **unsupported: Any) -> dict | list[dict] | AsyncIterator[dict]:
         """Awaitable ``generate``; with ``stream=True`` it returns an async iterator of chunks."""
         reqs, is_batch, tm = self._prepare(
             prompt, input_ids, sampling_params, stream, rid, return_logprob, logprob_start_len,
             top_logprobs_num, return_hidden_states, return_text_in_logprobs, custom_logit_processor,
-            unsupported)
+            token_ids_logprob, unsupported)
         if stream:
             return self._aiter_stream(tm.stream_async(reqs), is_batch)
         results = {i: out async for i, out in tm.stream_async(reqs)}
@@ -154,13 +157,35 @@ class Engine:
 
     def _prepare(self, prompt, input_ids, sampling_params, stream, rid, return_logprob,
                  logprob_start_len, top_logprobs_num, return_hidden_states, return_text_in_logprobs,
-                 custom_logit_processor, unsupported: dict[str, Any]):
+                 custom_logit_processor, token_ids_logprob, unsupported: dict[str, Any]):
         """Validate one generate call (both flavours); return (requests, is_batch, manager)."""
         _refuse(unsupported)
         reqs, is_batch = normalize_generate(prompt, input_ids, sampling_params, stream, rid, return_logprob,
                                             logprob_start_len, top_logprobs_num, return_hidden_states,
-                                            return_text_in_logprobs, custom_logit_processor)
+                                            return_text_in_logprobs, custom_logit_processor,
+                                            token_ids_logprob)
         return reqs, is_batch, self._tm()
+
+    # ---- scoring ---------------------------------------------------------------------------
+    def score(self, query: str | list[int] | None = None, items: str | list[str] | list[list[int]] | None = None,
+              label_token_ids: list[int] | None = None, apply_softmax: bool = False,
+              item_first: bool = False) -> ScoreResult:
+        """Probabilities of ``label_token_ids`` right after each (query + item) prompt:
+        ``result.scores[i][j]`` for item i and label j (see ``engine/scoring.py``)."""
+        texts, ids = score_prompts(query, items, label_token_ids, item_first)
+        outs = self.generate(texts, [dict(SCORE_SAMPLING) for _ in texts or ids], input_ids=ids,
+                             return_logprob=True, token_ids_logprob=label_token_ids)
+        return score_result(outs, label_token_ids, apply_softmax)
+
+    async def async_score(self, query: str | list[int] | None = None,
+                          items: str | list[str] | list[list[int]] | None = None,
+                          label_token_ids: list[int] | None = None, apply_softmax: bool = False,
+                          item_first: bool = False) -> ScoreResult:
+        """Awaitable ``score``."""
+        texts, ids = score_prompts(query, items, label_token_ids, item_first)
+        outs = await self.async_generate(texts, [dict(SCORE_SAMPLING) for _ in texts or ids], input_ids=ids,
+                                         return_logprob=True, token_ids_logprob=label_token_ids)
+        return score_result(outs, label_token_ids, apply_softmax)
 
     # ---- embeddings ----------------------------------------------------------------------
     def encode(self, prompt: str | list[str] | None = None, input_ids: list[int] | list[list[int]] | None = None,

@@ -38,9 +38,9 @@ _HEALTH_GENERATE_TIMEOUT_S = 30.0
 _GENERATE_ARGS = ("sampling_params", "stream", "rid", "return_logprob", "logprob_start_len",
                   "top_logprobs_num", "return_hidden_states")
 # Passed on only when given, so that an engine without them answers a clear 400.
-_OPTIONAL_GENERATE_ARGS = ("return_text_in_logprobs", "custom_logit_processor")
+_OPTIONAL_GENERATE_ARGS = ("return_text_in_logprobs", "custom_logit_processor", "token_ids_logprob")
 # meta_info lists with one entry per output token, concatenated over chunks for a whole answer.
-LIST_META_KEYS = ("output_token_logprobs", "output_top_logprobs")
+LIST_META_KEYS = ("output_token_logprobs", "output_top_logprobs", "output_token_ids_logprobs")
 
 
 # ---- errors ---------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ class SingleReq:
     return_hidden_states: bool = False
     return_text_in_logprobs: bool = False
     custom_logit_processor: str | None = None
+    token_ids_logprob: list[int] | None = None
 
 
 def _is_int_list(x: Any) -> bool:
@@ -34,6 +35,7 @@ def normalize_generate(prompt: str | list[str] | None, input_ids: Any, sampling_
                        top_logprobs_num: int = 0, return_hidden_states: bool = False,
                        return_text_in_logprobs: bool = False,
                        custom_logit_processor: str | list[str | None] | None = None,
+                       token_ids_logprob: list[int] | list[list[int]] | None = None,
                        ) -> tuple[list[SingleReq], bool]:
     """Return (requests, is_batch). Raises ValueError naming the problem."""
     if prompt is not None and input_ids is not None:
@@ -81,10 +83,25 @@ def normalize_generate(prompt: str | list[str] | None, input_ids: Any, sampling_
                   else [custom_logit_processor] * n)
     if len(processors) != n:
         raise ValueError(f"got {len(processors)} custom_logit_processor entries for {n} prompts")
+    token_ids = _token_ids_per_prompt(token_ids_logprob, n)
+    if token_ids_logprob is not None and not all(logprob_flags):
+        raise ValueError("token_ids_logprob needs return_logprob=True")
     reqs = [SingleReq(rids[i], texts_list[i], ids_list[i], params[i], stream, bool(logprob_flags[i]),
                       logprob_start_len, top_logprobs_num, return_hidden_states,
-                      return_text_in_logprobs, processors[i]) for i in range(n)]
+                      return_text_in_logprobs, processors[i], token_ids[i]) for i in range(n)]
     return reqs, is_batch
+
+
+def _token_ids_per_prompt(value: Any, n: int) -> list[list[int] | None]:
+    """``token_ids_logprob``: one id list for every prompt, or one list per prompt."""
+    if value is None:
+        return [None] * n
+    if _is_int_list(value) and value:
+        return [list(value)] * n
+    if isinstance(value, list) and len(value) == n and all(_is_int_list(v) and v for v in value):
+        return [list(v) for v in value]
+    raise ValueError(f"token_ids_logprob must be a non-empty list of token ids, or {n} such lists "
+                     "(one per prompt)")
 
 
 GENERATE_REFUSED = "this engine serves an embedding model: use encode (/encode, /v1/embeddings)"

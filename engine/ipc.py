@@ -34,6 +34,7 @@ class TokenizedGenerateReq:
     arrival_time: float = 0.0
     return_text_in_logprobs: bool = False
     custom_logit_processor: str | None = None  # CustomLogitProcessor.to_str()
+    token_ids_logprob: list[int] | None = None
 
 
 @dataclass

@@ -36,6 +36,7 @@ from radixfleet.engine.http_server import (
 )
 from radixfleet.engine.io_struct import GENERATE_REFUSED, SingleReq, normalize_generate
 from radixfleet.engine.openai_protocol import (
+    IGNORED_FIELDS,
     ChatRequest,
     CompletionRequest,
     InvalidParam,
@@ -45,7 +46,10 @@ from radixfleet.engine.openai_protocol import (
     parse_request,
     sampling_params,
 )
+from radixfleet.engine.scoring import SCORE_SAMPLING, score_prompts, score_result
 from radixfleet.engine.tool_parser import ToolCall, ToolParser, detect_tool_parser, get_tool_parser
+
+_SCORE_FIELDS = frozenset({"query", "items", "label_token_ids", "apply_softmax", "item_first", "model"})
 
 
 def register_openai_routes(app: FastAPI, state: ServerState) -> None:
@@ -74,6 +78,29 @@ def register_openai_routes(app: FastAPI, state: ServerState) -> None:
         refuse_on_embedding_model()
         req = parse_request(CompletionRequest, await json_body(request))
         return await _serve(request, state, _CompletionJob.build(state, req))
+
+    @app.post("/v1/score")
+    async def score(request: Request) -> Response:
+        """SGLang's scoring route: ``{"query", "items", "label_token_ids", "apply_softmax",
+        "item_first"}`` → ``{"scores": [[p, ...], ...], "usage", ...}``."""
+        refuse_on_embedding_model()
+        body = await json_body(request)
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        unknown = sorted(set(body) - _SCORE_FIELDS - IGNORED_FIELDS)
+        if unknown:
+            raise APIError(400, f"unknown parameter {unknown[0]!r}", param=unknown[0])
+        label_ids = body.get("label_token_ids")
+        texts, ids = score_prompts(body.get("query"), body.get("items"), label_ids,
+                                   bool(body.get("item_first", False)))
+        reqs, _ = normalize_generate(texts, ids, [dict(SCORE_SAMPLING) for _ in texts or ids], False,
+                                     return_logprob=True, token_ids_logprob=label_ids)
+        outs = await until_disconnect(request, collect(state, reqs))
+        result = score_result(outs, label_ids, bool(body.get("apply_softmax", False)))
+        usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": 0,
+                 "total_tokens": result.prompt_tokens}
+        return JSONResponse({"object": "scoring", "model": state.model_name, "scores": result.scores,
+                             "usage": usage})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:

@@ -198,7 +198,7 @@ class Scheduler:
             if msg.return_logprob or msg.return_hidden_states:
                 req.outputs = ReqOutputs(len(req.input_ids), msg.return_logprob, msg.logprob_start_len,
                                          msg.top_logprobs_num, msg.return_text_in_logprobs,
-                                         msg.return_hidden_states)
+                                         msg.return_hidden_states, msg.token_ids_logprob)
             key = grammar_key(req.params)
             if key is not None:
                 self.grammars.add(req, key)
@@ -224,6 +224,8 @@ class Scheduler:
         vocab = self.runner.model_config.vocab_size
         if any(not 0 <= t < vocab for t in msg.input_ids):
             return f"input_ids contain token ids outside the vocabulary [0, {vocab})"
+        if any(not 0 <= t < vocab for t in msg.token_ids_logprob or ()):
+            return f"token_ids_logprob contains token ids outside the vocabulary [0, {vocab})"
         return self._validate_sampling(msg)
 
     def _validate_sampling(self, msg: ipc.TokenizedGenerateReq) -> str | None:

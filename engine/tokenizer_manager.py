@@ -30,7 +30,8 @@ logger = logging.getLogger(__name__)
 
 _END = object()  # marks the end of a request's results in its sink
 _LIST_META = ("input_token_logprobs", "input_top_logprobs", "output_token_logprobs",
-              "output_top_logprobs", "hidden_states")
+              "output_top_logprobs", "input_token_ids_logprobs", "output_token_ids_logprobs",
+              "hidden_states")
 
 
 class ThreadSink:
@@ -169,7 +170,8 @@ class TokenizerManager:
                           logprob_start_len=r.logprob_start_len, top_logprobs_num=r.top_logprobs_num,
                           return_hidden_states=r.return_hidden_states, arrival_time=now,
                           return_text_in_logprobs=r.return_text_in_logprobs,
-                          custom_logit_processor=r.custom_logit_processor)
+                          custom_logit_processor=r.custom_logit_processor,
+                          token_ids_logprob=r.token_ids_logprob)
             if params.n == 1:
                 msg = ipc.TokenizedGenerateReq(r.rid, ids, params, **fields)
                 states.append(ReqState(r.rid, len(states), r.stream, sink, now))

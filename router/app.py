@@ -24,7 +24,8 @@ from .upstream import Upstream, UpstreamError
 log = logging.getLogger(__name__)
 
 # Routes proxied to one worker chosen by the policy (POST, JSON body) or by load (GET).
-POST_ROUTES = ("/generate", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/encode")
+POST_ROUTES = ("/generate", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/encode",
+               "/v1/score")
 GET_ROUTES = ("/v1/models", "/get_model_info", "/get_server_info")
 
 

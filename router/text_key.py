@@ -53,6 +53,7 @@ TEXT_KEYS: dict[str, Callable[[dict], str]] = {
     "/v1/chat/completions": lambda body: render_chat(body.get("messages")),
     "/v1/embeddings": lambda body: _as_text(body.get("input")),
     "/encode": _generate,  # the same text / input_ids fields
+    "/v1/score": lambda body: _as_text(body.get("query")),  # items share the query: one worker
 }
 
 

@@ -9,6 +9,8 @@ Entries are SGLang's tuples ``(logprob, token_id, text-or-None)``; the scheduler
 ``None`` for text and the detokenizer fills it when ``return_text_in_logprobs`` is set.
 Input entry ``i`` is ``log p(prompt[i] | prompt[:i])`` for ``i >= logprob_start_len``
 (``None`` for ``i == 0``); ``logprob_start_len = -1`` means the last prompt token only.
+``token_ids_logprob`` (SGLang's name) adds, at the same positions, the logprobs of those
+token ids whatever was chosen: ``input_token_ids_logprobs`` / ``output_token_ids_logprobs``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ _ROWS_PER_CHUNK = 256  # prompt positions turned into logits at once (bounds mem
 TEXT_FLAG = "_logprob_text"  # meta key asking the detokenizer for token texts
 
 LOGPROB_KEYS = ("input_token_logprobs", "input_top_logprobs", "output_token_logprobs",
-                "output_top_logprobs")
+                "output_top_logprobs", "input_token_ids_logprobs", "output_token_ids_logprobs")
+# Keys whose entries are lists of tuples (one list per position), not single tuples.
+_NESTED_KEYS = ("input_top_logprobs", "output_top_logprobs", "input_token_ids_logprobs",
+                "output_token_ids_logprobs")
 
 
 @dataclass
@@ -34,10 +39,13 @@ class ReqOutputs:
     top_logprobs_num: int = 0
     return_text_in_logprobs: bool = False
     return_hidden_states: bool = False
+    token_ids_logprob: list[int] | None = None
     input_token_logprobs: list = field(default_factory=list)
     input_top_logprobs: list = field(default_factory=list)
     output_token_logprobs: list = field(default_factory=list)
     output_top_logprobs: list = field(default_factory=list)
+    input_token_ids_logprobs: list = field(default_factory=list)
+    output_token_ids_logprobs: list = field(default_factory=list)
     prompt_hidden: list = field(default_factory=list)  # [L][H] floats
     decode_hidden: list = field(default_factory=list)  # one [H] per decode step
     prompt_done: bool = False  # every prompt position asked for has been collected
@@ -74,6 +82,8 @@ class ReqOutputs:
                 self.input_token_logprobs.append((None, input_ids[0], None))
                 if self.top_logprobs_num:
                     self.input_top_logprobs.append(None)
+                if self.token_ids_logprob:
+                    self.input_token_ids_logprobs.append(None)
             # Position p predicts prompt token p + 1; wanted for p + 1 in [lo, L).
             lo = max(start, self.logprob_start_len - 1, 0)
             hi = min(end, self.prompt_len - 1)
@@ -86,6 +96,8 @@ class ReqOutputs:
                 self.input_token_logprobs.extend((v, t, None) for v, t in zip(vals, targets, strict=True))
                 if self.top_logprobs_num:
                     self.input_top_logprobs.extend(top_entries(lp, self.top_logprobs_num))
+                if self.token_ids_logprob:
+                    self.input_token_ids_logprobs.extend(id_entries(lp, self.token_ids_logprob))
         if end >= self.prompt_len:
             self.prompt_done = True
 
@@ -96,9 +108,13 @@ class ReqOutputs:
             if self.prompt_done and not self.input_sent:
                 meta["input_token_logprobs"] = self.input_token_logprobs
                 meta["input_top_logprobs"] = self.input_top_logprobs
+                if self.token_ids_logprob:
+                    meta["input_token_ids_logprobs"] = self.input_token_ids_logprobs
                 self.input_sent = True
             meta["output_token_logprobs"] = self.output_token_logprobs[sent_len:]
             meta["output_top_logprobs"] = self.output_top_logprobs[sent_len:]
+            if self.token_ids_logprob:
+                meta["output_token_ids_logprobs"] = self.output_token_ids_logprobs[sent_len:]
             if self.return_text_in_logprobs:
                 meta[TEXT_FLAG] = True
         if self.return_hidden_states:
@@ -114,6 +130,12 @@ def top_entries(lp: torch.Tensor, k: int) -> list[list[tuple]]:
     return [[(v, t, None) for v, t in zip(vr, ir, strict=True)] for vr, ir in zip(vals.tolist(), ids.tolist(), strict=True)]
 
 
+def id_entries(lp: torch.Tensor, token_ids: list[int]) -> list[list[tuple]]:
+    """lp [N, V] → per row (logprob, token_id, None) for each of ``token_ids``, in that order."""
+    vals = lp[:, torch.tensor(token_ids, device=lp.device)].tolist()
+    return [[(v, t, None) for v, t in zip(row, token_ids, strict=True)] for row in vals]
+
+
 def record_output(reqs: list, logprobs: torch.Tensor, next_ids: torch.Tensor) -> None:
     """``logprobs`` [B, V] raw log-softmax of the rows of ``reqs`` that asked for logprobs."""
     vals = logprobs.gather(1, next_ids[:, None]).squeeze(1).tolist()
@@ -124,6 +146,8 @@ def record_output(reqs: list, logprobs: torch.Tensor, next_ids: torch.Tensor) ->
         out.output_token_logprobs.append((v, t, None))
         if out.top_logprobs_num:
             out.output_top_logprobs.append(tops[i][: out.top_logprobs_num])
+        if out.token_ids_logprob:
+            out.output_token_ids_logprobs.extend(id_entries(logprobs[i:i + 1], out.token_ids_logprob))
 
 
 def fill_texts(meta: dict, decode) -> None:
@@ -135,7 +159,7 @@ def fill_texts(meta: dict, decode) -> None:
         for entry in meta.get(key) or []:
             if entry is None:
                 continue
-            if key.endswith("top_logprobs"):
+            if key in _NESTED_KEYS:
                 ids.extend(t for _, t, _ in entry)
             else:
                 ids.append(entry[1])
@@ -145,7 +169,7 @@ def fill_texts(meta: dict, decode) -> None:
     for key in LOGPROB_KEYS:
         if key not in meta:
             continue
-        if key.endswith("top_logprobs"):
+        if key in _NESTED_KEYS:
             meta[key] = [None if e is None else [(v, t, texts[t]) for v, t, _ in e] for e in meta[key]]
         else:
             meta[key] = [(v, t, texts[t]) for v, t, _ in meta[key]]
