@@ -30,6 +30,7 @@ from radixfleet.engine.tokenizer_manager import TokenizerManager
 logger = logging.getLogger(__name__)
 
 _START_TIMEOUT_S = float(os.environ.get("RADIXFLEET_START_TIMEOUT", "600"))
+_UPDATE_TIMEOUT_S = 600.0  # a weight update waits for the running requests to finish
 _STOP_GRACE_S = 5.0  # how long rank 0 gets to stop its TP followers before it is terminated
 
 
@@ -232,6 +233,30 @@ class Engine:
             return bool(self._tm().rpc_sync("flush_cache"))
         except RuntimeError:
             return False
+
+    def update_weights_from_disk(self, model_path: str, load_format: str | None = None) -> tuple[bool, str]:
+        """Swap in the weights of another folder of the same architecture and shapes (a new
+        checkpoint of this model). Waits for the running requests to finish and holds new ones
+        meanwhile; flushes the radix cache. Returns (success, message); on failure the old
+        weights stay in use."""
+        if load_format not in (None, "auto", "safetensors"):
+            raise ValueError(f"load_format must be auto or safetensors, got {load_format!r}")
+        tm = self._tm()
+        if tm.is_embedding:
+            raise ValueError("update_weights_from_disk is for generation models")
+        path = resolve_model_path(model_path)
+        ok, message = tm.rpc_sync("update_weights_from_disk", timeout=_UPDATE_TIMEOUT_S, model_path=path)
+        if ok:
+            self.model_path = path
+        return bool(ok), message
+
+    def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list[float]:
+        """The first ``truncate_size`` values of a parameter (rank 0's shard), by this engine's
+        parameter name (``layers.0.self_attn.qkv_proj.weight``; a leading ``model.`` is ignored)."""
+        try:
+            return self._tm().rpc_sync("get_weights_by_name", name=name, truncate_size=truncate_size)
+        except RuntimeError as e:
+            raise ValueError(str(e)) from None
 
     def get_server_info(self) -> dict:
         tm = self._tm()

@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from radixfleet.engine.io_struct import EmbedReq, SingleReq, normalize_generate
 from radixfleet.engine.metrics import CONTENT_TYPE, UNMETERED_RID_PREFIX, EngineMetrics
+from radixfleet.engine.model_prep import resolve_model_path
 from radixfleet.engine.sampling.params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
 OPEN_PATHS = frozenset({"/health"})
 _RPC_TIMEOUT_S = 10.0
 _HEALTH_GENERATE_TIMEOUT_S = 30.0
+_UPDATE_TIMEOUT_S = 600.0  # a weight update waits for the running requests to finish
 # Native /generate arguments (besides text/input_ids); anything else is a 400.
 _GENERATE_ARGS = ("sampling_params", "stream", "rid", "return_logprob", "logprob_start_len",
                   "top_logprobs_num", "return_hidden_states")
@@ -354,6 +356,39 @@ def _register_native_routes(app: FastAPI, state: ServerState) -> None:
         except RuntimeError as e:
             raise APIError(400, f"cache not flushed: {e}") from None
         return {"success": True, "message": "Cache flushed."}
+
+    @app.post("/update_weights_from_disk")
+    async def update_weights_from_disk(request: Request) -> JSONResponse:
+        body = await json_body(request)
+        if not isinstance(body, dict) or not isinstance(body.get("model_path"), str):
+            raise APIError(400, "pass {\"model_path\": \"<folder>\"}", param="model_path")
+        if body.get("load_format") not in (None, "auto", "safetensors"):
+            raise APIError(400, "load_format must be auto or safetensors", param="load_format")
+        if state.tm.is_embedding:
+            raise APIError(400, "update_weights_from_disk is for generation models")
+        state.check_alive()
+        path = resolve_model_path(body["model_path"])
+        ok, message = await asyncio.wait_for(state.tm.rpc("update_weights_from_disk", model_path=path),
+                                             _UPDATE_TIMEOUT_S)
+        if ok:
+            state.engine.model_path = path
+        return JSONResponse({"success": ok, "message": message}, status_code=200 if ok else 400)
+
+    @app.api_route("/get_weights_by_name", methods=["GET", "POST"])
+    async def get_weights_by_name(request: Request) -> JSONResponse:
+        body = await json_body(request)
+        if not isinstance(body, dict) or not isinstance(body.get("name"), str):
+            raise APIError(400, "pass {\"name\": \"<parameter>\"}", param="name")
+        truncate = body.get("truncate_size", 100)
+        if not isinstance(truncate, int) or truncate < 1:
+            raise APIError(400, "truncate_size must be a positive integer", param="truncate_size")
+        state.check_alive()
+        try:
+            values = await asyncio.wait_for(state.tm.rpc("get_weights_by_name", name=body["name"],
+                                                         truncate_size=truncate), _RPC_TIMEOUT_S)
+        except RuntimeError as e:
+            raise APIError(400, str(e), param="name") from None
+        return JSONResponse(values)
 
     @app.post("/abort_request")
     async def abort_request(request: Request) -> dict:

@@ -118,6 +118,12 @@ class ModelRunner:
                 logger.info("CPU decode kernels: %s", "kernels/cpu_ops.c" if lib else "torch ops (fallback)")
         return model.eval()
 
+    def update_weights(self, path: str, previous: str | None) -> tuple[bool, str]:
+        """Load the same-shaped weights of folder ``path`` in place (``engine/weight_update.py``)."""
+        from radixfleet.engine.weight_update import update_from_disk
+
+        return update_from_disk(self, path, previous)
+
     def _init_memory(self) -> None:
         cfg = self.model_config
         attn = self.model.layers[0].self_attn

@@ -61,6 +61,7 @@ from radixfleet.engine.step_executor import SampledIds, StepExecutor
 from radixfleet.engine.stop import StopChecker
 from radixfleet.engine.tp_worker import TPLeader
 from radixfleet.engine.transfer import to_device
+from radixfleet.engine.weight_update import weights_by_name
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +131,9 @@ class Scheduler:
                       "retractions": 0, "decode_steps": 0, "extend_steps": 0,
                       "peak_running_requests": 0}
         self._recent: list[tuple[float, int]] = []  # (time, tokens) of recent decode steps
+        # A weight update waits (holding new admissions) until no request is running.
+        self._update: ipc.RpcReq | None = None
+        self.weights_path = None if config.load_format == "dummy" else model_path
         ctx = zmq.Context()
         self.recv_sock = ipc.bind_pull(ctx, ipc_names["scheduler"])
         self.detok_sock = ipc.connect_push(ctx, ipc_names["detokenizer"])
@@ -171,6 +175,8 @@ class Scheduler:
         while not self._stopping:
             # Never block with a step in flight: its tokens would wait for the next message.
             self._recv(block=not self._busy())
+            if self._update is not None and not (self.running or self.chunked or self.in_flight):
+                self._update_weights()
             if self.grammars.pending:
                 self._admit_compiled()
             if self._busy() and not self._stopping:
@@ -208,6 +214,11 @@ class Scheduler:
             self._abort(msg.rid)
         elif isinstance(msg, ipc.RpcReq) and msg.method == "shutdown":
             self._shutdown()
+        elif isinstance(msg, ipc.RpcReq) and msg.method == "update_weights_from_disk":
+            if self._update is not None:
+                ipc.send(self.reply_sock, ipc.RpcReply(msg.call_id, (False, "another weight update is in progress")))
+            else:
+                self._update = msg  # answered by _update_weights once nothing runs
         elif isinstance(msg, ipc.RpcReq):
             ipc.send(self.reply_sock, self._rpc(msg))
         else:
@@ -260,7 +271,22 @@ class Scheduler:
             return ipc.RpcReply(msg.call_id, ok, None if ok else "requests are in flight; flush refused")
         if msg.method == "get_internal_state":
             return ipc.RpcReply(msg.call_id, self.internal_state())
+        if msg.method == "get_weights_by_name":
+            try:
+                return ipc.RpcReply(msg.call_id, weights_by_name(self.runner.model, **msg.args))
+            except (ValueError, TypeError) as e:
+                return ipc.RpcReply(msg.call_id, error=str(e))
         return ipc.RpcReply(msg.call_id, error=f"unknown method {msg.method!r}")
+
+    def _update_weights(self) -> None:
+        """Swap in the weights of the pending update (nothing is running); answer its call."""
+        msg, self._update = self._update, None
+        path = msg.args["model_path"]
+        ok, message = self.model.update_weights(path, self.weights_path)
+        if ok:
+            self.weights_path = path
+            self.kv.cache.flush()  # its KV came from the old weights
+        ipc.send(self.reply_sock, ipc.RpcReply(msg.call_id, (ok, message)))
 
     def _shutdown(self) -> None:
         """Leave the event loop; TP followers (on any node) leave theirs too."""
@@ -314,7 +340,7 @@ class Scheduler:
         return launched
 
     def _prefill_batch(self) -> list[Req]:
-        if not self.waiting and self.chunked is None:
+        if (not self.waiting or self._update is not None) and self.chunked is None:
             return []
         adder = PrefillAdder(self.kv, self.running, self.chunk_size, self.max_running, self.new_token_ratio)
         if self.chunked is not None:

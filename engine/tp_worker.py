@@ -16,6 +16,7 @@ the CPU control group before each one:
   them on the device group right after the message, queued behind that step.
 - ``Logits``: rank 0 broadcasts the hidden states it wants logits for, and every rank runs
   the LM head on them (its vocab slice is all-gathered).
+- ``Reload``: every rank loads its shards of a new weights folder (``update_weights_from_disk``).
 - ``Stop``: the follower leaves its loop.
 
 Followers never sample, so no random state or grammar needs to agree across ranks.
@@ -49,6 +50,12 @@ class Forward:
 @dataclass
 class Logits:
     shape: tuple[int, int]
+
+
+@dataclass
+class Reload:
+    path: str
+    previous: str | None
 
 
 @dataclass
@@ -86,6 +93,10 @@ class TPLeader:
         dist.broadcast_tensor(hidden)
         return self.runner.compute_logits(hidden)
 
+    def update_weights(self, path: str, previous: str | None) -> tuple[bool, str]:
+        dist.broadcast_control(Reload(path, previous))
+        return self.runner.update_weights(path, previous)
+
     def stop(self) -> None:
         dist.broadcast_control(Stop())
 
@@ -103,6 +114,10 @@ def follow(runner: ModelRunner) -> None:
         elif isinstance(msg, Logits):
             hidden = torch.empty(msg.shape, dtype=runner.dtype, device=runner.device)
             runner.compute_logits(dist.broadcast_tensor(hidden))
+        elif isinstance(msg, Reload):
+            ok, message = runner.update_weights(msg.path, msg.previous)
+            if not ok:
+                logger.error("tp rank %d: %s", dist.tp_rank(), message)
         elif isinstance(msg, Stop):
             logger.info("tp rank %d: stop", dist.tp_rank())
             return

@@ -1,0 +1,71 @@
+"""Replacing a running engine's weights from a folder (SGLang's ``update_weights_from_disk``),
+and reading them back (``get_weights_by_name``).
+
+The new folder must hold the same architecture and shapes (``incompatibility`` says why not,
+before anything is touched). Tensors are copied into the existing parameters, so CUDA graphs
+captured on them stay valid; CPU layers re-pack their oneDNN copies. If loading fails
+part-way (a missing or misnamed tensor), the previous folder's weights are loaded back. The
+scheduler runs an update only with no request running, and flushes the radix cache after
+it (cached KV was computed by the old weights); with tensor parallelism every rank loads its
+own shards of the same folder.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from radixfleet.engine.layers.linear import prepack_cpu_weights
+from radixfleet.engine.model_config import ModelConfig
+from radixfleet.engine.model_runner import ModelRunner, iter_safetensors
+
+# What must match for the new tensors to fit the running model.
+_SHAPE_FIELDS = ("architecture", "vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                 "num_heads", "num_kv_heads", "head_dim", "tie_word_embeddings", "attention_bias")
+
+
+def incompatibility(current: ModelConfig, path: str) -> str | None:
+    """Why the folder ``path`` cannot replace the running weights; None when it can."""
+    if not os.path.isdir(path):
+        return f"model_path {path!r} is not a folder"
+    try:
+        new = ModelConfig.from_path(path)
+    except (ValueError, KeyError, OSError) as e:
+        return f"cannot read {path!r}: {e}"
+    for name in _SHAPE_FIELDS:
+        if getattr(new, name) != getattr(current, name):
+            return (f"{path!r} has {name}={getattr(new, name)!r}, the running model "
+                    f"{getattr(current, name)!r}: only weights of the same shape can be swapped in")
+    return None
+
+
+def load_into(runner: ModelRunner, path: str) -> None:
+    runner.model.load_weights(iter_safetensors(path))
+    if runner.device.type == "cpu":
+        prepack_cpu_weights(runner.model)
+
+
+def update_from_disk(runner: ModelRunner, path: str, previous: str | None) -> tuple[bool, str]:
+    """Load ``path`` into ``runner``; on failure restore ``previous`` (None: random weights,
+    which cannot be restored). Returns (success, message)."""
+    reason = incompatibility(runner.model_config, path)
+    if reason is not None:
+        return False, reason
+    try:
+        load_into(runner, path)
+    except (ValueError, KeyError, OSError, RuntimeError) as e:
+        if previous is None:
+            return False, f"loading {path!r} failed ({e}); the weights are now partly updated"
+        load_into(runner, previous)
+        return False, f"loading {path!r} failed ({e}); the previous weights were restored"
+    return True, f"weights updated from {path!r}"
+
+
+def weights_by_name(model: torch.nn.Module, name: str, truncate_size: int = 100) -> list[float]:
+    """The first ``truncate_size`` values of parameter ``name`` (this rank's shard, flattened)."""
+    params = dict(model.named_parameters())
+    key = name.removeprefix("model.")
+    if key not in params:
+        raise ValueError(f"no parameter {name!r}; e.g. {', '.join(sorted(params)[:4])}")
+    return params[key].detach().flatten()[:truncate_size].float().cpu().tolist()
