@@ -57,6 +57,9 @@ class EngineConfig:
     enable_custom_logit_processor: bool = _opt(False, "accept custom logit processors (deserialises code)")
     stream_interval: int = _opt(1, "send streamed tokens every N steps")
     skip_tokenizer_init: bool = _opt(False, "take and return token ids only")
+    enable_lora: bool = _opt(False, "serve LoRA adapters next to the base weights (set by lora_paths)")
+    lora_paths: tuple[str, ...] | None = _opt(None, "LoRA adapters (peft folders) to load at start: "
+                                                    "name=path or path")
     is_embedding: bool = _opt(False, "serve an embedding model (encode only); BERT-family models "
                                      "always are, generation architectures cannot be")
 
@@ -93,6 +96,12 @@ class EngineConfig:
         if self.dist_init_addr and (":" not in self.dist_init_addr
                                     or not self.dist_init_addr.rpartition(":")[2].isdigit()):
             raise bad(f"dist_init_addr must be host:port, got {self.dist_init_addr!r}")
+        if self.lora_paths:
+            object.__setattr__(self, "lora_paths", tuple(self.lora_paths))
+            object.__setattr__(self, "enable_lora", True)
+        if self.enable_lora and self.tp_size > 1:
+            raise bad("LoRA adapters run with tp_size 1 only (enable_lora / lora_paths with tp_size "
+                      f"{self.tp_size})")
         if self.tp_size > 1 and self.device.startswith("cuda:"):
             raise bad(f"device={self.device!r} names one GPU, but tp_size={self.tp_size} needs one per "
                       "rank: use device='cuda' (rank i takes cuda:i; pick GPUs with CUDA_VISIBLE_DEVICES)")
@@ -124,6 +133,9 @@ class EngineConfig:
             help_ = f.metadata.get("help", "")
             if hint is bool or hint == bool | None:  # the flag sets True; absent, the default (None: auto)
                 parser.add_argument(flag, action="store_true", default=f.default, help=help_)
+                continue
+            if "tuple" in str(hint):  # one or more values
+                parser.add_argument(flag, nargs="+", default=f.default, help=help_)
                 continue
             kind = int if "int" in str(hint) else float if "float" in str(hint) else str
             required = f.default is dataclasses.MISSING

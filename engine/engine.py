@@ -122,6 +122,7 @@ class Engine:
                  rid: str | list[str] | None = None, return_hidden_states: bool = False,
                  return_text_in_logprobs: bool = False, custom_logit_processor: str | list | None = None,
                  token_ids_logprob: list[int] | list[list[int]] | None = None,
+                 lora_path: str | list[str | None] | None = None,
                  **unsupported: Any) -> dict | list[dict] | Iterator[dict]:
         """Generate for one prompt (returns a dict) or a batch (returns a list of dicts).
 
@@ -130,7 +131,7 @@ class Engine:
         reqs, is_batch, tm = self._prepare(
             prompt, input_ids, sampling_params, stream, rid, return_logprob, logprob_start_len,
             top_logprobs_num, return_hidden_states, return_text_in_logprobs, custom_logit_processor,
-            token_ids_logprob, unsupported)
+            token_ids_logprob, lora_path, unsupported)
         if stream:
             return self._iter_stream(tm.stream_sync(reqs), is_batch)
         results = dict(tm.stream_sync(reqs))
@@ -145,12 +146,13 @@ class Engine:
                              return_text_in_logprobs: bool = False,
                              custom_logit_processor: str | list | None = None,
                              token_ids_logprob: list[int] | list[list[int]] | None = None,
+                             lora_path: str | list[str | None] | None = None,
                              **unsupported: Any) -> dict | list[dict] | AsyncIterator[dict]:
         """Awaitable ``generate``; with ``stream=True`` it returns an async iterator of chunks."""
         reqs, is_batch, tm = self._prepare(
             prompt, input_ids, sampling_params, stream, rid, return_logprob, logprob_start_len,
             top_logprobs_num, return_hidden_states, return_text_in_logprobs, custom_logit_processor,
-            token_ids_logprob, unsupported)
+            token_ids_logprob, lora_path, unsupported)
         if stream:
             return self._aiter_stream(tm.stream_async(reqs), is_batch)
         results = {i: out async for i, out in tm.stream_async(reqs)}
@@ -158,13 +160,13 @@ class Engine:
 
     def _prepare(self, prompt, input_ids, sampling_params, stream, rid, return_logprob,
                  logprob_start_len, top_logprobs_num, return_hidden_states, return_text_in_logprobs,
-                 custom_logit_processor, token_ids_logprob, unsupported: dict[str, Any]):
+                 custom_logit_processor, token_ids_logprob, lora_path, unsupported: dict[str, Any]):
         """Validate one generate call (both flavours); return (requests, is_batch, manager)."""
         _refuse(unsupported)
         reqs, is_batch = normalize_generate(prompt, input_ids, sampling_params, stream, rid, return_logprob,
                                             logprob_start_len, top_logprobs_num, return_hidden_states,
                                             return_text_in_logprobs, custom_logit_processor,
-                                            token_ids_logprob)
+                                            token_ids_logprob, lora_path)
         return reqs, is_batch, self._tm()
 
     # ---- scoring ---------------------------------------------------------------------------
@@ -249,6 +251,16 @@ class Engine:
         if ok:
             self.model_path = path
         return bool(ok), message
+
+    def load_lora_adapter(self, lora_name: str, lora_path: str) -> tuple[bool, str]:
+        """Load a peft LoRA folder as adapter ``lora_name`` (needs ``enable_lora``); requests
+        then name it in ``lora_path``. Returns (success, message)."""
+        return tuple(self._tm().rpc_sync("load_lora_adapter", timeout=120, lora_name=lora_name,
+                                         lora_path=lora_path))
+
+    def unload_lora_adapter(self, lora_name: str) -> tuple[bool, str]:
+        """Drop adapter ``lora_name``; refused while a request uses it."""
+        return tuple(self._tm().rpc_sync("unload_lora_adapter", lora_name=lora_name))
 
     def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list[float]:
         """The first ``truncate_size`` values of a parameter (rank 0's shard), by this engine's

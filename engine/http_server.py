@@ -40,7 +40,8 @@ _UPDATE_TIMEOUT_S = 600.0  # a weight update waits for the running requests to f
 _GENERATE_ARGS = ("sampling_params", "stream", "rid", "return_logprob", "logprob_start_len",
                   "top_logprobs_num", "return_hidden_states")
 # Passed on only when given, so that an engine without them answers a clear 400.
-_OPTIONAL_GENERATE_ARGS = ("return_text_in_logprobs", "custom_logit_processor", "token_ids_logprob")
+_OPTIONAL_GENERATE_ARGS = ("return_text_in_logprobs", "custom_logit_processor", "token_ids_logprob",
+                           "lora_path")
 # meta_info lists with one entry per output token, concatenated over chunks for a whole answer.
 LIST_META_KEYS = ("output_token_logprobs", "output_top_logprobs", "output_token_ids_logprobs")
 
@@ -374,6 +375,20 @@ def _register_native_routes(app: FastAPI, state: ServerState) -> None:
             state.engine.model_path = path
         return JSONResponse({"success": ok, "message": message}, status_code=200 if ok else 400)
 
+    @app.post("/load_lora_adapter")
+    async def load_lora_adapter(request: Request) -> JSONResponse:
+        body = await json_body(request)
+        if not isinstance(body, dict) or not all(isinstance(body.get(k), str) for k in ("lora_name", "lora_path")):
+            raise APIError(400, "pass {\"lora_name\": ..., \"lora_path\": \"<peft folder>\"}")
+        return await _lora_call(state, "load_lora_adapter", lora_name=body["lora_name"], lora_path=body["lora_path"])
+
+    @app.post("/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request) -> JSONResponse:
+        body = await json_body(request)
+        if not isinstance(body, dict) or not isinstance(body.get("lora_name"), str):
+            raise APIError(400, "pass {\"lora_name\": ...}", param="lora_name")
+        return await _lora_call(state, "unload_lora_adapter", lora_name=body["lora_name"])
+
     @app.api_route("/get_weights_by_name", methods=["GET", "POST"])
     async def get_weights_by_name(request: Request) -> JSONResponse:
         body = await json_body(request)
@@ -429,6 +444,12 @@ def _register_native_routes(app: FastAPI, state: ServerState) -> None:
             return sse_response(_native_sse(gen, first, with_index))
         outs = await until_disconnect(request, collect(state, reqs))
         return JSONResponse(outs if with_index or len(outs) != 1 else outs[0])
+
+
+async def _lora_call(state: ServerState, method: str, **args: Any) -> JSONResponse:
+    state.check_alive()
+    ok, message = await asyncio.wait_for(state.tm.rpc(method, **args), _UPDATE_TIMEOUT_S)
+    return JSONResponse({"success": ok, "message": message}, status_code=200 if ok else 400)
 
 
 async def _first_or_error(gen: AsyncIterator[Any]) -> Any:

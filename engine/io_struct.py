@@ -23,6 +23,7 @@ class SingleReq:
     return_text_in_logprobs: bool = False
     custom_logit_processor: str | None = None
     token_ids_logprob: list[int] | None = None
+    lora_path: str | None = None  # the name of a loaded LoRA adapter
 
 
 def _is_int_list(x: Any) -> bool:
@@ -36,6 +37,7 @@ def normalize_generate(prompt: str | list[str] | None, input_ids: Any, sampling_
                        return_text_in_logprobs: bool = False,
                        custom_logit_processor: str | list[str | None] | None = None,
                        token_ids_logprob: list[int] | list[list[int]] | None = None,
+                       lora_path: str | list[str | None] | None = None,
                        ) -> tuple[list[SingleReq], bool]:
     """Return (requests, is_batch). Raises ValueError naming the problem."""
     if prompt is not None and input_ids is not None:
@@ -86,9 +88,12 @@ def normalize_generate(prompt: str | list[str] | None, input_ids: Any, sampling_
     token_ids = _token_ids_per_prompt(token_ids_logprob, n)
     if token_ids_logprob is not None and not all(logprob_flags):
         raise ValueError("token_ids_logprob needs return_logprob=True")
+    adapters = lora_path if isinstance(lora_path, list) else [lora_path] * n
+    if len(adapters) != n or not all(a is None or (isinstance(a, str) and a) for a in adapters):
+        raise ValueError(f"lora_path must be an adapter name, or a list of {n} names (or nulls), one per prompt")
     reqs = [SingleReq(rids[i], texts_list[i], ids_list[i], params[i], stream, bool(logprob_flags[i]),
                       logprob_start_len, top_logprobs_num, return_hidden_states,
-                      return_text_in_logprobs, processors[i], token_ids[i]) for i in range(n)]
+                      return_text_in_logprobs, processors[i], token_ids[i], adapters[i]) for i in range(n)]
     return reqs, is_batch
 
 

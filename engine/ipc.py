@@ -35,6 +35,7 @@ class TokenizedGenerateReq:
     return_text_in_logprobs: bool = False
     custom_logit_processor: str | None = None  # CustomLogitProcessor.to_str()
     token_ids_logprob: list[int] | None = None
+    lora_path: str | None = None  # a loaded adapter's name
 
 
 @dataclass

@@ -33,8 +33,9 @@ class KVManager:
         return self.allocator.available + self.cache.evictable_size
 
     def match(self, req: Req):
-        # Keep at least one token to compute, so the step yields logits for sampling.
-        return self.cache.match_prefix(req.fill_ids[: req.max_prefix_len])
+        # Keep at least one token to compute, so the step yields logits for sampling. A
+        # request on a LoRA adapter matches nothing: the tree holds the base model's KV.
+        return self.cache.match_prefix([] if req.lora_id else req.fill_ids[: req.max_prefix_len])
 
     def admit(self, req: Req) -> bool:
         """Give ``req`` a table row and its cached prefix; False if no row is free."""
@@ -81,7 +82,7 @@ class KVManager:
         # Slots past fill_ids hold the KV of a pending token (a step still in flight when the
         # request finished): its id is unknown here, so the tree cannot key it; it is freed.
         known = min(req.kv_len, len(req.fill_ids))
-        if keep_in_cache and not self.cache.disabled:
+        if keep_in_cache and not self.cache.disabled and not req.lora_id:
             cached = self.cache.insert(req.fill_ids[:known], slots[:known])
             aligned = known - known % self.page_size
             # Slots that duplicate what the tree already held, and the unaligned tail.

@@ -78,6 +78,13 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
         self.context_len = config.context_length or self.model_config.max_position_embeddings
         self.model = self._load_model(model_path)
+        self.lora = None
+        if config.enable_lora:
+            from radixfleet.engine.lora import LoRAManager, parse_lora_paths
+
+            self.lora = LoRAManager(self.model, self.device, self.dtype)
+            for name, path in parse_lora_paths(config.lora_paths).items():
+                self.lora.load(name, path)
         self._init_memory()
         backend_name = config.attention_backend or default_backend(self.device.type)
         cfg = self.model_config
@@ -158,10 +165,16 @@ class ModelRunner:
         (or of every new token [T, hidden] when ``sample_last_only`` is false)."""
         batch.attn_backend = self.attn_backend
         self.req_table.flush()
-        if self.cuda_graphs is not None and self.cuda_graphs.can_run(batch):
+        if self.cuda_graphs is not None and batch.lora_ids is None and self.cuda_graphs.can_run(batch):
             return self.cuda_graphs.replay(batch)
         self.attn_backend.plan(batch)
-        hidden = self.model(batch)
+        if self.lora is not None:
+            self.lora.prepare(batch.lora_ids, batch.extend_seq_lens_cpu)
+        try:
+            hidden = self.model(batch)
+        finally:
+            if self.lora is not None:
+                self.lora.finish()
         if batch.mode is ForwardMode.EXTEND and sample_last_only:
             hidden = batch.last_tokens(hidden)
         return hidden

@@ -78,6 +78,7 @@ class _SamplingFields(BaseModel):
     ebnf: str | None = None
     json_schema: str | None = None
     rid: str | None = None
+    lora_path: str | None = None  # a loaded LoRA adapter's name
 
     def check_extra(self) -> None:
         unknown = sorted(set(self.model_extra or {}) - IGNORED_FIELDS)

@@ -225,7 +225,7 @@ class _CompletionJob(_Job):
         tok = state.tm.tokenizer
         params = sampling_params(req, req.max_tokens)
         reqs, _ = normalize_generate(texts, ids, params, req.stream, None, req.logprobs is not None, -1,
-                                     req.logprobs or 0)
+                                     req.logprobs or 0, lora_path=req.lora_path)
         echo: list[str] = []
         if req.echo:
             echo = texts if texts is not None else [tok.decode(x) if tok else "" for x in ids or []]
@@ -306,7 +306,7 @@ class _ChatJob(_Job):
         asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = sampling_params(req, _token_budget(state, len(ids), asked), forced_schema)
         reqs, _ = normalize_generate(None, ids, params, req.stream, req.rid, req.logprobs, -1,
-                                     req.top_logprobs or 0)
+                                     req.top_logprobs or 0, lora_path=req.lora_path)
         parser = None
         if tools_on:
             name = state.tool_call_parser or detect_tool_parser(template or getattr(tok, "chat_template", None))

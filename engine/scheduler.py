@@ -49,6 +49,7 @@ from radixfleet.engine.attention.base import ForwardMode
 from radixfleet.engine.config import EngineConfig
 from radixfleet.engine.grammar import GrammarBackend, GrammarQueue, grammar_key
 from radixfleet.engine.kv_manager import KVManager
+from radixfleet.engine.lora import lora_rpc
 from radixfleet.engine.memory.radix_cache import RadixCache
 from radixfleet.engine.model_runner import ModelRunner
 from radixfleet.engine.prefill import SCHEDULE_POLICIES, PrefillAdder
@@ -200,7 +201,8 @@ class Scheduler:
                 return
             req = Req(msg.rid, list(msg.input_ids), msg.sampling_params,
                       stream=msg.stream, arrival_time=msg.arrival_time or time.monotonic(),
-                      custom_logit_processor=msg.custom_logit_processor)
+                      custom_logit_processor=msg.custom_logit_processor,
+                      lora_id=self.runner.lora.index_of(msg.lora_path) if msg.lora_path else 0)
             if msg.return_logprob or msg.return_hidden_states:
                 req.outputs = ReqOutputs(len(req.input_ids), msg.return_logprob, msg.logprob_start_len,
                                          msg.top_logprobs_num, msg.return_text_in_logprobs,
@@ -237,6 +239,13 @@ class Scheduler:
             return f"input_ids contain token ids outside the vocabulary [0, {vocab})"
         if any(not 0 <= t < vocab for t in msg.token_ids_logprob or ()):
             return f"token_ids_logprob contains token ids outside the vocabulary [0, {vocab})"
+        if msg.lora_path:
+            if self.runner.lora is None:
+                return "lora_path needs an engine started with enable_lora (or lora_paths)"
+            try:
+                self.runner.lora.index_of(msg.lora_path)
+            except ValueError as e:
+                return str(e)
         return self._validate_sampling(msg)
 
     def _validate_sampling(self, msg: ipc.TokenizedGenerateReq) -> str | None:
@@ -271,6 +280,10 @@ class Scheduler:
             return ipc.RpcReply(msg.call_id, ok, None if ok else "requests are in flight; flush refused")
         if msg.method == "get_internal_state":
             return ipc.RpcReply(msg.call_id, self.internal_state())
+        if msg.method in ("load_lora_adapter", "unload_lora_adapter"):
+            queued = [r for r, _ in self.grammars.pending]
+            users = [*self.waiting, *self.running, *queued, *([self.chunked] if self.chunked else [])]
+            return ipc.RpcReply(msg.call_id, lora_rpc(self.runner.lora, msg.method, users, **msg.args))
         if msg.method == "get_weights_by_name":
             try:
                 return ipc.RpcReply(msg.call_id, weights_by_name(self.runner.model, **msg.args))

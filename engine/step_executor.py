@@ -83,6 +83,8 @@ class StepExecutor:
                 ids += r.fill_ids[r.kv_len:r.kv_len + r.extend_len]
         fb = ForwardBatch.from_host(mode, ids, [r.row for r in reqs], torch.cat(locs), self.table.table,
                                     [r.kv_len for r in reqs], [r.extend_len for r in reqs])
+        if any(r.lora_id for r in reqs):
+            fb.lora_ids = [r.lora_id for r in reqs]
         if mode is ForwardMode.DECODE:
             # The newest token of each request, possibly sampled by a step still running.
             fb.input_ids = self.last_token[fb.req_pool_indices]

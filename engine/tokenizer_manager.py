@@ -171,7 +171,7 @@ class TokenizerManager:
                           return_hidden_states=r.return_hidden_states, arrival_time=now,
                           return_text_in_logprobs=r.return_text_in_logprobs,
                           custom_logit_processor=r.custom_logit_processor,
-                          token_ids_logprob=r.token_ids_logprob)
+                          token_ids_logprob=r.token_ids_logprob, lora_path=r.lora_path)
             if params.n == 1:
                 msg = ipc.TokenizedGenerateReq(r.rid, ids, params, **fields)
                 states.append(ReqState(r.rid, len(states), r.stream, sink, now))

@@ -58,6 +58,8 @@ class ForwardBatch:
     input_ids_cpu: torch.Tensor | None = None
     req_pool_indices_cpu: torch.Tensor | None = None
     out_cache_loc_cpu: torch.Tensor | None = None
+    # Each request's LoRA adapter index (0: none); None when no request uses one.
+    lora_ids: list[int] | None = None
 
     @property
     def batch_size(self) -> int:

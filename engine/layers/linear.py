@@ -23,6 +23,7 @@ from torch import nn
 
 from radixfleet.engine import distributed as dist
 from radixfleet.engine.layers.fused import fused_ops
+from radixfleet.engine.lora import lora_delta
 
 # Batch-1 GEMVs up to this many weight elements use kernels/gemv.py (with the norm or SiLU-mul
 # before them folded in). On an H200 at Llama-3.1-8B's shapes its whole-row kernel beats or
@@ -83,10 +84,18 @@ class PackableWeight(nn.Module):
 
     weight: nn.Parameter
     packed: torch.Tensor | None = None
+    lora_state = None  # set on the projections adapters may target (engine/lora.py)
 
     def pack_cpu_weight(self) -> bool:
         self.packed = pack_weight(self.weight)
         return self.packed is not None
+
+    def lora_on(self) -> bool:
+        """This step has requests on LoRA adapters: the fused norm/activation paths are off."""
+        return self.lora_state is not None and self.lora_state.active
+
+    def _with_lora(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return lora_delta(self, x, y) if self.lora_on() else y
 
 
 def _param(shape: tuple[int, ...], loader) -> nn.Parameter:
@@ -109,14 +118,14 @@ class ColumnParallelLinear(PackableWeight):
         param.data.copy_(loaded.narrow(0, r * self.out_per_rank, self.out_per_rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return matmul(x, self.weight, self.bias, self.packed)
+        return self._with_lora(x, matmul(x, self.weight, self.bias, self.packed))
 
     def forward_normed(self, norm, x: torch.Tensor,
                        residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """``norm`` (an RMSNorm) applied to ``x + residual`` (or ``x``), then this layer.
         Returns ``(output, new residual)``. At batch 1 on CUDA the norm runs inside the GEMV
         (``kernels/gemv.py``: one launch, no normalised copy of the row)."""
-        ops = _gemv_ops(x, self.weight)
+        ops = None if self.lora_on() else _gemv_ops(x, self.weight)
         if (ops is not None and ops.gemv_rmsnorm is not None
                 and (residual is None or residual.is_contiguous())):
             return ops.gemv_rmsnorm(x, residual, norm.weight, norm.eps, self.weight, self.bias)
@@ -182,12 +191,12 @@ class RowParallelLinear(PackableWeight):
         param.data.copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._reduce(matmul(x, self.weight, None, self.packed))
+        return self._reduce(self._with_lora(x, matmul(x, self.weight, None, self.packed)))
 
     def forward_silu_mul(self, gate_up: torch.Tensor, act) -> torch.Tensor:
         """This layer applied to ``act(gate_up)`` (``act``: SiluAndMul). At batch 1 on CUDA the
         activation runs inside the GEMV (``kernels/gemv.py``)."""
-        ops = _gemv_ops(gate_up, self.weight)
+        ops = None if self.lora_on() else _gemv_ops(gate_up, self.weight)
         if ops is not None and ops.gemv_silu_mul is not None:
             return self._reduce(ops.gemv_silu_mul(gate_up, self.weight))
         return self(act(gate_up))

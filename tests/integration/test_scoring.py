@@ -113,6 +113,11 @@ def test_token_ids_logprob_needs_return_logprob(engine):
         engine.generate("Hi", {"max_new_tokens": 1}, token_ids_logprob=[5])
 
 
+def test_lora_path_needs_enable_lora(engine):
+    with pytest.raises(ValueError, match="needs an engine started with enable_lora"):
+        engine.generate("Hi", {"max_new_tokens": 1}, lora_path="adapter")
+
+
 def test_v1_score_route(model_dir, engine, labels):
     with engine_server(model_dir, "--served-model-name", "smol") as url:
         body = {"model": "smol", "query": QUERY, "items": ITEMS, "label_token_ids": labels, "apply_softmax": True}
