@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from radixfleet.engine.http_server import APIError, ServerState, json_body, until_disconnect
+from radixfleet.engine.http_server import APIError, ServerState, json_object, until_disconnect
 from radixfleet.engine.io_struct import EmbedReq, normalize_encode
 from radixfleet.engine.openai_protocol import IGNORED_FIELDS
 
@@ -57,9 +57,7 @@ def _openai_inputs(value: Any) -> tuple[list[str] | None, list[list[int]] | None
 def register_embedding_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/encode")
     async def encode(request: Request) -> JSONResponse:
-        body = await json_body(request)
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object")
+        body = await json_object(request)
         unknown = sorted(set(body) - {"text", "input_ids", "rid", "dimensions"})
         if unknown:
             raise APIError(400, f"unsupported encode argument(s): {', '.join(unknown)}", param=unknown[0])
@@ -70,12 +68,7 @@ def register_embedding_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> JSONResponse:
-        body = await json_body(request)
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object")
-        unknown = sorted(set(body) - _OPENAI_FIELDS - IGNORED_FIELDS)
-        if unknown:
-            raise APIError(400, f"unknown parameter {unknown[0]!r}", param=unknown[0])
+        body = await json_object(request, _OPENAI_FIELDS | IGNORED_FIELDS)
         if "input" not in body:
             raise APIError(400, "'input' is required", param="input")
         fmt = body.get("encoding_format") or "float"

@@ -122,7 +122,7 @@ class Engine:
                  rid: str | list[str] | None = None, return_hidden_states: bool = False,
                  return_text_in_logprobs: bool = False, custom_logit_processor: str | list | None = None,
                  token_ids_logprob: list[int] | list[list[int]] | None = None,
-                 lora_path: str | list[str | None] | None = None,
+                 lora_path: str | list[str | None] | None = None, session_params: dict | None = None,
                  **unsupported: Any) -> dict | list[dict] | Iterator[dict]:
         """Generate for one prompt (returns a dict) or a batch (returns a list of dicts).
 
@@ -131,7 +131,7 @@ class Engine:
         reqs, is_batch, tm = self._prepare(
             prompt, input_ids, sampling_params, stream, rid, return_logprob, logprob_start_len,
             top_logprobs_num, return_hidden_states, return_text_in_logprobs, custom_logit_processor,
-            token_ids_logprob, lora_path, unsupported)
+            token_ids_logprob, lora_path, session_params, unsupported)
         if stream:
             return self._iter_stream(tm.stream_sync(reqs), is_batch)
         results = dict(tm.stream_sync(reqs))
@@ -147,12 +147,13 @@ class Engine:
                              custom_logit_processor: str | list | None = None,
                              token_ids_logprob: list[int] | list[list[int]] | None = None,
                              lora_path: str | list[str | None] | None = None,
+                             session_params: dict | None = None,
                              **unsupported: Any) -> dict | list[dict] | AsyncIterator[dict]:
         """Awaitable ``generate``; with ``stream=True`` it returns an async iterator of chunks."""
         reqs, is_batch, tm = self._prepare(
             prompt, input_ids, sampling_params, stream, rid, return_logprob, logprob_start_len,
             top_logprobs_num, return_hidden_states, return_text_in_logprobs, custom_logit_processor,
-            token_ids_logprob, lora_path, unsupported)
+            token_ids_logprob, lora_path, session_params, unsupported)
         if stream:
             return self._aiter_stream(tm.stream_async(reqs), is_batch)
         results = {i: out async for i, out in tm.stream_async(reqs)}
@@ -160,13 +161,14 @@ class Engine:
 
     def _prepare(self, prompt, input_ids, sampling_params, stream, rid, return_logprob,
                  logprob_start_len, top_logprobs_num, return_hidden_states, return_text_in_logprobs,
-                 custom_logit_processor, token_ids_logprob, lora_path, unsupported: dict[str, Any]):
+                 custom_logit_processor, token_ids_logprob, lora_path, session_params,
+                 unsupported: dict[str, Any]):
         """Validate one generate call (both flavours); return (requests, is_batch, manager)."""
         _refuse(unsupported)
         reqs, is_batch = normalize_generate(prompt, input_ids, sampling_params, stream, rid, return_logprob,
                                             logprob_start_len, top_logprobs_num, return_hidden_states,
                                             return_text_in_logprobs, custom_logit_processor,
-                                            token_ids_logprob, lora_path)
+                                            token_ids_logprob, lora_path, session_params)
         return reqs, is_batch, self._tm()
 
     # ---- scoring ---------------------------------------------------------------------------
@@ -251,6 +253,15 @@ class Engine:
         if ok:
             self.model_path = path
         return bool(ok), message
+
+    def open_session(self, capacity_of_str_len: int, session_id: str | None = None, streaming: bool = False,
+                     timeout: float | None = None) -> str:
+        """Open a multi-turn session (``engine/session.py``); returns its id. Requests then
+        continue from its turns with ``session_params={"id": ...}``."""
+        return self._tm().sessions.open(capacity_of_str_len, session_id, streaming, timeout)
+
+    def close_session(self, session_id: str) -> None:
+        self._tm().sessions.close(session_id)
 
     def load_lora_adapter(self, lora_name: str, lora_path: str) -> tuple[bool, str]:
         """Load a peft LoRA folder as adapter ``lora_name`` (needs ``enable_lora``); requests

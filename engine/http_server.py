@@ -41,7 +41,7 @@ _GENERATE_ARGS = ("sampling_params", "stream", "rid", "return_logprob", "logprob
                   "top_logprobs_num", "return_hidden_states")
 # Passed on only when given, so that an engine without them answers a clear 400.
 _OPTIONAL_GENERATE_ARGS = ("return_text_in_logprobs", "custom_logit_processor", "token_ids_logprob",
-                           "lora_path")
+                           "lora_path", "session_params")
 # meta_info lists with one entry per output token, concatenated over chunks for a whole answer.
 LIST_META_KEYS = ("output_token_logprobs", "output_top_logprobs", "output_token_ids_logprobs")
 
@@ -257,6 +257,18 @@ async def json_body(request: Request) -> Any:
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
 
 
+async def json_object(request: Request, allowed: frozenset[str] | None = None) -> dict:
+    """The body as a JSON object: 400 when it is not one, or (given ``allowed``) when it
+    has a field outside ``allowed``."""
+    body = await json_body(request)
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    unknown = sorted(set(body) - allowed) if allowed is not None else []
+    if unknown:
+        raise APIError(400, f"unknown parameter {unknown[0]!r}", param=unknown[0])
+    return body
+
+
 # ---- app ---------------------------------------------------------------------------------------
 def build_app(state: ServerState) -> FastAPI:
     from radixfleet.engine.embedding_serving import register_embedding_routes
@@ -360,8 +372,8 @@ def _register_native_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/update_weights_from_disk")
     async def update_weights_from_disk(request: Request) -> JSONResponse:
-        body = await json_body(request)
-        if not isinstance(body, dict) or not isinstance(body.get("model_path"), str):
+        body = await json_object(request)
+        if not isinstance(body.get("model_path"), str):
             raise APIError(400, "pass {\"model_path\": \"<folder>\"}", param="model_path")
         if body.get("load_format") not in (None, "auto", "safetensors"):
             raise APIError(400, "load_format must be auto or safetensors", param="load_format")
@@ -375,24 +387,36 @@ def _register_native_routes(app: FastAPI, state: ServerState) -> None:
             state.engine.model_path = path
         return JSONResponse({"success": ok, "message": message}, status_code=200 if ok else 400)
 
+    @app.post("/open_session")
+    async def open_session(request: Request) -> JSONResponse:
+        body = await json_object(request, frozenset({"capacity_of_str_len", "session_id", "streaming", "timeout"}))
+        return JSONResponse(state.tm.sessions.open(body.get("capacity_of_str_len"), body.get("session_id"),
+                                                   bool(body.get("streaming", False)), body.get("timeout")))
+
+    @app.post("/close_session")
+    async def close_session(request: Request) -> Response:
+        body = await json_object(request, frozenset({"session_id"}))
+        state.tm.sessions.close(body.get("session_id"))
+        return Response(status_code=200)
+
     @app.post("/load_lora_adapter")
     async def load_lora_adapter(request: Request) -> JSONResponse:
-        body = await json_body(request)
-        if not isinstance(body, dict) or not all(isinstance(body.get(k), str) for k in ("lora_name", "lora_path")):
+        body = await json_object(request)
+        if not all(isinstance(body.get(k), str) for k in ("lora_name", "lora_path")):
             raise APIError(400, "pass {\"lora_name\": ..., \"lora_path\": \"<peft folder>\"}")
         return await _lora_call(state, "load_lora_adapter", lora_name=body["lora_name"], lora_path=body["lora_path"])
 
     @app.post("/unload_lora_adapter")
     async def unload_lora_adapter(request: Request) -> JSONResponse:
-        body = await json_body(request)
-        if not isinstance(body, dict) or not isinstance(body.get("lora_name"), str):
+        body = await json_object(request)
+        if not isinstance(body.get("lora_name"), str):
             raise APIError(400, "pass {\"lora_name\": ...}", param="lora_name")
         return await _lora_call(state, "unload_lora_adapter", lora_name=body["lora_name"])
 
     @app.api_route("/get_weights_by_name", methods=["GET", "POST"])
     async def get_weights_by_name(request: Request) -> JSONResponse:
-        body = await json_body(request)
-        if not isinstance(body, dict) or not isinstance(body.get("name"), str):
+        body = await json_object(request)
+        if not isinstance(body.get("name"), str):
             raise APIError(400, "pass {\"name\": \"<parameter>\"}", param="name")
         truncate = body.get("truncate_size", 100)
         if not isinstance(truncate, int) or truncate < 1:
@@ -407,9 +431,7 @@ def _register_native_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/abort_request")
     async def abort_request(request: Request) -> dict:
-        body = await json_body(request)
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object")
+        body = await json_object(request)
         rid = body.get("rid", "")
         if body.get("abort_all"):
             rid = ""
@@ -420,10 +442,7 @@ def _register_native_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/generate")
     async def generate(request: Request) -> Response:
-        body = await json_body(request)
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object")
-        args = dict(body)
+        args = dict(await json_object(request))
         prompt, input_ids = args.pop("text", None), args.pop("input_ids", None)
         unknown = sorted(set(args) - set(_GENERATE_ARGS) - set(_OPTIONAL_GENERATE_ARGS))
         if unknown:

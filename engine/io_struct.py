@@ -24,22 +24,16 @@ class SingleReq:
     custom_logit_processor: str | None = None
     token_ids_logprob: list[int] | None = None
     lora_path: str | None = None  # the name of a loaded LoRA adapter
+    session_params: dict | None = None  # continue a session's turn (engine/session.py)
 
 
 def _is_int_list(x: Any) -> bool:
     return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
 
 
-def normalize_generate(prompt: str | list[str] | None, input_ids: Any, sampling_params: Any,
-                       stream: bool, rid: str | list[str] | None = None,
-                       return_logprob: bool | list[bool] = False, logprob_start_len: int = -1,
-                       top_logprobs_num: int = 0, return_hidden_states: bool = False,
-                       return_text_in_logprobs: bool = False,
-                       custom_logit_processor: str | list[str | None] | None = None,
-                       token_ids_logprob: list[int] | list[list[int]] | None = None,
-                       lora_path: str | list[str | None] | None = None,
-                       ) -> tuple[list[SingleReq], bool]:
-    """Return (requests, is_batch). Raises ValueError naming the problem."""
+def _inputs(prompt: Any, input_ids: Any) -> tuple[list[str | None], list[list[int] | None], bool]:
+    """A call's ``prompt`` or ``input_ids`` → (texts, id lists, is_batch), one entry per
+    request (the other list holds None). Raises ValueError naming the problem."""
     if prompt is not None and input_ids is not None:
         raise ValueError("pass either prompt or input_ids, not both")
     if prompt is None and input_ids is None:
@@ -54,18 +48,30 @@ def normalize_generate(prompt: str | list[str] | None, input_ids: Any, sampling_
                 raise ValueError(f"prompt must be a string or a list of strings, got {type(t).__name__}")
             if t == "":
                 raise ValueError("the prompt is empty")
-        ids_list: list[list[int] | None] = [None] * len(texts)
-        texts_list: list[str | None] = list(texts)
+        return list(texts), [None] * len(texts), is_batch
+    if _is_int_list(input_ids):
+        is_batch, ids_list = False, [input_ids]
+    elif isinstance(input_ids, list) and input_ids and all(_is_int_list(x) for x in input_ids):
+        is_batch, ids_list = True, list(input_ids)
     else:
-        if _is_int_list(input_ids):
-            is_batch, ids_list = False, [input_ids]
-        elif isinstance(input_ids, list) and input_ids and all(_is_int_list(x) for x in input_ids):
-            is_batch, ids_list = True, list(input_ids)
-        else:
-            raise ValueError("input_ids must be a list of token ids or a list of such lists")
-        if any(len(x) == 0 for x in ids_list):
-            raise ValueError("input_ids is empty")
-        texts_list = [None] * len(ids_list)
+        raise ValueError("input_ids must be a list of token ids or a list of such lists")
+    if any(len(x) == 0 for x in ids_list):
+        raise ValueError("input_ids is empty")
+    return [None] * len(ids_list), ids_list, is_batch
+
+
+def normalize_generate(prompt: str | list[str] | None, input_ids: Any, sampling_params: Any,
+                       stream: bool, rid: str | list[str] | None = None,
+                       return_logprob: bool | list[bool] = False, logprob_start_len: int = -1,
+                       top_logprobs_num: int = 0, return_hidden_states: bool = False,
+                       return_text_in_logprobs: bool = False,
+                       custom_logit_processor: str | list[str | None] | None = None,
+                       token_ids_logprob: list[int] | list[list[int]] | None = None,
+                       lora_path: str | list[str | None] | None = None,
+                       session_params: dict | None = None,
+                       ) -> tuple[list[SingleReq], bool]:
+    """Return (requests, is_batch). Raises ValueError naming the problem."""
+    texts_list, ids_list, is_batch = _inputs(prompt, input_ids)
     n = len(texts_list)
     if isinstance(sampling_params, list):
         if len(sampling_params) != n:
@@ -91,9 +97,12 @@ def normalize_generate(prompt: str | list[str] | None, input_ids: Any, sampling_
     adapters = lora_path if isinstance(lora_path, list) else [lora_path] * n
     if len(adapters) != n or not all(a is None or (isinstance(a, str) and a) for a in adapters):
         raise ValueError(f"lora_path must be an adapter name, or a list of {n} names (or nulls), one per prompt")
+    if session_params is not None and (n != 1 or params[0].n != 1):
+        raise ValueError("session_params continue one request: one prompt, n = 1")
     reqs = [SingleReq(rids[i], texts_list[i], ids_list[i], params[i], stream, bool(logprob_flags[i]),
                       logprob_start_len, top_logprobs_num, return_hidden_states,
-                      return_text_in_logprobs, processors[i], token_ids[i], adapters[i]) for i in range(n)]
+                      return_text_in_logprobs, processors[i], token_ids[i], adapters[i], session_params)
+            for i in range(n)]
     return reqs, is_batch
 
 
@@ -124,29 +133,8 @@ class EmbedReq:
 def normalize_encode(prompt: str | list[str] | None, input_ids: Any = None,
                      rid: str | list[str] | None = None) -> tuple[list[EmbedReq], bool]:
     """One ``encode`` call → (requests, is_batch). Raises ValueError naming the problem."""
-    if prompt is not None and input_ids is not None:
-        raise ValueError("pass either prompt or input_ids, not both")
-    if prompt is None and input_ids is None:
-        raise ValueError("pass a prompt or input_ids")
-    if prompt is not None:
-        is_batch = isinstance(prompt, list)
-        texts = prompt if is_batch else [prompt]
-        if is_batch and not texts:
-            raise ValueError("the prompt list is empty")
-        for t in texts:
-            if not isinstance(t, str):
-                raise ValueError(f"prompt must be a string or a list of strings, got {type(t).__name__}")
-            if t == "":
-                raise ValueError("the prompt is empty")
-        items: list[tuple[str | None, list[int] | None]] = [(t, None) for t in texts]
-    else:
-        if _is_int_list(input_ids) and input_ids:
-            is_batch, id_lists = False, [input_ids]
-        elif isinstance(input_ids, list) and input_ids and all(_is_int_list(x) and x for x in input_ids):
-            is_batch, id_lists = True, list(input_ids)
-        else:
-            raise ValueError("input_ids must be a non-empty list of token ids or a list of such lists")
-        items = [(None, ids) for ids in id_lists]
+    texts, id_lists, is_batch = _inputs(prompt, input_ids)
+    items = list(zip(texts, id_lists, strict=True))
     rids = [uuid.uuid4().hex for _ in items] if rid is None else (rid if isinstance(rid, list) else [rid])
     if len(rids) != len(items):
         raise ValueError(f"got {len(rids)} rids for {len(items)} inputs")

@@ -26,6 +26,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from radixfleet.engine.transfer import to_device
+
 # peft module name -> (our fused module, shard index within it)
 _TARGETS = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
             "o_proj": ("o_proj", 0), "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
@@ -55,8 +57,7 @@ def lora_delta(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tens
     state: LoRAState | None = getattr(layer, "lora_state", None)
     if state is None or state.batch is None:
         return y
-    y = y.clone()
-    for index, rows in state.batch.groups:
+    for index, rows in state.batch.groups:  # y is this step's fresh matmul output
         weights = layer.lora_weights.get(index)
         if weights is not None:
             a, b = weights
@@ -194,7 +195,7 @@ class LoRAManager:
             if index:
                 rows.setdefault(index, []).extend(range(start, start + n))
             start += n
-        self.state.batch = LoRABatch([(i, torch.tensor(r, device=self.device)) for i, r in rows.items()])
+        self.state.batch = LoRABatch([(i, to_device(r, torch.int64, self.device)) for i, r in rows.items()])
 
     def finish(self) -> None:
         self.state.batch = None

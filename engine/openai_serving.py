@@ -28,6 +28,7 @@ from radixfleet.engine.http_server import (
     chunk_entries,
     collect,
     json_body,
+    json_object,
     sse,
     sse_response,
     stream_error,
@@ -84,12 +85,7 @@ def register_openai_routes(app: FastAPI, state: ServerState) -> None:
         """SGLang's scoring route: ``{"query", "items", "label_token_ids", "apply_softmax",
         "item_first"}`` → ``{"scores": [[p, ...], ...], "usage", ...}``."""
         refuse_on_embedding_model()
-        body = await json_body(request)
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object")
-        unknown = sorted(set(body) - _SCORE_FIELDS - IGNORED_FIELDS)
-        if unknown:
-            raise APIError(400, f"unknown parameter {unknown[0]!r}", param=unknown[0])
+        body = await json_object(request, _SCORE_FIELDS | IGNORED_FIELDS)
         label_ids = body.get("label_token_ids")
         texts, ids = score_prompts(body.get("query"), body.get("items"), label_ids,
                                    bool(body.get("item_first", False)))

@@ -25,6 +25,7 @@ import zmq
 
 from radixfleet.engine import ipc, launch
 from radixfleet.engine.io_struct import ENCODE_REFUSED, GENERATE_REFUSED, EmbedReq, SingleReq
+from radixfleet.engine.session import SessionStore
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class ReqState:
     hidden: bool = False  # internal prefill-only request of a parallel-sampling group
     then: list[ipc.TokenizedGenerateReq] = field(default_factory=list)  # sent when this ends
     then_states: list[ReqState] = field(default_factory=list)
+    session: tuple[str, str | None, list[int]] | None = None  # (session id, parent turn, prompt)
 
 
 class TokenizerManager:
@@ -91,6 +93,7 @@ class TokenizerManager:
         self._thread: threading.Thread | None = None
         self._procs: list = []
         self.listeners: list[Any] = []  # callables(state, out) for metrics; called on every output
+        self.sessions = SessionStore()
 
     # ---- start-up -------------------------------------------------------------------------
     def wait_ready(self, procs, timeout: float, need: set[str] = frozenset({"scheduler", "detokenizer"})) -> None:
@@ -162,9 +165,11 @@ class TokenizerManager:
         if self.is_embedding:
             raise ValueError(GENERATE_REFUSED)
         tokenized = [self.tokenize(r) for r in reqs]
+        contexts = [self._session_context(r, ids) for r, ids in zip(reqs, tokenized, strict=True)]
+        tokenized = [ids if c is None else c[2] for ids, c in zip(tokenized, contexts, strict=True)]
         now = time.monotonic()
         states, to_send = [], []
-        for r, ids in zip(reqs, tokenized):
+        for r, ids, context in zip(reqs, tokenized, contexts, strict=True):
             params = r.params
             fields = dict(stream=r.stream, return_logprob=r.return_logprob,
                           logprob_start_len=r.logprob_start_len, top_logprobs_num=r.top_logprobs_num,
@@ -174,7 +179,7 @@ class TokenizerManager:
                           token_ids_logprob=r.token_ids_logprob, lora_path=r.lora_path)
             if params.n == 1:
                 msg = ipc.TokenizedGenerateReq(r.rid, ids, params, **fields)
-                states.append(ReqState(r.rid, len(states), r.stream, sink, now))
+                states.append(ReqState(r.rid, len(states), r.stream, sink, now, session=context))
                 to_send.append(msg)
                 continue
             # Parallel sampling: prefill the prompt once (it lands in the radix cache), then
@@ -201,6 +206,16 @@ class TokenizerManager:
         for msg in to_send:
             self._send(msg)
         return states
+
+    def _session_context(self, req: SingleReq, ids: list[int]) -> tuple[str, str | None, list[int]] | None:
+        """(session id, parent turn, whole prompt) of a request with ``session_params``."""
+        if req.session_params is None:
+            return None
+        context = self.sessions.context(req.session_params, ids)
+        if len(context[2]) >= self.context_length:
+            raise ValueError(f"the session's context and this prompt have {len(context[2])} tokens; "
+                             f"the model's context length is {self.context_length}")
+        return context
 
     def abort(self, rid: str) -> None:
         self._send(ipc.AbortReq(rid))
@@ -282,6 +297,9 @@ class TokenizerManager:
             meta["e2e_latency"] = now - st.arrival
             with self._lock:
                 self.states.pop(st.rid, None)
+            if st.session is not None and finished["type"] != "abort":
+                session_id, parent, prompt = st.session
+                self.sessions.record(session_id, st.rid, parent, prompt, st.output_ids)
         if st.hidden:
             if finished is not None:
                 if finished["type"] == "abort":

@@ -96,7 +96,7 @@ def test_similar_sentences_are_closer(engine):
 @pytest.mark.parametrize("kwargs, message", [
     ({"prompt": ""}, "empty"),
     ({"prompt": []}, "empty"),
-    ({"input_ids": [[1, 2], []]}, "non-empty"),
+    ({"input_ids": [[1, 2], []]}, "input_ids is empty"),
     ({"input_ids": [101, 10**6, 102]}, "outside the vocabulary"),
     ({"prompt": "word " * 600}, "context length is 512"),
     ({"prompt": "hi", "dimensions": 128}, "dimensions=128"),
