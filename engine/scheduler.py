@@ -54,7 +54,7 @@ from radixfleet.engine.memory.radix_cache import RadixCache
 from radixfleet.engine.model_runner import ModelRunner
 from radixfleet.engine.prefill import SCHEDULE_POLICIES, PrefillAdder
 from radixfleet.engine.request import Req
-from radixfleet.engine.sampling.custom_logit_processor import load_processor
+from radixfleet.engine.request_validation import validate_request
 from radixfleet.engine.sampling.logprobs import ReqOutputs
 from radixfleet.engine.sampling.params import load_generation_defaults
 from radixfleet.engine.sampling.pipeline import SamplingPipeline
@@ -195,7 +195,7 @@ class Scheduler:
 
     def _handle(self, msg) -> None:
         if isinstance(msg, ipc.TokenizedGenerateReq):
-            error = self._validate(msg)
+            error = validate_request(msg, self.runner, self.config, self.generation_defaults)
             if error:
                 ipc.send(self.reply_sock, ipc.ReqError(msg.rid, error))
                 return
@@ -225,46 +225,6 @@ class Scheduler:
             ipc.send(self.reply_sock, self._rpc(msg))
         else:
             logger.error("scheduler got an unknown message %r", type(msg).__name__)
-
-    def _validate(self, msg: ipc.TokenizedGenerateReq) -> str | None:
-        n, ctx = len(msg.input_ids), self.runner.context_len
-        if n == 0:
-            return "the prompt is empty"
-        if n >= ctx:
-            return f"the prompt has {n} tokens; the context length is {ctx}"
-        if n > self.runner.max_total_tokens - 1:
-            return f"the prompt has {n} tokens; the KV cache holds {self.runner.max_total_tokens}"
-        vocab = self.runner.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in msg.input_ids):
-            return f"input_ids contain token ids outside the vocabulary [0, {vocab})"
-        if any(not 0 <= t < vocab for t in msg.token_ids_logprob or ()):
-            return f"token_ids_logprob contains token ids outside the vocabulary [0, {vocab})"
-        if msg.lora_path:
-            if self.runner.lora is None:
-                return "lora_path needs an engine started with enable_lora (or lora_paths)"
-            try:
-                self.runner.lora.index_of(msg.lora_path)
-            except ValueError as e:
-                return str(e)
-        return self._validate_sampling(msg)
-
-    def _validate_sampling(self, msg: ipc.TokenizedGenerateReq) -> str | None:
-        params = msg.sampling_params
-        try:
-            params.apply_defaults(self.generation_defaults)
-        except ValueError as e:
-            return str(e)
-        if msg.custom_logit_processor:
-            if not self.config.enable_custom_logit_processor:
-                return ("custom_logit_processor is disabled; start the engine with "
-                        "enable_custom_logit_processor=True to accept it (it runs client code)")
-            try:
-                load_processor(msg.custom_logit_processor)
-            except ValueError as e:
-                return str(e)
-        if grammar_key(params) is not None and self.config.skip_tokenizer_init:
-            return "json_schema, regex and ebnf need the tokenizer (skip_tokenizer_init is set)"
-        return None
 
     def _admit_compiled(self) -> None:
         ready, failed = self.grammars.take_ready()
