@@ -13,14 +13,19 @@ import logging
 import time
 from collections import deque
 
-import torch
 import zmq
 
 from radixfleet.engine import ipc
 from radixfleet.engine.config import EngineConfig
 from radixfleet.engine.io_struct import GENERATE_REFUSED
 from radixfleet.engine.model_config import ModelConfig
-from radixfleet.engine.model_runner import iter_safetensors, resolve_device, resolve_dtype
+from radixfleet.engine.model_runner import (
+    build_model,
+    iter_safetensors,
+    randomize,
+    resolve_device,
+    resolve_dtype,
+)
 from radixfleet.engine.models.bert import Pooling
 from radixfleet.engine.models.registry import EMBEDDING_REGISTRY
 
@@ -35,15 +40,10 @@ class EmbeddingScheduler:
         self.context_len = min(config.context_length or self.model_config.max_position_embeddings,
                                self.model_config.max_position_embeddings)
         self.pooling = Pooling.from_folder(model_path)
-        torch.set_default_dtype(self.dtype)
-        try:
-            with torch.device(self.device):
-                self.model = EMBEDDING_REGISTRY[self.model_config.architecture](self.model_config)
-        finally:
-            torch.set_default_dtype(torch.float32)
+        self.model = build_model(EMBEDDING_REGISTRY[self.model_config.architecture], self.model_config,
+                                 self.device, self.dtype)
         if config.load_format == "dummy":
-            for p in self.model.parameters():
-                p.data.normal_(0, 0.02)
+            randomize(self.model)
         else:
             self.model.load_weights(iter_safetensors(model_path))
         self.model.eval()
@@ -91,9 +91,11 @@ class EmbeddingScheduler:
         elif isinstance(msg, ipc.TokenizedGenerateReq):
             ipc.send(self.reply_sock, ipc.ReqError(msg.rid, GENERATE_REFUSED))
         elif isinstance(msg, ipc.AbortReq):
-            keep = deque(r for r in self.waiting if msg.rid and r.rid != msg.rid)
+            keep: deque[ipc.TokenizedEmbeddingReq] = deque()
             for r in self.waiting:
-                if r not in keep:  # ends the request's state in the TokenizerManager
+                if msg.rid and r.rid != msg.rid:
+                    keep.append(r)
+                else:  # ends the request's state in the TokenizerManager
                     ipc.send(self.reply_sock, ipc.ReqError(r.rid, "request aborted"))
             self.waiting = keep
         elif isinstance(msg, ipc.RpcReq):

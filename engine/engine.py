@@ -243,12 +243,8 @@ class Engine:
         checkpoint of this model). Waits for the running requests to finish and holds new ones
         meanwhile; flushes the radix cache. Returns (success, message); on failure the old
         weights stay in use."""
-        if load_format not in (None, "auto", "safetensors"):
-            raise ValueError(f"load_format must be auto or safetensors, got {load_format!r}")
         tm = self._tm()
-        if tm.is_embedding:
-            raise ValueError("update_weights_from_disk is for generation models")
-        path = resolve_model_path(model_path)
+        path = tm.weights_update_path(model_path, load_format)
         ok, message = tm.rpc_sync("update_weights_from_disk", timeout=_UPDATE_TIMEOUT_S, model_path=path)
         if ok:
             self.model_path = path

@@ -26,16 +26,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from radixfleet.engine.io_struct import EmbedReq, SingleReq, normalize_generate
 from radixfleet.engine.metrics import CONTENT_TYPE, UNMETERED_RID_PREFIX, EngineMetrics
-from radixfleet.engine.model_prep import resolve_model_path
 from radixfleet.engine.sampling.params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
 OPEN_PATHS = frozenset({"/health"})
-_RPC_TIMEOUT_S = 10.0
+RPC_TIMEOUT_S = 10.0
 _HEALTH_GENERATE_TIMEOUT_S = 30.0
-_UPDATE_TIMEOUT_S = 600.0  # a weight update waits for the running requests to finish
 # Native /generate arguments (besides text/input_ids); anything else is a 400.
 _GENERATE_ARGS = ("sampling_params", "stream", "rid", "return_logprob", "logprob_start_len",
                   "top_logprobs_num", "return_hidden_states")
@@ -103,9 +101,9 @@ class ServerState:
     async def rpc(self, method: str) -> Any:
         self.check_alive()
         try:
-            return await asyncio.wait_for(self.tm.rpc(method), _RPC_TIMEOUT_S)
+            return await asyncio.wait_for(self.tm.rpc(method), RPC_TIMEOUT_S)
         except asyncio.TimeoutError:
-            raise APIError(503, f"the scheduler did not answer {method} within {_RPC_TIMEOUT_S:.0f} s") from None
+            raise APIError(503, f"the scheduler did not answer {method} within {RPC_TIMEOUT_S:.0f} s") from None
 
 
 # ---- ASGI middleware: body size limit and API key --------------------------------------------
@@ -271,6 +269,7 @@ async def json_object(request: Request, allowed: frozenset[str] | None = None) -
 
 # ---- app ---------------------------------------------------------------------------------------
 def build_app(state: ServerState) -> FastAPI:
+    from radixfleet.engine.admin_serving import register_admin_routes
     from radixfleet.engine.embedding_serving import register_embedding_routes
     from radixfleet.engine.openai_serving import register_openai_routes
 
@@ -281,6 +280,7 @@ def build_app(state: ServerState) -> FastAPI:
     _register_native_routes(app, state)
     register_openai_routes(app, state)
     register_embedding_routes(app, state)
+    register_admin_routes(app, state)
     app.add_middleware(GuardMiddleware, state=state)
     return app
 
@@ -370,65 +370,6 @@ def _register_native_routes(app: FastAPI, state: ServerState) -> None:
             raise APIError(400, f"cache not flushed: {e}") from None
         return {"success": True, "message": "Cache flushed."}
 
-    @app.post("/update_weights_from_disk")
-    async def update_weights_from_disk(request: Request) -> JSONResponse:
-        body = await json_object(request)
-        if not isinstance(body.get("model_path"), str):
-            raise APIError(400, "pass {\"model_path\": \"<folder>\"}", param="model_path")
-        if body.get("load_format") not in (None, "auto", "safetensors"):
-            raise APIError(400, "load_format must be auto or safetensors", param="load_format")
-        if state.tm.is_embedding:
-            raise APIError(400, "update_weights_from_disk is for generation models")
-        state.check_alive()
-        path = resolve_model_path(body["model_path"])
-        ok, message = await asyncio.wait_for(state.tm.rpc("update_weights_from_disk", model_path=path),
-                                             _UPDATE_TIMEOUT_S)
-        if ok:
-            state.engine.model_path = path
-        return JSONResponse({"success": ok, "message": message}, status_code=200 if ok else 400)
-
-    @app.post("/open_session")
-    async def open_session(request: Request) -> JSONResponse:
-        body = await json_object(request, frozenset({"capacity_of_str_len", "session_id", "streaming", "timeout"}))
-        return JSONResponse(state.tm.sessions.open(body.get("capacity_of_str_len"), body.get("session_id"),
-                                                   bool(body.get("streaming", False)), body.get("timeout")))
-
-    @app.post("/close_session")
-    async def close_session(request: Request) -> Response:
-        body = await json_object(request, frozenset({"session_id"}))
-        state.tm.sessions.close(body.get("session_id"))
-        return Response(status_code=200)
-
-    @app.post("/load_lora_adapter")
-    async def load_lora_adapter(request: Request) -> JSONResponse:
-        body = await json_object(request)
-        if not all(isinstance(body.get(k), str) for k in ("lora_name", "lora_path")):
-            raise APIError(400, "pass {\"lora_name\": ..., \"lora_path\": \"<peft folder>\"}")
-        return await _lora_call(state, "load_lora_adapter", lora_name=body["lora_name"], lora_path=body["lora_path"])
-
-    @app.post("/unload_lora_adapter")
-    async def unload_lora_adapter(request: Request) -> JSONResponse:
-        body = await json_object(request)
-        if not isinstance(body.get("lora_name"), str):
-            raise APIError(400, "pass {\"lora_name\": ...}", param="lora_name")
-        return await _lora_call(state, "unload_lora_adapter", lora_name=body["lora_name"])
-
-    @app.api_route("/get_weights_by_name", methods=["GET", "POST"])
-    async def get_weights_by_name(request: Request) -> JSONResponse:
-        body = await json_object(request)
-        if not isinstance(body.get("name"), str):
-            raise APIError(400, "pass {\"name\": \"<parameter>\"}", param="name")
-        truncate = body.get("truncate_size", 100)
-        if not isinstance(truncate, int) or truncate < 1:
-            raise APIError(400, "truncate_size must be a positive integer", param="truncate_size")
-        state.check_alive()
-        try:
-            values = await asyncio.wait_for(state.tm.rpc("get_weights_by_name", name=body["name"],
-                                                         truncate_size=truncate), _RPC_TIMEOUT_S)
-        except RuntimeError as e:
-            raise APIError(400, str(e), param="name") from None
-        return JSONResponse(values)
-
     @app.post("/abort_request")
     async def abort_request(request: Request) -> dict:
         body = await json_object(request)
@@ -463,12 +404,6 @@ def _register_native_routes(app: FastAPI, state: ServerState) -> None:
             return sse_response(_native_sse(gen, first, with_index))
         outs = await until_disconnect(request, collect(state, reqs))
         return JSONResponse(outs if with_index or len(outs) != 1 else outs[0])
-
-
-async def _lora_call(state: ServerState, method: str, **args: Any) -> JSONResponse:
-    state.check_alive()
-    ok, message = await asyncio.wait_for(state.tm.rpc(method, **args), _UPDATE_TIMEOUT_S)
-    return JSONResponse({"success": ok, "message": message}, status_code=200 if ok else 400)
 
 
 async def _first_or_error(gen: AsyncIterator[Any]) -> Any:

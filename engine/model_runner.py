@@ -59,6 +59,26 @@ def iter_safetensors(model_path: str):
                 yield name, f.get_tensor(name)
 
 
+def build_model(cls: type[torch.nn.Module], model_config: ModelConfig, device: torch.device,
+                dtype: torch.dtype) -> torch.nn.Module:
+    """``cls(model_config)`` with its parameters created in ``dtype`` on ``device``."""
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return cls(model_config)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def randomize(model: torch.nn.Module) -> None:
+    """``load_format="dummy"``: N(0, 0.02) weights, norm scales 1."""
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.data.fill_(1.0)
+        else:
+            p.data.normal_(0, 0.02)
+
+
 @dataclass
 class StepOutput:
     next_token_ids: list[int]
@@ -101,29 +121,28 @@ class ModelRunner:
 
     # ---- loading ---------------------------------------------------------------------
     def _load_model(self, model_path: str) -> torch.nn.Module:
-        cls = get_model_class(self.model_config.architecture)
-        torch.set_default_dtype(self.dtype)
-        try:
-            with torch.device(self.device):
-                model = cls(self.model_config)
-        finally:
-            torch.set_default_dtype(torch.float32)
+        model = build_model(get_model_class(self.model_config.architecture), self.model_config,
+                            self.device, self.dtype)
         if self.config.load_format == "dummy":
-            for p in model.parameters():
-                p.data.normal_(0, 0.02)
-            for name, p in model.named_parameters():
-                if name.endswith("norm.weight"):
-                    p.data.fill_(1.0)
+            randomize(model)
+            self._prepack(model)
         else:
-            model.load_weights(iter_safetensors(model_path))
-        if self.device.type == "cpu":
-            packed = prepack_cpu_weights(model)
-            logger.info("prepacked %d linear weights for oneDNN", packed)
-            if self.dtype == torch.float32:
-                # Build (first use on this machine) and load now rather than in the first request.
-                lib = cpu_ops.load()
-                logger.info("CPU decode kernels: %s", "kernels/cpu_ops.c" if lib else "torch ops (fallback)")
+            self.load_weights(model_path, model)
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            # Build (first use on this machine) and load now rather than in the first request.
+            lib = cpu_ops.load()
+            logger.info("CPU decode kernels: %s", "kernels/cpu_ops.c" if lib else "torch ops (fallback)")
         return model.eval()
+
+    def load_weights(self, path: str, model: torch.nn.Module | None = None) -> None:
+        """Copy the safetensors of folder ``path`` into the model's parameters (in place)."""
+        model = model if model is not None else self.model
+        model.load_weights(iter_safetensors(path))
+        self._prepack(model)
+
+    def _prepack(self, model: torch.nn.Module) -> None:
+        if self.device.type == "cpu":
+            logger.info("prepacked %d linear weights for oneDNN", prepack_cpu_weights(model))
 
     def update_weights(self, path: str, previous: str | None) -> tuple[bool, str]:
         """Load the same-shaped weights of folder ``path`` in place (``engine/weight_update.py``)."""

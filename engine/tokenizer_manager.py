@@ -25,6 +25,7 @@ import zmq
 
 from radixfleet.engine import ipc, launch
 from radixfleet.engine.io_struct import ENCODE_REFUSED, GENERATE_REFUSED, EmbedReq, SingleReq
+from radixfleet.engine.model_prep import resolve_model_path
 from radixfleet.engine.session import SessionStore
 
 logger = logging.getLogger(__name__)
@@ -140,6 +141,14 @@ class TokenizerManager:
             raise ValueError(f"the prompt has {len(ids)} tokens; the model's context length is "
                              f"{self.context_length}")
         return ids
+
+    def weights_update_path(self, model_path: str, load_format: str | None) -> str:
+        """The folder an ``update_weights_from_disk`` call loads; ValueError for a bad call."""
+        if load_format not in (None, "auto", "safetensors"):
+            raise ValueError(f"load_format must be auto or safetensors, got {load_format!r}")
+        if self.is_embedding:
+            raise ValueError("update_weights_from_disk is for generation models")
+        return resolve_model_path(model_path)
 
     def _submit(self, reqs: list[SingleReq] | list[EmbedReq], sink) -> list[ReqState]:
         if reqs and isinstance(reqs[0], EmbedReq):

@@ -16,9 +16,8 @@ import os
 
 import torch
 
-from radixfleet.engine.layers.linear import prepack_cpu_weights
 from radixfleet.engine.model_config import ModelConfig
-from radixfleet.engine.model_runner import ModelRunner, iter_safetensors
+from radixfleet.engine.model_runner import ModelRunner
 
 # What must match for the new tensors to fit the running model.
 _SHAPE_FIELDS = ("architecture", "vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -40,12 +39,6 @@ def incompatibility(current: ModelConfig, path: str) -> str | None:
     return None
 
 
-def load_into(runner: ModelRunner, path: str) -> None:
-    runner.model.load_weights(iter_safetensors(path))
-    if runner.device.type == "cpu":
-        prepack_cpu_weights(runner.model)
-
-
 def update_from_disk(runner: ModelRunner, path: str, previous: str | None) -> tuple[bool, str]:
     """Load ``path`` into ``runner``; on failure restore ``previous`` (None: random weights,
     which cannot be restored). Returns (success, message)."""
@@ -53,11 +46,11 @@ def update_from_disk(runner: ModelRunner, path: str, previous: str | None) -> tu
     if reason is not None:
         return False, reason
     try:
-        load_into(runner, path)
+        runner.load_weights(path)
     except (ValueError, KeyError, OSError, RuntimeError) as e:
         if previous is None:
             return False, f"loading {path!r} failed ({e}); the weights are now partly updated"
-        load_into(runner, previous)
+        runner.load_weights(previous)
         return False, f"loading {path!r} failed ({e}); the previous weights were restored"
     return True, f"weights updated from {path!r}"
 

@@ -83,8 +83,10 @@ def test_input_ids_and_async_encode_give_the_same_vectors(engine, folder):
     by_text = engine.encode(TEXTS[:2])
     by_ids = engine.encode(input_ids=ids)
     by_async = asyncio.run(engine.async_encode(TEXTS[:2]))
+    # Equal up to rounding: how requests share a padded batch depends on arrival timing.
     for a, b, c in zip(by_text, by_ids, by_async, strict=True):
-        assert a["embedding"] == b["embedding"] == c["embedding"]
+        assert_matches(b["embedding"], torch.tensor(a["embedding"]))
+        assert_matches(c["embedding"], torch.tensor(a["embedding"]))
 
 
 def test_similar_sentences_are_closer(engine):
