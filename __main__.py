@@ -11,8 +11,8 @@ import sys
 
 # subcommand -> (module, help line); the module exposes `main(argv: list[str]) -> int | None`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "model": ("radixfleet.engine.model_prep", "prepare the default model (`radixfleet model prepare`)"),
-    "serve": ("radixfleet.engine.serve", "run one engine with its HTTP server"),
+    "model": ("radixfleet.engine.models.model_prep", "prepare the default model (`radixfleet model prepare`)"),
+    "serve": ("radixfleet.engine.server.serve", "run one engine with its HTTP server"),
     "router": ("radixfleet.router.cli", "run the cache-aware router"),
     "up": ("radixfleet.router.fleet", "run a local fleet: N engine servers behind a router"),
     "operator": ("radixfleet.operator.main", "run the Kubernetes operator"),

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from radixfleet.engine.layers.linear import matmul, pack_weight
-from radixfleet.engine.model_config import ModelConfig
-from radixfleet.engine.model_prep import resolve_model_path
+from radixfleet.engine.models.model_config import ModelConfig
+from radixfleet.engine.models.model_prep import resolve_model_path
 
 
 def timed(fn, repeats: int) -> float:

@@ -118,7 +118,7 @@ def _poll(engine, every: float, t0: float, done: threading.Event, samples: list[
 def run_hf(args, inputs, outputs) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from radixfleet.engine.model_prep import resolve_model_path
+    from radixfleet.engine.models.model_prep import resolve_model_path
 
     path = resolve_model_path(args.model_path)
     dtype = torch.float32 if args.dtype in ("auto", "float32") else getattr(torch, args.dtype)
@@ -162,8 +162,8 @@ def main() -> None:
                         "sampled every SECONDS during the run")
     args = p.parse_args()
 
-    from radixfleet.engine.model_config import ModelConfig
-    from radixfleet.engine.model_prep import resolve_model_path
+    from radixfleet.engine.models.model_config import ModelConfig
+    from radixfleet.engine.models.model_prep import resolve_model_path
 
     vocab = ModelConfig.from_path(resolve_model_path(args.model_path)).vocab_size
     inputs, outputs = make_workload(args.num_prompts, args.random_input_len, args.random_output_len,

@@ -19,10 +19,11 @@ import time
 
 import torch
 
-from radixfleet.engine.attention.base import ForwardBatch, ForwardMode, KVPool
 from radixfleet.engine.config import EngineConfig
-from radixfleet.engine.model_prep import resolve_model_path
-from radixfleet.engine.model_runner import ModelRunner
+from radixfleet.engine.executor.forward_batch import ForwardBatch, ForwardMode
+from radixfleet.engine.executor.model_runner import ModelRunner
+from radixfleet.engine.memory.kv_pool import KVPool
+from radixfleet.engine.models.model_prep import resolve_model_path
 
 PREFILL_TOKENS = 8192
 

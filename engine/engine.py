@@ -18,14 +18,19 @@ from typing import Any
 
 import zmq
 
-from radixfleet.engine import ipc, launch
 from radixfleet.engine.config import EngineConfig
-from radixfleet.engine.io_struct import normalize_encode, normalize_generate
-from radixfleet.engine.model_config import ModelConfig
-from radixfleet.engine.model_prep import resolve_model_path
+from radixfleet.engine.managers import ipc, launch
+from radixfleet.engine.managers.io_struct import normalize_encode, normalize_generate
+from radixfleet.engine.managers.scoring import (
+    SCORE_SAMPLING,
+    ScoreResult,
+    score_prompts,
+    score_result,
+)
+from radixfleet.engine.managers.tokenizer_manager import TokenizerManager
+from radixfleet.engine.models.model_config import ModelConfig
+from radixfleet.engine.models.model_prep import resolve_model_path
 from radixfleet.engine.models.registry import EMBEDDING_REGISTRY, is_embedding_architecture
-from radixfleet.engine.scoring import SCORE_SAMPLING, ScoreResult, score_prompts, score_result
-from radixfleet.engine.tokenizer_manager import TokenizerManager
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +181,7 @@ class Engine:
               label_token_ids: list[int] | None = None, apply_softmax: bool = False,
               item_first: bool = False) -> ScoreResult:
         """Probabilities of ``label_token_ids`` right after each (query + item) prompt:
-        ``result.scores[i][j]`` for item i and label j (see ``engine/scoring.py``)."""
+        ``result.scores[i][j]`` for item i and label j (see ``engine/managers/scoring.py``)."""
         texts, ids = score_prompts(query, items, label_token_ids, item_first)
         outs = self.generate(texts, [dict(SCORE_SAMPLING) for _ in texts or ids], input_ids=ids,
                              return_logprob=True, token_ids_logprob=label_token_ids)
@@ -252,7 +257,7 @@ class Engine:
 
     def open_session(self, capacity_of_str_len: int, session_id: str | None = None, streaming: bool = False,
                      timeout: float | None = None) -> str:
-        """Open a multi-turn session (``engine/session.py``); returns its id. Requests then
+        """Open a multi-turn session (``engine/managers/session.py``); returns its id. Requests then
         continue from its turns with ``session_params={"id": ...}``."""
         return self._tm().sessions.open(capacity_of_str_len, session_id, streaming, timeout)
 
@@ -348,7 +353,7 @@ def check_tensor_parallel(config: EngineConfig, model: ModelConfig) -> None:
     if config.device != "cpu":
         import torch
 
-        from radixfleet.engine.model_runner import resolve_device
+        from radixfleet.engine.executor.model_runner import resolve_device
 
         per_node = tp // config.nnodes
         if torch.cuda.is_available() and per_node > torch.cuda.device_count():

@@ -2,7 +2,7 @@
 
     python grafana/generate.py        # rewrites grafana/*.json and the chart's copies
 
-Every query uses only metric names from engine/metric_names.py and router/metric_names.py
+Every query uses only metric names from engine/server/metric_names.py and router/metric_names.py
 (tests/integration/test_dashboards.py checks that, and runs every query through a real
 Prometheus). Labels `namespace` and `radixfleet_io_service` come from the ServiceMonitor
 (`targetLabels: [radixfleet.io/service]`); `model_name` from the engine itself.

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from radixfleet.operator.spec import AutoscalingSpec
 
 TOLERANCE = 0.1
-# Engine gauges per autoscaling metric (names from engine/metric_names.py; a test checks them).
+# Engine gauges per autoscaling metric (names from engine/server/metric_names.py; a test checks them).
 METRIC_SOURCES: dict[str, str] = {
     "queuedRequests": "radixfleet_engine_num_queued_requests",
     "kvCacheUsage": "radixfleet_engine_kv_cache_usage_ratio",

@@ -40,7 +40,7 @@ def free_port() -> int:
 
 
 def engine_server_available() -> bool:
-    return importlib.util.find_spec("radixfleet.engine.serve") is not None
+    return importlib.util.find_spec("radixfleet.engine.server.serve") is not None
 
 
 @dataclass
@@ -90,7 +90,7 @@ def router_process(port: int, host: str = "127.0.0.1", log_path: str | None = No
 
 def engine_process(host: str, port: int, model: str = "smollm2", log_path: str | None = None, *extra: str) -> Proc:
     """A real engine server (`radixfleet serve`) on `host:port`."""
-    cmd = [sys.executable, "-m", "radixfleet.engine.serve", "--model-path", model, "--host", host, "--port", str(port), *extra]
+    cmd = [sys.executable, "-m", "radixfleet.engine.server.serve", "--model-path", model, "--host", host, "--port", str(port), *extra]
     return Proc(cmd, f"http://{host}:{port}", log_path=log_path)
 
 

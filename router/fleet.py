@@ -29,14 +29,14 @@ from dataclasses import dataclass, field
 import httpx
 import psutil
 
-from radixfleet.engine.model_prep import ALIASES, prepare_default_model
+from radixfleet.engine.models.model_prep import ALIASES, prepare_default_model
 
 from .cli_fields import add_dataclass_flags, from_namespace
 from .config import POLICY_NAMES
 
 log = logging.getLogger("radixfleet.up")
 
-DEFAULT_WORKER_COMMAND = "{python} -m radixfleet.engine.serve --model-path {model_path} --host {host} --port {port}"
+DEFAULT_WORKER_COMMAND = "{python} -m radixfleet.engine.server.serve --model-path {model_path} --host {host} --port {port}"
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ itself (no worker chosen) carry ``worker="none"``.
 
 from __future__ import annotations
 
-from radixfleet.engine.metric_names import MetricFamily  # one table shape for both catalogs
+from radixfleet.engine.server.metric_names import MetricFamily  # one table shape for both catalogs
 
 PREFIX = "radixfleet_router_"
 

@@ -1,8 +1,8 @@
-"""Routing policies and their registry.
+"""Routing policies (the simple ones; ``cache_aware.py`` holds the cache-aware one).
 
 A policy picks one worker among the available candidates for a request's text key. It is
 called on the event loop thread only; ``select`` must be fast (it is on the hot path) and
-never block. The registry (``POLICIES``) maps a ``--policy`` name to a factory.
+never block. ``policy_registry.POLICIES`` maps a ``--policy`` name to a policy class.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from .config import RouterConfig
 from .worker import Worker
@@ -82,22 +82,3 @@ class PowerOfTwoPolicy(Policy):
             return candidates[0], ""
         a, b = self._rng.sample(candidates, 2)
         return (a if a.in_flight <= b.in_flight else b), ""
-
-
-def _cache_aware(config: RouterConfig) -> Policy:
-    from .cache_aware import CacheAwarePolicy
-
-    return CacheAwarePolicy(config)
-
-
-POLICIES: dict[str, Callable[[RouterConfig], Policy]] = {
-    "cache_aware": _cache_aware,
-    "round_robin": RoundRobinPolicy,
-    "random": RandomPolicy,
-    "power_of_two": PowerOfTwoPolicy,
-}
-
-
-def make_policy(config: RouterConfig) -> Policy:
-    """Build the policy named by ``config.policy``."""
-    return POLICIES[config.policy](config)

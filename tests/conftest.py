@@ -10,7 +10,7 @@ import radixfleet  # noqa: F401  (before transformers: takes the checkout root o
 
 @pytest.fixture(scope="session")
 def model_dir() -> str:
-    from radixfleet.engine.model_prep import prepare_default_model
+    from radixfleet.engine.models.model_prep import prepare_default_model
 
     return str(prepare_default_model())
 

@@ -99,7 +99,7 @@ def runner_teacher_forced_logprobs(runner, ids: list[int]):
     """Our ModelRunner's log-softmax at every position of ``ids`` (one extend step)."""
     import torch
 
-    from radixfleet.engine.attention.base import ForwardBatch, ForwardMode
+    from radixfleet.engine.executor.forward_batch import ForwardBatch, ForwardMode
 
     n = len(ids)
     row = runner.req_table.alloc()

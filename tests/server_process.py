@@ -18,7 +18,7 @@ SERVER_ARGS = ("--max-total-tokens", "8192", "--random-seed", "0")
 
 
 def default_model_dir() -> str:
-    from radixfleet.engine.model_prep import prepare_default_model
+    from radixfleet.engine.models.model_prep import prepare_default_model
 
     return str(prepare_default_model())
 
@@ -34,7 +34,7 @@ def engine_server(model_dir: str, *extra: str, timeout: float = 120.0,
                   headers: dict[str, str] | None = None) -> Iterator[str]:
     """Start the server, wait for ``/health``, yield its base URL; stop it on exit."""
     port = free_port()
-    cmd = [sys.executable, "-m", "radixfleet.engine.serve", "--model-path", model_dir,
+    cmd = [sys.executable, "-m", "radixfleet.engine.server.serve", "--model-path", model_dir,
            "--host", "127.0.0.1", "--port", str(port), *SERVER_ARGS, *extra]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a full pipe would block the server

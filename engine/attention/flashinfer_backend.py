@@ -29,7 +29,9 @@ import itertools
 import flashinfer
 import torch
 
-from radixfleet.engine.attention.base import AttentionBackend, ForwardBatch, ForwardMode, KVPool
+from radixfleet.engine.attention.base import AttentionBackend
+from radixfleet.engine.executor.forward_batch import ForwardBatch, ForwardMode
+from radixfleet.engine.memory.kv_pool import KVPool
 from radixfleet.kernels.kv_indices import build_kv_indices
 
 WORKSPACE_BYTES = 128 << 20  # split-KV partial outputs; shared by every wrapper (one stream)

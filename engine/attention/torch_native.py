@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from radixfleet.engine.attention.base import AttentionBackend, ForwardBatch, ForwardMode
+from radixfleet.engine.attention.base import AttentionBackend
+from radixfleet.engine.executor.forward_batch import ForwardBatch, ForwardMode
 from radixfleet.kernels import cpu_ops
 
 

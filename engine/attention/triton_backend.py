@@ -20,7 +20,9 @@ import os
 
 import torch
 
-from radixfleet.engine.attention.base import AttentionBackend, ForwardBatch, ForwardMode, KVPool
+from radixfleet.engine.attention.base import AttentionBackend
+from radixfleet.engine.executor.forward_batch import ForwardBatch, ForwardMode
+from radixfleet.engine.memory.kv_pool import KVPool
 from radixfleet.kernels.decode_attention import choose_num_kv_splits, decode_attention
 from radixfleet.kernels.extend_attention import extend_attention
 

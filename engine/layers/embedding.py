@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from radixfleet.engine import distributed as dist
+from radixfleet.engine.layers import distributed as dist
 from radixfleet.engine.layers.linear import PackableWeight, matmul
 
 

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from radixfleet.engine import distributed as dist
+from radixfleet.engine.executor.lora import lora_delta
+from radixfleet.engine.layers import distributed as dist
 from radixfleet.engine.layers.fused import fused_ops
-from radixfleet.engine.lora import lora_delta
 
 # Batch-1 GEMVs up to this many weight elements use kernels/gemv.py (with the norm or SiLU-mul
 # before them folded in). On an H200 at Llama-3.1-8B's shapes its whole-row kernel beats or
@@ -84,7 +84,7 @@ class PackableWeight(nn.Module):
 
     weight: nn.Parameter
     packed: torch.Tensor | None = None
-    lora_state = None  # set on the projections adapters may target (engine/lora.py)
+    lora_state = None  # set on the projections adapters may target (engine/executor/lora.py)
 
     def pack_cpu_weight(self) -> bool:
         self.packed = pack_weight(self.weight)

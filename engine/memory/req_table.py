@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from radixfleet.engine.transfer import to_device
+from radixfleet.engine.memory.transfer import to_device
 
 
 class ReqToTokenTable:

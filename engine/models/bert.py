@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from radixfleet.engine.model_config import ModelConfig
+from radixfleet.engine.models.model_config import ModelConfig
 
 POOLING_MODES = ("cls", "mean", "max", "lasttoken")
 

@@ -11,8 +11,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from radixfleet.engine import distributed as dist
-from radixfleet.engine.attention.base import ForwardBatch
+from radixfleet.engine.executor.forward_batch import ForwardBatch
+from radixfleet.engine.layers import distributed as dist
 from radixfleet.engine.layers.activation import SiluAndMul
 from radixfleet.engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from radixfleet.engine.layers.linear import (
@@ -22,7 +22,7 @@ from radixfleet.engine.layers.linear import (
 )
 from radixfleet.engine.layers.norm import RMSNorm
 from radixfleet.engine.layers.rotary import get_rope
-from radixfleet.engine.model_config import ModelConfig
+from radixfleet.engine.models.model_config import ModelConfig
 
 
 class Attention(nn.Module):

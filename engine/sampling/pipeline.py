@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import torch
 
-from radixfleet.engine.grammar import GrammarMasker
+from radixfleet.engine.memory.transfer import to_device
 from radixfleet.engine.sampling.custom_logit_processor import apply_processors
+from radixfleet.engine.sampling.grammar import GrammarMasker
 from radixfleet.engine.sampling.logprobs import record_output
 from radixfleet.engine.sampling.penalties import PenaltyState
 from radixfleet.engine.sampling.sampler import SamplingBatchInfo, sample
-from radixfleet.engine.transfer import to_device
 
 
 def has_penalty(p) -> bool:

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from radixfleet.engine.memory.transfer import to_device
 from radixfleet.engine.sampling.params import SamplingParams
-from radixfleet.engine.transfer import to_device
 
 
 @dataclass

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from radixfleet.engine.attention.base import AttentionBackend, ForwardBatch, ForwardMode
+from radixfleet.engine.attention.base import AttentionBackend
+from radixfleet.engine.executor.forward_batch import ForwardBatch, ForwardMode
 
 
 def attention_ref(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, slots: torch.Tensor,

@@ -30,7 +30,7 @@ from helpers import (  # noqa: E402
 
 from radixfleet.engine.config import EngineConfig  # noqa: E402
 from radixfleet.engine.engine import Engine  # noqa: E402
-from radixfleet.engine.model_runner import ModelRunner  # noqa: E402
+from radixfleet.engine.executor.model_runner import ModelRunner  # noqa: E402
 
 HAS_FLASHINFER = importlib.util.find_spec("flashinfer") is not None
 NEEDS_FLASHINFER = pytest.mark.skipif(not HAS_FLASHINFER, reason="needs flashinfer-python")
@@ -175,7 +175,7 @@ def test_batch1_decode_matches_hf(tiny, backend):
 
 
 def _default_model_or_skip() -> str:
-    from radixfleet.engine.model_prep import prepare_default_model
+    from radixfleet.engine.models.model_prep import prepare_default_model
 
     try:
         return str(prepare_default_model())

@@ -22,8 +22,9 @@ pytest.importorskip("flashinfer", reason="needs flashinfer-python (pip install r
 
 from _reference import ReferenceBackend, Step, check_decode_graph_replays, rel_err  # noqa: E402
 
-from radixfleet.engine.attention.base import ForwardMode, KVPool  # noqa: E402
 from radixfleet.engine.attention.flashinfer_backend import FlashInferBackend  # noqa: E402
+from radixfleet.engine.executor.forward_batch import ForwardMode  # noqa: E402
+from radixfleet.engine.memory.kv_pool import KVPool  # noqa: E402
 
 NUM_LAYERS = 2
 D = 128  # one head dim keeps the JIT to two modules (decode, prefill) per dtype

@@ -64,7 +64,7 @@ def test_penalties_and_min_new_tokens_do_not_sync():
     """The whole pipeline for requests with frequency / presence / repetition penalties and
     a min_new_tokens floor: after a first step (which builds the penalty rows) no step waits
     for the device, so the overlap schedule keeps the GPU busy for them too."""
-    from radixfleet.engine.request import Req
+    from radixfleet.engine.managers.request import Req
     from radixfleet.engine.sampling.pipeline import SamplingPipeline
 
     specs = [{"frequency_penalty": 0.5}, {"presence_penalty": 0.3, "repetition_penalty": 1.2},

@@ -29,8 +29,8 @@ from helpers import make_tiny_model, runner_teacher_forced_logprobs  # noqa: E40
 
 from radixfleet.engine.config import EngineConfig  # noqa: E402
 from radixfleet.engine.engine import Engine  # noqa: E402
-from radixfleet.engine.launch import free_port  # noqa: E402
-from radixfleet.engine.model_runner import ModelRunner  # noqa: E402
+from radixfleet.engine.executor.model_runner import ModelRunner  # noqa: E402
+from radixfleet.engine.managers.launch import free_port  # noqa: E402
 
 PROMPTS = [[5, 17, 99, 3, 250, 8, 41], list(range(10, 200)), [7] * 33, [300, 301]]
 PARAMS = {"temperature": 0, "max_new_tokens": 48, "ignore_eos": True}

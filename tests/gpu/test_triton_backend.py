@@ -15,8 +15,9 @@ if not torch.cuda.is_available():
 
 from _reference import ReferenceBackend, Step, check_decode_graph_replays, rel_err  # noqa: E402
 
-from radixfleet.engine.attention.base import ForwardMode, KVPool  # noqa: E402
 from radixfleet.engine.attention.triton_backend import TritonAttentionBackend  # noqa: E402
+from radixfleet.engine.executor.forward_batch import ForwardMode  # noqa: E402
+from radixfleet.engine.memory.kv_pool import KVPool  # noqa: E402
 
 NUM_LAYERS = 2
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from radixfleet.engine.metric_names import ENGINE_METRICS
+from radixfleet.engine.server.metric_names import ENGINE_METRICS
 from radixfleet.operator.autoscale import METRIC_SOURCES
 from radixfleet.operator.router_client import INFLIGHT_METRIC
 from radixfleet.router.metric_names import ROUTER_METRICS

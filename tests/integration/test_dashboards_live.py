@@ -36,7 +36,7 @@ NAMESPACE, SERVICE = "ml", "chat"
 
 pytestmark = [
     pytest.mark.timeout(240),
-    pytest.mark.skipif(not engine_server_available(), reason="radixfleet.engine.serve cannot be imported yet (engine server not built)"),
+    pytest.mark.skipif(not engine_server_available(), reason="radixfleet.engine.server.serve cannot be imported yet (engine server not built)"),
     pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus (Debian package) is not installed"),
 ]
 

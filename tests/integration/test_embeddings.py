@@ -16,7 +16,7 @@ import torch
 from server_process import engine_server
 
 from radixfleet import Engine
-from radixfleet.engine.model_prep import embedding_model_dir
+from radixfleet.engine.models.model_prep import embedding_model_dir
 
 TEXTS = ["Hello, world!", "The capital of France is Paris.",
          "Embeddings turn a sentence into one vector; similar sentences land close together.",

@@ -17,7 +17,7 @@ from radixfleet.engine.engine import Engine
 
 def engine_children(pid: int) -> list[psutil.Process]:
     return [p for p in psutil.Process(pid).children(recursive=True)
-            if "radixfleet.engine.launch" in " ".join(p.cmdline())]
+            if "radixfleet.engine.managers.launch" in " ".join(p.cmdline())]
 
 
 def wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:

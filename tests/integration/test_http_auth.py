@@ -9,7 +9,8 @@ import openai
 import pytest
 from server_process import default_model_dir, engine_server
 
-from radixfleet.engine.http_server import ServerState, build_app
+from radixfleet.engine.server.common import ServerState
+from radixfleet.engine.server.http_server import build_app
 
 KEY = "s3cret-key"
 # One request per route of the app (checked against build_app's routes below).

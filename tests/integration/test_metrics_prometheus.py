@@ -1,5 +1,5 @@
 """A real Prometheus scrapes the live server every second; after traffic, a PromQL query for
-every family of ``engine/metric_names.py`` returns data, and ``promtool check metrics``
+every family of ``engine/server/metric_names.py`` returns data, and ``promtool check metrics``
 accepts the exposition."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import httpx
 import pytest
 from server_process import default_model_dir, engine_server, free_port
 
-from radixfleet.engine.metric_names import ENGINE_METRICS
+from radixfleet.engine.server.metric_names import ENGINE_METRICS
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"

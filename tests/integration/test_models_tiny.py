@@ -14,7 +14,7 @@ from helpers import (
 
 from radixfleet.engine.config import EngineConfig
 from radixfleet.engine.engine import Engine
-from radixfleet.engine.model_runner import ModelRunner
+from radixfleet.engine.executor.model_runner import ModelRunner
 
 
 @pytest.fixture(scope="module", params=sorted(TINY_ARCHS))

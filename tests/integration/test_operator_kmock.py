@@ -39,7 +39,7 @@ pytestmark = pytest.mark.timeout(180)
 def engines():
     """Real engine servers on two loopback addresses, one port (like two pods)."""
     if not engine_server_available():
-        pytest.skip("radixfleet.engine.serve cannot be imported yet: the engine server is needed behind the router")
+        pytest.skip("radixfleet.engine.server.serve cannot be imported yet: the engine server is needed behind the router")
     port = free_port()
     logdir = tempfile.mkdtemp(prefix="rf-operator-engines-")
     procs = []

@@ -29,8 +29,8 @@ from radixfleet.router.testing import RouterThread, free_port
 
 # ~1-2 minutes of CPU prefill on 2 cores: opt-in, so the router's default suite stays under 2 minutes.
 pytestmark = [
-    pytest.mark.skipif(importlib.util.find_spec("radixfleet.engine.serve") is None,
-                       reason="radixfleet.engine.serve is not there yet"),
+    pytest.mark.skipif(importlib.util.find_spec("radixfleet.engine.server.serve") is None,
+                       reason="radixfleet.engine.server.serve is not there yet"),
     pytest.mark.skipif(os.environ.get("RADIXFLEET_ENGINE_E2E") != "1",
                        reason="set RADIXFLEET_ENGINE_E2E=1 to run the router against real engines (~2 min)"),
 ]
@@ -117,7 +117,7 @@ def test_killing_an_engine_mid_run_fails_no_request(fleet):
     proc, base_url, _ = fleet
     router_url = base_url.removesuffix("/v1")
     engines = [p for p in psutil.Process(proc.pid).children(recursive=True)
-               if "radixfleet.engine.serve" in " ".join(p.cmdline())]
+               if "radixfleet.engine.server.serve" in " ".join(p.cmdline())]
     assert len(engines) == 2, engines
 
     async def run() -> list[int]:

@@ -17,7 +17,7 @@ import torch
 from helpers import make_tiny_model
 
 from radixfleet.engine.engine import Engine
-from radixfleet.engine.launch import free_port
+from radixfleet.engine.managers.launch import free_port
 
 PROMPTS = [[5, 17, 99, 3, 250, 8, 41], list(range(10, 70)), [7] * 33, [300, 301]]
 GREEDY = {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True}
@@ -25,7 +25,7 @@ GREEDY = {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True}
 
 def engine_children(pid: int, recursive: bool = True) -> list[psutil.Process]:
     return [p for p in psutil.Process(pid).children(recursive=recursive)
-            if "radixfleet.engine.launch" in " ".join(p.cmdline())]
+            if "radixfleet.engine.managers.launch" in " ".join(p.cmdline())]
 
 
 def still_running(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
@@ -163,7 +163,7 @@ def test_two_nodes_on_one_host_match_tp1_and_every_rank_ends(tiny_llama, tiny_ll
 
 def test_serve_on_node_rank_1_runs_until_node_0_stops_it(tiny_llama, tiny_llama_tp1):
     addr = f"127.0.0.1:{free_port()}"
-    serve = subprocess.Popen([sys.executable, "-m", "radixfleet.engine.serve", "--model-path", tiny_llama,
+    serve = subprocess.Popen([sys.executable, "-m", "radixfleet.engine.server.serve", "--model-path", tiny_llama,
                               "--tp-size", "2", "--nnodes", "2", "--node-rank", "1", "--dist-init-addr", addr,
                               "--max-total-tokens", "2048", "--skip-tokenizer-init"])
     try:
@@ -190,7 +190,7 @@ def test_serve_on_node_rank_1_exits_with_an_error_when_node_0_dies(tiny_llama):
     """The operator restarts a multi-node group's pods on exit: a rank whose rank 0 is gone
     must not wait for it forever."""
     addr = f"127.0.0.1:{free_port()}"
-    serve = subprocess.Popen([sys.executable, "-m", "radixfleet.engine.serve", "--model-path", tiny_llama,
+    serve = subprocess.Popen([sys.executable, "-m", "radixfleet.engine.server.serve", "--model-path", tiny_llama,
                               "--tp-size", "2", "--nnodes", "2", "--node-rank", "1", "--dist-init-addr", addr,
                               "--max-total-tokens", "2048", "--skip-tokenizer-init"], stderr=subprocess.DEVNULL)
     node0 = subprocess.Popen([sys.executable, "-c", NODE0.format(folder=tiny_llama, addr=addr)],

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from radixfleet.engine.model_config import ModelConfig
-from radixfleet.engine.model_runner import iter_safetensors
+from radixfleet.engine.executor.model_runner import iter_safetensors
 from radixfleet.engine.models.bert import BertEmbeddingModel, Pooling
+from radixfleet.engine.models.model_config import ModelConfig
 
 BATCH = [[2, 17, 33, 9, 4, 3], [2, 5, 3], [2, 40, 41, 42, 43, 44, 45, 46, 3]]
 

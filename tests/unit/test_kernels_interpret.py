@@ -147,8 +147,9 @@ def case_backend() -> None:
     """Extend (with a cached prefix) then decode through TritonAttentionBackend vs the reference."""
     from _reference import attention_ref, rel_err
 
-    from radixfleet.engine.attention.base import ForwardBatch, ForwardMode, KVPool
     from radixfleet.engine.attention.triton_backend import TritonAttentionBackend
+    from radixfleet.engine.executor.forward_batch import ForwardBatch, ForwardMode
+    from radixfleet.engine.memory.kv_pool import KVPool
 
     H, KVH, D = 4, 2, 16
     gen = torch.Generator().manual_seed(2)
@@ -186,8 +187,9 @@ def case_backend_reserved_scratch() -> None:
     never move, and the output is still right."""
     from _reference import attention_ref, rel_err
 
-    from radixfleet.engine.attention.base import ForwardBatch, ForwardMode, KVPool
     from radixfleet.engine.attention.triton_backend import TritonAttentionBackend
+    from radixfleet.engine.executor.forward_batch import ForwardBatch, ForwardMode
+    from radixfleet.engine.memory.kv_pool import KVPool
 
     H, KVH, D = 4, 2, 16
     gen = torch.Generator().manual_seed(3)

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from radixfleet.engine.metric_names import ENGINE_METRICS
-from radixfleet.engine.metrics import EngineMetrics
+from radixfleet.engine.server.metric_names import ENGINE_METRICS
+from radixfleet.engine.server.metrics import EngineMetrics
 
 
 @dataclass

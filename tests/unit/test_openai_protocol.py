@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from radixfleet.engine.openai_protocol import (
+from radixfleet.engine.sampling.params import SamplingParams
+from radixfleet.engine.server.openai_protocol import (
     ChatRequest,
     CompletionRequest,
     InvalidParam,
@@ -16,7 +17,6 @@ from radixfleet.engine.openai_protocol import (
     parse_request,
     sampling_params,
 )
-from radixfleet.engine.sampling.params import SamplingParams
 
 MSG = [{"role": "user", "content": "hi"}]
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object",

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-from radixfleet.engine.openai_protocol import ChatRequest, parse_request
-from radixfleet.engine.openai_serving import _ChatJob
+from radixfleet.engine.server.openai_protocol import ChatRequest, parse_request
+from radixfleet.engine.server.openai_serving import _ChatJob
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
 

@@ -29,7 +29,7 @@ def expand(args: list[str]) -> list[str]:
 
 
 def test_engine_accepts_its_command_line(monkeypatch):
-    serve = pytest.importorskip("radixfleet.engine.serve")
+    serve = pytest.importorskip("radixfleet.engine.server.serve")
     monkeypatch.setenv("RADIXFLEET_API_KEY", ENV["RADIXFLEET_API_KEY"])  # from the Secret, via env
     for container in containers("engine"):
         args = expand(container["args"])

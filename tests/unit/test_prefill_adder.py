@@ -1,4 +1,4 @@
-"""PrefillAdder: which waiting requests join a prefill batch (engine/prefill.py).
+"""PrefillAdder: which waiting requests join a prefill batch (engine/managers/prefill.py).
 
 Real allocator, request table and (disabled) radix cache on CPU; requests are driven through
 the same admit / extend calls the scheduler makes.
@@ -6,12 +6,12 @@ the same admit / extend calls the scheduler makes.
 
 from __future__ import annotations
 
-from radixfleet.engine.kv_manager import KVManager
+from radixfleet.engine.managers.kv_manager import KVManager
+from radixfleet.engine.managers.prefill import PrefillAdder, decode_reserve
+from radixfleet.engine.managers.request import Req
 from radixfleet.engine.memory.allocator import TokenSlotAllocator
 from radixfleet.engine.memory.radix_cache import RadixCache
 from radixfleet.engine.memory.req_table import ReqToTokenTable
-from radixfleet.engine.prefill import PrefillAdder, decode_reserve
-from radixfleet.engine.request import Req
 from radixfleet.engine.sampling.params import SamplingParams
 
 MAX_RUNNING = 3

@@ -9,7 +9,7 @@ import pytest
 from radixfleet.router.cache_aware import CacheAwarePolicy
 from radixfleet.router.circuit_breaker import CircuitBreaker
 from radixfleet.router.config import RouterConfig
-from radixfleet.router.policies import POLICIES, make_policy
+from radixfleet.router.policy_registry import POLICIES, make_policy
 from radixfleet.router.worker import Worker
 
 

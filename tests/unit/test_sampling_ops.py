@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from radixfleet.engine.grammar import GrammarQueue, grammar_key
 from radixfleet.engine.sampling.custom_logit_processor import load_processor
+from radixfleet.engine.sampling.grammar import GrammarQueue, grammar_key
 from radixfleet.engine.sampling.logprobs import TEXT_FLAG, ReqOutputs, fill_texts
 from radixfleet.engine.sampling.params import SamplingParams, load_generation_defaults
 from radixfleet.engine.sampling.penalties import PenaltyState, apply_penalties
@@ -182,8 +182,8 @@ def test_fill_texts_only_when_asked():
 def test_grammar_key_and_compile_errors_are_per_request():
     from transformers import AutoTokenizer
 
-    from radixfleet.engine.grammar import GrammarBackend
-    from radixfleet.engine.model_prep import prepare_default_model
+    from radixfleet.engine.models.model_prep import prepare_default_model
+    from radixfleet.engine.sampling.grammar import GrammarBackend
 
     assert grammar_key(SamplingParams.from_dict({"regex": "a+"})) == ("regex", "a+")
     assert grammar_key(SamplingParams.from_dict({})) is None

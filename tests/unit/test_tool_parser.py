@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from radixfleet.engine.tool_parser import (
+from radixfleet.engine.server.tool_parser import (
     Llama3JsonParser,
     Qwen25Parser,
     detect_tool_parser,

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from radixfleet.engine.config import EngineConfig
-from radixfleet.engine.model_config import ModelConfig
-from radixfleet.engine.request import Req
+from radixfleet.engine.managers.request import Req
+from radixfleet.engine.models.model_config import ModelConfig
 
 
 class StopChecker:

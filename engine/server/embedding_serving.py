@@ -15,9 +15,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from radixfleet.engine.http_server import APIError, ServerState, json_object, until_disconnect
-from radixfleet.engine.io_struct import EmbedReq, normalize_encode
-from radixfleet.engine.openai_protocol import IGNORED_FIELDS
+from radixfleet.engine.managers.io_struct import EmbedReq, normalize_encode
+from radixfleet.engine.server.common import APIError, ServerState, json_object, until_disconnect
+from radixfleet.engine.server.openai_protocol import IGNORED_FIELDS
 
 _OPENAI_FIELDS = frozenset({"input", "model", "encoding_format", "dimensions"})
 

@@ -13,11 +13,14 @@ own shards of the same folder.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
-from radixfleet.engine.model_config import ModelConfig
-from radixfleet.engine.model_runner import ModelRunner
+from radixfleet.engine.models.model_config import ModelConfig
+
+if TYPE_CHECKING:
+    from radixfleet.engine.executor.model_runner import ModelRunner
 
 # What must match for the new tensors to fit the running model.
 _SHAPE_FIELDS = ("architecture", "vocab_size", "hidden_size", "intermediate_size", "num_layers",

@@ -3,7 +3,7 @@
 ``forward`` turns the requests' host state (token ids, positions, KV slots from the
 req→token table) into a ``ForwardBatch`` and returns the hidden state of each request's
 newest token; ``sample`` turns chosen rows of it into next-token ids. Nothing here waits for
-the device (uploads go through pinned memory, ``engine/transfer.py``) unless a request wants
+the device (uploads go through pinned memory, ``engine/memory/transfer.py``) unless a request wants
 prompt logprobs or hidden states. The scheduler decides what runs; this module only runs it.
 
 ``last_token[row]`` (on the device) holds each req-table row's newest sampled token: every
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from radixfleet.engine.attention.base import ForwardBatch, ForwardMode
+from radixfleet.engine.executor.forward_batch import ForwardBatch, ForwardMode
+from radixfleet.engine.managers.request import Req
 from radixfleet.engine.memory.req_table import ReqToTokenTable
-from radixfleet.engine.request import Req
 from radixfleet.engine.sampling.pipeline import SamplingPipeline
 
 

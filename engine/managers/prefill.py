@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from radixfleet.engine.kv_manager import KVManager
-from radixfleet.engine.request import Req
+from radixfleet.engine.managers.kv_manager import KVManager
+from radixfleet.engine.managers.request import Req
 
 # Past this queue length lpm falls back to fcfs: matching every waiting request costs more
 # than the reuse it finds.

@@ -18,15 +18,17 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from radixfleet.engine.chat_template import render_chat
-from radixfleet.engine.http_server import (
+from radixfleet.engine.managers.io_struct import GENERATE_REFUSED, SingleReq, normalize_generate
+from radixfleet.engine.managers.scoring import SCORE_SAMPLING, score_prompts, score_result
+from radixfleet.engine.server.chat_template import render_chat
+from radixfleet.engine.server.common import (
     LIST_META_KEYS,
     SSE_DONE,
     APIError,
     ServerState,
-    _first_or_error,
     chunk_entries,
     collect,
+    first_or_error,
     json_body,
     json_object,
     sse,
@@ -35,8 +37,7 @@ from radixfleet.engine.http_server import (
     stream_outputs,
     until_disconnect,
 )
-from radixfleet.engine.io_struct import GENERATE_REFUSED, SingleReq, normalize_generate
-from radixfleet.engine.openai_protocol import (
+from radixfleet.engine.server.openai_protocol import (
     IGNORED_FIELDS,
     ChatRequest,
     CompletionRequest,
@@ -47,8 +48,12 @@ from radixfleet.engine.openai_protocol import (
     parse_request,
     sampling_params,
 )
-from radixfleet.engine.scoring import SCORE_SAMPLING, score_prompts, score_result
-from radixfleet.engine.tool_parser import ToolCall, ToolParser, detect_tool_parser, get_tool_parser
+from radixfleet.engine.server.tool_parser import (
+    ToolCall,
+    ToolParser,
+    detect_tool_parser,
+    get_tool_parser,
+)
 
 _SCORE_FIELDS = frozenset({"query", "items", "label_token_ids", "apply_softmax", "item_first", "model"})
 
@@ -108,7 +113,7 @@ def register_openai_routes(app: FastAPI, state: ServerState) -> None:
 async def _serve(request: Request, state: ServerState, job: _Job) -> Response:
     if job.stream:
         gen = stream_outputs(state, job.reqs)
-        first = await _first_or_error(gen)
+        first = await first_or_error(gen)
         return sse_response(_stream(job, gen, first))
     outs = await until_disconnect(request, collect(state, job.reqs))
     return JSONResponse(job.response(outs))

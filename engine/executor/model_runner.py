@@ -13,14 +13,15 @@ import psutil
 import torch
 from safetensors import safe_open
 
-from radixfleet.engine import distributed as dist
-from radixfleet.engine.attention.base import ForwardBatch, ForwardMode, KVPool
 from radixfleet.engine.attention.registry import default_backend, get_backend_class
 from radixfleet.engine.config import EngineConfig
+from radixfleet.engine.executor.forward_batch import ForwardBatch, ForwardMode
+from radixfleet.engine.layers import distributed as dist
 from radixfleet.engine.layers.linear import prepack_cpu_weights
 from radixfleet.engine.memory.allocator import TokenSlotAllocator
+from radixfleet.engine.memory.kv_pool import KVPool
 from radixfleet.engine.memory.req_table import ReqToTokenTable
-from radixfleet.engine.model_config import ModelConfig
+from radixfleet.engine.models.model_config import ModelConfig
 from radixfleet.engine.models.registry import get_model_class
 from radixfleet.kernels import cpu_ops
 
@@ -100,7 +101,7 @@ class ModelRunner:
         self.model = self._load_model(model_path)
         self.lora = None
         if config.enable_lora:
-            from radixfleet.engine.lora import LoRAManager, parse_lora_paths
+            from radixfleet.engine.executor.lora import LoRAManager, parse_lora_paths
 
             self.lora = LoRAManager(self.model, self.device, self.dtype)
             for name, path in parse_lora_paths(config.lora_paths).items():
@@ -113,7 +114,7 @@ class ModelRunner:
             self.model.layers[0].self_attn.num_kv_heads, cfg.head_dim, cfg.head_dim ** -0.5)
         self.cuda_graphs = None
         if self.device.type == "cuda" and not config.disable_cuda_graph and backend_name != "torch_native":
-            from radixfleet.engine.cuda_graph import CudaGraphRunner
+            from radixfleet.engine.executor.cuda_graph import CudaGraphRunner
 
             max_bs = min(config.cuda_graph_max_bs or 256, self.max_running_requests)
             self.cuda_graphs = CudaGraphRunner(self.model, self.attn_backend, self.req_table.table,
@@ -145,8 +146,8 @@ class ModelRunner:
             logger.info("prepacked %d linear weights for oneDNN", prepack_cpu_weights(model))
 
     def update_weights(self, path: str, previous: str | None) -> tuple[bool, str]:
-        """Load the same-shaped weights of folder ``path`` in place (``engine/weight_update.py``)."""
-        from radixfleet.engine.weight_update import update_from_disk
+        """Load the same-shaped weights of folder ``path`` in place (``engine/executor/weight_update.py``)."""
+        from radixfleet.engine.executor.weight_update import update_from_disk
 
         return update_from_disk(self, path, previous)
 

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
-from radixfleet.engine import distributed as dist
-from radixfleet.engine.attention.base import ForwardBatch, ForwardMode
-from radixfleet.engine.model_runner import ModelRunner
+from radixfleet.engine.executor.forward_batch import ForwardBatch, ForwardMode
+from radixfleet.engine.executor.model_runner import ModelRunner
+from radixfleet.engine.layers import distributed as dist
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from radixfleet.engine import ipc
+from radixfleet.engine.managers import ipc
 from radixfleet.engine.sampling.logprobs import fill_texts
 
 logger = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from radixfleet.engine.transfer import to_device
+from radixfleet.engine.memory.transfer import to_device
 
 # peft module name -> (our fused module, shard index within it)
 _TARGETS = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),

@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from radixfleet.engine.http_server import RPC_TIMEOUT_S, APIError, ServerState, json_object
+from radixfleet.engine.server.common import RPC_TIMEOUT_S, APIError, ServerState, json_object
 
 _CALL_TIMEOUT_S = 600.0  # a weight update waits for the running requests to finish
 

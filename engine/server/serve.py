@@ -1,4 +1,4 @@
-"""``radixfleet serve``: one engine behind its HTTP server (also ``python -m radixfleet.engine.serve``).
+"""``radixfleet serve``: one engine behind its HTTP server (also ``python -m radixfleet.engine.server.serve``).
 
 The engine flags come from ``EngineConfig``; the server adds ``--host``, ``--port``,
 ``--api-key``, ``--chat-template``, ``--tool-call-parser`` and ``--max-request-bytes``.
@@ -13,8 +13,8 @@ import os
 import sys
 
 from radixfleet.engine.config import EngineConfig
-from radixfleet.engine.http_server import DEFAULT_MAX_REQUEST_BYTES
-from radixfleet.engine.tool_parser import TOOL_PARSERS
+from radixfleet.engine.server.common import DEFAULT_MAX_REQUEST_BYTES
+from radixfleet.engine.server.tool_parser import TOOL_PARSERS
 
 logger = logging.getLogger("radixfleet.serve")
 
@@ -42,9 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
 
-    from radixfleet.engine.chat_template import load_chat_template
     from radixfleet.engine.engine import Engine
-    from radixfleet.engine.http_server import ServerState, build_app
+    from radixfleet.engine.server.chat_template import load_chat_template
+    from radixfleet.engine.server.common import ServerState
+    from radixfleet.engine.server.http_server import build_app
 
     try:
         config = EngineConfig.from_cli_args(args)

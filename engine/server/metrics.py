@@ -1,4 +1,4 @@
-"""The HTTP server's Prometheus metrics: exactly the families of ``engine/metric_names.py``.
+"""The HTTP server's Prometheus metrics: exactly the families of ``engine/server/metric_names.py``.
 
 Request-side values (token counts, finish reasons, latencies) are observed by a
 ``TokenizerManager`` listener in its receiver thread (prometheus-client objects are
@@ -15,7 +15,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.registry import REGISTRY
 
-from radixfleet.engine.metric_names import ENGINE_METRICS, PREFIX
+from radixfleet.engine.server.metric_names import ENGINE_METRICS, PREFIX
 
 try:  # `_created` series only add noise to every counter and histogram
     from prometheus_client import disable_created_metrics

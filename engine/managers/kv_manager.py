@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import torch
 
+from radixfleet.engine.managers.request import Req
 from radixfleet.engine.memory.allocator import TokenSlotAllocator
 from radixfleet.engine.memory.radix_cache import RadixCache
 from radixfleet.engine.memory.req_table import ReqToTokenTable
-from radixfleet.engine.request import Req
 
 
 class KVManager:

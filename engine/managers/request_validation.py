@@ -3,11 +3,11 @@ that fails one gets a ``ReqError`` with the returned reason; nothing else is aff
 
 from __future__ import annotations
 
-from radixfleet.engine import ipc
 from radixfleet.engine.config import EngineConfig
-from radixfleet.engine.grammar import grammar_key
-from radixfleet.engine.model_runner import ModelRunner
+from radixfleet.engine.executor.model_runner import ModelRunner
+from radixfleet.engine.managers import ipc
 from radixfleet.engine.sampling.custom_logit_processor import load_processor
+from radixfleet.engine.sampling.grammar import grammar_key
 
 
 def validate_request(msg: ipc.TokenizedGenerateReq, runner: ModelRunner, config: EngineConfig,

@@ -106,7 +106,7 @@ def resolve_model_path(path: str) -> str:
         return str(prepare_default_model())
     if path in EMBEDDING_ALIASES:
         return str(embedding_model_dir())
-    from radixfleet.engine.configs import NAMES, config_dir
+    from radixfleet.engine.models.configs import NAMES, config_dir
 
     if path in NAMES and not os.path.exists(path):
         return config_dir(path)  # a shipped config, for load_format="dummy"

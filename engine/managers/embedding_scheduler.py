@@ -15,18 +15,18 @@ from collections import deque
 
 import zmq
 
-from radixfleet.engine import ipc
 from radixfleet.engine.config import EngineConfig
-from radixfleet.engine.io_struct import GENERATE_REFUSED
-from radixfleet.engine.model_config import ModelConfig
-from radixfleet.engine.model_runner import (
+from radixfleet.engine.executor.model_runner import (
     build_model,
     iter_safetensors,
     randomize,
     resolve_device,
     resolve_dtype,
 )
+from radixfleet.engine.managers import ipc
+from radixfleet.engine.managers.io_struct import GENERATE_REFUSED
 from radixfleet.engine.models.bert import Pooling
+from radixfleet.engine.models.model_config import ModelConfig
 from radixfleet.engine.models.registry import EMBEDDING_REGISTRY
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """The engine's Prometheus metric families: the one source of truth.
 
-The HTTP server registers exactly these (``engine/metrics.py``); Grafana dashboards and
+The HTTP server registers exactly these (``engine/server/metrics.py``); Grafana dashboards and
 their tests read this table. Names follow Prometheus conventions: base units, ``_total``
 on counters, a ``model_name`` label on every family.
 """

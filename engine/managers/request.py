@@ -47,7 +47,7 @@ class Req:
     outputs: ReqOutputs | None = None
     grammar: Any = None
     custom_logit_processor: str | None = None
-    lora_id: int = 0  # the LoRA adapter's index (engine/lora.py); 0: the base model
+    lora_id: int = 0  # the LoRA adapter's index (engine/executor/lora.py); 0: the base model
 
     @property
     def fill_ids(self) -> list[int]:

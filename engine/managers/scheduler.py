@@ -2,7 +2,7 @@
 
 Each loop iteration: take new messages, pick one batch — a prefill/extend batch if any
 waiting request can be admitted, else a decode step over the running requests — and
-*launch* it (``engine/step_executor.py`` runs forward and sampling on the device without
+*launch* it (``engine/executor/step_executor.py`` runs forward and sampling on the device without
 waiting), then *process* a launched step (ids to the host, stop checks, send to the detokenizer, free
 finished requests).
 
@@ -43,26 +43,26 @@ from dataclasses import dataclass
 import torch
 import zmq
 
-from radixfleet.engine import distributed as dist
-from radixfleet.engine import ipc
-from radixfleet.engine.attention.base import ForwardMode
 from radixfleet.engine.config import EngineConfig
-from radixfleet.engine.grammar import GrammarBackend, GrammarQueue, grammar_key
-from radixfleet.engine.kv_manager import KVManager
-from radixfleet.engine.lora import lora_rpc
+from radixfleet.engine.executor.forward_batch import ForwardMode
+from radixfleet.engine.executor.lora import lora_rpc
+from radixfleet.engine.executor.model_runner import ModelRunner
+from radixfleet.engine.executor.step_executor import SampledIds, StepExecutor
+from radixfleet.engine.executor.tp_worker import TPLeader
+from radixfleet.engine.executor.weight_update import weights_by_name
+from radixfleet.engine.layers import distributed as dist
+from radixfleet.engine.managers import ipc
+from radixfleet.engine.managers.kv_manager import KVManager
+from radixfleet.engine.managers.prefill import SCHEDULE_POLICIES, PrefillAdder
+from radixfleet.engine.managers.request import Req
+from radixfleet.engine.managers.request_validation import validate_request
+from radixfleet.engine.managers.stop import StopChecker
 from radixfleet.engine.memory.radix_cache import RadixCache
-from radixfleet.engine.model_runner import ModelRunner
-from radixfleet.engine.prefill import SCHEDULE_POLICIES, PrefillAdder
-from radixfleet.engine.request import Req
-from radixfleet.engine.request_validation import validate_request
+from radixfleet.engine.memory.transfer import to_device
+from radixfleet.engine.sampling.grammar import GrammarBackend, GrammarQueue, grammar_key
 from radixfleet.engine.sampling.logprobs import ReqOutputs
 from radixfleet.engine.sampling.params import load_generation_defaults
 from radixfleet.engine.sampling.pipeline import SamplingPipeline
-from radixfleet.engine.step_executor import SampledIds, StepExecutor
-from radixfleet.engine.stop import StopChecker
-from radixfleet.engine.tp_worker import TPLeader
-from radixfleet.engine.transfer import to_device
-from radixfleet.engine.weight_update import weights_by_name
 
 logger = logging.getLogger(__name__)
 

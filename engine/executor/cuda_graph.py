@@ -19,7 +19,7 @@ import logging
 
 import torch
 
-from radixfleet.engine.attention.base import ForwardBatch, ForwardMode
+from radixfleet.engine.executor.forward_batch import ForwardBatch, ForwardMode
 
 logger = logging.getLogger(__name__)
 

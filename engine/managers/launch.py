@@ -1,6 +1,6 @@
 """Starting the engine's child processes (scheduler, detokenizer) and ending them.
 
-Children are fresh interpreters (``python -m radixfleet.engine.launch``) that read their
+Children are fresh interpreters (``python -m radixfleet.engine.managers.launch``) that read their
 role and arguments as a pickle on stdin, so the caller's ``__main__`` is never re-imported
 (plain scripts without a main guard and notebooks both work). Each child watches its parent
 and exits within a second of the parent's death, SIGKILL included.
@@ -36,7 +36,7 @@ def spawn(role: str, kwargs: dict[str, Any], log_level: str) -> subprocess.Popen
     # NVLink SHARP (multicast) collectives hang or fail on the GPU hosts we run on.
     env.setdefault("NCCL_NVLS_ENABLE", "0")
     env.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-    proc = subprocess.Popen([sys.executable, "-m", "radixfleet.engine.launch"], stdin=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "radixfleet.engine.managers.launch"], stdin=subprocess.PIPE,
                             env=env, start_new_session=False)
     assert proc.stdin is not None
     proc.stdin.write(pickle.dumps({"role": role, "kwargs": kwargs, "parent": os.getpid(),
@@ -88,7 +88,7 @@ def _watch_parent(parent: int) -> None:
 def wait_ready(sock, need: set[str], procs: list[subprocess.Popen], timeout: float) -> dict[str, dict]:
     """Read ``{"ready": role, ...}`` messages from ``sock`` until every role in ``need`` has
     reported; raise with a child's start-up error, or when a child exits or time runs out."""
-    from radixfleet.engine import ipc
+    from radixfleet.engine.managers import ipc
 
     need, got = set(need), {}
     deadline = time.monotonic() + timeout
@@ -116,8 +116,8 @@ def rank_role(rank: int) -> str:
 
 def _init_rank(config, rank: int, local_rank: int, init_method: str | None) -> None:
     """Join the replica's TP group (a no-op for tp_size 1); before any model is built."""
-    from radixfleet.engine import distributed as dist
-    from radixfleet.engine.model_runner import resolve_device
+    from radixfleet.engine.executor.model_runner import resolve_device
+    from radixfleet.engine.layers import distributed as dist
 
     cuda = resolve_device(config.device).type == "cuda"
     if config.tp_size > 1:
@@ -135,7 +135,7 @@ def _start(role: str, ipc_names, build):
     """Run ``build()``; report its result's readiness (or its error) to the engine."""
     import zmq
 
-    from radixfleet.engine import ipc
+    from radixfleet.engine.managers import ipc
 
     ready = ipc.connect_push(zmq.Context.instance(), ipc_names["tokenizer"])
     try:
@@ -159,14 +159,14 @@ def _exit_stopped() -> None:
 
 def _run_scheduler(config, model_path, ipc_names, rank: int = 0, local_rank: int = 0,
                    init_method: str | None = None) -> None:
-    from radixfleet.engine.model_config import ModelConfig
+    from radixfleet.engine.models.model_config import ModelConfig
     from radixfleet.engine.models.registry import is_embedding_architecture
 
     def build():
         if is_embedding_architecture(ModelConfig.from_path(model_path).architecture):
-            from radixfleet.engine.embedding_scheduler import EmbeddingScheduler as cls
+            from radixfleet.engine.managers.embedding_scheduler import EmbeddingScheduler as cls
         else:
-            from radixfleet.engine.scheduler import Scheduler as cls
+            from radixfleet.engine.managers.scheduler import Scheduler as cls
             _init_rank(config, rank, local_rank, init_method)
         scheduler = cls(config, model_path, ipc_names)
         return scheduler, scheduler.ready_info()
@@ -176,8 +176,8 @@ def _run_scheduler(config, model_path, ipc_names, rank: int = 0, local_rank: int
 
 
 def _run_tp_follower(config, model_path, ipc_names, rank: int, local_rank: int, init_method: str | None) -> None:
-    from radixfleet.engine.model_runner import ModelRunner
-    from radixfleet.engine.tp_worker import follow
+    from radixfleet.engine.executor.model_runner import ModelRunner
+    from radixfleet.engine.executor.tp_worker import follow
 
     def build():
         _init_rank(config, rank, local_rank, init_method)
@@ -191,8 +191,8 @@ def _run_tp_follower(config, model_path, ipc_names, rank: int, local_rank: int, 
 def _run_detokenizer(tokenizer_path, trust_remote_code, ipc_names, skip_tokenizer_init) -> None:
     import zmq
 
-    from radixfleet.engine import ipc
-    from radixfleet.engine.detokenizer import run_detokenizer
+    from radixfleet.engine.managers import ipc
+    from radixfleet.engine.managers.detokenizer import run_detokenizer
 
     ready = ipc.connect_push(zmq.Context.instance(), ipc_names["tokenizer"])
     ipc.send(ready, {"ready": "detokenizer"})

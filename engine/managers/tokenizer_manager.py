@@ -23,10 +23,15 @@ from typing import Any
 
 import zmq
 
-from radixfleet.engine import ipc, launch
-from radixfleet.engine.io_struct import ENCODE_REFUSED, GENERATE_REFUSED, EmbedReq, SingleReq
-from radixfleet.engine.model_prep import resolve_model_path
-from radixfleet.engine.session import SessionStore
+from radixfleet.engine.managers import ipc, launch
+from radixfleet.engine.managers.io_struct import (
+    ENCODE_REFUSED,
+    GENERATE_REFUSED,
+    EmbedReq,
+    SingleReq,
+)
+from radixfleet.engine.managers.session import SessionStore
+from radixfleet.engine.models.model_prep import resolve_model_path
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ class SingleReq:
     custom_logit_processor: str | None = None
     token_ids_logprob: list[int] | None = None
     lora_path: str | None = None  # the name of a loaded LoRA adapter
-    session_params: dict | None = None  # continue a session's turn (engine/session.py)
+    session_params: dict | None = None  # continue a session's turn (engine/managers/session.py)
 
 
 def _is_int_list(x: Any) -> bool:

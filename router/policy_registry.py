@@ -1,0 +1,21 @@
+"""``--policy`` name → policy class."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .cache_aware import CacheAwarePolicy
+from .config import RouterConfig
+from .policies import Policy, PowerOfTwoPolicy, RandomPolicy, RoundRobinPolicy
+
+POLICIES: dict[str, Callable[[RouterConfig], Policy]] = {
+    "cache_aware": CacheAwarePolicy,
+    "round_robin": RoundRobinPolicy,
+    "random": RandomPolicy,
+    "power_of_two": PowerOfTwoPolicy,
+}
+
+
+def make_policy(config: RouterConfig) -> Policy:
+    """Build the policy named by ``config.policy``."""
+    return POLICIES[config.policy](config)
