@@ -13,8 +13,6 @@ import logging
 import time
 from collections import deque
 
-import zmq
-
 from radixfleet.engine.config import EngineConfig
 from radixfleet.engine.executor.model_runner import (
     build_model,
@@ -25,6 +23,7 @@ from radixfleet.engine.executor.model_runner import (
 )
 from radixfleet.engine.managers import ipc
 from radixfleet.engine.managers.io_struct import GENERATE_REFUSED
+from radixfleet.engine.managers.scheduler_io import SchedulerIO
 from radixfleet.engine.models.bert import Pooling
 from radixfleet.engine.models.model_config import ModelConfig
 from radixfleet.engine.models.registry import EMBEDDING_REGISTRY
@@ -32,7 +31,7 @@ from radixfleet.engine.models.registry import EMBEDDING_REGISTRY
 logger = logging.getLogger(__name__)
 
 class EmbeddingScheduler:
-    def __init__(self, config: EngineConfig, model_path: str, ipc_names: dict[str, str]):
+    def __init__(self, config: EngineConfig, model_path: str, io: SchedulerIO):
         self.config = config
         self.model_config = ModelConfig.from_path(model_path)
         self.device = resolve_device(config.device)
@@ -51,9 +50,7 @@ class EmbeddingScheduler:
         self.waiting: deque[ipc.TokenizedEmbeddingReq] = deque()
         self.stats = {"prompt_tokens": 0, "embedded_requests": 0, "forward_steps": 0}
         self._stopping = False
-        ctx = zmq.Context()
-        self.recv_sock = ipc.bind_pull(ctx, ipc_names["scheduler"])
-        self.reply_sock = ipc.connect_push(ctx, ipc_names["tokenizer"])
+        self.io = io
         logger.info("embedding model %s on %s (%s), pooling %s", self.model_config.architecture,
                     self.device, self.dtype, self.pooling)
 
@@ -77,36 +74,36 @@ class EmbeddingScheduler:
 
     def _recv(self, block: bool) -> None:
         timeout = 1000 if block else 0
-        while not self._stopping and self.recv_sock.poll(timeout):
-            self._handle(ipc.recv(self.recv_sock))
+        while not self._stopping and (msg := self.io.recv(timeout)) is not None:
+            self._handle(msg)
             timeout = 0
 
     def _handle(self, msg) -> None:
         if isinstance(msg, ipc.TokenizedEmbeddingReq):
             error = self._validate(msg.input_ids)
             if error:
-                ipc.send(self.reply_sock, ipc.ReqError(msg.rid, error))
+                self.io.to_tokenizer(ipc.ReqError(msg.rid, error))
             else:
                 self.waiting.append(msg)
         elif isinstance(msg, ipc.TokenizedGenerateReq):
-            ipc.send(self.reply_sock, ipc.ReqError(msg.rid, GENERATE_REFUSED))
+            self.io.to_tokenizer(ipc.ReqError(msg.rid, GENERATE_REFUSED))
         elif isinstance(msg, ipc.AbortReq):
             keep: deque[ipc.TokenizedEmbeddingReq] = deque()
             for r in self.waiting:
                 if msg.rid and r.rid != msg.rid:
                     keep.append(r)
                 else:  # ends the request's state in the TokenizerManager
-                    ipc.send(self.reply_sock, ipc.ReqError(r.rid, "request aborted"))
+                    self.io.to_tokenizer(ipc.ReqError(r.rid, "request aborted"))
             self.waiting = keep
         elif isinstance(msg, ipc.RpcReq):
             if msg.method == "shutdown":
                 self._stopping = True
             elif msg.method == "flush_cache":  # nothing is cached
-                ipc.send(self.reply_sock, ipc.RpcReply(msg.call_id, True))
+                self.io.to_tokenizer(ipc.RpcReply(msg.call_id, True))
             elif msg.method == "get_internal_state":
-                ipc.send(self.reply_sock, ipc.RpcReply(msg.call_id, self.internal_state()))
+                self.io.to_tokenizer(ipc.RpcReply(msg.call_id, self.internal_state()))
             else:
-                ipc.send(self.reply_sock, ipc.RpcReply(msg.call_id, error=f"unknown method {msg.method!r}"))
+                self.io.to_tokenizer(ipc.RpcReply(msg.call_id, error=f"unknown method {msg.method!r}"))
         else:
             logger.error("embedding scheduler got an unknown message %r", type(msg).__name__)
 
@@ -139,6 +136,6 @@ class EmbeddingScheduler:
         self.stats["forward_steps"] += 1
         self.stats["embedded_requests"] += len(batch)
         self.stats["prompt_tokens"] += sum(len(r.input_ids) for r in batch)
-        ipc.send(self.reply_sock, ipc.EmbeddingOut(
+        self.io.to_tokenizer(ipc.EmbeddingOut(
             [r.rid for r in batch], vectors, [len(r.input_ids) for r in batch],
             [max(now - r.arrival_time, 0.0) if r.arrival_time else 0.0 for r in batch]))

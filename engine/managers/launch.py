@@ -163,12 +163,18 @@ def _run_scheduler(config, model_path, ipc_names, rank: int = 0, local_rank: int
     from radixfleet.engine.models.registry import is_embedding_architecture
 
     def build():
+        from radixfleet.engine.managers.scheduler_io import ZmqSchedulerIO
+
         if is_embedding_architecture(ModelConfig.from_path(model_path).architecture):
-            from radixfleet.engine.managers.embedding_scheduler import EmbeddingScheduler as cls
+            from radixfleet.engine.managers.embedding_scheduler import EmbeddingScheduler
+
+            scheduler = EmbeddingScheduler(config, model_path, ZmqSchedulerIO(ipc_names, detokenizer=False))
         else:
-            from radixfleet.engine.managers.scheduler import Scheduler as cls
+            from radixfleet.engine.executor.model_runner import ModelRunner
+            from radixfleet.engine.managers.scheduler import Scheduler
+
             _init_rank(config, rank, local_rank, init_method)
-        scheduler = cls(config, model_path, ipc_names)
+            scheduler = Scheduler(config, ModelRunner(config, model_path), ZmqSchedulerIO(ipc_names), model_path)
         return scheduler, scheduler.ready_info()
 
     _start(rank_role(rank), ipc_names, build).event_loop()

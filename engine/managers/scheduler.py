@@ -41,7 +41,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import zmq
 
 from radixfleet.engine.config import EngineConfig
 from radixfleet.engine.executor.forward_batch import ForwardMode
@@ -56,6 +55,7 @@ from radixfleet.engine.managers.kv_manager import KVManager
 from radixfleet.engine.managers.prefill import SCHEDULE_POLICIES, PrefillAdder
 from radixfleet.engine.managers.request import Req
 from radixfleet.engine.managers.request_validation import validate_request
+from radixfleet.engine.managers.scheduler_io import SchedulerIO
 from radixfleet.engine.managers.stop import StopChecker
 from radixfleet.engine.memory.radix_cache import RadixCache
 from radixfleet.engine.memory.transfer import to_device
@@ -94,9 +94,13 @@ def needs_host_state(req: Req) -> bool:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, model_path: str, ipc_names: dict[str, str]):
+    def __init__(self, config: EngineConfig, runner: ModelRunner, io: SchedulerIO, model_path: str):
+        """``runner``: the ModelRunner of TP rank 0 (or a stand-in with its interface);
+        ``io``: the message channels (``scheduler_io``); ``model_path``: the model's folder,
+        for its tokenizer (stop strings, grammars) and generation defaults."""
         self.config = config
-        self.runner = ModelRunner(config, model_path)
+        self.runner = runner
+        self.io = io
         # Forward and LM-head calls; with TP they are announced to the follower ranks first.
         self.model = TPLeader(self.runner) if dist.tp_size() > 1 else self.runner
         self._stopping = False
@@ -135,12 +139,6 @@ class Scheduler:
         # A weight update waits (holding new admissions) until no request is running.
         self._update: ipc.RpcReq | None = None
         self.weights_path = None if config.load_format == "dummy" else model_path
-        ctx = zmq.Context()
-        self.recv_sock = ipc.bind_pull(ctx, ipc_names["scheduler"])
-        self.detok_sock = ipc.connect_push(ctx, ipc_names["detokenizer"])
-        self.reply_sock = ipc.connect_push(ctx, ipc_names["tokenizer"])
-        self.poller = zmq.Poller()
-        self.poller.register(self.recv_sock, zmq.POLLIN)
 
     # ---- info ----------------------------------------------------------------------------
     def ready_info(self) -> dict:
@@ -189,15 +187,15 @@ class Scheduler:
     def _recv(self, block: bool) -> None:
         # While only grammars are compiling, look again soon.
         timeout = (5 if self.grammars.pending else 1000) if block else 0
-        while not self._stopping and self.poller.poll(timeout):
-            self._handle(ipc.recv(self.recv_sock))
+        while not self._stopping and (msg := self.io.recv(timeout)) is not None:
+            self._handle(msg)
             timeout = 0
 
     def _handle(self, msg) -> None:
         if isinstance(msg, ipc.TokenizedGenerateReq):
             error = validate_request(msg, self.runner, self.config, self.generation_defaults)
             if error:
-                ipc.send(self.reply_sock, ipc.ReqError(msg.rid, error))
+                self.io.to_tokenizer(ipc.ReqError(msg.rid, error))
                 return
             req = Req(msg.rid, list(msg.input_ids), msg.sampling_params,
                       stream=msg.stream, arrival_time=msg.arrival_time or time.monotonic(),
@@ -218,11 +216,11 @@ class Scheduler:
             self._shutdown()
         elif isinstance(msg, ipc.RpcReq) and msg.method == "update_weights_from_disk":
             if self._update is not None:
-                ipc.send(self.reply_sock, ipc.RpcReply(msg.call_id, (False, "another weight update is in progress")))
+                self.io.to_tokenizer(ipc.RpcReply(msg.call_id, (False, "another weight update is in progress")))
             else:
                 self._update = msg  # answered by _update_weights once nothing runs
         elif isinstance(msg, ipc.RpcReq):
-            ipc.send(self.reply_sock, self._rpc(msg))
+            self.io.to_tokenizer(self._rpc(msg))
         else:
             logger.error("scheduler got an unknown message %r", type(msg).__name__)
 
@@ -230,7 +228,7 @@ class Scheduler:
         ready, failed = self.grammars.take_ready()
         self.waiting.extend(ready)
         for req, message in failed:
-            ipc.send(self.reply_sock, ipc.ReqError(req.rid, message))
+            self.io.to_tokenizer(ipc.ReqError(req.rid, message))
 
     def _rpc(self, msg: ipc.RpcReq) -> ipc.RpcReply:
         if msg.method == "flush_cache":
@@ -259,7 +257,7 @@ class Scheduler:
         if ok:
             self.weights_path = path
             self.kv.cache.flush()  # its KV came from the old weights
-        ipc.send(self.reply_sock, ipc.RpcReply(msg.call_id, (ok, message)))
+        self.io.to_tokenizer(ipc.RpcReply(msg.call_id, (ok, message)))
 
     def _shutdown(self) -> None:
         """Leave the event loop; TP followers (on any node) leave theirs too."""
@@ -471,7 +469,7 @@ class Scheduler:
         )
         for r in reqs:
             r.sent_len = len(r.output_ids)
-        ipc.send(self.detok_sock, out)
+        self.io.to_detokenizer(out)
 
     @staticmethod
     def _meta(r: Req) -> dict:
