@@ -3,6 +3,7 @@
 
     python benchmarks/one_batch.py --model-path llama-3.1-8b --load-format dummy \
         --batch-size 1 8 64 --input-len 512 --output-len 64
+    python benchmarks/one_batch.py --model-path smollm2 --load-format auto --batch-size 1 16  # CPU
 
 Prints one JSON line per batch size: prefill ms; decode ms/step and tok/s, first with the
 host waiting for each step before building the next (p50), then pipelined as the engine's

@@ -32,15 +32,19 @@ import time
 import tracemalloc
 from pathlib import Path
 
+from radixfleet import env_vars
 from radixfleet.router.cache_aware import CacheAwarePolicy
 from radixfleet.router.circuit_breaker import CircuitBreaker
 from radixfleet.router.config import RouterConfig
 from radixfleet.router.radix_tree import RadixTree
-from radixfleet.router.testing import FakeWorkerProcess, free_port, wait_ok
 from radixfleet.router.worker import Worker
 
+# The fake workers and loopback helpers are the router tests' own (tests/router_harness.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from router_harness import FakeWorkerProcess, free_port, wait_ok  # noqa: E402
+
 SGLANG_ROUTER_VERSION = "0.3.2"
-CACHE_DIR = Path(os.environ.get("RADIXFLEET_BENCH_CACHE", Path.home() / ".cache" / "radixfleet" / "bench"))
+CACHE_DIR = Path(env_vars.BENCH_CACHE.get() or Path.home() / ".cache" / "radixfleet" / "bench")
 GROUPS = 8
 
 

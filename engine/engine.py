@@ -18,6 +18,7 @@ from typing import Any
 
 import zmq
 
+from radixfleet import env_vars
 from radixfleet.engine.config import EngineConfig
 from radixfleet.engine.managers import ipc, launch
 from radixfleet.engine.managers.io_struct import normalize_encode, normalize_generate
@@ -34,7 +35,7 @@ from radixfleet.engine.models.registry import EMBEDDING_REGISTRY, is_embedding_a
 
 logger = logging.getLogger(__name__)
 
-_START_TIMEOUT_S = float(os.environ.get("RADIXFLEET_START_TIMEOUT", "600"))
+_START_TIMEOUT_S = env_vars.START_TIMEOUT.get()
 _UPDATE_TIMEOUT_S = 600.0  # a weight update waits for the running requests to finish
 _STOP_GRACE_S = 5.0  # how long rank 0 gets to stop its TP followers before it is terminated
 

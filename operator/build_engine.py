@@ -12,13 +12,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from radixfleet import env_vars
 from radixfleet.operator import names
 from radixfleet.operator.spec import InferenceServiceSpec
 
 MODEL_MOUNT = "/models"
 PROBE_PERIOD_SECONDS = 10
-API_KEY_ENV = "RADIXFLEET_API_KEY"
-POD_INDEX_ENV = "RADIXFLEET_NODE_RANK"
+API_KEY_ENV = env_vars.API_KEY.name
+POD_INDEX_ENV = env_vars.NODE_RANK.name
 
 
 def model_path(spec: InferenceServiceSpec) -> str:

@@ -1,11 +1,11 @@
-"""Bearer-key check for the router's own routes, as plain ASGI middleware (cheap per request)."""
+"""The router's bearer-key guard, as plain ASGI middleware (cheap per request); the check
+itself is ``radixfleet.http_auth``, shared with the engine's server."""
 
 from __future__ import annotations
 
-import hmac
 import json
 
-OPEN_PATHS = frozenset({"/health"})
+from radixfleet.http_auth import BearerKey
 
 
 class BearerAuth:
@@ -13,17 +13,13 @@ class BearerAuth:
 
     def __init__(self, app, api_key: str) -> None:
         self.app = app
-        self._expected = f"Bearer {api_key}".encode()
+        self.key = BearerKey(api_key)
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        reason = self.key.refusal(scope)
+        if reason is None:
             await self.app(scope, receive, send)
             return
-        given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-        if hmac.compare_digest(given, self._expected):
-            await self.app(scope, receive, send)
-            return
-        reason = "missing Authorization header" if not given else "invalid API key"
         body = json.dumps({"error": {"message": f"Unauthorized: {reason}", "type": "router_error", "code": 401}}).encode()
         await send({"type": "http.response.start", "status": 401, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),

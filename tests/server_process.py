@@ -1,4 +1,5 @@
-"""A real ``radixfleet serve`` subprocess on a free port, for the HTTP integration tests."""
+"""Servers in subprocesses on free loopback ports: ``free_port``, ``wait_ok``, and a real
+``radixfleet serve`` for the HTTP integration tests."""
 
 from __future__ import annotations
 
@@ -27,6 +28,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_ok(url: str, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+    """Poll ``url`` until it answers 200; raise if ``timeout`` passes or ``proc`` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process for {url} exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=1.0, trust_env=False).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout} s")
 
 
 @contextmanager

@@ -15,6 +15,8 @@ import os
 import shutil
 from pathlib import Path
 
+from radixfleet import env_vars
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2"
@@ -25,7 +27,7 @@ EMBEDDING_ALIASES = {"all-minilm-l6-v2", "all-MiniLM-L6-v2"}
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("RADIXFLEET_CACHE") or os.path.join(
+    root = env_vars.CACHE.get() or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "radixfleet")
     return Path(root)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import uuid
@@ -42,10 +41,10 @@ from radixfleet.engine.server.common import (
 from radixfleet.engine.server.embedding_serving import embed, register_embedding_routes
 from radixfleet.engine.server.metrics import CONTENT_TYPE, UNMETERED_RID_PREFIX
 from radixfleet.engine.server.openai_serving import register_openai_routes
+from radixfleet.http_auth import BearerKey
 
 logger = logging.getLogger(__name__)
 
-OPEN_PATHS = frozenset({"/health"})
 _HEALTH_GENERATE_TIMEOUT_S = 30.0
 # Native /generate arguments (besides text/input_ids); anything else is a 400.
 _GENERATE_ARGS = ("sampling_params", "stream", "rid", "return_logprob", "logprob_start_len",
@@ -57,23 +56,22 @@ _OPTIONAL_GENERATE_ARGS = ("return_text_in_logprobs", "custom_logit_processor", 
 
 # ---- ASGI middleware: body size limit and API key --------------------------------------------
 class GuardMiddleware:
-    """Answers 401 without ``Authorization: Bearer <key>`` (except ``/health``) and 413 for
-    bodies over the limit (by Content-Length, or counted while reading a chunked body)."""
+    """Answers 401 without ``Authorization: Bearer <key>`` (except ``/health``;
+    ``radixfleet.http_auth``) and 413 for bodies over the limit (by Content-Length, or
+    counted while reading a chunked body)."""
 
     def __init__(self, app: Any, state: ServerState):
         self.app, self.state = app, state
+        self.key = BearerKey(state.api_key) if state.api_key else None
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        key = self.state.api_key
-        given = headers.get("authorization", "")
-        if key and scope["path"] not in OPEN_PATHS and not hmac.compare_digest(given.encode(),
-                                                                              f"Bearer {key}".encode()):
-            resp = error_response(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                                  code="invalid_api_key")
+        refusal = self.key.refusal(scope) if self.key is not None else None
+        if refusal is not None:
+            resp = error_response(401, refusal, code="invalid_api_key")
             return await resp(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         limit = self.state.max_request_bytes
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import sys
 
+from radixfleet import env_vars
 from radixfleet.engine.config import EngineConfig
 from radixfleet.engine.server.common import DEFAULT_MAX_REQUEST_BYTES
 from radixfleet.engine.server.tool_parser import TOOL_PARSERS
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     server = parser.add_argument_group("HTTP server")
     server.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     server.add_argument("--port", type=int, default=30000, help="port to bind (default 30000)")
-    server.add_argument("--api-key", default=os.environ.get("RADIXFLEET_API_KEY"),
+    server.add_argument("--api-key", default=env_vars.API_KEY.get(),
                         help="require 'Authorization: Bearer KEY' on every route but /health "
                              "(default: $RADIXFLEET_API_KEY)")
     server.add_argument("--chat-template", default=None,

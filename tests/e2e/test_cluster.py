@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from radixfleet import env_vars
+
 pytestmark = [
     pytest.mark.skipif(not os.environ.get("KUBECONFIG"), reason="KUBECONFIG is not set: no cluster to run the e2e scenario on"),
     pytest.mark.timeout(1800),
@@ -24,8 +26,8 @@ pytestmark = [
 
 ROOT = Path(__file__).resolve().parents[2]
 GROUP, VERSION, PLURAL = "radixfleet.io", "v1alpha1", "inferenceservices"
-IMAGE = os.environ.get("RADIXFLEET_E2E_IMAGE", "ghcr.io/radixfleet/radixfleet:0.1.0")
-TIMEOUT = float(os.environ.get("RADIXFLEET_E2E_TIMEOUT", "900"))
+IMAGE = env_vars.E2E_IMAGE.get()
+TIMEOUT = env_vars.E2E_TIMEOUT.get()
 
 
 @pytest.fixture(scope="module")

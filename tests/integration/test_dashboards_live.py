@@ -21,8 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-
-from radixfleet.operator.testing import (
+from kube_harness import (
     Proc,
     engine_process,
     engine_server_available,

@@ -14,9 +14,9 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from kube_harness import kube_emulator
 
 from radixfleet.operator.kube import KINDS
-from radixfleet.operator.testing import kube_emulator
 
 helm = pytest.importorskip("helm_sdkpy", reason="helm-sdkpy is not installed (pip install --ignore-requires-python helm-sdkpy)")
 

@@ -12,9 +12,7 @@ import tempfile
 
 import httpx
 import pytest
-
-from radixfleet.operator import names
-from radixfleet.operator.testing import (
+from kube_harness import (
     Api,
     engine_process,
     engine_server_available,
@@ -25,6 +23,8 @@ from radixfleet.operator.testing import (
     router_process,
     start_operator,
 )
+
+from radixfleet.operator import names
 
 NS = "ml"
 ISVC_PATH = f"/apis/radixfleet.io/v1alpha1/namespaces/{NS}/inferenceservices"

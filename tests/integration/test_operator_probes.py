@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 
+from kube_harness import free_port, router_process
+
 from radixfleet.operator.manifests import build_children
 from radixfleet.operator.spec import parse_spec
-from radixfleet.operator.testing import free_port, router_process
 
 
 def probe_command(port: int) -> list[str]:

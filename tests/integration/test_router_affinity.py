@@ -13,9 +13,9 @@ import random
 
 import httpx
 import pytest
+from router_harness import RouterThread, free_port, start_fake_workers
 
 from radixfleet.router.config import RouterConfig
-from radixfleet.router.testing import RouterThread, free_port, start_fake_workers
 
 GROUPS, PER_GROUP, CONCURRENCY = 8, 25, 8
 

@@ -23,15 +23,16 @@ import httpx
 import openai
 import psutil
 import pytest
+from router_harness import RouterThread, free_port
 
+from radixfleet import env_vars
 from radixfleet.router.config import RouterConfig
-from radixfleet.router.testing import RouterThread, free_port
 
 # ~1-2 minutes of CPU prefill on 2 cores: opt-in, so the router's default suite stays under 2 minutes.
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("radixfleet.engine.server.serve") is None,
                        reason="radixfleet.engine.server.serve is not there yet"),
-    pytest.mark.skipif(os.environ.get("RADIXFLEET_ENGINE_E2E") != "1",
+    pytest.mark.skipif(not env_vars.ENGINE_E2E.get(),
                        reason="set RADIXFLEET_ENGINE_E2E=1 to run the router against real engines (~2 min)"),
 ]
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+from router_harness import RouterThread, free_port, start_fake_workers
 
 from radixfleet.router.config import RouterConfig
-from radixfleet.router.testing import RouterThread, free_port, start_fake_workers
 
 
 def router(*urls: str, **kw) -> RouterThread:

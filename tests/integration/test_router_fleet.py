@@ -4,6 +4,7 @@ the router, answers requests, and leaves no process behind after SIGTERM."""
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -13,10 +14,9 @@ import httpx
 import openai
 import psutil
 import pytest
+from router_harness import FAKE_WORKER, free_port
 
-from radixfleet.router.testing import free_port
-
-FAKE = "{python} -m radixfleet.router.fake_worker --host {host} --port {port} --model-path {model_path}"
+FAKE = f"{{python}} {shlex.quote(str(FAKE_WORKER))} --host {{host}} --port {{port}} --model-path {{model_path}}"
 
 
 def start_fleet(port: int, workers: int = 2) -> subprocess.Popen:

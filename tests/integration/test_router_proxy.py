@@ -8,10 +8,10 @@ import time
 
 import httpx
 import pytest
+from router_harness import RouterThread, free_port, start_fake_workers
 
 from radixfleet.router.config import RouterConfig
 from radixfleet.router.metric_names import ROUTER_METRICS
-from radixfleet.router.testing import RouterThread, free_port, start_fake_workers
 
 CHUNKS, CHUNK_INTERVAL = 5, 0.1
 

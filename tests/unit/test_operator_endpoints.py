@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from kube_harness import pod_manifest
+
 from radixfleet.operator import names
 from radixfleet.operator.drain import choose_victims
 from radixfleet.operator.endpoints import ready_workers, router_urls
 from radixfleet.operator.registration import plan
 from radixfleet.operator.spec import parse_spec
-from radixfleet.operator.testing import pod_manifest
 
 SINGLE = parse_spec({"metadata": {"name": "chat", "namespace": "ml"}, "spec": {"model": {"path": "m"}, "replicas": 3}})
 MULTI = parse_spec({"metadata": {"name": "big", "namespace": "ml"},

@@ -13,7 +13,7 @@ about as long as the kernel. Every program reads all of ``x`` (from L2), so the 
   the new residual ``h + residual``. Differs from the separate kernels only in rounding:
   the normalised row is not rounded to the model dtype before the weight multiply.
 - ``gemv_silu_mul``: ``x = silu(gate) * up`` from the ``[1, 2K]`` gate_up output (the MLP's
-  down projection), rounded as ``kernels/activation.py`` rounds it.
+  down projection), rounded as ``kernel_ops/activation.py`` rounds it.
 
 Two kernels, no split-K, one launch each:
 
@@ -31,14 +31,13 @@ Two kernels, no split-K, one launch each:
 from __future__ import annotations
 
 import functools
-import json
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from radixfleet.kernels.pdl import gdc_launch_dependents, gdc_wait, prefetch_l2, use_pdl
+from radixfleet import env_vars
+from radixfleet.kernel_ops.pdl import gdc_launch_dependents, gdc_wait, prefetch_l2, use_pdl
 
 _CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -52,19 +51,15 @@ _CONFIGS = [
 # Whole-row kernel configuration: (BLOCK_N, warps, programs per SM; 0 = one program per row
 # block). Not autotuned: autotuning picked differently from process to process (timings a few
 # percent apart) and the decode step moved by ~0.2 ms with it, so the config is a fixed
-# choice (``_rows_config``), from ``benchmarks/kernels.py --only gemv_sweep``.
-# "N,K,PROLOGUE" -> [BLOCK_N, warps, per SM], JSON (tuning for other GPUs); see _rows_config.
-try:
-    ROWS_TABLE = json.loads(os.environ.get("RADIXFLEET_GEMV_ROWS_TABLE", "{}"))
-except json.JSONDecodeError as e:
-    raise ValueError(f"RADIXFLEET_GEMV_ROWS_TABLE must be JSON like "
-                     f'{{"4096,4096,0": [2, 4, 8]}}: {e}') from None
+# choice (``_rows_config``), from ``benchmarks/kernel_bench.py --only gemv_sweep``.
+# "N,K,PROLOGUE" -> [BLOCK_N, warps, per SM] (tuning for other GPUs); see _rows_config.
+ROWS_TABLE = env_vars.GEMV_ROWS_TABLE.get()
 ROWS_OVERRIDE: tuple[int, int, int] | None = None  # set by tests and the sweep
 # Largest power-of-two K the whole-row kernel holds in registers; above it, the K-loop kernel.
-ROWS_MAX_K = int(os.environ.get("RADIXFLEET_GEMV_ROWS_MAX_K", 16384))
+ROWS_MAX_K = env_vars.GEMV_ROWS_MAX_K.get()
 
 PLAIN, RMSNORM, SILU_MUL = 0, 1, 2
-_PREFETCH_MAX_BYTES = int(os.environ.get("RADIXFLEET_GEMV_PREFETCH_MAX_BYTES", 40 << 20))
+_PREFETCH_MAX_BYTES = env_vars.GEMV_PREFETCH_MAX_BYTES.get()
 
 
 @triton.jit
@@ -103,7 +98,7 @@ def _gemv_kernel(X, RES, NORM_W, W, B, OUT, NEW_RES, N, K, stride_w, eps,
     """Any K: each program walks K for its BLOCK_N rows, re-reading x chunk by chunk."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    if USE_PDL:  # see kernels/pdl.py
+    if USE_PDL:  # see kernel_ops/pdl.py
         gdc_launch_dependents()
         if PREFETCH_LINES > 0:
             # The weight does not depend on the previous kernel: start pulling this program's
@@ -134,7 +129,7 @@ def _gemv_kernel(X, RES, NORM_W, W, B, OUT, NEW_RES, N, K, stride_w, eps,
 
 def _rows_config(n: int, k: int, prologue: int) -> tuple[int, int, int]:
     """(BLOCK_N, warps, programs per SM) for the whole-row kernel. From the sweep on an H200 at
-    the Llama-3.1-8B shapes (kernels/NOTES.md): two rows per block, persistent programs, 8
+    the Llama-3.1-8B shapes (kernel_ops/NOTES.md): two rows per block, persistent programs, 8
     per SM at K <= 8192 and one at K = 16384 (the row block fills the registers)."""
     if ROWS_OVERRIDE is not None:
         return ROWS_OVERRIDE
@@ -165,7 +160,7 @@ def _gemv_rows_kernel(X, RES, NORM_W, W, B, OUT, NEW_RES, N, K, stride_w, eps,
     rows = pid * BLOCK_N + lane
     w = tl.load(W + rows.to(tl.int64)[:, None] * stride_w + cols[None, :],
                 mask=(rows < N)[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first")
-    if USE_PDL:  # see kernels/pdl.py
+    if USE_PDL:  # see kernel_ops/pdl.py
         gdc_launch_dependents()
         if PREFETCH:
             lines = tl.arange(0, BLOCK_K // LINE_ELEMS) * LINE_ELEMS

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from radixfleet import env_vars
+
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("cpu_ops.c")
@@ -74,7 +76,7 @@ def _build(target: Path) -> None:
 @functools.cache
 def load() -> ctypes.CDLL | None:
     """The compiled library, or None where it cannot be had (the torch path is used then)."""
-    if os.environ.get("RADIXFLEET_CPU_KERNELS", "1") == "0":
+    if not env_vars.CPU_KERNELS.get():
         return None
     digest = hashlib.sha256(_SOURCE.read_bytes() + _cpu_id().encode()).hexdigest()[:16]
     target = _cache_dir() / f"cpu_ops-{digest}.so"

@@ -1,48 +1,28 @@
-"""Helpers to run real routers and fake workers on loopback (tests and benchmarks).
-
-Everything here starts real servers on free ports; nothing mocks HTTP.
-"""
+"""Real routers and fake workers on loopback, for the router tests and
+``benchmarks/router.py``. Everything here starts real servers on free ports; nothing mocks
+HTTP."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import uvicorn
+from server_process import free_port, wait_ok
 
-from .app import build_app
-from .config import RouterConfig
+from radixfleet.router.app import build_app
+from radixfleet.router.config import RouterConfig
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ok(url: str, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
-    """Poll ``url`` until it answers 200; raise if ``timeout`` passes or ``proc`` exits."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process for {url} exited with {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=1.0, trust_env=False).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"{url} did not answer 200 within {timeout} s")
+FAKE_WORKER = Path(__file__).with_name("fake_worker.py")
 
 
 @dataclass
 class FakeWorkerProcess:
-    """``python -m radixfleet.router.fake_worker`` in a subprocess."""
+    """``python tests/fake_worker.py`` in a subprocess."""
 
     name: str
     latency: float = 0.0
@@ -57,7 +37,7 @@ class FakeWorkerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> FakeWorkerProcess:
-        cmd = [sys.executable, "-m", "radixfleet.router.fake_worker", "--port", str(self.port), "--name", self.name,
+        cmd = [sys.executable, str(FAKE_WORKER), "--port", str(self.port), "--name", self.name,
                "--latency", str(self.latency), "--chunks", str(self.chunks), "--chunk-interval", str(self.chunk_interval), "--api-key", self.api_key]
         self.proc = subprocess.Popen(cmd)
         return self

@@ -1,4 +1,4 @@
-"""radixfleet.kernels."""
+"""radixfleet.kernel_ops."""
 
 
 def dot_precision(dtype) -> str:

@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from radixfleet.kernels import dot_precision
-from radixfleet.kernels.attention_tile import attend_tile
+from radixfleet.kernel_ops import dot_precision
+from radixfleet.kernel_ops.attention_tile import attend_tile
 
 _LOG2E = 1.4426950408889634
 
@@ -95,7 +95,7 @@ def _extend_kernel(
 
 def default_extend_config(head_dim: int, max_extend_len: int, device: torch.device,
                           dtype: torch.dtype = torch.bfloat16) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages), from the H100 sweep in benchmarks/kernels.py.
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages), from the H100 sweep in benchmarks/kernel_bench.py.
 
     Long extends: 128-row tiles, 3 stages (289-342 TFLOP/s at head dim 128). Short ones
     (<= 1024 new tokens per request): 64-row tiles, for more programs on the SMs. fp32

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from radixfleet import env_vars
+
 try:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # older triton: PDL off
@@ -31,7 +33,7 @@ except ImportError:  # older triton: PDL off
 
 @functools.cache
 def _enabled(device_index: int) -> bool:
-    if gdc_wait is None or os.environ.get("RADIXFLEET_PDL", "1") == "0":
+    if gdc_wait is None or not env_vars.PDL.get():
         return False
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 

@@ -1,4 +1,4 @@
-"""Test helpers: KMock as the Kubernetes API, the real operator loop on it, real router
+"""Operator test helpers: KMock as the Kubernetes API, the real operator loop on it, real router
 and engine processes on loopback addresses, and pods as the kubelet would report them.
 
 KMock stores objects but runs no controllers: a test plays the Deployment/StatefulSet
@@ -12,7 +12,6 @@ import contextlib
 import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,12 +30,6 @@ from radixfleet.operator.runtime import Runtime
 
 VERBS = {"get", "list", "watch", "create", "patch", "update", "delete"}
 ISVC_RESOURCE = f"{names.GROUP}/{names.VERSION}/{names.PLURAL}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def engine_server_available() -> bool:

@@ -1,12 +1,12 @@
 """A fake SGLang-compatible worker: fixed latency, says which worker served, streams SSE.
 
-For tests, benchmarks and demos of the router without a model. It answers the engine's
+For the router's tests and benchmark, without a model. It answers the engine's
 HTTP surface (``/health``, ``/generate``, ``/v1/*``, ``/get_model_info``,
 ``/get_server_info``, ``/flush_cache``) and has a few ``/_fake/*`` controls: make
 ``/health`` fail, fail the next N requests with a status (0: drop the connection right
 after the headers), read its counters.
 
-    python -m radixfleet.router.fake_worker --port 30001 --name w1 --latency 0.01
+    python tests/fake_worker.py --port 30001 --name w1 --latency 0.01
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import uvicorn
 from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+from radixfleet.http_auth import BearerKey
 
 ROUTES = ("/generate", "/v1/completions", "/v1/chat/completions", "/v1/embeddings")
 
@@ -35,7 +37,6 @@ class FakeState:
     healthy: bool = True
     fail_status: int = 500
     fail_remaining: int = 0
-    api_key: str = ""
 
 
 def _answer(state: FakeState, route: str, body: dict) -> dict:
@@ -70,13 +71,14 @@ async def _broken_stream():
 def build_fake_worker(name: str = "fake", latency: float = 0.0, chunks: int = 4, chunk_interval: float = 0.05,
                       api_key: str = "") -> FastAPI:
     """The fake worker app; with ``api_key`` its generation routes require that bearer key."""
-    state = FakeState(name, latency, chunks, chunk_interval, api_key=api_key)
+    state = FakeState(name, latency, chunks, chunk_interval)
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     app.state.fake = state
+    key = BearerKey(api_key) if api_key else None
 
     async def handle(request: Request) -> Response:
         route = request.url.path
-        if state.api_key and request.headers.get("authorization") != f"Bearer {state.api_key}":
+        if key is not None and key.refusal(request.scope) is not None:
             return JSONResponse({"error": {"message": f"{name}: bad or missing API key"}}, status_code=401)
         raw = await request.body()
         try:
@@ -139,7 +141,7 @@ def build_fake_worker(name: str = "fake", latency: float = 0.0, chunks: int = 4,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="radixfleet.router.fake_worker", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="tests/fake_worker.py", description=__doc__.splitlines()[0])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--name", default="")

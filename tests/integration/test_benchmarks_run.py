@@ -1,0 +1,112 @@
+"""Every script in ``benchmarks/`` runs as its docstring says (``python3 benchmarks/X.py``
+from the checkout root) at its smallest workload, and prints JSON lines.
+
+Regression (issue 24): ``benchmarks/kernels.py`` shadowed Hugging Face's ``kernels``, which
+transformers imports, so the documented commands failed on a fresh install with
+``ImportError: cannot import name 'CUDAProperties' from 'kernels'``. Peer comparisons (HF
+``generate``, sglang-router) are off; the GPU kernel benchmark says it needs CUDA on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from server_process import default_model_dir, engine_server
+
+ROOT = Path(__file__).resolve().parents[2]
+TIMEOUT_S = 300
+
+
+def run_script(name: str, *args: str) -> list[dict]:
+    """``python3 benchmarks/<name> args`` from the checkout root; its stdout lines, parsed."""
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    done = subprocess.run([sys.executable, f"benchmarks/{name}", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 0, f"{name} exited {done.returncode}:\n{done.stderr[-3000:]}"
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    assert lines, f"{name} printed nothing:\n{done.stderr[-3000:]}"
+    return [json.loads(line) for line in lines]
+
+
+def has(record: dict, *keys: str) -> bool:
+    return all(k in record for k in keys)
+
+
+def check_offline(lines: list[dict]) -> None:
+    (line,) = lines
+    assert line["benchmark"] == "offline_throughput" and line["system"] == "radixfleet"
+    assert line["output_tokens"] == 2 * 4 and has(line, "output_tok_per_s", "elapsed_s", "decode_steps")
+
+
+def check_one_batch(lines: list[dict]) -> None:
+    (line,) = lines
+    assert line["benchmark"] == "one_batch" and line["batch_size"] == 1
+    assert has(line, "prefill_ms", "decode_ms_per_step_p50", "decode_tok_per_s_pipelined")
+
+
+def check_cpu_matmul(lines: list[dict]) -> None:
+    (line,) = lines
+    assert line["benchmark"] == "cpu_matmul" and line["rows"] == 1
+    assert has(line, "layers_f_linear_ms", "layers_onednn_prepacked_ms", "max_abs_diff")
+
+
+def check_structured(lines: list[dict]) -> None:
+    summary = lines[-1]
+    assert summary["bench"] == "structured" and summary["rounds"] == 1
+    assert has(summary, "unconstrained_ms_per_token", "constrained_ms_per_token", "overhead_pct")
+
+
+def check_router(lines: list[dict]) -> None:
+    benches = [line["bench"] for line in lines]
+    assert {"setup", "defaults", "tree", "direct", "radixfleet", "summary"} <= set(benches), benches
+    assert "sglang_router" not in benches
+    ours = [line for line in lines if line["bench"] == "radixfleet"]
+    assert all(line["c32"]["requests"] > 0 and line["c32"]["errors"] == 0 for line in ours)
+
+
+def check_kernel_bench(lines: list[dict]) -> None:
+    if torch.cuda.is_available():
+        assert lines and all(line["bench"] == "launch_overhead" for line in lines)
+    else:
+        assert lines == [{"bench": "kernel_bench", "skipped": "needs CUDA: no CUDA GPU visible to torch"}]
+
+
+# script: (its smallest workload, what its JSON lines must say)
+CASES: dict[str, tuple[list[str], Callable[[list[dict]], None]]] = {
+    "offline_throughput.py": (["--num-prompts", "2", "--random-input-len", "8", "--random-output-len", "4"],
+                              check_offline),
+    "one_batch.py": (["--model-path", "smollm2", "--load-format", "auto", "--batch-size", "1",
+                      "--input-len", "8", "--output-len", "2"], check_one_batch),
+    "cpu_matmul.py": (["--rows", "1", "--repeats", "1"], check_cpu_matmul),
+    "structured.py": (["--batch", "2", "--tokens", "4", "--rounds", "1"], check_structured),
+    "router.py": (["--seconds", "0.4", "--skip-sglang"], check_router),
+    "kernel_bench.py": (["--only", "launch"], check_kernel_bench),
+}
+NEEDS_SERVER = {"serving.py"}
+
+
+def test_every_benchmark_script_has_a_tiny_run_here():
+    scripts = {p.name for p in (ROOT / "benchmarks").glob("*.py")}
+    assert scripts == set(CASES) | NEEDS_SERVER
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_benchmark_prints_its_json_lines(name):
+    args, check = CASES[name]
+    check(run_script(name, *args))
+
+
+def test_serving_benchmark_against_a_running_server():
+    with engine_server(default_model_dir()) as url:
+        (line,) = run_script("serving.py", "--base-url", url, "--num-prompts", "2", "--random-input-len", "8",
+                             "--random-output-len", "4", "--max-concurrency", "2")
+    assert line["benchmark"] == "serving" and (line["completed"], line["failed"]) == (2, 0)
+    assert line["total_output_tokens"] == 2 * 4
+    assert has(line, "mean_ttft_ms", "p99_itl_ms", "output_throughput", "request_throughput")
