@@ -7,7 +7,6 @@ ranks: it serves nothing, and ``generate`` on it raises.
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import logging
 import os
@@ -21,7 +20,16 @@ import zmq
 from radixfleet import env_vars
 from radixfleet.engine.config import EngineConfig
 from radixfleet.engine.managers import ipc, launch
-from radixfleet.engine.managers.io_struct import normalize_encode, normalize_generate
+from radixfleet.engine.managers.io_struct import (
+    FlushCacheReq,
+    GenerateReqInput,
+    GetInternalStateReq,
+    GetWeightsByNameReq,
+    LoadLoRAAdapterReq,
+    UnloadLoRAAdapterReq,
+    UpdateWeightsFromDiskReq,
+    normalize_encode,
+)
 from radixfleet.engine.managers.scoring import (
     SCORE_SAMPLING,
     ScoreResult,
@@ -52,9 +60,19 @@ class Engine:
     def __init__(self, **kwargs: Any):
         self.config = EngineConfig.from_kwargs(**kwargs)
         logging.getLogger("radixfleet").setLevel(self.config.log_level_int)
-        self.model_path = resolve_model_path(self.config.model_path)
+        if self.config.device.startswith("cuda"):  # refuse here, before any download or process
+            from radixfleet.engine.executor.model_runner import check_cuda_device
+
+            check_cuda_device(self.config.device)
+        self.model_path = self._local_folder(self.config.model_path, self.config.revision,
+                                             weights=self.config.load_format != "dummy")
         if not os.path.isdir(self.model_path):
-            raise ValueError(f"model_path {self.config.model_path!r} is not a folder (and not a known alias)")
+            raise ValueError(f"model_path {self.config.model_path!r} is not a folder (nor a known alias, "
+                             "nor a Hub repo id org/name)")
+        if self.config.tokenizer_path:  # the tokenizer's processes then read a local folder too
+            self.config = self.config.replace(tokenizer_path=self.model_path
+                                              if self.config.tokenizer_path == self.config.model_path
+                                              else self._local_folder(self.config.tokenizer_path))
         if self.config.tp_size > 1 or self.config.is_embedding:
             model = ModelConfig.from_path(self.model_path)
             if is_embedding_architecture(model.architecture):
@@ -79,6 +97,11 @@ class Engine:
             raise
         self._finalizer = weakref.finalize(self, launch.terminate, list(self._procs))
         atexit.register(self.shutdown)
+
+    def _local_folder(self, path: str, revision: str | None = None, weights: bool = False) -> str:
+        """An alias, local folder or Hub repo id as a local folder (a Hub repo is downloaded
+        into ``download_dir``; ``weights=False`` fetches only its config and tokenizer files)."""
+        return resolve_model_path(path, revision, self.config.download_dir, weights=weights)
 
     def _start_serving_node(self, names: dict[str, str]) -> None:
         """Node 0: tokenizer manager here, a detokenizer, and this node's TP ranks (rank 0 schedules)."""
@@ -123,21 +146,15 @@ class Engine:
 
     # ---- generation ------------------------------------------------------------------------
     def generate(self, prompt: str | list[str] | None = None, sampling_params: dict | list[dict] | None = None,
-                 input_ids: list[int] | list[list[int]] | None = None, return_logprob: bool | list[bool] = False,
-                 logprob_start_len: int = -1, top_logprobs_num: int = 0, stream: bool = False,
-                 rid: str | list[str] | None = None, return_hidden_states: bool = False,
-                 return_text_in_logprobs: bool = False, custom_logit_processor: str | list | None = None,
-                 token_ids_logprob: list[int] | list[list[int]] | None = None,
-                 lora_path: str | list[str | None] | None = None, session_params: dict | None = None,
-                 **unsupported: Any) -> dict | list[dict] | Iterator[dict]:
+                 input_ids: list[int] | list[list[int]] | None = None,
+                 **options: Any) -> dict | list[dict] | Iterator[dict]:
         """Generate for one prompt (returns a dict) or a batch (returns a list of dicts).
+        ``options``: the other fields of ``GenerateReqInput`` (``stream``, ``rid``,
+        ``return_logprob``, ``lora_path``, ...); any other name is a ValueError.
 
         With ``stream=True`` returns an iterator of chunks whose ``text`` is the new text.
         """
-        reqs, is_batch, tm = self._prepare(
-            prompt, input_ids, sampling_params, stream, rid, return_logprob, logprob_start_len,
-            top_logprobs_num, return_hidden_states, return_text_in_logprobs, custom_logit_processor,
-            token_ids_logprob, lora_path, session_params, unsupported)
+        reqs, is_batch, stream, tm = self._prepare(prompt, sampling_params, input_ids, options)
         if stream:
             return self._iter_stream(tm.stream_sync(reqs), is_batch)
         results = dict(tm.stream_sync(reqs))
@@ -146,36 +163,20 @@ class Engine:
     async def async_generate(self, prompt: str | list[str] | None = None,
                              sampling_params: dict | list[dict] | None = None,
                              input_ids: list[int] | list[list[int]] | None = None,
-                             return_logprob: bool | list[bool] = False, logprob_start_len: int = -1,
-                             top_logprobs_num: int = 0, stream: bool = False,
-                             rid: str | list[str] | None = None, return_hidden_states: bool = False,
-                             return_text_in_logprobs: bool = False,
-                             custom_logit_processor: str | list | None = None,
-                             token_ids_logprob: list[int] | list[list[int]] | None = None,
-                             lora_path: str | list[str | None] | None = None,
-                             session_params: dict | None = None,
-                             **unsupported: Any) -> dict | list[dict] | AsyncIterator[dict]:
+                             **options: Any) -> dict | list[dict] | AsyncIterator[dict]:
         """Awaitable ``generate``; with ``stream=True`` it returns an async iterator of chunks."""
-        reqs, is_batch, tm = self._prepare(
-            prompt, input_ids, sampling_params, stream, rid, return_logprob, logprob_start_len,
-            top_logprobs_num, return_hidden_states, return_text_in_logprobs, custom_logit_processor,
-            token_ids_logprob, lora_path, session_params, unsupported)
+        reqs, is_batch, stream, tm = self._prepare(prompt, sampling_params, input_ids, options)
         if stream:
             return self._aiter_stream(tm.stream_async(reqs), is_batch)
         results = {i: out async for i, out in tm.stream_async(reqs)}
         return _shape([results[i] for i in range(len(results))], is_batch)
 
-    def _prepare(self, prompt, input_ids, sampling_params, stream, rid, return_logprob,
-                 logprob_start_len, top_logprobs_num, return_hidden_states, return_text_in_logprobs,
-                 custom_logit_processor, token_ids_logprob, lora_path, session_params,
-                 unsupported: dict[str, Any]):
-        """Validate one generate call (both flavours); return (requests, is_batch, manager)."""
-        _refuse(unsupported)
-        reqs, is_batch = normalize_generate(prompt, input_ids, sampling_params, stream, rid, return_logprob,
-                                            logprob_start_len, top_logprobs_num, return_hidden_states,
-                                            return_text_in_logprobs, custom_logit_processor,
-                                            token_ids_logprob, lora_path, session_params)
-        return reqs, is_batch, self._tm()
+    def _prepare(self, prompt, sampling_params, input_ids, options: dict[str, Any]):
+        """Validate one generate call (both flavours); return (requests, is_batch, stream, manager)."""
+        req = GenerateReqInput.from_kwargs(options, text=prompt, input_ids=input_ids,
+                                           sampling_params=sampling_params)
+        reqs, is_batch = req.normalize()
+        return reqs, is_batch, bool(req.stream), self._tm()
 
     # ---- scoring ---------------------------------------------------------------------------
     def score(self, query: str | list[int] | None = None, items: str | list[str] | list[list[int]] | None = None,
@@ -240,7 +241,7 @@ class Engine:
     def flush_cache(self) -> bool:
         """Drop the radix cache; False (nothing dropped) while requests are in flight."""
         try:
-            return bool(self._tm().rpc_sync("flush_cache"))
+            return bool(self._tm().rpc_sync(FlushCacheReq()))
         except RuntimeError:
             return False
 
@@ -251,7 +252,7 @@ class Engine:
         weights stay in use."""
         tm = self._tm()
         path = tm.weights_update_path(model_path, load_format)
-        ok, message = tm.rpc_sync("update_weights_from_disk", timeout=_UPDATE_TIMEOUT_S, model_path=path)
+        ok, message = tm.rpc_sync(UpdateWeightsFromDiskReq(path), timeout=_UPDATE_TIMEOUT_S)
         if ok:
             self.model_path = path
         return bool(ok), message
@@ -268,18 +269,17 @@ class Engine:
     def load_lora_adapter(self, lora_name: str, lora_path: str) -> tuple[bool, str]:
         """Load a peft LoRA folder as adapter ``lora_name`` (needs ``enable_lora``); requests
         then name it in ``lora_path``. Returns (success, message)."""
-        return tuple(self._tm().rpc_sync("load_lora_adapter", timeout=120, lora_name=lora_name,
-                                         lora_path=lora_path))
+        return tuple(self._tm().rpc_sync(LoadLoRAAdapterReq(lora_name, lora_path), timeout=120))
 
     def unload_lora_adapter(self, lora_name: str) -> tuple[bool, str]:
         """Drop adapter ``lora_name``; refused while a request uses it."""
-        return tuple(self._tm().rpc_sync("unload_lora_adapter", lora_name=lora_name))
+        return tuple(self._tm().rpc_sync(UnloadLoRAAdapterReq(lora_name)))
 
     def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list[float]:
         """The first ``truncate_size`` values of a parameter (rank 0's shard), by this engine's
         parameter name (``layers.0.self_attn.qkv_proj.weight``; a leading ``model.`` is ignored)."""
         try:
-            return self._tm().rpc_sync("get_weights_by_name", name=name, truncate_size=truncate_size)
+            return self._tm().rpc_sync(GetWeightsByNameReq(name, truncate_size))
         except RuntimeError as e:
             raise ValueError(str(e)) from None
 
@@ -288,7 +288,7 @@ class Engine:
         info = {f: getattr(self.config, f) for f in self.config.__dataclass_fields__}
         info.update(tm.server_info)
         info["model_path"] = self.model_path
-        info["internal_states"] = [tm.rpc_sync("get_internal_state")]
+        info["internal_states"] = [tm.rpc_sync(GetInternalStateReq())]
         return info
 
     def abort_request(self, rid: str = "") -> None:
@@ -366,11 +366,3 @@ def check_tensor_parallel(config: EngineConfig, model: ModelConfig) -> None:
 def _shape(outputs: list[dict], is_batch: bool) -> dict | list[dict]:
     return outputs if is_batch or len(outputs) != 1 else outputs[0]
 
-
-def _refuse(unsupported: dict[str, Any]) -> None:
-    if unsupported:
-        raise ValueError(f"unsupported generate argument(s): {', '.join(sorted(unsupported))}")
-
-
-# Keep asyncio imported for type users of async_generate in notebooks.
-_ = asyncio

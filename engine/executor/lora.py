@@ -201,24 +201,34 @@ class LoRAManager:
         self.state.batch = None
 
 
-def lora_rpc(lora: LoRAManager | None, method: str, users: list, lora_name: str,
-             lora_path: str | None = None) -> tuple[bool, str]:
-    """The scheduler's ``load_lora_adapter`` / ``unload_lora_adapter`` calls → (success, message).
-    ``users``: every request not finished yet; an adapter one of them names is not unloaded."""
+_NO_LORA = (False, "this engine was started without enable_lora")
+
+
+def load_adapter(lora: LoRAManager | None, name: str, path: str) -> tuple[bool, str]:
+    """The scheduler's ``load_lora_adapter`` call → (success, message)."""
     if lora is None:
-        return False, "this engine was started without enable_lora"
+        return _NO_LORA
     try:
-        if method == "load_lora_adapter":
-            adapter = lora.load(lora_name, lora_path)
-            return True, f"loaded LoRA adapter {lora_name!r} (rank {adapter.rank}, {', '.join(adapter.targets)})"
-        index = lora.index_of(lora_name)
-        in_use = sum(r.lora_id == index for r in users)
-        if in_use:
-            return False, f"LoRA adapter {lora_name!r} is in use by {in_use} request(s)"
-        lora.unload(lora_name)
-        return True, f"unloaded LoRA adapter {lora_name!r}"
+        adapter = lora.load(name, path)
     except ValueError as e:
         return False, str(e)
+    return True, f"loaded LoRA adapter {name!r} (rank {adapter.rank}, {', '.join(adapter.targets)})"
+
+
+def unload_adapter(lora: LoRAManager | None, name: str, users: list) -> tuple[bool, str]:
+    """The scheduler's ``unload_lora_adapter`` call → (success, message). ``users``: every
+    request not finished yet; an adapter one of them names is not unloaded."""
+    if lora is None:
+        return _NO_LORA
+    try:
+        index = lora.index_of(name)
+        in_use = sum(r.lora_id == index for r in users)
+        if in_use:
+            return False, f"LoRA adapter {name!r} is in use by {in_use} request(s)"
+        lora.unload(name)
+    except ValueError as e:
+        return False, str(e)
+    return True, f"unloaded LoRA adapter {name!r}"
 
 
 def _out_sizes(layer: nn.Module) -> list[int]:

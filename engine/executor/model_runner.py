@@ -7,7 +7,6 @@ from __future__ import annotations
 import glob
 import logging
 import os
-from dataclasses import dataclass
 
 import psutil
 import torch
@@ -78,12 +77,6 @@ def randomize(model: torch.nn.Module) -> None:
             p.data.fill_(1.0)
         else:
             p.data.normal_(0, 0.02)
-
-
-@dataclass
-class StepOutput:
-    next_token_ids: list[int]
-    logits: torch.Tensor  # [B, V] fp32, for the sampled positions
 
 
 class ModelRunner:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from radixfleet.engine.managers import ipc
+from radixfleet.engine.managers.io_struct import BatchTextOut, BatchTokenOut
 from radixfleet.engine.sampling.logprobs import fill_texts
 
 logger = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def run_detokenizer(tokenizer_path: str, trust_remote_code: bool, ipc_names: dic
     recv_sock = ipc.bind_pull(ctx, ipc_names["detokenizer"])
     send_sock = ipc.connect_push(ctx, ipc_names["tokenizer"])
     while True:
-        msg: ipc.BatchTokenOut = ipc.recv(recv_sock)
+        msg: BatchTokenOut = ipc.recv(recv_sock)
         deltas = []
         for i, rid in enumerate(msg.rids):
             if tokenizer is None:
@@ -103,7 +104,7 @@ def run_detokenizer(tokenizer_path: str, trust_remote_code: bool, ipc_names: dic
             if meta:
                 fill_texts(meta, (lambda ids: tokenizer.batch_decode([[t] for t in ids]))
                            if tokenizer is not None else (lambda ids: [None] * len(ids)))
-        ipc.send(send_sock, ipc.BatchTextOut(
+        ipc.send(send_sock, BatchTextOut(
             rids=msg.rids, text_deltas=deltas, new_token_ids=msg.new_token_ids,
             finished_reasons=msg.finished_reasons, prompt_tokens=msg.prompt_tokens,
             completion_tokens=msg.completion_tokens, cached_tokens=msg.cached_tokens, meta=msg.meta))

@@ -21,9 +21,18 @@ from radixfleet.engine.executor.model_runner import (
     resolve_device,
     resolve_dtype,
 )
-from radixfleet.engine.managers import ipc
-from radixfleet.engine.managers.io_struct import GENERATE_REFUSED
-from radixfleet.engine.managers.scheduler_io import SchedulerIO
+from radixfleet.engine.managers.io_struct import (
+    GENERATE_REFUSED,
+    AbortReq,
+    EmbeddingOut,
+    FlushCacheReq,
+    GetInternalStateReq,
+    ReqError,
+    ShutdownReq,
+    TokenizedEmbeddingReq,
+    TokenizedGenerateReq,
+)
+from radixfleet.engine.managers.scheduler_io import SchedulerIO, dispatch
 from radixfleet.engine.models.bert import Pooling
 from radixfleet.engine.models.model_config import ModelConfig
 from radixfleet.engine.models.registry import EMBEDDING_REGISTRY
@@ -47,10 +56,17 @@ class EmbeddingScheduler:
             self.model.load_weights(iter_safetensors(model_path))
         self.model.eval()
         self.budget = config.max_prefill_tokens
-        self.waiting: deque[ipc.TokenizedEmbeddingReq] = deque()
+        self.waiting: deque[TokenizedEmbeddingReq] = deque()
         self.stats = {"prompt_tokens": 0, "embedded_requests": 0, "forward_steps": 0}
         self._stopping = False
         self.io = io
+        self._handlers = {
+            TokenizedEmbeddingReq: self._add_request, AbortReq: self._abort,
+            TokenizedGenerateReq: lambda msg: self.io.to_tokenizer(ReqError(msg.rid, GENERATE_REFUSED)),
+            ShutdownReq: self._stop,
+            FlushCacheReq: lambda msg: self.io.to_tokenizer(msg.reply(True)),  # nothing is cached
+            GetInternalStateReq: lambda msg: self.io.to_tokenizer(msg.reply(self.internal_state())),
+        }
         logger.info("embedding model %s on %s (%s), pooling %s", self.model_config.architecture,
                     self.device, self.dtype, self.pooling)
 
@@ -75,37 +91,27 @@ class EmbeddingScheduler:
     def _recv(self, block: bool) -> None:
         timeout = 1000 if block else 0
         while not self._stopping and (msg := self.io.recv(timeout)) is not None:
-            self._handle(msg)
+            dispatch(self._handlers, msg, self.io)
             timeout = 0
 
-    def _handle(self, msg) -> None:
-        if isinstance(msg, ipc.TokenizedEmbeddingReq):
-            error = self._validate(msg.input_ids)
-            if error:
-                self.io.to_tokenizer(ipc.ReqError(msg.rid, error))
-            else:
-                self.waiting.append(msg)
-        elif isinstance(msg, ipc.TokenizedGenerateReq):
-            self.io.to_tokenizer(ipc.ReqError(msg.rid, GENERATE_REFUSED))
-        elif isinstance(msg, ipc.AbortReq):
-            keep: deque[ipc.TokenizedEmbeddingReq] = deque()
-            for r in self.waiting:
-                if msg.rid and r.rid != msg.rid:
-                    keep.append(r)
-                else:  # ends the request's state in the TokenizerManager
-                    self.io.to_tokenizer(ipc.ReqError(r.rid, "request aborted"))
-            self.waiting = keep
-        elif isinstance(msg, ipc.RpcReq):
-            if msg.method == "shutdown":
-                self._stopping = True
-            elif msg.method == "flush_cache":  # nothing is cached
-                self.io.to_tokenizer(ipc.RpcReply(msg.call_id, True))
-            elif msg.method == "get_internal_state":
-                self.io.to_tokenizer(ipc.RpcReply(msg.call_id, self.internal_state()))
-            else:
-                self.io.to_tokenizer(ipc.RpcReply(msg.call_id, error=f"unknown method {msg.method!r}"))
+    def _add_request(self, msg: TokenizedEmbeddingReq) -> None:
+        error = self._validate(msg.input_ids)
+        if error:
+            self.io.to_tokenizer(ReqError(msg.rid, error))
         else:
-            logger.error("embedding scheduler got an unknown message %r", type(msg).__name__)
+            self.waiting.append(msg)
+
+    def _stop(self, msg: ShutdownReq) -> None:
+        self._stopping = True
+
+    def _abort(self, msg: AbortReq) -> None:
+        keep: deque[TokenizedEmbeddingReq] = deque()
+        for r in self.waiting:
+            if msg.rid and r.rid != msg.rid:
+                keep.append(r)
+            else:  # ends the request's state in the TokenizerManager
+                self.io.to_tokenizer(ReqError(r.rid, "request aborted"))
+        self.waiting = keep
 
     def _validate(self, ids: list[int]) -> str | None:
         if not ids:
@@ -117,9 +123,9 @@ class EmbeddingScheduler:
             return f"input_ids contain token ids outside the vocabulary [0, {vocab})"
         return None
 
-    def _take_batch(self) -> list[ipc.TokenizedEmbeddingReq]:
+    def _take_batch(self) -> list[TokenizedEmbeddingReq]:
         """Arrival order, while requests × longest prompt fits the token budget (at least one)."""
-        batch: list[ipc.TokenizedEmbeddingReq] = []
+        batch: list[TokenizedEmbeddingReq] = []
         longest = 0
         while self.waiting:
             n = max(longest, len(self.waiting[0].input_ids))
@@ -136,6 +142,6 @@ class EmbeddingScheduler:
         self.stats["forward_steps"] += 1
         self.stats["embedded_requests"] += len(batch)
         self.stats["prompt_tokens"] += sum(len(r.input_ids) for r in batch)
-        self.io.to_tokenizer(ipc.EmbeddingOut(
+        self.io.to_tokenizer(EmbeddingOut(
             [r.rid for r in batch], vectors, [len(r.input_ids) for r in batch],
             [max(now - r.arrival_time, 0.0) if r.arrival_time else 0.0 for r in batch]))

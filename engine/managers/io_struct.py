@@ -1,30 +1,135 @@
-"""User-facing request normalisation: one ``generate`` call → a list of single requests."""
+"""The engine's messages: plain dataclasses, pickled over pyzmq between its processes
+(the sockets are ``ipc.py``'s).
+
+A generate call is one ``GenerateReqInput`` (from ``Engine.generate``, the native
+``/generate`` body or an OpenAI route); ``normalize()`` makes one ``SingleReq`` per prompt,
+whose ``GenerateOptions`` travel unchanged to the scheduler inside ``TokenizedGenerateReq``.
+
+Flow: TokenizerManager ──TokenizedGenerateReq / AbortReq / ControlReq──► Scheduler
+      Scheduler ──BatchTokenOut──► Detokenizer ──BatchTextOut──► TokenizerManager
+      Scheduler ──ControlReply / ReqError──► TokenizerManager
+Embedding models: TokenizerManager ──TokenizedEmbeddingReq──► EmbeddingScheduler
+      ──EmbeddingOut──► TokenizerManager (nothing to detokenize)
+
+Control calls are one ``ControlReq`` subclass each, dispatched by type; each is answered by
+one ``ControlReply`` with its ``call_id`` (``ShutdownReq`` by none).
+"""
 
 from __future__ import annotations
 
+import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from radixfleet.engine.sampling.params import SamplingParams
 
+GENERATE_REFUSED = "this engine serves an embedding model: use encode (/encode, /v1/embeddings)"
+ENCODE_REFUSED = ("encode needs an embedding model (e.g. model_path='all-minilm-l6-v2'); this "
+                  "engine serves a generation model")
 
-@dataclass
-class SingleReq:
-    rid: str
-    text: str | None
-    input_ids: list[int] | None
-    params: SamplingParams
-    stream: bool
+
+# ---- generate: the user's call ------------------------------------------------------------
+@dataclass(kw_only=True)
+class GenerateOptions:
+    """What one generate request asks for besides its prompt and sampling parameters. Carried
+    unchanged from the call to the scheduler, which consumes it (``Req``, ``ReqOutputs``,
+    request validation): a new per-request option is a field here plus its use there."""
+
     return_logprob: bool = False
     logprob_start_len: int = -1
     top_logprobs_num: int = 0
     return_hidden_states: bool = False
     return_text_in_logprobs: bool = False
-    custom_logit_processor: str | None = None
+    custom_logit_processor: str | None = None  # CustomLogitProcessor.to_str()
     token_ids_logprob: list[int] | None = None
     lora_path: str | None = None  # the name of a loaded LoRA adapter
+
+
+class UnsupportedArgument(ValueError):
+    """A generate argument that is not a ``GenerateReqInput`` field (``param`` names it)."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(kw_only=True)
+class GenerateReqInput(GenerateOptions):
+    """One generate call (SGLang's ``GenerateReqInput``); the native ``/generate`` body has
+    exactly these fields, and ``Engine.generate`` takes them as keyword arguments (the text
+    as ``prompt``).
+
+    A batch is a list of prompts (``text``) or of id lists (``input_ids``); ``sampling_params``,
+    ``rid``, ``return_logprob``, ``custom_logit_processor``, ``lora_path`` (one entry per
+    prompt) and ``token_ids_logprob`` (one id list per prompt) may then differ per prompt."""
+
+    text: str | list[str] | None = None
+    input_ids: list[int] | list[list[int]] | None = None
+    sampling_params: dict | list[dict] | None = None
+    rid: str | list[str] | None = None
+    stream: bool = False
     session_params: dict | None = None  # continue a session's turn (engine/managers/session.py)
+
+    @classmethod
+    def field_names(cls) -> frozenset[str]:
+        return frozenset(f.name for f in fields(cls))
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict[str, Any], **given: Any) -> GenerateReqInput:
+        """``cls(**given, **kwargs)``; ``UnsupportedArgument`` for a key of ``kwargs`` that is
+        not a field, or is one of ``given``."""
+        unknown = sorted(set(kwargs) - (cls.field_names() - set(given)))
+        if unknown:
+            raise UnsupportedArgument(f"unsupported generate argument(s): {', '.join(unknown)}", unknown[0])
+        return cls(**given, **kwargs)
+
+    def normalize(self) -> tuple[list[SingleReq], bool]:
+        """(one request per prompt, whether the call was a batch). Raises ValueError naming
+        the problem."""
+        texts, id_lists, is_batch = _inputs(self.text, self.input_ids)
+        n = len(texts)
+        if isinstance(self.sampling_params, list):
+            if len(self.sampling_params) != n:
+                raise ValueError(f"got {len(self.sampling_params)} sampling_params for {n} prompts")
+            params = [SamplingParams.from_dict(p) for p in self.sampling_params]
+        else:
+            params = [SamplingParams.from_dict(self.sampling_params) for _ in range(n)]
+        rids = _rids(self.rid, n, "prompts")
+        varying = self._options_per_prompt(n)
+        if self.session_params is not None and (n != 1 or params[0].n != 1):
+            raise ValueError("session_params continue one request: one prompt, n = 1")
+        same = {f.name: getattr(self, f.name) for f in fields(GenerateOptions) if f.name not in varying}
+        reqs = [SingleReq(rids[i], texts[i], id_lists[i], params[i], bool(self.stream),
+                          GenerateOptions(**same, **{k: v[i] for k, v in varying.items()}),
+                          self.session_params) for i in range(n)]
+        return reqs, is_batch
+
+    def _options_per_prompt(self, n: int) -> dict[str, list]:
+        """The options that may differ between prompts: {name: one value per prompt}."""
+        logprob_flags = [bool(x) for x in _per_prompt(self.return_logprob, n, "return_logprob")]
+        processors = _per_prompt(self.custom_logit_processor, n, "custom_logit_processor")
+        token_ids = _token_ids_per_prompt(self.token_ids_logprob, n)
+        if self.token_ids_logprob is not None and not all(logprob_flags):
+            raise ValueError("token_ids_logprob needs return_logprob=True")
+        adapters = self.lora_path if isinstance(self.lora_path, list) else [self.lora_path] * n
+        if len(adapters) != n or not all(a is None or (isinstance(a, str) and a) for a in adapters):
+            raise ValueError(f"lora_path must be an adapter name, or a list of {n} names (or nulls), one per prompt")
+        return {"return_logprob": logprob_flags, "custom_logit_processor": processors,
+                "token_ids_logprob": token_ids, "lora_path": adapters}
+
+
+@dataclass
+class SingleReq:
+    """One prompt of a generate call, as the TokenizerManager takes it."""
+
+    rid: str
+    text: str | None
+    input_ids: list[int] | None
+    params: SamplingParams
+    stream: bool
+    options: GenerateOptions = field(default_factory=GenerateOptions)
+    session_params: dict | None = None  # read by the TokenizerManager (engine/managers/session.py)
 
 
 def _is_int_list(x: Any) -> bool:
@@ -60,50 +165,23 @@ def _inputs(prompt: Any, input_ids: Any) -> tuple[list[str | None], list[list[in
     return [None] * len(ids_list), ids_list, is_batch
 
 
-def normalize_generate(prompt: str | list[str] | None, input_ids: Any, sampling_params: Any,
-                       stream: bool, rid: str | list[str] | None = None,
-                       return_logprob: bool | list[bool] = False, logprob_start_len: int = -1,
-                       top_logprobs_num: int = 0, return_hidden_states: bool = False,
-                       return_text_in_logprobs: bool = False,
-                       custom_logit_processor: str | list[str | None] | None = None,
-                       token_ids_logprob: list[int] | list[list[int]] | None = None,
-                       lora_path: str | list[str | None] | None = None,
-                       session_params: dict | None = None,
-                       ) -> tuple[list[SingleReq], bool]:
-    """Return (requests, is_batch). Raises ValueError naming the problem."""
-    texts_list, ids_list, is_batch = _inputs(prompt, input_ids)
-    n = len(texts_list)
-    if isinstance(sampling_params, list):
-        if len(sampling_params) != n:
-            raise ValueError(f"got {len(sampling_params)} sampling_params for {n} prompts")
-        params = [SamplingParams.from_dict(p) for p in sampling_params]
-    else:
-        one = SamplingParams.from_dict(sampling_params)
-        params = [one] + [SamplingParams.from_dict(sampling_params) for _ in range(n - 1)]
+def _rids(rid: str | list[str] | None, n: int, what: str) -> list[str]:
+    """Given request ids (one, or one per input), or fresh ones."""
     if rid is None:
-        rids = [uuid.uuid4().hex for _ in range(n)]
-    else:
-        rids = rid if isinstance(rid, list) else [rid]
-        if len(rids) != n:
-            raise ValueError(f"got {len(rids)} rids for {n} prompts")
-    logprob_flags = return_logprob if isinstance(return_logprob, list) else [return_logprob] * n
-    processors = (custom_logit_processor if isinstance(custom_logit_processor, list)
-                  else [custom_logit_processor] * n)
-    if len(processors) != n:
-        raise ValueError(f"got {len(processors)} custom_logit_processor entries for {n} prompts")
-    token_ids = _token_ids_per_prompt(token_ids_logprob, n)
-    if token_ids_logprob is not None and not all(logprob_flags):
-        raise ValueError("token_ids_logprob needs return_logprob=True")
-    adapters = lora_path if isinstance(lora_path, list) else [lora_path] * n
-    if len(adapters) != n or not all(a is None or (isinstance(a, str) and a) for a in adapters):
-        raise ValueError(f"lora_path must be an adapter name, or a list of {n} names (or nulls), one per prompt")
-    if session_params is not None and (n != 1 or params[0].n != 1):
-        raise ValueError("session_params continue one request: one prompt, n = 1")
-    reqs = [SingleReq(rids[i], texts_list[i], ids_list[i], params[i], stream, bool(logprob_flags[i]),
-                      logprob_start_len, top_logprobs_num, return_hidden_states,
-                      return_text_in_logprobs, processors[i], token_ids[i], adapters[i], session_params)
-            for i in range(n)]
-    return reqs, is_batch
+        return [uuid.uuid4().hex for _ in range(n)]
+    rids = rid if isinstance(rid, list) else [rid]
+    if len(rids) != n:
+        raise ValueError(f"got {len(rids)} rids for {n} {what}")
+    return rids
+
+
+def _per_prompt(value: Any, n: int, name: str) -> list:
+    """One value for every prompt, or a list of one value per prompt."""
+    if not isinstance(value, list):
+        return [value] * n
+    if len(value) != n:
+        raise ValueError(f"got {len(value)} {name} entries for {n} prompts")
+    return list(value)
 
 
 def _token_ids_per_prompt(value: Any, n: int) -> list[list[int] | None]:
@@ -118,11 +196,7 @@ def _token_ids_per_prompt(value: Any, n: int) -> list[list[int] | None]:
                      "(one per prompt)")
 
 
-GENERATE_REFUSED = "this engine serves an embedding model: use encode (/encode, /v1/embeddings)"
-ENCODE_REFUSED = ("encode needs an embedding model (e.g. model_path='all-minilm-l6-v2'); this "
-                  "engine serves a generation model")
-
-
+# ---- encode: the user's call --------------------------------------------------------------
 @dataclass
 class EmbedReq:
     rid: str
@@ -134,8 +208,142 @@ def normalize_encode(prompt: str | list[str] | None, input_ids: Any = None,
                      rid: str | list[str] | None = None) -> tuple[list[EmbedReq], bool]:
     """One ``encode`` call → (requests, is_batch). Raises ValueError naming the problem."""
     texts, id_lists, is_batch = _inputs(prompt, input_ids)
-    items = list(zip(texts, id_lists, strict=True))
-    rids = [uuid.uuid4().hex for _ in items] if rid is None else (rid if isinstance(rid, list) else [rid])
-    if len(rids) != len(items):
-        raise ValueError(f"got {len(rids)} rids for {len(items)} inputs")
-    return [EmbedReq(r, t, ids) for r, (t, ids) in zip(rids, items, strict=True)], is_batch
+    rids = _rids(rid, len(texts), "inputs")
+    return [EmbedReq(r, t, ids) for r, t, ids in zip(rids, texts, id_lists, strict=True)], is_batch
+
+
+# ---- TokenizerManager → schedulers ------------------------------------------------------------
+@dataclass
+class TokenizedGenerateReq:
+    rid: str
+    input_ids: list[int]
+    sampling_params: SamplingParams
+    stream: bool = False
+    arrival_time: float = 0.0
+    options: GenerateOptions = field(default_factory=GenerateOptions)
+
+
+@dataclass
+class TokenizedEmbeddingReq:
+    rid: str
+    input_ids: list[int]
+    arrival_time: float = 0.0
+
+
+@dataclass
+class AbortReq:
+    rid: str  # "" aborts every request
+
+
+# ---- control calls ------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class ControlReq:
+    """A control call to the scheduler, answered with one ``ControlReply`` of its ``call_id``."""
+
+    call_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @property
+    def call_name(self) -> str:
+        """The call's name for messages: ``LoadLoRAAdapterReq`` → ``load_lora_adapter``."""
+        return re.sub(r"(?<!^)(?=[A-Z][a-z])", "_", type(self).__name__.removesuffix("Req")).lower()
+
+    def reply(self, result: Any = None, error: str | None = None) -> ControlReply:
+        return ControlReply(self.call_id, result, error)
+
+
+@dataclass
+class ControlReply:
+    call_id: str
+    result: Any = None
+    error: str | None = None  # the caller raises RuntimeError with it
+
+
+@dataclass
+class FlushCacheReq(ControlReq):
+    """Drop the radix cache. Result True; an error while requests are in flight."""
+
+
+@dataclass
+class GetInternalStateReq(ControlReq):
+    """Result: the scheduler's load, cache and throughput figures (a dict)."""
+
+
+@dataclass
+class UpdateWeightsFromDiskReq(ControlReq):
+    """Load the weights of ``model_path`` once nothing runs. Result: (success, message)."""
+
+    model_path: str
+
+
+@dataclass
+class GetWeightsByNameReq(ControlReq):
+    """Result: the first ``truncate_size`` values of parameter ``name``; an error if none."""
+
+    name: str
+    truncate_size: int = 100
+
+
+@dataclass
+class LoadLoRAAdapterReq(ControlReq):
+    """Result: (success, message)."""
+
+    lora_name: str
+    lora_path: str
+
+
+@dataclass
+class UnloadLoRAAdapterReq(ControlReq):
+    """Result: (success, message); refused while a request uses the adapter."""
+
+    lora_name: str
+
+
+@dataclass
+class ShutdownReq(ControlReq):
+    """Stop the TP followers and leave the event loop; not answered."""
+
+
+# ---- schedulers → detokenizer → TokenizerManager -------------------------------------------------
+@dataclass
+class BatchTokenOut:
+    """New output tokens of a step, for the requests that produced one (or finished)."""
+
+    rids: list[str]
+    new_token_ids: list[list[int]]  # tokens produced since the last message, per request
+    finished_reasons: list[dict | None]  # None while running
+    prompt_tokens: list[int]
+    completion_tokens: list[int]
+    cached_tokens: list[int]
+    skip_special_tokens: list[bool]
+    spaces_between_special_tokens: list[bool]
+    no_stop_trim: list[bool]
+    stop_strs: list[list[str]]  # for holding back partial stop strings while streaming
+    meta: list[dict | None]  # extra per-request meta_info (logprobs, ...) accumulated deltas
+
+
+@dataclass
+class BatchTextOut:
+    rids: list[str]
+    text_deltas: list[str]
+    new_token_ids: list[list[int]]
+    finished_reasons: list[dict | None]
+    prompt_tokens: list[int]
+    completion_tokens: list[int]
+    cached_tokens: list[int]
+    meta: list[dict | None]
+
+
+@dataclass
+class EmbeddingOut:
+    rids: list[str]
+    embeddings: list[list[float]]
+    prompt_tokens: list[int]
+    queue_times: list[float]  # seconds from arrival to the forward
+
+
+@dataclass
+class ReqError:
+    """A request the scheduler refused; fails only that request."""
+
+    rid: str
+    message: str

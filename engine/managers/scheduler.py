@@ -44,18 +44,30 @@ import torch
 
 from radixfleet.engine.config import EngineConfig
 from radixfleet.engine.executor.forward_batch import ForwardMode
-from radixfleet.engine.executor.lora import lora_rpc
+from radixfleet.engine.executor.lora import load_adapter, unload_adapter
 from radixfleet.engine.executor.model_runner import ModelRunner
 from radixfleet.engine.executor.step_executor import SampledIds, StepExecutor
 from radixfleet.engine.executor.tp_worker import TPLeader
 from radixfleet.engine.executor.weight_update import weights_by_name
 from radixfleet.engine.layers import distributed as dist
-from radixfleet.engine.managers import ipc
+from radixfleet.engine.managers.io_struct import (
+    AbortReq,
+    BatchTokenOut,
+    FlushCacheReq,
+    GetInternalStateReq,
+    GetWeightsByNameReq,
+    LoadLoRAAdapterReq,
+    ReqError,
+    ShutdownReq,
+    TokenizedGenerateReq,
+    UnloadLoRAAdapterReq,
+    UpdateWeightsFromDiskReq,
+)
 from radixfleet.engine.managers.kv_manager import KVManager
 from radixfleet.engine.managers.prefill import SCHEDULE_POLICIES, PrefillAdder
 from radixfleet.engine.managers.request import Req
 from radixfleet.engine.managers.request_validation import validate_request
-from radixfleet.engine.managers.scheduler_io import SchedulerIO
+from radixfleet.engine.managers.scheduler_io import SchedulerIO, dispatch
 from radixfleet.engine.managers.stop import StopChecker
 from radixfleet.engine.memory.radix_cache import RadixCache
 from radixfleet.engine.memory.transfer import to_device
@@ -137,8 +149,15 @@ class Scheduler:
                       "peak_running_requests": 0}
         self._recent: list[tuple[float, int]] = []  # (time, tokens) of recent decode steps
         # A weight update waits (holding new admissions) until no request is running.
-        self._update: ipc.RpcReq | None = None
+        self._update: UpdateWeightsFromDiskReq | None = None
         self.weights_path = None if config.load_format == "dummy" else model_path
+        self._handlers = {
+            TokenizedGenerateReq: self._add_request, AbortReq: lambda msg: self._abort(msg.rid),
+            ShutdownReq: self._shutdown, FlushCacheReq: self._flush_cache,
+            GetInternalStateReq: self._internal_state, GetWeightsByNameReq: self._get_weights,
+            UpdateWeightsFromDiskReq: self._queue_update, LoadLoRAAdapterReq: self._load_lora,
+            UnloadLoRAAdapterReq: self._unload_lora,
+        }
 
     # ---- info ----------------------------------------------------------------------------
     def ready_info(self) -> dict:
@@ -188,78 +207,75 @@ class Scheduler:
         # While only grammars are compiling, look again soon.
         timeout = (5 if self.grammars.pending else 1000) if block else 0
         while not self._stopping and (msg := self.io.recv(timeout)) is not None:
-            self._handle(msg)
+            dispatch(self._handlers, msg, self.io)
             timeout = 0
 
-    def _handle(self, msg) -> None:
-        if isinstance(msg, ipc.TokenizedGenerateReq):
-            error = validate_request(msg, self.runner, self.config, self.generation_defaults)
-            if error:
-                self.io.to_tokenizer(ipc.ReqError(msg.rid, error))
-                return
-            req = Req(msg.rid, list(msg.input_ids), msg.sampling_params,
-                      stream=msg.stream, arrival_time=msg.arrival_time or time.monotonic(),
-                      custom_logit_processor=msg.custom_logit_processor,
-                      lora_id=self.runner.lora.index_of(msg.lora_path) if msg.lora_path else 0)
-            if msg.return_logprob or msg.return_hidden_states:
-                req.outputs = ReqOutputs(len(req.input_ids), msg.return_logprob, msg.logprob_start_len,
-                                         msg.top_logprobs_num, msg.return_text_in_logprobs,
-                                         msg.return_hidden_states, msg.token_ids_logprob)
-            key = grammar_key(req.params)
-            if key is not None:
-                self.grammars.add(req, key)
-            else:
-                self.waiting.append(req)
-        elif isinstance(msg, ipc.AbortReq):
-            self._abort(msg.rid)
-        elif isinstance(msg, ipc.RpcReq) and msg.method == "shutdown":
-            self._shutdown()
-        elif isinstance(msg, ipc.RpcReq) and msg.method == "update_weights_from_disk":
-            if self._update is not None:
-                self.io.to_tokenizer(ipc.RpcReply(msg.call_id, (False, "another weight update is in progress")))
-            else:
-                self._update = msg  # answered by _update_weights once nothing runs
-        elif isinstance(msg, ipc.RpcReq):
-            self.io.to_tokenizer(self._rpc(msg))
+    def _add_request(self, msg: TokenizedGenerateReq) -> None:
+        error = validate_request(msg, self.runner, self.config, self.generation_defaults)
+        if error:
+            self.io.to_tokenizer(ReqError(msg.rid, error))
+            return
+        opts = msg.options
+        req = Req(msg.rid, list(msg.input_ids), msg.sampling_params,
+                  stream=msg.stream, arrival_time=msg.arrival_time or time.monotonic(),
+                  custom_logit_processor=opts.custom_logit_processor,
+                  lora_id=self.runner.lora.index_of(opts.lora_path) if opts.lora_path else 0)
+        if opts.return_logprob or opts.return_hidden_states:
+            req.outputs = ReqOutputs(len(req.input_ids), opts.return_logprob, opts.logprob_start_len,
+                                     opts.top_logprobs_num, opts.return_text_in_logprobs,
+                                     opts.return_hidden_states, opts.token_ids_logprob)
+        key = grammar_key(req.params)
+        if key is not None:
+            self.grammars.add(req, key)
         else:
-            logger.error("scheduler got an unknown message %r", type(msg).__name__)
+            self.waiting.append(req)
 
     def _admit_compiled(self) -> None:
         ready, failed = self.grammars.take_ready()
         self.waiting.extend(ready)
         for req, message in failed:
-            self.io.to_tokenizer(ipc.ReqError(req.rid, message))
+            self.io.to_tokenizer(ReqError(req.rid, message))
 
-    def _rpc(self, msg: ipc.RpcReq) -> ipc.RpcReply:
-        if msg.method == "flush_cache":
-            self._sync()
-            busy = self.waiting or self.running or self.chunked
-            ok = not busy and self.kv.cache.flush()
-            return ipc.RpcReply(msg.call_id, ok, None if ok else "requests are in flight; flush refused")
-        if msg.method == "get_internal_state":
-            return ipc.RpcReply(msg.call_id, self.internal_state())
-        if msg.method in ("load_lora_adapter", "unload_lora_adapter"):
-            queued = [r for r, _ in self.grammars.pending]
-            users = [*self.waiting, *self.running, *queued, *([self.chunked] if self.chunked else [])]
-            return ipc.RpcReply(msg.call_id, lora_rpc(self.runner.lora, msg.method, users, **msg.args))
-        if msg.method == "get_weights_by_name":
-            try:
-                return ipc.RpcReply(msg.call_id, weights_by_name(self.runner.model, **msg.args))
-            except (ValueError, TypeError) as e:
-                return ipc.RpcReply(msg.call_id, error=str(e))
-        return ipc.RpcReply(msg.call_id, error=f"unknown method {msg.method!r}")
+    # ---- control calls -------------------------------------------------------------------
+    def _flush_cache(self, msg: FlushCacheReq) -> None:
+        self._sync()
+        busy = self.waiting or self.running or self.chunked
+        ok = not busy and self.kv.cache.flush()
+        self.io.to_tokenizer(msg.reply(ok, None if ok else "requests are in flight; flush refused"))
+
+    def _internal_state(self, msg: GetInternalStateReq) -> None:
+        self.io.to_tokenizer(msg.reply(self.internal_state()))
+
+    def _get_weights(self, msg: GetWeightsByNameReq) -> None:
+        try:
+            self.io.to_tokenizer(msg.reply(weights_by_name(self.runner.model, msg.name, msg.truncate_size)))
+        except (ValueError, TypeError) as e:
+            self.io.to_tokenizer(msg.reply(error=str(e)))
+
+    def _load_lora(self, msg: LoadLoRAAdapterReq) -> None:
+        self.io.to_tokenizer(msg.reply(load_adapter(self.runner.lora, msg.lora_name, msg.lora_path)))
+
+    def _unload_lora(self, msg: UnloadLoRAAdapterReq) -> None:
+        queued = [r for r, _ in self.grammars.pending]
+        users = [*self.waiting, *self.running, *queued, *([self.chunked] if self.chunked else [])]
+        self.io.to_tokenizer(msg.reply(unload_adapter(self.runner.lora, msg.lora_name, users)))
+
+    def _queue_update(self, msg: UpdateWeightsFromDiskReq) -> None:
+        if self._update is not None:
+            self.io.to_tokenizer(msg.reply((False, "another weight update is in progress")))
+        else:
+            self._update = msg  # answered by _update_weights once nothing runs
 
     def _update_weights(self) -> None:
         """Swap in the weights of the pending update (nothing is running); answer its call."""
         msg, self._update = self._update, None
-        path = msg.args["model_path"]
-        ok, message = self.model.update_weights(path, self.weights_path)
+        ok, message = self.model.update_weights(msg.model_path, self.weights_path)
         if ok:
-            self.weights_path = path
+            self.weights_path = msg.model_path
             self.kv.cache.flush()  # its KV came from the old weights
-        self.io.to_tokenizer(ipc.RpcReply(msg.call_id, (ok, message)))
+        self.io.to_tokenizer(msg.reply((ok, message)))
 
-    def _shutdown(self) -> None:
+    def _shutdown(self, msg: ShutdownReq) -> None:
         """Leave the event loop; TP followers (on any node) leave theirs too."""
         self._sync()
         if isinstance(self.model, TPLeader):
@@ -454,7 +470,7 @@ class Scheduler:
         reqs = [r for r in reqs if r.sent_len < len(r.output_ids) or r.finished_reason is not None]
         if not reqs:
             return
-        out = ipc.BatchTokenOut(
+        out = BatchTokenOut(
             rids=[r.rid for r in reqs],
             new_token_ids=[r.output_ids[r.sent_len:] for r in reqs],
             finished_reasons=[r.finished_reason for r in reqs],

@@ -9,12 +9,17 @@ three channels in memory (a scheduler inside one process, and the scheduler's un
 
 from __future__ import annotations
 
+import logging
 import queue
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import zmq
 
 from radixfleet.engine.managers import ipc
+from radixfleet.engine.managers.io_struct import ControlReq
+
+logger = logging.getLogger(__name__)
 
 
 class SchedulerIO(Protocol):
@@ -26,6 +31,18 @@ class SchedulerIO(Protocol):
 
     def to_tokenizer(self, msg: Any) -> None:
         """Control replies, refused requests and embedding outputs."""
+
+
+def dispatch(handlers: Mapping[type, Callable[[Any], None]], msg: Any, io: SchedulerIO) -> None:
+    """Run the handler of ``msg``'s type. A control call without one is answered with an
+    error (its caller would otherwise wait out its timeout); other messages are logged."""
+    handler = handlers.get(type(msg))
+    if handler is not None:
+        handler(msg)
+    elif isinstance(msg, ControlReq):
+        io.to_tokenizer(msg.reply(error=f"unknown method {msg.call_name!r}"))
+    else:
+        logger.error("the scheduler got an unknown message %r", type(msg).__name__)
 
 
 class ZmqSchedulerIO:

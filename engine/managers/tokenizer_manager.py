@@ -16,7 +16,6 @@ import logging
 import queue
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,8 +26,17 @@ from radixfleet.engine.managers import ipc, launch
 from radixfleet.engine.managers.io_struct import (
     ENCODE_REFUSED,
     GENERATE_REFUSED,
+    AbortReq,
+    BatchTextOut,
+    ControlReply,
+    ControlReq,
+    EmbeddingOut,
     EmbedReq,
+    ReqError,
+    ShutdownReq,
     SingleReq,
+    TokenizedEmbeddingReq,
+    TokenizedGenerateReq,
 )
 from radixfleet.engine.managers.session import SessionStore
 from radixfleet.engine.models.model_prep import resolve_model_path
@@ -76,7 +84,7 @@ class ReqState:
     meta: dict = field(default_factory=dict)
     first_token_time: float | None = None
     hidden: bool = False  # internal prefill-only request of a parallel-sampling group
-    then: list[ipc.TokenizedGenerateReq] = field(default_factory=list)  # sent when this ends
+    then: list[TokenizedGenerateReq] = field(default_factory=list)  # sent when this ends
     then_states: list[ReqState] = field(default_factory=list)
     session: tuple[str, str | None, list[int]] | None = None  # (session id, parent turn, prompt)
 
@@ -171,7 +179,7 @@ class TokenizerManager:
             for st in states:
                 self.states[st.rid] = st
         for r, ids in zip(reqs, tokenized, strict=True):
-            self._send(ipc.TokenizedEmbeddingReq(r.rid, ids, now))
+            self._send(TokenizedEmbeddingReq(r.rid, ids, now))
         return states
 
     def submit(self, reqs: list[SingleReq], sink) -> list[ReqState]:
@@ -185,29 +193,23 @@ class TokenizerManager:
         states, to_send = [], []
         for r, ids, context in zip(reqs, tokenized, contexts, strict=True):
             params = r.params
-            fields = dict(stream=r.stream, return_logprob=r.return_logprob,
-                          logprob_start_len=r.logprob_start_len, top_logprobs_num=r.top_logprobs_num,
-                          return_hidden_states=r.return_hidden_states, arrival_time=now,
-                          return_text_in_logprobs=r.return_text_in_logprobs,
-                          custom_logit_processor=r.custom_logit_processor,
-                          token_ids_logprob=r.token_ids_logprob, lora_path=r.lora_path)
             if params.n == 1:
-                msg = ipc.TokenizedGenerateReq(r.rid, ids, params, **fields)
+                msg = TokenizedGenerateReq(r.rid, ids, params, r.stream, now, r.options)
                 states.append(ReqState(r.rid, len(states), r.stream, sink, now, session=context))
                 to_send.append(msg)
                 continue
             # Parallel sampling: prefill the prompt once (it lands in the radix cache), then
             # run the n samples, which reuse it.
-            prefill = ipc.TokenizedGenerateReq(f"{r.rid}-prefill", ids,
-                                               dataclasses.replace(params, max_new_tokens=0, n=1,
-                                                                   min_new_tokens=0), **fields)
+            prefill = TokenizedGenerateReq(f"{r.rid}-prefill", ids,
+                                           dataclasses.replace(params, max_new_tokens=0, n=1, min_new_tokens=0),
+                                           r.stream, now, r.options)
             head = ReqState(prefill.rid, -1, False, sink, now, hidden=True)
             for k in range(params.n):
                 sample_params = dataclasses.replace(params, n=1)
                 if params.seed is not None:
                     sample_params.seed = params.seed + k
                 rid = f"{r.rid}-{k}"
-                head.then.append(ipc.TokenizedGenerateReq(rid, ids, sample_params, **fields))
+                head.then.append(TokenizedGenerateReq(rid, ids, sample_params, r.stream, now, r.options))
                 st = ReqState(rid, len(states), r.stream, sink, now)
                 head.then_states.append(st)
                 states.append(st)
@@ -232,11 +234,11 @@ class TokenizerManager:
         return context
 
     def abort(self, rid: str) -> None:
-        self._send(ipc.AbortReq(rid))
+        self._send(AbortReq(rid))
 
     def request_shutdown(self) -> None:
         """Ask the scheduler to stop its TP followers and exit (no answer is awaited)."""
-        self._send(ipc.RpcReq(uuid.uuid4().hex, "shutdown"))
+        self._send(ShutdownReq())
 
     # ---- receiving ------------------------------------------------------------------------
     def _recv_loop(self) -> None:
@@ -265,19 +267,19 @@ class TokenizerManager:
         self._procs = []  # report once
 
     def _dispatch(self, msg: Any) -> None:
-        if isinstance(msg, ipc.BatchTextOut):
+        if isinstance(msg, BatchTextOut):
             for i, rid in enumerate(msg.rids):
                 with self._lock:
                     st = self.states.get(rid)
                 if st is not None:
                     self._on_output(st, msg, i)
-        elif isinstance(msg, ipc.EmbeddingOut):
+        elif isinstance(msg, EmbeddingOut):
             for i, rid in enumerate(msg.rids):
                 with self._lock:
                     st = self.states.pop(rid, None)
                 if st is not None:
                     self._on_embedding(st, msg, i)
-        elif isinstance(msg, ipc.ReqError):
+        elif isinstance(msg, ReqError):
             with self._lock:
                 st = self.states.pop(msg.rid, None)
             if st is not None:
@@ -285,12 +287,12 @@ class TokenizerManager:
                 for s in [st, *st.then_states]:
                     self.states.pop(s.rid, None)
                     s.sink.put(err)
-        elif isinstance(msg, ipc.RpcReply):
+        elif isinstance(msg, ControlReply):
             waiter = self.rpc_waiters.pop(msg.call_id, None)
             if waiter is not None:
                 waiter.put(msg)
 
-    def _on_output(self, st: ReqState, msg: ipc.BatchTextOut, i: int) -> None:
+    def _on_output(self, st: ReqState, msg: BatchTextOut, i: int) -> None:
         finished = msg.finished_reasons[i]
         new_ids = msg.new_token_ids[i]
         delta = msg.text_deltas[i]
@@ -333,7 +335,7 @@ class TokenizerManager:
         if finished is not None:
             st.sink.put((st.index, _END))
 
-    def _on_embedding(self, st: ReqState, msg: ipc.EmbeddingOut, i: int) -> None:
+    def _on_embedding(self, st: ReqState, msg: EmbeddingOut, i: int) -> None:
         finished = {"type": "length", "length": 0}  # SGLang's reason for a finished embedding
         meta = {"id": st.rid, "finish_reason": finished, "prompt_tokens": msg.prompt_tokens[i],
                 "completion_tokens": 0, "cached_tokens": 0, "queue_time": msg.queue_times[i],
@@ -344,25 +346,19 @@ class TokenizerManager:
         st.sink.put((st.index, _END))
 
     # ---- control calls --------------------------------------------------------------------
-    def rpc_sync(self, method: str, timeout: float = 30.0, **args: Any) -> Any:
+    def rpc_sync(self, req: ControlReq, timeout: float = 30.0) -> Any:
+        """Send a control call; its reply's result (RuntimeError with its error)."""
         sink = ThreadSink()
-        call_id = uuid.uuid4().hex
-        self.rpc_waiters[call_id] = sink
-        self._send(ipc.RpcReq(call_id, method, args))
-        reply: ipc.RpcReply = sink.get(timeout=timeout)
-        if reply.error:
-            raise RuntimeError(reply.error)
-        return reply.result
+        self.rpc_waiters[req.call_id] = sink
+        self._send(req)
+        return _result(sink.get(timeout=timeout))
 
-    async def rpc(self, method: str, **args: Any) -> Any:
+    async def rpc(self, req: ControlReq) -> Any:
+        """Awaitable ``rpc_sync`` (no timeout: the caller sets one)."""
         sink = AsyncSink()
-        call_id = uuid.uuid4().hex
-        self.rpc_waiters[call_id] = sink
-        self._send(ipc.RpcReq(call_id, method, args))
-        reply: ipc.RpcReply = await sink.get()
-        if reply.error:
-            raise RuntimeError(reply.error)
-        return reply.result
+        self.rpc_waiters[req.call_id] = sink
+        self._send(req)
+        return _result(await sink.get())
 
     # ---- high-level generation ------------------------------------------------------------
     def stream_sync(self, reqs: list[SingleReq]) -> Iterator[tuple[int, dict]]:
@@ -388,6 +384,12 @@ class TokenizerManager:
                     yield got
         finally:
             results.abort_unfinished()
+
+
+def _result(reply: ControlReply) -> Any:
+    if reply.error:
+        raise RuntimeError(reply.error)
+    return reply.result
 
 
 class _Results:

@@ -8,20 +8,26 @@ otherwise. Malformed bodies are 400 error objects, as on every other route.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from radixfleet.engine.managers.io_struct import (
+    ControlReq,
+    GetWeightsByNameReq,
+    LoadLoRAAdapterReq,
+    UnloadLoRAAdapterReq,
+    UpdateWeightsFromDiskReq,
+)
 from radixfleet.engine.server.common import RPC_TIMEOUT_S, APIError, ServerState, json_object
 
 _CALL_TIMEOUT_S = 600.0  # a weight update waits for the running requests to finish
 
 
-async def _outcome(state: ServerState, method: str, **args: Any) -> tuple[JSONResponse, bool]:
+async def _outcome(state: ServerState, req: ControlReq) -> tuple[JSONResponse, bool]:
     """Run a scheduler call answering (success, message); its response and success."""
     state.check_alive()
-    ok, message = await asyncio.wait_for(state.tm.rpc(method, **args), _CALL_TIMEOUT_S)
+    ok, message = await asyncio.wait_for(state.tm.rpc(req), _CALL_TIMEOUT_S)
     return JSONResponse({"success": ok, "message": message}, status_code=200 if ok else 400), ok
 
 
@@ -33,7 +39,7 @@ def register_admin_routes(app: FastAPI, state: ServerState) -> None:
             raise APIError(400, "pass {\"model_path\": \"<folder>\"}", param="model_path")
         path = state.tm.weights_update_path(body["model_path"], body.get("load_format"))
         state.check_alive()
-        response, ok = await _outcome(state, "update_weights_from_disk", model_path=path)
+        response, ok = await _outcome(state, UpdateWeightsFromDiskReq(path))
         if ok:
             state.engine.model_path = path
         return response
@@ -55,15 +61,14 @@ def register_admin_routes(app: FastAPI, state: ServerState) -> None:
         body = await json_object(request)
         if not all(isinstance(body.get(k), str) for k in ("lora_name", "lora_path")):
             raise APIError(400, "pass {\"lora_name\": ..., \"lora_path\": \"<peft folder>\"}")
-        return (await _outcome(state, "load_lora_adapter", lora_name=body["lora_name"],
-                               lora_path=body["lora_path"]))[0]
+        return (await _outcome(state, LoadLoRAAdapterReq(body["lora_name"], body["lora_path"])))[0]
 
     @app.post("/unload_lora_adapter")
     async def unload_lora_adapter(request: Request) -> JSONResponse:
         body = await json_object(request)
         if not isinstance(body.get("lora_name"), str):
             raise APIError(400, "pass {\"lora_name\": ...}", param="lora_name")
-        return (await _outcome(state, "unload_lora_adapter", lora_name=body["lora_name"]))[0]
+        return (await _outcome(state, UnloadLoRAAdapterReq(body["lora_name"])))[0]
 
     @app.api_route("/get_weights_by_name", methods=["GET", "POST"])
     async def get_weights_by_name(request: Request) -> JSONResponse:
@@ -75,8 +80,8 @@ def register_admin_routes(app: FastAPI, state: ServerState) -> None:
             raise APIError(400, "truncate_size must be a positive integer", param="truncate_size")
         state.check_alive()
         try:
-            values = await asyncio.wait_for(state.tm.rpc("get_weights_by_name", name=body["name"],
-                                                         truncate_size=truncate), RPC_TIMEOUT_S)
+            values = await asyncio.wait_for(state.tm.rpc(GetWeightsByNameReq(body["name"], truncate)),
+                                            RPC_TIMEOUT_S)
         except RuntimeError as e:
             raise APIError(400, str(e), param="name") from None
         return JSONResponse(values)

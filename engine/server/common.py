@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from radixfleet.engine.managers.io_struct import SingleReq
+from radixfleet.engine.managers.io_struct import ControlReq, SingleReq
 from radixfleet.engine.server.metrics import EngineMetrics
 
 DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
@@ -79,12 +79,14 @@ class ServerState:
         if procs is not None and (not procs or any(p.poll() is not None for p in procs)):
             raise APIError(503, "an engine process has exited; restart the server")
 
-    async def rpc(self, method: str) -> Any:
+    async def rpc(self, req: ControlReq) -> Any:
+        """The result of a control call; 503 when the scheduler does not answer in time."""
         self.check_alive()
         try:
-            return await asyncio.wait_for(self.tm.rpc(method), RPC_TIMEOUT_S)
+            return await asyncio.wait_for(self.tm.rpc(req), RPC_TIMEOUT_S)
         except asyncio.TimeoutError:
-            raise APIError(503, f"the scheduler did not answer {method} within {RPC_TIMEOUT_S:.0f} s") from None
+            raise APIError(503, f"the scheduler did not answer {req.call_name} within "
+                                f"{RPC_TIMEOUT_S:.0f} s") from None
 
 
 # ---- generation helpers -----------------------------------------------------------------------

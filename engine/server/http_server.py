@@ -21,7 +21,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from radixfleet.engine.managers.io_struct import EmbedReq, SingleReq, normalize_generate
+from radixfleet.engine.managers.io_struct import (
+    EmbedReq,
+    FlushCacheReq,
+    GenerateReqInput,
+    GetInternalStateReq,
+    SingleReq,
+)
 from radixfleet.engine.sampling.params import SamplingParams
 from radixfleet.engine.server.admin_serving import register_admin_routes
 from radixfleet.engine.server.common import (
@@ -46,12 +52,6 @@ from radixfleet.http_auth import BearerKey
 logger = logging.getLogger(__name__)
 
 _HEALTH_GENERATE_TIMEOUT_S = 30.0
-# Native /generate arguments (besides text/input_ids); anything else is a 400.
-_GENERATE_ARGS = ("sampling_params", "stream", "rid", "return_logprob", "logprob_start_len",
-                  "top_logprobs_num", "return_hidden_states")
-# Passed on only when given, so that an engine without them answers a clear 400.
-_OPTIONAL_GENERATE_ARGS = ("return_text_in_logprobs", "custom_logit_processor", "token_ids_logprob",
-                           "lora_path", "session_params")
 
 
 # ---- ASGI middleware: body size limit and API key --------------------------------------------
@@ -175,7 +175,7 @@ def _register_native_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/metrics")
     async def metrics() -> Response:
         # Scheduler-side gauges are read now, over the engine's IPC.
-        state.metrics.set_internal_state(await state.rpc("get_internal_state"))
+        state.metrics.set_internal_state(await state.rpc(GetInternalStateReq()))
         return Response(state.metrics.exposition(), media_type=CONTENT_TYPE)
 
     @app.get("/get_model_info")
@@ -192,13 +192,13 @@ def _register_native_routes(app: FastAPI, state: ServerState) -> None:
         info.update(state.tm.server_info)
         info["model_path"] = engine.model_path
         info["served_model_name"] = state.model_name
-        info["internal_states"] = [await state.rpc("get_internal_state")]
+        info["internal_states"] = [await state.rpc(GetInternalStateReq())]
         return info
 
     @app.api_route("/flush_cache", methods=["GET", "POST"])
     async def flush_cache() -> dict:
         try:
-            await state.rpc("flush_cache")
+            await state.rpc(FlushCacheReq())
         except RuntimeError as e:
             raise APIError(400, f"cache not flushed: {e}") from None
         return {"success": True, "message": "Cache flushed."}
@@ -216,22 +216,14 @@ def _register_native_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/generate")
     async def generate(request: Request) -> Response:
-        args = dict(await json_object(request))
-        prompt, input_ids = args.pop("text", None), args.pop("input_ids", None)
-        unknown = sorted(set(args) - set(_GENERATE_ARGS) - set(_OPTIONAL_GENERATE_ARGS))
-        if unknown:
-            raise APIError(400, f"unsupported generate argument(s): {', '.join(unknown)}", param=unknown[0])
-        stream = bool(args.get("stream", False))
-        optional = {k: args[k] for k in _OPTIONAL_GENERATE_ARGS if k in args}
+        """The body is a ``GenerateReqInput``: a field outside it is a 400."""
+        req = GenerateReqInput.from_kwargs(await json_object(request))
         try:
-            reqs, is_batch = normalize_generate(
-                prompt, input_ids, args.get("sampling_params"), stream, args.get("rid"),
-                args.get("return_logprob", False), args.get("logprob_start_len", -1),
-                args.get("top_logprobs_num", 0), args.get("return_hidden_states", False), **optional)
-        except TypeError as e:
-            raise APIError(400, f"this engine does not support {', '.join(optional)}: {e}") from None
+            reqs, is_batch = req.normalize()
+        except TypeError as e:  # a field of the wrong type
+            raise APIError(400, str(e)) from None
         with_index = is_batch or any(r.params.n > 1 for r in reqs)
-        if stream:
+        if req.stream:
             gen = stream_outputs(state, reqs)
             first = await first_or_error(gen)
             return sse_response(_native_sse(gen, first, with_index))

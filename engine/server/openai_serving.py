@@ -1,6 +1,6 @@
 """OpenAI-compatible routes: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``.
 
-Each request becomes SGLang-shaped ``SingleReq``s (``openai_protocol`` maps the fields);
+Each request becomes a ``GenerateReqInput`` (``openai_protocol`` maps the fields);
 answers are assembled from the engine's incremental chunks. With tools, a choice's text is
 held back while it may be a tool call and parsed when the choice ends.
 """
@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from radixfleet.engine.managers.io_struct import GENERATE_REFUSED, SingleReq, normalize_generate
+from radixfleet.engine.managers.io_struct import GENERATE_REFUSED, GenerateReqInput, SingleReq
 from radixfleet.engine.managers.scoring import SCORE_SAMPLING, score_prompts, score_result
 from radixfleet.engine.server.chat_template import render_chat
 from radixfleet.engine.server.common import (
@@ -94,8 +94,9 @@ def register_openai_routes(app: FastAPI, state: ServerState) -> None:
         label_ids = body.get("label_token_ids")
         texts, ids = score_prompts(body.get("query"), body.get("items"), label_ids,
                                    bool(body.get("item_first", False)))
-        reqs, _ = normalize_generate(texts, ids, [dict(SCORE_SAMPLING) for _ in texts or ids], False,
-                                     return_logprob=True, token_ids_logprob=label_ids)
+        reqs, _ = GenerateReqInput(text=texts, input_ids=ids,
+                                   sampling_params=[dict(SCORE_SAMPLING) for _ in texts or ids],
+                                   return_logprob=True, token_ids_logprob=label_ids).normalize()
         outs = await until_disconnect(request, collect(state, reqs))
         result = score_result(outs, label_ids, bool(body.get("apply_softmax", False)))
         usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": 0,
@@ -225,8 +226,9 @@ class _CompletionJob(_Job):
                                "prompt")
         tok = state.tm.tokenizer
         params = sampling_params(req, req.max_tokens)
-        reqs, _ = normalize_generate(texts, ids, params, req.stream, None, req.logprobs is not None, -1,
-                                     req.logprobs or 0, lora_path=req.lora_path)
+        reqs, _ = GenerateReqInput(text=texts, input_ids=ids, sampling_params=params, stream=req.stream,
+                                   return_logprob=req.logprobs is not None, top_logprobs_num=req.logprobs or 0,
+                                   lora_path=req.lora_path).normalize()
         echo: list[str] = []
         if req.echo:
             echo = texts if texts is not None else [tok.decode(x) if tok else "" for x in ids or []]
@@ -306,8 +308,9 @@ class _ChatJob(_Job):
         ids = tok(prompt, add_special_tokens=False).input_ids
         asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = sampling_params(req, _token_budget(state, len(ids), asked), forced_schema)
-        reqs, _ = normalize_generate(None, ids, params, req.stream, req.rid, req.logprobs, -1,
-                                     req.top_logprobs or 0, lora_path=req.lora_path)
+        reqs, _ = GenerateReqInput(input_ids=ids, sampling_params=params, stream=req.stream, rid=req.rid,
+                                   return_logprob=req.logprobs, top_logprobs_num=req.top_logprobs or 0,
+                                   lora_path=req.lora_path).normalize()
         parser = None
         if tools_on:
             name = state.tool_call_parser or detect_tool_parser(template or getattr(tok, "chat_template", None))
