@@ -11,7 +11,7 @@ import sys
 
 # subcommand -> (module, help line); the module exposes `main(argv: list[str]) -> int | None`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "model": ("radixfleet.engine.models.model_prep", "prepare the default model (`radixfleet model prepare`)"),
+    "model": ("radixfleet.engine.models.model_prep", "prepare the default model, download Hub models (`radixfleet model prepare|download`)"),
     "serve": ("radixfleet.engine.server.serve", "run one engine with its HTTP server"),
     "router": ("radixfleet.router.cli", "run the cache-aware router"),
     "up": ("radixfleet.router.fleet", "run a local fleet: N engine servers behind a router"),

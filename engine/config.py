@@ -24,8 +24,12 @@ def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model_path: str = field(metadata={"help": "HF-format model folder, or 'smollm2' for the default model"})
-    tokenizer_path: str | None = _opt(None, "tokenizer folder (default: model_path)")
+    model_path: str = field(metadata={"help": "HF-format model folder, 'smollm2' for the default model, or a "
+                                              "Hugging Face Hub repo id (org/name) to download"})
+    tokenizer_path: str | None = _opt(None, "tokenizer folder or Hub repo id (default: model_path)")
+    revision: str | None = _opt(None, "branch, tag or commit of a Hub model_path (default: main)")
+    download_dir: str | None = _opt(None, "Hub cache folder for Hub models (default: $HF_HUB_CACHE, else "
+                                          "$HF_HOME/hub)")
     trust_remote_code: bool = _opt(False, "allow model code from the model folder (off: only built-in architectures)")
     context_length: int | None = _opt(None, "maximum context length (default: from the model config)")
     dtype: str = _opt("auto", "weight and activation dtype (auto: float32 on CPU, the model's on GPU)", DTYPES)

@@ -14,24 +14,24 @@ from typing import Any
 
 from radixfleet import env_vars
 from radixfleet.operator import names
+from radixfleet.operator.build_model import (
+    build_download_containers,
+    model_args,
+    model_env,
+    model_volumes,
+)
 from radixfleet.operator.spec import InferenceServiceSpec
 
-MODEL_MOUNT = "/models"
 PROBE_PERIOD_SECONDS = 10
 API_KEY_ENV = env_vars.API_KEY.name
 POD_INDEX_ENV = env_vars.NODE_RANK.name
-
-
-def model_path(spec: InferenceServiceSpec) -> str:
-    """The `--model-path` the engine sees inside the container."""
-    return spec.model.path or MODEL_MOUNT
 
 
 def engine_args(spec: InferenceServiceSpec, replica: int | None = None) -> list[str]:
     """The engine command line; `replica` is set for multi-node replicas."""
     args = [
         "serve",
-        "--model-path", model_path(spec),
+        *model_args(spec),
         "--host", "0.0.0.0",
         "--port", str(spec.port),
         "--tp-size", str(spec.tensor_parallel_size),
@@ -50,7 +50,7 @@ def engine_args(spec: InferenceServiceSpec, replica: int | None = None) -> list[
 
 
 def _env(spec: InferenceServiceSpec, multi_node: bool) -> list[dict[str, Any]]:
-    env: list[dict[str, Any]] = []
+    env: list[dict[str, Any]] = model_env(spec)
     if multi_node:  # must precede the args that reference it
         env.append({
             "name": POD_INDEX_ENV,
@@ -97,17 +97,8 @@ def _volumes(spec: InferenceServiceSpec) -> tuple[list[dict[str, Any]], list[dic
     # /dev/shm: torch and NCCL need more shared memory than a container's default 64 MiB.
     volumes: list[dict[str, Any]] = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
     mounts: list[dict[str, Any]] = [{"name": "dshm", "mountPath": "/dev/shm"}]
-    model = spec.model
-    if model.pvc_claim:
-        volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": model.pvc_claim, "readOnly": True}})
-        mount = {"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True}
-        if model.pvc_sub_path:
-            mount["subPath"] = model.pvc_sub_path
-        mounts.append(mount)
-    elif model.host_path:
-        volumes.append({"name": "model", "hostPath": {"path": model.host_path, "type": "Directory"}})
-        mounts.append({"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True})
-    return volumes, mounts
+    model_vols, model_mounts = model_volumes(spec)
+    return volumes + model_vols, mounts + model_mounts
 
 
 def build_engine_pod_spec(spec: InferenceServiceSpec, replica: int | None = None) -> dict[str, Any]:
@@ -138,6 +129,9 @@ def build_engine_pod_spec(spec: InferenceServiceSpec, replica: int | None = None
         "volumes": volumes,
         "terminationGracePeriodSeconds": 60,
     }
+    # A Hub model's download runs before the engine starts (and outside its startup probe).
+    if init := build_download_containers(spec):
+        pod["initContainers"] = init
     if spec.node_selector:
         pod["nodeSelector"] = dict(spec.node_selector)
     return pod

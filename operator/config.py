@@ -14,8 +14,12 @@ class OperatorConfig:
     retry_delay_seconds: float = 10.0  # TemporaryError backoff for API/router failures
     # API server override (tests against KMock; out-of-cluster without a kubeconfig).
     server: str | None = None
+    # Hub mirror (HF_ENDPOINT) for InferenceServices whose model.hub names no endpoint.
+    hub_endpoint: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("resync_seconds", "drain_timeout_seconds", "drain_poll_seconds", "autoscale_interval_seconds", "retry_delay_seconds"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.hub_endpoint is not None and not self.hub_endpoint.startswith(("http://", "https://")):
+            raise ValueError(f"hub_endpoint must be an http(s) URL, got {self.hub_endpoint!r}")

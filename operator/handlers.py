@@ -41,7 +41,7 @@ def emitter(body: Mapping[str, Any]) -> Emit:
 
 async def _parse_or_fail(rt: Runtime, body: Mapping[str, Any], emit: Emit) -> InferenceServiceSpec | None:
     try:
-        return parse_spec(body)
+        return parse_spec(body, rt.config.hub_endpoint)
     except SpecError as e:
         meta = body["metadata"]
         old = body.get("status") or {}
@@ -121,7 +121,7 @@ def build_registry(rt: Runtime) -> kopf.OperatorRegistry:
         if body is None:
             return
         try:
-            spec = parse_spec(body)
+            spec = parse_spec(body, rt.config.hub_endpoint)
         except SpecError:
             return  # reported by the InferenceService handlers
         try:
@@ -133,7 +133,7 @@ def build_registry(rt: Runtime) -> kopf.OperatorRegistry:
     async def autoscale(body: kopf.Body, **_: Any) -> None:
         if rt.closed:
             return
-        spec = parse_spec(body)
+        spec = parse_spec(body, rt.config.hub_endpoint)
         scaling = spec.autoscaling
         assert scaling is not None and not scaling.external, "filtered by _wants_autoscaler"
         workers = ready_workers(spec, await list_pods(rt, spec))

