@@ -25,9 +25,9 @@ from kube_harness import (
     Proc,
     engine_process,
     engine_server_available,
-    free_port,
     router_process,
 )
+from server_process import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMES = ("engine", "router", "fleet")

@@ -17,12 +17,12 @@ from kube_harness import (
     engine_process,
     engine_server_available,
     eventually,
-    free_port,
     kube_emulator,
     pod_manifest,
     router_process,
     start_operator,
 )
+from server_process import free_port
 
 from radixfleet.operator import names
 

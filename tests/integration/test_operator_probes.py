@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 
-from kube_harness import free_port, router_process
+from kube_harness import router_process
+from server_process import free_port
 
 from radixfleet.operator.manifests import build_children
 from radixfleet.operator.spec import parse_spec
