@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from radixfleet.engine.attention.registry import default_backend, get_backend_class
-from radixfleet.engine.config import EngineConfig
+from radixfleet.engine.config import ConfigError, EngineConfig
 from radixfleet.engine.executor.forward_batch import ForwardBatch, ForwardMode
 from radixfleet.engine.layers import distributed as dist
 from radixfleet.engine.layers.linear import prepack_cpu_weights
@@ -36,9 +36,27 @@ _CPU_MAX_RUNNING = 64
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device='cuda' requested but no CUDA GPU is available")
+    if name.startswith("cuda"):
+        check_cuda_device(name)
     return torch.device(name)
+
+
+def check_cuda_device(name: str) -> None:
+    """``ConfigError`` saying why and what to do, unless ``name`` (cuda, cuda:N) is a usable GPU."""
+    if not torch.cuda.is_available():
+        if torch.version.cuda is None:
+            why = f"torch {torch.__version__} is a CPU-only build"
+        else:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            why = (f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no GPU: no NVIDIA driver, "
+                   "or no GPU visible to this process"
+                   + (f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""))
+        raise ConfigError(f"device={name!r} needs a CUDA GPU, but {why}. Run on a machine with an NVIDIA "
+                          "GPU and driver (in Kubernetes: a pod that requests nvidia.com/gpu), or use "
+                          "device 'cpu' (--device cpu)")
+    index = torch.device(name).index
+    if index is not None and index >= torch.cuda.device_count():
+        raise ConfigError(f"device={name!r}, but {torch.cuda.device_count()} GPU(s) are visible")
 
 
 def resolve_dtype(name: str, model: ModelConfig, device: torch.device) -> torch.dtype:

@@ -12,7 +12,7 @@ import logging
 import sys
 
 from radixfleet import env_vars
-from radixfleet.engine.config import EngineConfig
+from radixfleet.engine.config import ConfigError, EngineConfig
 from radixfleet.engine.server.common import DEFAULT_MAX_REQUEST_BYTES
 from radixfleet.engine.server.tool_parser import TOOL_PARSERS
 
@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         engine = Engine(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
+    except ConfigError as e:  # e.g. --device cuda without a GPU
+        print(f"radixfleet serve: {e}", file=sys.stderr)
+        return 2
     except HubError as e:  # a Hub model that cannot be downloaded: the message says why
         print(f"radixfleet serve: {e}", file=sys.stderr)
         return 1

@@ -253,7 +253,7 @@ def test_configs_that_cannot_split_raise_value_error(tmp_path, fields, kwargs, m
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
 def test_tp_on_cuda_without_a_gpu_raises_value_error(tmp_path):
-    with pytest.raises(ValueError, match="no CUDA GPU"):
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
         Engine(model_path=_config_only_model(tmp_path / "m"), tp_size=2, device="cuda")
 
 
