@@ -56,14 +56,21 @@ def _find_gguf() -> Path:
 def prepare_default_model(force: bool = False) -> Path:
     """Convert the shipped GGUF to an fp32 safetensors HF folder once; return the folder."""
     target = default_model_dir()
+    if _is_prepared(target) and not force:
+        return target  # no lock file either: a baked image's cache is read-only
     target.parent.mkdir(parents=True, exist_ok=True)
     # Several processes may ask at once (workers of one fleet, test runs): one converts,
     # the others wait on the lock and then find the folder ready.
     with open(target.parent / f".{_FOLDER_NAME}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if (target / "config.json").exists() and any(target.glob("*.safetensors")) and not force:
+        if _is_prepared(target) and not force:
             return target
         return _convert(target)
+
+
+def _is_prepared(target: Path) -> bool:
+    # _convert fills a .partial folder and renames it: a folder with these files is complete.
+    return (target / "config.json").exists() and any(target.glob("*.safetensors"))
 
 
 def _convert(target: Path) -> Path:
