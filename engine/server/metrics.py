@@ -2,7 +2,7 @@
 
 Request-side values (token counts, finish reasons, latencies) are observed by a
 ``TokenizerManager`` listener in its receiver thread (prometheus-client objects are
-thread-safe). Scheduler-side gauges are refreshed from ``rpc("get_internal_state")`` at
+thread-safe). Scheduler-side gauges are refreshed from a ``GetInternalStateReq`` call at
 scrape time, over the engine's existing IPC.
 """
 
