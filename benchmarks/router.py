@@ -33,10 +33,10 @@ import tracemalloc
 from pathlib import Path
 
 from radixfleet import env_vars
-from radixfleet.router.cache_aware import CacheAwarePolicy
 from radixfleet.router.circuit_breaker import CircuitBreaker
 from radixfleet.router.config import RouterConfig
-from radixfleet.router.radix_tree import RadixTree
+from radixfleet.router.policies.cache_aware import CacheAwarePolicy
+from radixfleet.router.policies.radix_tree import RadixTree
 from radixfleet.router.worker import Worker
 
 # The fake workers and loopback helpers are the router tests' own (tests/router_harness.py).

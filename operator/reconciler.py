@@ -16,7 +16,7 @@ from radixfleet.operator.apply import Outcome, apply, is_subset
 from radixfleet.operator.drain import choose_victims, drain_workers, mark_for_deletion, victim_urls
 from radixfleet.operator.endpoints import Pod, is_draining, ready_workers, router_urls, worker_url
 from radixfleet.operator.kube import KubeError
-from radixfleet.operator.manifests import build_children
+from radixfleet.operator.manifests.children import build_children
 from radixfleet.operator.registration import sync_routers
 from radixfleet.operator.runtime import Runtime
 from radixfleet.operator.spec import InferenceServiceSpec

@@ -16,8 +16,8 @@ from .config import RouterConfig
 from .health import HealthChecker
 from .membership import Membership, membership_routes
 from .metrics import CONTENT_TYPE, RouterMetrics
-from .policies import Policy
-from .policy_registry import make_policy
+from .policies.base import Policy
+from .policies.registry import make_policy
 from .proxy import Proxy, error_response
 from .registry import WorkerRegistry
 from .upstream import Upstream, UpstreamError

@@ -21,9 +21,9 @@ from starlette.responses import Response, StreamingResponse
 
 from .config import RouterConfig
 from .metrics import RouterMetrics
-from .policies import Policy
+from .policies.base import Policy
+from .policies.text_key import text_key
 from .registry import WorkerRegistry
-from .text_key import text_key
 from .upstream import Upstream, UpstreamError, UpstreamResponse
 from .worker import Worker
 

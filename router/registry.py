@@ -13,7 +13,7 @@ import logging
 from .circuit_breaker import CircuitBreaker
 from .config import RouterConfig
 from .metrics import RouterMetrics
-from .policies import Policy
+from .policies.base import Policy
 from .worker import Worker, normalize_url
 
 log = logging.getLogger(__name__)

@@ -23,8 +23,8 @@ from kube_harness import Api, eventually, kube_emulator, start_operator
 
 from radixfleet.engine.config import EngineConfig
 from radixfleet.engine.models.model_prep import resolve_model_path
-from radixfleet.operator.build_model import MODEL_CACHE_MOUNT
-from radixfleet.operator.manifests import build_children
+from radixfleet.operator.manifests.children import build_children
+from radixfleet.operator.manifests.model import MODEL_CACHE_MOUNT
 from radixfleet.operator.spec import parse_spec
 
 NS = "ml"

@@ -8,7 +8,7 @@ import subprocess
 from kube_harness import router_process
 from server_process import free_port
 
-from radixfleet.operator.manifests import build_children
+from radixfleet.operator.manifests.children import build_children
 from radixfleet.operator.spec import parse_spec
 
 

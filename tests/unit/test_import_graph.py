@@ -116,7 +116,7 @@ def test_the_graph_covers_the_package():
     graph = import_graph()
     assert "radixfleet.engine.managers.scheduler" in graph
     assert "radixfleet.engine.executor.model_runner" in graph["radixfleet.engine.managers.scheduler"]
-    assert "radixfleet.router.policies" in graph["radixfleet.router.cache_aware"]
+    assert "radixfleet.router.policies.base" in graph["radixfleet.router.policies.cache_aware"]
 
 
 def test_no_import_cycles():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 
 from radixfleet.operator.apply import is_subset
-from radixfleet.operator.manifests import build_children
+from radixfleet.operator.manifests.children import build_children
 from radixfleet.operator.spec import parse_spec
 
 SPEC = parse_spec({"metadata": {"name": "chat", "namespace": "ml", "uid": "u"}, "spec": {"model": {"path": "m"}}})

@@ -9,7 +9,7 @@ import kubernetes_validate
 import pytest
 
 from radixfleet.operator import names
-from radixfleet.operator.manifests import build_children
+from radixfleet.operator.manifests.children import build_children
 from radixfleet.operator.spec import parse_spec
 
 BASE = {

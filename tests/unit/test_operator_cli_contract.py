@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from radixfleet.operator.manifests import build_children
+from radixfleet.operator.manifests.children import build_children
 from radixfleet.operator.spec import parse_spec
 
 SPEC = parse_spec({

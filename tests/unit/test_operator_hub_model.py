@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from radixfleet.engine.models.model_prep import build_parser as model_cli
-from radixfleet.operator.build_model import MODEL_CACHE_MOUNT
 from radixfleet.operator.config import OperatorConfig
-from radixfleet.operator.manifests import build_children
+from radixfleet.operator.manifests.children import build_children
+from radixfleet.operator.manifests.model import MODEL_CACHE_MOUNT
 from radixfleet.operator.spec import HUB_TOKEN_KEY, SpecError, parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,7 +9,7 @@ import pytest
 from radixfleet.router.circuit_breaker import CircuitBreaker, CircuitState
 from radixfleet.router.cli import parse_config
 from radixfleet.router.config import RouterConfig
-from radixfleet.router.text_key import text_key
+from radixfleet.router.policies.text_key import text_key
 from radixfleet.router.worker import InvalidWorkerURL, normalize_url
 
 

@@ -6,10 +6,10 @@ import collections
 
 import pytest
 
-from radixfleet.router.cache_aware import CacheAwarePolicy
 from radixfleet.router.circuit_breaker import CircuitBreaker
 from radixfleet.router.config import RouterConfig
-from radixfleet.router.policy_registry import POLICIES, make_policy
+from radixfleet.router.policies.cache_aware import CacheAwarePolicy
+from radixfleet.router.policies.registry import POLICIES, make_policy
 from radixfleet.router.worker import Worker
 
 

@@ -6,7 +6,7 @@ import random
 import threading
 import time
 
-from radixfleet.router.radix_tree import RadixTree
+from radixfleet.router.policies.radix_tree import RadixTree
 
 
 def test_match_counts_shared_prefix_characters():

@@ -19,10 +19,10 @@ import itertools
 import logging
 from collections.abc import Sequence
 
-from .config import RouterConfig
-from .policies import Policy
+from ..config import RouterConfig
+from ..worker import Worker
+from .base import Policy
 from .radix_tree import RadixTree
-from .worker import Worker
 
 log = logging.getLogger(__name__)
 

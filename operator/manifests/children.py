@@ -10,14 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 from radixfleet.operator import names
-from radixfleet.operator.build_engine import (
+from radixfleet.operator.manifests.engine import (
     build_engine_deployment,
     build_engine_service,
     build_replica_headless_service,
     build_replica_statefulset,
 )
-from radixfleet.operator.build_monitoring import build_service_monitor
-from radixfleet.operator.build_router import build_router_deployment, build_router_service
+from radixfleet.operator.manifests.monitoring import build_service_monitor
+from radixfleet.operator.manifests.router import build_router_deployment, build_router_service
 from radixfleet.operator.spec import InferenceServiceSpec
 
 

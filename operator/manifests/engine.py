@@ -14,7 +14,7 @@ from typing import Any
 
 from radixfleet import env_vars
 from radixfleet.operator import names
-from radixfleet.operator.build_model import (
+from radixfleet.operator.manifests.model import (
     build_download_containers,
     model_args,
     model_env,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from radixfleet.operator import names
-from radixfleet.operator.build_engine import API_KEY_ENV
+from radixfleet.operator.manifests.engine import API_KEY_ENV
 from radixfleet.operator.spec import InferenceServiceSpec
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..config import RouterConfig
+from .base import Policy
 from .cache_aware import CacheAwarePolicy
-from .config import RouterConfig
-from .policies import Policy, PowerOfTwoPolicy, RandomPolicy, RoundRobinPolicy
+from .simple import PowerOfTwoPolicy, RandomPolicy, RoundRobinPolicy
 
 POLICIES: dict[str, Callable[[RouterConfig], Policy]] = {
     "cache_aware": CacheAwarePolicy,
