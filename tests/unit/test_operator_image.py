@@ -8,7 +8,7 @@ from pathlib import Path
 
 import tomllib
 
-from radixfleet.operator.manifests import build_children
+from radixfleet.operator.manifests.children import build_children
 from radixfleet.operator.spec import parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
