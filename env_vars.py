@@ -78,7 +78,7 @@ START_TIMEOUT = _var("RADIXFLEET_START_TIMEOUT", "float", 600.0,
 
 # ---- CPU -----------------------------------------------------------------------------------
 CPU_KERNELS = _var("RADIXFLEET_CPU_KERNELS", "bool", True,
-                   "the C decode kernels (`kernel_ops/cpu_ops.c`) on CPU; off: plain torch ops")
+                   "the C decode kernels (`kernels/cpu_ops.c`) on CPU; off: plain torch ops")
 CPU_PREPACK = _var("RADIXFLEET_CPU_PREPACK", "bool", True,
                    "oneDNN-prepacked linear weights on CPU; off: `F.linear`")
 
@@ -86,7 +86,7 @@ CPU_PREPACK = _var("RADIXFLEET_CPU_PREPACK", "bool", True,
 DISABLE_FUSED_KERNELS = _var("RADIXFLEET_DISABLE_FUSED_KERNELS", "bool", False,
                              "plain torch ops instead of the fused triton and C kernels")
 GEMV = _var("RADIXFLEET_GEMV", "bool", True,
-            "batch-1 projections as triton GEMVs (`kernel_ops/gemv.py`); off: cuBLAS")
+            "batch-1 projections as triton GEMVs (`kernels/gemv.py`); off: cuBLAS")
 GEMV_FUSE = _var("RADIXFLEET_GEMV_FUSE", "bool", True,
                  "RMSNorm and SiLU-mul folded into the GEMV that follows them")
 GEMV_MAX_ELEMENTS = _var("RADIXFLEET_GEMV_MAX_ELEMENTS", "int", 128 << 20,

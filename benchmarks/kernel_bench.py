@@ -14,7 +14,7 @@ saying so (``"skipped"``) and exits 0.
 - extend attention: TFLOP/s (4 * H * D * visible (query, key) pairs), and torch's SDPA on the
   same causal no-prefix shapes for scale.
 - rmsnorm / rotary / silu-and-mul / kv store: achieved bandwidth.
-- gemv: batch-1 projections, cuBLAS vs kernel_ops/gemv.py, and the separate norm / activation
+- gemv: batch-1 projections, cuBLAS vs kernels/gemv.py, and the separate norm / activation
   kernels + projection vs the GEMV with them folded in; rotary_store: rotary + KV store in
   two launches vs one.
 - ``--sweep``: decode and extend tile configurations.
@@ -34,12 +34,12 @@ import torch.nn.functional as F
 if torch.cuda.is_available():  # triton and the kernels: GPU installs only; main() says so elsewhere
     import triton
 
-    from radixfleet.kernel_ops.activation import silu_and_mul
-    from radixfleet.kernel_ops.decode_attention import choose_num_kv_splits, decode_attention
-    from radixfleet.kernel_ops.extend_attention import default_extend_config, extend_attention
-    from radixfleet.kernel_ops.kv_store import store_kv
-    from radixfleet.kernel_ops.rmsnorm import fused_add_rmsnorm
-    from radixfleet.kernel_ops.rotary import apply_rotary_, build_cos_sin_cache
+    from radixfleet.kernels.activation import silu_and_mul
+    from radixfleet.kernels.decode_attention import choose_num_kv_splits, decode_attention
+    from radixfleet.kernels.extend_attention import default_extend_config, extend_attention
+    from radixfleet.kernels.kv_store import store_kv
+    from radixfleet.kernels.rmsnorm import fused_add_rmsnorm
+    from radixfleet.kernels.rotary import apply_rotary_, build_cos_sin_cache
 
 HBM_ROOFLINE = 3.05e12  # bytes/s, measured on the H100 80GB HBM3 (read)
 H, KVH, D = 32, 8, 128  # Llama-3.1-8B attention shape
@@ -214,14 +214,14 @@ def _rotating(fn, x, weights):
 
 def bench_gemv() -> None:
     """Batch-1 linear layers at the Llama-3.1-8B shapes: cuBLAS (F.linear) against
-    kernel_ops/gemv.py's two kernels (``rows``: whole rows, x made once per program; ``kloop``:
+    kernels/gemv.py's two kernels (``rows``: whole rows, x made once per program; ``kloop``:
     K walked in chunks), each timed over enough weight copies (>= 256 MB) that reads come
     from HBM, replayed from a CUDA graph. Then what the decoder layer runs at batch 1,
     separate kernels against one fused launch: RMSNorm (+ residual add) then the projection
     vs ``gemv_rmsnorm`` (qkv, gate_up), SiLU-mul then the down projection vs
     ``gemv_silu_mul``."""
-    from radixfleet.kernel_ops import gemv as gemv_mod
-    from radixfleet.kernel_ops.gemv import gemv, gemv_rmsnorm, gemv_silu_mul
+    from radixfleet.kernels import gemv as gemv_mod
+    from radixfleet.kernels.gemv import gemv, gemv_rmsnorm, gemv_silu_mul
 
     def kernel(fn, rows: bool):
         def call(*args):
@@ -272,9 +272,9 @@ GEMV_ROWS_CANDIDATES = [
 def bench_gemv_sweep() -> None:
     """Every whole-row GEMV configuration (``GEMV_ROWS_CANDIDATES`` whose weight tile stays
     within 128 elements per thread) on what the Llama-3.1-8B decoder layer runs at batch 1,
-    fused prologues included: the data behind ``kernel_ops/gemv.py: _rows_config``."""
-    from radixfleet.kernel_ops import gemv as gemv_mod
-    from radixfleet.kernel_ops.gemv import (
+    fused prologues included: the data behind ``kernels/gemv.py: _rows_config``."""
+    from radixfleet.kernels import gemv as gemv_mod
+    from radixfleet.kernels.gemv import (
         PLAIN,
         RMSNORM,
         SILU_MUL,
@@ -317,7 +317,7 @@ def bench_gemv_sweep() -> None:
 def bench_rotary_store() -> None:
     """Rotary then the KV store (two launches) vs ``rotary_store_kv_`` at batch 1 and 64,
     Llama-3.1-8B heads, replayed from a CUDA graph."""
-    from radixfleet.kernel_ops.rotary import rotary_store_kv_
+    from radixfleet.kernels.rotary import rotary_store_kv_
 
     cache = build_cos_sin_cache(D, 8192, 500000.0, device="cuda")
     kbuf = torch.zeros(100_000, KVH, D, device="cuda", dtype=DTYPE)

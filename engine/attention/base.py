@@ -39,7 +39,7 @@ class AttentionBackend(abc.ABC):
         self.scale = scale
 
     # Whether ``forward`` takes ``rope=(positions, cos_sin_table)`` and rotates q and k itself
-    # as it stores k/v (the GPU backends: ``kernel_ops/rotary.py``'s rotary_store_kv_).
+    # as it stores k/v (the GPU backends: ``kernels/rotary.py``'s rotary_store_kv_).
     fuses_rope = False
 
     def plan(self, batch: ForwardBatch) -> None:
@@ -49,11 +49,11 @@ class AttentionBackend(abc.ABC):
     def _store_with_kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
                            batch: ForwardBatch, rope: tuple[torch.Tensor, torch.Tensor] | None):
         """The GPU backends' common first step: q/k/v as ``[T, heads, D]`` views, the new
-        tokens' k/v written to their slots by one triton launch (``kernel_ops/kv_store.py``), or,
-        with ``rope``, rotary applied to q and k in the same launch (``kernel_ops/rotary.py``).
+        tokens' k/v written to their slots by one triton launch (``kernels/kv_store.py``), or,
+        with ``rope``, rotary applied to q and k in the same launch (``kernels/rotary.py``).
         Returns ``(q, k_buffer, v_buffer)`` of ``layer_id``."""
-        from radixfleet.kernel_ops.kv_store import store_kv
-        from radixfleet.kernel_ops.rotary import rotary_store_kv_
+        from radixfleet.kernels.kv_store import store_kv
+        from radixfleet.kernels.rotary import rotary_store_kv_
 
         k_buf, v_buf = self.kv_pool.k_buffers[layer_id], self.kv_pool.v_buffers[layer_id]
         q = q.view(-1, self.num_heads, self.head_dim)

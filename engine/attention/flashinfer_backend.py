@@ -5,7 +5,7 @@ the ``flashinfer`` backend is chosen, so other installs never load either.
 
 Page size 1: a request's "pages" are its KV slots. ``plan`` runs once per step: it builds
 ``kv_indptr`` on the host from ``seq_lens_cpu`` and ``kv_indices`` on the device from
-``req_to_token`` (``kernel_ops/kv_indices.py``, no device sync), then plans one wrapper:
+``req_to_token`` (``kernels/kv_indices.py``, no device sync), then plans one wrapper:
 
 * decode: ``BatchDecodeWithPagedKVCacheWrapper``, on tensor cores when the GQA group is
   >= 4 query heads per kv head (the CUDA-core decode kernel wins for small groups);
@@ -32,7 +32,7 @@ import torch
 from radixfleet.engine.attention.base import AttentionBackend
 from radixfleet.engine.executor.forward_batch import ForwardBatch, ForwardMode
 from radixfleet.engine.memory.kv_pool import KVPool
-from radixfleet.kernel_ops.kv_indices import build_kv_indices
+from radixfleet.kernels.kv_indices import build_kv_indices
 
 WORKSPACE_BYTES = 128 << 20  # split-KV partial outputs; shared by every wrapper (one stream)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)

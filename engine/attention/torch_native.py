@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from radixfleet.engine.attention.base import AttentionBackend
 from radixfleet.engine.executor.forward_batch import ForwardBatch, ForwardMode
-from radixfleet.kernel_ops import cpu_ops
+from radixfleet.kernels import cpu_ops
 
 
 class TorchNativeBackend(AttentionBackend):
@@ -22,7 +22,7 @@ class TorchNativeBackend(AttentionBackend):
         self._cpu_decode = None
         if batch.mode is ForwardMode.DECODE and self.kv_pool.kv_buffers is not None \
                 and cpu_ops.usable(self.kv_pool.kv_buffers[0]):
-            # One C call per layer reads K/V straight from the pool (kernel_ops/cpu_ops.c).
+            # One C call per layer reads K/V straight from the pool (kernels/cpu_ops.c).
             self._cpu_decode = (batch.req_to_token, batch.req_pool_indices.long().contiguous(),
                                 batch.seq_lens.to(torch.int32).contiguous(), max(batch.seq_lens_cpu))
         elif batch.mode is ForwardMode.DECODE:

@@ -1,4 +1,4 @@
-"""Attention backend on the triton kernels of ``radixfleet.kernel_ops`` (CUDA only).
+"""Attention backend on the triton kernels of ``radixfleet.kernels`` (CUDA only).
 
 This module imports triton at the top: the registry imports it only when the ``triton``
 backend is chosen, so CPU-only installs never load triton.
@@ -23,8 +23,8 @@ import torch
 from radixfleet.engine.attention.base import AttentionBackend
 from radixfleet.engine.executor.forward_batch import ForwardBatch, ForwardMode
 from radixfleet.engine.memory.kv_pool import KVPool
-from radixfleet.kernel_ops.decode_attention import choose_num_kv_splits, decode_attention
-from radixfleet.kernel_ops.extend_attention import extend_attention
+from radixfleet.kernels.decode_attention import choose_num_kv_splits, decode_attention
+from radixfleet.kernels.extend_attention import extend_attention
 
 
 class TritonAttentionBackend(AttentionBackend):

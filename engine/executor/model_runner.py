@@ -22,7 +22,7 @@ from radixfleet.engine.memory.kv_pool import KVPool
 from radixfleet.engine.memory.req_table import ReqToTokenTable
 from radixfleet.engine.models.model_config import ModelConfig
 from radixfleet.engine.models.registry import get_model_class
-from radixfleet.kernel_ops import cpu_ops
+from radixfleet.kernels import cpu_ops
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class ModelRunner:
         if self.device.type == "cpu" and self.dtype == torch.float32:
             # Build (first use on this machine) and load now rather than in the first request.
             lib = cpu_ops.load()
-            logger.info("CPU decode kernels: %s", "kernel_ops/cpu_ops.c" if lib else "torch ops (fallback)")
+            logger.info("CPU decode kernels: %s", "kernels/cpu_ops.c" if lib else "torch ops (fallback)")
         return model.eval()
 
     def load_weights(self, path: str, model: torch.nn.Module | None = None) -> None:

@@ -1,13 +1,13 @@
 """Fused kernels for the elementwise layers (RMSNorm + residual, rotary, SiLU-mul) and the
 batch-1 GEMV, chosen by the device of the data:
 
-- CUDA: triton kernels (``radixfleet.kernel_ops``), cutting a decode step's many tiny launches;
+- CUDA: triton kernels (``radixfleet.kernels``), cutting a decode step's many tiny launches;
   imported lazily, so CPU-only installs never load triton. ``RADIXFLEET_DISABLE_FUSED_KERNELS=1``
   turns them off, ``RADIXFLEET_GEMV=0`` only the GEMVs. Only here: the batch-1 GEMVs with the
   RMSNorm or SiLU-mul before them folded in (``gemv_rmsnorm``, ``gemv_silu_mul``;
   ``RADIXFLEET_GEMV_FUSE=0`` keeps them separate), and rotary with the KV-cache store
   (``rotary_store_kv_``).
-- CPU, fp32: the C kernels of ``kernel_ops/cpu_ops.c``, which replace several small torch ops
+- CPU, fp32: the C kernels of ``kernels/cpu_ops.c``, which replace several small torch ops
   each (``RADIXFLEET_CPU_KERNELS=0`` turns them off; they are also off without a C compiler).
 
 Both sets have the same signatures. Where neither applies, layers run their plain torch code.
@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import torch
 
 from radixfleet import env_vars
-from radixfleet.kernel_ops import cpu_ops
+from radixfleet.kernels import cpu_ops
 
 
 @functools.cache
@@ -29,10 +29,10 @@ def _triton_ops() -> SimpleNamespace | None:
     if env_vars.DISABLE_FUSED_KERNELS.get():
         return None
     try:
-        from radixfleet.kernel_ops.activation import silu_and_mul
-        from radixfleet.kernel_ops.gemv import gemv, gemv_rmsnorm, gemv_silu_mul
-        from radixfleet.kernel_ops.rmsnorm import fused_add_rmsnorm, rmsnorm
-        from radixfleet.kernel_ops.rotary import apply_rotary_, rotary_store_kv_
+        from radixfleet.kernels.activation import silu_and_mul
+        from radixfleet.kernels.gemv import gemv, gemv_rmsnorm, gemv_silu_mul
+        from radixfleet.kernels.rmsnorm import fused_add_rmsnorm, rmsnorm
+        from radixfleet.kernels.rotary import apply_rotary_, rotary_store_kv_
     except ImportError:
         return None
     use_gemv = env_vars.GEMV.get()

@@ -24,7 +24,7 @@ from radixfleet.engine.executor.lora import lora_delta
 from radixfleet.engine.layers import distributed as dist
 from radixfleet.engine.layers.fused import fused_ops
 
-# Batch-1 GEMVs up to this many weight elements use kernel_ops/gemv.py (with the norm or SiLU-mul
+# Batch-1 GEMVs up to this many weight elements use kernels/gemv.py (with the norm or SiLU-mul
 # before them folded in). On an H200 at Llama-3.1-8B's shapes its whole-row kernel beats or
 # matches cuBLAS on every layer projection (qkv, o_proj, gate_up, down) but not on the LM
 # head (128256x4096), which stays on cuBLAS (`benchmarks/kernel_bench.py --only gemv`; NOTES.md).
@@ -52,7 +52,7 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if packed is not None:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
     ops = _gemv_ops(x, weight)
-    if ops is not None and ops.gemv is not None:  # batch-1 decode: kernel_ops/gemv.py
+    if ops is not None and ops.gemv is not None:  # batch-1 decode: kernels/gemv.py
         return ops.gemv(x, weight, bias)
     return F.linear(x, weight, bias)
 
@@ -123,7 +123,7 @@ class ColumnParallelLinear(PackableWeight):
                        residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """``norm`` (an RMSNorm) applied to ``x + residual`` (or ``x``), then this layer.
         Returns ``(output, new residual)``. At batch 1 on CUDA the norm runs inside the GEMV
-        (``kernel_ops/gemv.py``: one launch, no normalised copy of the row)."""
+        (``kernels/gemv.py``: one launch, no normalised copy of the row)."""
         ops = None if self.lora_on() else _gemv_ops(x, self.weight)
         if (ops is not None and ops.gemv_rmsnorm is not None
                 and (residual is None or residual.is_contiguous())):
@@ -194,7 +194,7 @@ class RowParallelLinear(PackableWeight):
 
     def forward_silu_mul(self, gate_up: torch.Tensor, act) -> torch.Tensor:
         """This layer applied to ``act(gate_up)`` (``act``: SiluAndMul). At batch 1 on CUDA the
-        activation runs inside the GEMV (``kernel_ops/gemv.py``)."""
+        activation runs inside the GEMV (``kernels/gemv.py``)."""
         ops = None if self.lora_on() else _gemv_ops(gate_up, self.weight)
         if ops is not None and ops.gemv_silu_mul is not None:
             return self._reduce(ops.gemv_silu_mul(gate_up, self.weight))

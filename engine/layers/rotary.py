@@ -67,7 +67,7 @@ class RotaryEmbedding(nn.Module):
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
     def fused_table(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
-        """The cos/sin table for ``kernel_ops/rotary.py``'s rotary + KV store, when that kernel
+        """The cos/sin table for ``kernels/rotary.py``'s rotary + KV store, when that kernel
         runs on ``q``'s device and layout; None otherwise."""
         ops = fused_ops(q)
         if ops is None or ops.rotary_store_kv_ is None or q.stride(-1) != 1 or k.stride(-1) != 1:

@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
 
 from _reference import attention_ref, make_paged_kv, rel_err  # noqa: E402
 
-from radixfleet.kernel_ops.decode_attention import decode_attention  # noqa: E402
+from radixfleet.kernels.decode_attention import decode_attention  # noqa: E402
 
 # (num_heads, num_kv_heads): GQA ratios 1, 3, 4, 8.
 HEADS = [(8, 8), (12, 4), (32, 8), (32, 4)]

@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
 
 from _reference import attention_ref, make_paged_kv, rel_err  # noqa: E402
 
-from radixfleet.kernel_ops.extend_attention import extend_attention  # noqa: E402
+from radixfleet.kernels.extend_attention import extend_attention  # noqa: E402
 
 HEADS = [(8, 8), (12, 4), (32, 8), (32, 4)]  # GQA ratios 1, 3, 4, 8
 # (prefix_lens, extend_lens) per request.

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from radixfleet.kernel_ops.activation import silu_and_mul  # noqa: E402
-from radixfleet.kernel_ops.kv_store import store_kv  # noqa: E402
-from radixfleet.kernel_ops.rmsnorm import fused_add_rmsnorm, rmsnorm  # noqa: E402
-from radixfleet.kernel_ops.rotary import (  # noqa: E402
+from radixfleet.kernels.activation import silu_and_mul  # noqa: E402
+from radixfleet.kernels.kv_store import store_kv  # noqa: E402
+from radixfleet.kernels.rmsnorm import fused_add_rmsnorm, rmsnorm  # noqa: E402
+from radixfleet.kernels.rotary import (  # noqa: E402
     apply_rotary_,
     build_cos_sin_cache,
     rotary_store_kv_,
@@ -109,7 +109,7 @@ def test_silu_and_mul(T, inter):
 @pytest.mark.parametrize("N,K,bias", [(6144, 4096, False), (4096, 4096, True), (1000, 577, True), (3, 64, False),
                                     (300, 20000, True)])  # K > ROWS_MAX_K: the K-loop kernel
 def test_gemv_matches_fp32_matmul(N, K, bias):
-    from radixfleet.kernel_ops.gemv import gemv
+    from radixfleet.kernels.gemv import gemv
 
     x, w = _rand(1, K, seed=8), _rand(N, K, seed=9) * 0.05
     b = _rand(N, seed=10) if bias else None
@@ -122,7 +122,7 @@ def test_gemv_matches_fp32_matmul(N, K, bias):
 def test_gemv_rmsnorm_matches_norm_then_matmul(N, K, residual):
     """``gemv_rmsnorm`` vs the fused add + RMSNorm kernel followed by an fp32 matmul: the
     new residual bit-identical, the output within bf16 rounding of the normalised row."""
-    from radixfleet.kernel_ops.gemv import gemv_rmsnorm
+    from radixfleet.kernels.gemv import gemv_rmsnorm
 
     h, r, nw = _rand(1, K, seed=11), _rand(1, K, seed=12), _rand(K, seed=13)
     w, b = _rand(N, K, seed=14) * 0.05, _rand(N, seed=15)
@@ -137,7 +137,7 @@ def test_gemv_rmsnorm_matches_norm_then_matmul(N, K, residual):
 
 @pytest.mark.parametrize("N,K", [(4096, 14336), (1000, 577), (7, 64)])
 def test_gemv_silu_mul_matches_activation_then_matmul(N, K):
-    from radixfleet.kernel_ops.gemv import gemv_silu_mul
+    from radixfleet.kernels.gemv import gemv_silu_mul
 
     gate_up, w = _rand(1, 2 * K, seed=16), _rand(N, K, seed=17) * 0.05
     want = silu_and_mul(gate_up).float() @ w.float().T

@@ -42,7 +42,7 @@ def test_batch_matches_hf_and_second_pass_hits_the_cache(engine, hf_reference):
 
 
 def test_torch_only_cpu_path_matches_hf(model_dir, hf_reference, monkeypatch):
-    """With the C kernels switched off (kernel_ops/cpu_ops.py), the plain torch ops decode the
+    """With the C kernels switched off (kernels/cpu_ops.py), the plain torch ops decode the
     same tokens: the fallback where no compiler is available."""
     monkeypatch.setenv("RADIXFLEET_CPU_KERNELS", "0")  # read by the engine's child processes
     with Engine(model_path=model_dir, max_total_tokens=4096) as e:

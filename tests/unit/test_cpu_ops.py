@@ -1,4 +1,4 @@
-"""The C CPU kernels (kernel_ops/cpu_ops.c) against torch references."""
+"""The C CPU kernels (kernels/cpu_ops.c) against torch references."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from radixfleet.kernel_ops import cpu_ops
+from radixfleet.kernels import cpu_ops
 
-pytestmark = pytest.mark.skipif(cpu_ops.load() is None, reason="no C compiler to build kernel_ops/cpu_ops.c")
+pytestmark = pytest.mark.skipif(cpu_ops.load() is None, reason="no C compiler to build kernels/cpu_ops.c")
 
 
 def _reference_decode(q, kv, table, rows, lens, scale):
@@ -103,7 +103,7 @@ def test_only_fp32_cpu_tensors_use_the_kernels():
 def test_missing_compiler_falls_back_to_torch(tmp_path):
     """No compiler (and nothing built yet): ``load`` returns None with a warning, no crash."""
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "CC": str(tmp_path / "no-such-cc")}
-    code = "from radixfleet.kernel_ops import cpu_ops; print(cpu_ops.load())"
+    code = "from radixfleet.kernels import cpu_ops; print(cpu_ops.load())"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "None"
@@ -112,6 +112,6 @@ def test_missing_compiler_falls_back_to_torch(tmp_path):
 
 def test_switched_off_by_environment(tmp_path):
     env = {**os.environ, "RADIXFLEET_CPU_KERNELS": "0"}
-    code = "from radixfleet.kernel_ops import cpu_ops; print(cpu_ops.load())"
+    code = "from radixfleet.kernels import cpu_ops; print(cpu_ops.load())"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "None", done.stderr

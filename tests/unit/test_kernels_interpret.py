@@ -22,7 +22,7 @@ GPU_TESTS = Path(__file__).resolve().parents[1] / "gpu"
 def case_decode() -> None:
     from _reference import attention_ref, make_paged_kv, rel_err
 
-    from radixfleet.kernel_ops.decode_attention import decode_attention
+    from radixfleet.kernels.decode_attention import decode_attention
 
     gen = torch.Generator().manual_seed(0)
     for H, KVH, D in [(4, 4, 16), (6, 2, 32), (8, 1, 24), (8, 2, 64)]:
@@ -43,7 +43,7 @@ def case_decode() -> None:
 def case_extend() -> None:
     from _reference import attention_ref, make_paged_kv, rel_err
 
-    from radixfleet.kernel_ops.extend_attention import extend_attention
+    from radixfleet.kernels.extend_attention import extend_attention
 
     gen = torch.Generator().manual_seed(1)
     prefix, ext = [0, 3, 40, 17], [5, 1, 30, 16]
@@ -66,10 +66,10 @@ def case_extend() -> None:
 def case_small_kernels() -> None:
     import torch.nn.functional as F
 
-    from radixfleet.kernel_ops.activation import silu_and_mul
-    from radixfleet.kernel_ops.kv_store import store_kv
-    from radixfleet.kernel_ops.rmsnorm import fused_add_rmsnorm, rmsnorm
-    from radixfleet.kernel_ops.rotary import apply_rotary_, build_cos_sin_cache
+    from radixfleet.kernels.activation import silu_and_mul
+    from radixfleet.kernels.kv_store import store_kv
+    from radixfleet.kernels.rmsnorm import fused_add_rmsnorm, rmsnorm
+    from radixfleet.kernels.rotary import apply_rotary_, build_cos_sin_cache
 
     x, r, w = torch.randn(5, 96), torch.randn(5, 96), torch.randn(96)
     ref = w * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
@@ -106,7 +106,7 @@ def case_small_kernels() -> None:
 def case_rotary_store_kv() -> None:
     """Rotary + KV store in one launch, on views of a fused qkv row as the model passes them,
     full and partial rotary (rotary dim < head dim: the rest is copied unrotated)."""
-    from radixfleet.kernel_ops.rotary import build_cos_sin_cache, rotary_store_kv_
+    from radixfleet.kernels.rotary import build_cos_sin_cache, rotary_store_kv_
 
     gen = torch.Generator().manual_seed(5)
     for H, KVH, D, R in [(4, 2, 16, 16), (6, 3, 24, 8)]:
@@ -132,7 +132,7 @@ def case_rotary_store_kv() -> None:
 
 def case_kv_indices() -> None:
     """CSR flattening of req_to_token rows (the flashinfer backend's kv_indices)."""
-    from radixfleet.kernel_ops.kv_indices import build_kv_indices
+    from radixfleet.kernels.kv_indices import build_kv_indices
 
     table = torch.randint(1, 1000, (6, 1100), dtype=torch.int32)
     rows, lens = torch.tensor([4, 0, 2]), [3, 1030, 0]
@@ -221,7 +221,7 @@ def _gemv_variants():
     """Each GEMV kernel in turn: whole rows with one program per row block, whole rows with
     persistent programs, then the K loop (ROWS_MAX_K 0) with one autotune config (the
     interpreter would run every candidate)."""
-    from radixfleet.kernel_ops import gemv as mod
+    from radixfleet.kernels import gemv as mod
 
     loop_configs, saved = list(mod._CONFIGS), mod.ROWS_MAX_K
     try:
@@ -236,7 +236,7 @@ def _gemv_variants():
 
 
 def case_gemv() -> None:
-    from radixfleet.kernel_ops.gemv import gemv
+    from radixfleet.kernels.gemv import gemv
 
     gen = torch.Generator().manual_seed(3)
     for variant in _gemv_variants():
@@ -252,7 +252,7 @@ def case_gemv_prologues() -> None:
     separate ops (fp32), over K that is not a multiple of the tile."""
     import torch.nn.functional as F
 
-    from radixfleet.kernel_ops.gemv import gemv_rmsnorm, gemv_silu_mul
+    from radixfleet.kernels.gemv import gemv_rmsnorm, gemv_silu_mul
 
     gen = torch.Generator().manual_seed(4)
     for variant in _gemv_variants():

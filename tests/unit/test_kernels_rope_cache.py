@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("triton")
 transformers = pytest.importorskip("transformers")
 
-from radixfleet.kernel_ops.rotary import build_cos_sin_cache  # noqa: E402
+from radixfleet.kernels.rotary import build_cos_sin_cache  # noqa: E402
 
 LLAMA31 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
            "original_max_position_embeddings": 8192}

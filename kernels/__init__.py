@@ -1,4 +1,4 @@
-"""radixfleet.kernel_ops."""
+"""radixfleet.kernels."""
 
 
 def dot_precision(dtype) -> str:

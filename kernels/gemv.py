@@ -13,7 +13,7 @@ about as long as the kernel. Every program reads all of ``x`` (from L2), so the 
   the new residual ``h + residual``. Differs from the separate kernels only in rounding:
   the normalised row is not rounded to the model dtype before the weight multiply.
 - ``gemv_silu_mul``: ``x = silu(gate) * up`` from the ``[1, 2K]`` gate_up output (the MLP's
-  down projection), rounded as ``kernel_ops/activation.py`` rounds it.
+  down projection), rounded as ``kernels/activation.py`` rounds it.
 
 Two kernels, no split-K, one launch each:
 
@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from radixfleet import env_vars
-from radixfleet.kernel_ops.pdl import gdc_launch_dependents, gdc_wait, prefetch_l2, use_pdl
+from radixfleet.kernels.pdl import gdc_launch_dependents, gdc_wait, prefetch_l2, use_pdl
 
 _CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -98,7 +98,7 @@ def _gemv_kernel(X, RES, NORM_W, W, B, OUT, NEW_RES, N, K, stride_w, eps,
     """Any K: each program walks K for its BLOCK_N rows, re-reading x chunk by chunk."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    if USE_PDL:  # see kernel_ops/pdl.py
+    if USE_PDL:  # see kernels/pdl.py
         gdc_launch_dependents()
         if PREFETCH_LINES > 0:
             # The weight does not depend on the previous kernel: start pulling this program's
@@ -129,7 +129,7 @@ def _gemv_kernel(X, RES, NORM_W, W, B, OUT, NEW_RES, N, K, stride_w, eps,
 
 def _rows_config(n: int, k: int, prologue: int) -> tuple[int, int, int]:
     """(BLOCK_N, warps, programs per SM) for the whole-row kernel. From the sweep on an H200 at
-    the Llama-3.1-8B shapes (kernel_ops/NOTES.md): two rows per block, persistent programs, 8
+    the Llama-3.1-8B shapes (kernels/NOTES.md): two rows per block, persistent programs, 8
     per SM at K <= 8192 and one at K = 16384 (the row block fills the registers)."""
     if ROWS_OVERRIDE is not None:
         return ROWS_OVERRIDE
@@ -160,7 +160,7 @@ def _gemv_rows_kernel(X, RES, NORM_W, W, B, OUT, NEW_RES, N, K, stride_w, eps,
     rows = pid * BLOCK_N + lane
     w = tl.load(W + rows.to(tl.int64)[:, None] * stride_w + cols[None, :],
                 mask=(rows < N)[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first")
-    if USE_PDL:  # see kernel_ops/pdl.py
+    if USE_PDL:  # see kernels/pdl.py
         gdc_launch_dependents()
         if PREFETCH:
             lines = tl.arange(0, BLOCK_K // LINE_ELEMS) * LINE_ELEMS

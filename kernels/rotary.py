@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from radixfleet.kernel_ops.kv_store import copy_heads
-from radixfleet.kernel_ops.pdl import pdl_start, use_pdl
+from radixfleet.kernels.kv_store import copy_heads
+from radixfleet.kernels.pdl import pdl_start, use_pdl
 
 
 @triton.jit

@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from radixfleet.kernel_ops import dot_precision
-from radixfleet.kernel_ops.attention_tile import attend_tile
+from radixfleet.kernels import dot_precision
+from radixfleet.kernels.attention_tile import attend_tile
 
 _LOG2E = 1.4426950408889634
 

@@ -27,9 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from radixfleet.kernel_ops import dot_precision
-from radixfleet.kernel_ops.attention_tile import attend_tile
-from radixfleet.kernel_ops.pdl import pdl_start, use_pdl
+from radixfleet.kernels import dot_precision
+from radixfleet.kernels.attention_tile import attend_tile
+from radixfleet.kernels.pdl import pdl_start, use_pdl
 
 _LOG2E = 1.4426950408889634
 MAX_KV_SPLITS = 32

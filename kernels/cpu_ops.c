@@ -1,4 +1,4 @@
-/* CPU kernels for the fp32 decode path (radixfleet.kernel_ops.cpu_ops builds and loads this).
+/* CPU kernels for the fp32 decode path (radixfleet.kernels.cpu_ops builds and loads this).
  *
  * Each one replaces a handful of small torch ops whose per-op overhead, at a decode step's
  * sizes (tens of rows), costs more than their arithmetic. Plain C99 + OpenMP: gcc resolves

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from radixfleet.kernel_ops.pdl import pdl_start, use_pdl
+from radixfleet.kernels.pdl import pdl_start, use_pdl
 
 
 @triton.jit
