@@ -3,7 +3,7 @@
     python grafana/generate.py        # rewrites grafana/*.json and the chart's copies
 
 Every query uses only metric names from engine/server/metric_names.py and router/metric_names.py
-(tests/integration/test_dashboards.py checks that, and runs every query through a real
+(tests/integration/test_dashboards_catalog.py checks that; test_dashboards_live.py runs every query through a real
 Prometheus). Labels `namespace` and `radixfleet_io_service` come from the ServiceMonitor
 (`targetLabels: [radixfleet.io/service]`); `model_name` from the engine itself.
 """
