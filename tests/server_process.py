@@ -52,18 +52,27 @@ def engine_server(model_dir: str, *extra: str, timeout: float = 120.0,
     port = free_port()
     cmd = [sys.executable, "-m", "radixfleet.engine.server.serve", "--model-path", model_dir,
            "--host", "127.0.0.1", "--port", str(port), *SERVER_ARGS, *extra]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with server_process(cmd, port, timeout=timeout, headers=headers) as url:
+        yield url
+
+
+@contextmanager
+def server_process(cmd: list[str], port: int, timeout: float = 120.0, headers: dict[str, str] | None = None,
+                   env: dict[str, str] | None = None, cwd: str | None = None) -> Iterator[str]:
+    """Run ``cmd`` (a server on ``port``), wait until ``/health`` answers 200, yield its base
+    URL; SIGTERM it on exit. Raises with the server's log if it exits first."""
+    env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
     log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a full pipe would block the server
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
                 log.seek(0)
-                raise RuntimeError(f"the server exited ({proc.returncode}):\n{log.read()}")
+                raise RuntimeError(f"the server exited ({proc.returncode}):\n{log.read()[-5000:]}")
             try:
-                if httpx.get(url + "/health", timeout=2, headers=headers).status_code == 200:
+                if httpx.get(url + "/health", timeout=2, headers=headers, trust_env=False).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
@@ -74,7 +83,7 @@ def engine_server(model_dir: str, *extra: str, timeout: float = 120.0,
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()

@@ -14,17 +14,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import time
 import zipfile
 from pathlib import Path
 
 import httpx
 import pytest
-from server_process import free_port
+from server_process import free_port, server_process
 
 ROOT = Path(__file__).resolve().parents[2]
 # Top-level folders of the checkout that are not part of the package. Everything else that
@@ -135,33 +132,11 @@ def test_installed_command_prints_each_roles_help(venv, role):
 def test_installed_server_answers_generate(venv, model_dir):
     """``radixfleet serve --model-path smollm2`` from the virtualenv answers /generate."""
     port = free_port()
-    log = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen([str(venv["bin"] / "radixfleet"), "serve", "--model-path", "smollm2",
-                             "--host", "127.0.0.1", "--port", str(port), "--max-total-tokens", "4096"],
-                            cwd=venv["cwd"], env=_clean_env(), stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                raise AssertionError(f"the installed server exited ({proc.returncode}):\n{log.read()[-3000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=2, trust_env=False).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the installed server did not answer /health in 300 s"
-            time.sleep(0.5)
+    cmd = [str(venv["bin"] / "radixfleet"), "serve", "--model-path", "smollm2",
+           "--host", "127.0.0.1", "--port", str(port), "--max-total-tokens", "4096"]
+    with server_process(cmd, port, timeout=300, env=_clean_env(), cwd=str(venv["cwd"])) as url:
         r = httpx.post(url + "/generate", timeout=120, trust_env=False, json={
             "text": "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
             "sampling_params": {"temperature": 0, "max_new_tokens": 16}})
         assert r.status_code == 200, r.text
         assert "Paris" in r.json()["text"], r.json()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
