@@ -44,6 +44,7 @@ from radixfleet.engine.server.common import (
     stream_outputs,
     until_disconnect,
 )
+from radixfleet.engine.server.drain import Drain, DrainMiddleware
 from radixfleet.engine.server.embedding_serving import embed, register_embedding_routes
 from radixfleet.engine.server.metrics import CONTENT_TYPE, UNMETERED_RID_PREFIX
 from radixfleet.engine.server.openai_serving import register_openai_routes
@@ -107,7 +108,8 @@ def _too_large(limit: int) -> JSONResponse:
 
 
 # ---- app ---------------------------------------------------------------------------------------
-def build_app(state: ServerState) -> FastAPI:
+def build_app(state: ServerState, drain: Drain | None = None) -> FastAPI:
+    """The app; with ``drain``, requests are counted and SIGTERM drains them (``drain.py``)."""
     # (A dead engine process fails pending requests in the TokenizerManager's receiver thread.)
     app = FastAPI(title="radixfleet engine", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
@@ -117,6 +119,8 @@ def build_app(state: ServerState) -> FastAPI:
     register_embedding_routes(app, state)
     register_admin_routes(app, state)
     app.add_middleware(GuardMiddleware, state=state)
+    if drain is not None:  # outermost: probes and refusals need no API key
+        app.add_middleware(DrainMiddleware, drain=drain)
     return app
 
 

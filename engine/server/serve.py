@@ -1,7 +1,8 @@
 """``radixfleet serve``: one engine behind its HTTP server (also ``python -m radixfleet.engine.server.serve``).
 
 The engine flags come from ``EngineConfig``; the server adds ``--host``, ``--port``,
-``--api-key``, ``--chat-template``, ``--tool-call-parser`` and ``--max-request-bytes``.
+``--api-key``, ``--chat-template``, ``--tool-call-parser``, ``--max-request-bytes`` and
+``--drain-timeout`` (SIGTERM drains requests in flight before exiting: ``drain.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from radixfleet.engine.server.common import DEFAULT_MAX_REQUEST_BYTES
 from radixfleet.engine.server.tool_parser import TOOL_PARSERS
 
 logger = logging.getLogger("radixfleet.serve")
+DEFAULT_DRAIN_TIMEOUT_S = 120.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tool-call format in model output (default: guessed from the chat template)")
     server.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                         help="largest accepted request body (413 above it)")
+    server.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT_S,
+                        help="on SIGTERM, seconds to let requests in flight finish before exiting "
+                             f"(default {DEFAULT_DRAIN_TIMEOUT_S:.0f}; /health answers 503 meanwhile)")
     EngineConfig.add_cli_args(parser.add_argument_group("engine"))
     return parser
 
@@ -46,9 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     from radixfleet.engine.models.hub import HubError
     from radixfleet.engine.server.chat_template import load_chat_template
     from radixfleet.engine.server.common import ServerState
+    from radixfleet.engine.server.drain import Drain, DrainingServer
     from radixfleet.engine.server.http_server import build_app
 
     try:
+        if args.drain_timeout < 0:
+            raise ValueError(f"--drain-timeout must be >= 0 seconds, got {args.drain_timeout}")
         config = EngineConfig.from_cli_args(args)
         chat_template = load_chat_template(args.chat_template)
     except ValueError as e:
@@ -67,10 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         state = ServerState(engine, api_key=args.api_key or None, chat_template=chat_template,
                             tool_call_parser=args.tool_call_parser, max_request_bytes=args.max_request_bytes)
-        app = build_app(state)
+        drain = Drain(args.drain_timeout)
+        app = build_app(state, drain)
         logger.info("serving %s on http://%s:%d", state.model_name, args.host, args.port)
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=30,
-                    timeout_graceful_shutdown=10)
+        # The drain already waited for requests in flight: what is left at shutdown is idle keep-alives.
+        server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                               timeout_keep_alive=30, timeout_graceful_shutdown=10), drain)
+        server.run()
     finally:
         engine.shutdown()
     return 0
