@@ -8,6 +8,7 @@ so a short lull never removes replicas that the next burst needs.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from radixfleet.operator.spec import AutoscalingSpec
 
+log = logging.getLogger(__name__)
 TOLERANCE = 0.1
 # Engine gauges per autoscaling metric (names from engine/server/metric_names.py; a test checks them).
 METRIC_SOURCES: dict[str, str] = {
@@ -53,17 +55,23 @@ def stabilize(history: ScaleHistory, current: int, recommendation: int, now: flo
     return min(current, max(r for _, r in history.entries))
 
 
-async def observe(worker_urls: Iterable[str], metric: str, timeout: float = 3.0) -> float | None:
-    """Average of the metric's gauge over the workers that answered, or None if none did."""
+async def observe(worker_urls: Iterable[str], metric: str, api_key: str | None = None, timeout: float = 3.0) -> float | None:
+    """Average of the metric's gauge over the workers that answered, or None if none did.
+    With `api_key` (the service's apiKeySecret) it is sent as a bearer token: keyed engines
+    answer /metrics with 401 otherwise, and a refusal counts as no answer."""
     name = METRIC_SOURCES[metric]
     values: list[float] = []
-    async with httpx.AsyncClient(timeout=timeout) as client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with httpx.AsyncClient(timeout=timeout, headers=headers) as client:
         for url in worker_urls:
             try:
-                text = (await client.get(f"{url}/metrics")).text
+                resp = await client.get(f"{url}/metrics")
             except httpx.HTTPError:
                 continue
-            total = [s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name]
+            if resp.status_code != 200:
+                log.warning("autoscaler: %s/metrics answered HTTP %d", url, resp.status_code)
+                continue
+            total = [s.value for f in text_string_to_metric_families(resp.text) for s in f.samples if s.name == name]
             if total:
                 values.append(sum(total))
     return sum(values) / len(values) if values else None

@@ -137,7 +137,7 @@ def build_registry(rt: Runtime) -> kopf.OperatorRegistry:
         scaling = spec.autoscaling
         assert scaling is not None and not scaling.external, "filtered by _wants_autoscaler"
         workers = ready_workers(spec, await list_pods(rt, spec))
-        value = await observe(workers, scaling.metric)
+        value = await observe(workers, scaling.metric, await rt.api_key(spec))
         if value is None and spec.replicas:
             return  # no data: never scale on silence
         rec = recommend(spec.replicas, value or 0.0, scaling)

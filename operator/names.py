@@ -21,6 +21,9 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_SERVICE = f"{GROUP}/service"
 LABEL_REPLICA = f"{GROUP}/replica"
 LABEL_METRICS = f"{GROUP}/metrics"
+# On metrics Services whose /metrics needs the service's API key (apiKeySecret): the chart's
+# fleet-wide ServiceMonitor scrapes these only with a key it is given.
+LABEL_METRICS_AUTH = f"{GROUP}/metrics-auth"
 # Set by the StatefulSet controller on every pod (Kubernetes >= 1.28): the pod's ordinal.
 LABEL_POD_INDEX = "apps.kubernetes.io/pod-index"
 # Set by the operator on a Deployment pod it has chosen for scale-down (it is never re-registered).
@@ -47,6 +50,12 @@ def labels(spec: InferenceServiceSpec, component: str) -> dict[str, str]:
         LABEL_MANAGED_BY: MANAGED_BY,
         **selector_labels(spec, component),
     }
+
+
+def metrics_labels(spec: InferenceServiceSpec) -> dict[str, str]:
+    """Labels of a Service the ServiceMonitors scrape."""
+    auth = {LABEL_METRICS_AUTH: "bearer"} if spec.api_key_secret is not None else {}
+    return {LABEL_METRICS: "true", **auth}
 
 
 def engine_name(spec: InferenceServiceSpec) -> str:

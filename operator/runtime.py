@@ -47,12 +47,18 @@ class Runtime:
         for table in (self.locks, self.routers, self.scale_history):
             table.pop((namespace, name), None)
 
+    async def api_key(self, spec: InferenceServiceSpec) -> str | None:
+        """The service's API key from its apiKeySecret (None without one, or while the
+        Secret or its key is missing): routers and engines require it on every call."""
+        if spec.api_key_secret is None:
+            return None
+        secret: dict[str, Any] | None = await self.kube.get("Secret", spec.namespace, spec.api_key_secret.name)
+        data = (secret or {}).get("data") or {}
+        if spec.api_key_secret.key not in data:
+            return None
+        return base64.b64decode(data[spec.api_key_secret.key]).decode()
+
     async def router_clients(self, spec: InferenceServiceSpec) -> Callable[[str], RouterClient]:
         """A factory of router clients carrying the service's API key, if it has one."""
-        key: str | None = None
-        if spec.api_key_secret is not None:
-            secret: dict[str, Any] | None = await self.kube.get("Secret", spec.namespace, spec.api_key_secret.name)
-            data = (secret or {}).get("data") or {}
-            if spec.api_key_secret.key in data:
-                key = base64.b64decode(data[spec.api_key_secret.key]).decode()
+        key = await self.api_key(spec)
         return lambda base: RouterClient(base, api_key=key)

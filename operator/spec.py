@@ -14,14 +14,28 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from radixfleet import env_vars
 from radixfleet.engine.models.hub import REPO_ID_RE
 
 MAX_NAME_LENGTH = 40  # leaves room for "-engine-<r>-<ordinal>" inside a 63-character label
 NAME_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 ROUTER_POLICIES = ("cache_aware", "round_robin", "random", "power_of_two")
 AUTOSCALING_METRICS = ("queuedRequests", "kvCacheUsage")
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
 HUB_TOKEN_KEY = "HF_TOKEN"  # the key in model.hub.tokenSecret's Secret, unless it names another
+QUANTITY_RE = re.compile(r"^[0-9]+(\.[0-9]+)?([EPTGMK]i?|[eE][0-9]+)?$")
+# What the operator owns in the pods it builds; user pod settings may not name these
+# (tests/unit/test_operator_pod_settings.py checks the builders against these tables).
+OPERATOR_PREFIX = "radixfleet.io/"
+OPERATOR_LABELS = frozenset({
+    "app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component",
+    "app.kubernetes.io/managed-by", "apps.kubernetes.io/pod-index",
+})
+OPERATOR_ANNOTATIONS = frozenset({"controller.kubernetes.io/pod-deletion-cost"})
+OPERATOR_VOLUMES = {"dshm": "/dev/shm", "model": "/models", "model-cache": "/model-cache"}  # name -> mount path
+OPERATOR_ENV = frozenset({env_vars.API_KEY.name, env_vars.NODE_RANK.name})
+HUB_OFFLINE_ENV = "HF_HUB_OFFLINE"  # set by the operator on engines serving a model.hub model
 
 
 class SpecError(ValueError):
@@ -66,6 +80,24 @@ class Resources:
 
 
 @dataclass(frozen=True)
+class PodSettings:
+    """Where and as whom the operator's pods run (engine: top-level spec fields; router:
+    spec.router's). Kubernetes objects (tolerations, affinity, security contexts) pass through
+    as given; the API server validates them when the operator applies the workload."""
+
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+    tolerations: tuple[Mapping[str, Any], ...] = ()
+    affinity: Mapping[str, Any] | None = None
+    priority_class_name: str | None = None
+    image_pull_secrets: tuple[str, ...] = ()
+    labels: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    security_context: Mapping[str, Any] | None = None  # pod-level (PodSecurityContext)
+    container_security_context: Mapping[str, Any] | None = None  # each container the operator builds
+    service_account_name: str | None = None
+
+
+@dataclass(frozen=True)
 class RouterSpec:
     policy: str = "cache_aware"
     cache_threshold: float = 0.5
@@ -74,6 +106,7 @@ class RouterSpec:
     replicas: int = 1
     port: int = 30000
     service_type: str = "ClusterIP"
+    pod: PodSettings = field(default_factory=PodSettings)
 
 
 @dataclass(frozen=True)
@@ -116,7 +149,11 @@ class InferenceServiceSpec:
     resources: Resources = field(default_factory=Resources)
     engine_args: tuple[str, ...] = ()
     env: tuple[Mapping[str, Any], ...] = ()
-    node_selector: Mapping[str, str] = field(default_factory=dict)
+    env_from: tuple[Mapping[str, Any], ...] = ()
+    volumes: tuple[Mapping[str, Any], ...] = ()  # the user's, beside the operator's
+    volume_mounts: tuple[Mapping[str, Any], ...] = ()  # the user's, in the engine container
+    shm_size: str | None = None  # sizeLimit of the memory-backed /dev/shm
+    pod: PodSettings = field(default_factory=PodSettings)  # engine pods
     router: RouterSpec = field(default_factory=RouterSpec)
     autoscaling: AutoscalingSpec | None = None
     monitoring: MonitoringSpec = field(default_factory=MonitoringSpec)
@@ -202,6 +239,90 @@ def _parse_hub(raw: Any, cache: Mapping[str, Any], default_endpoint: str | None)
     )
 
 
+def _objects(raw: Any, what: str) -> tuple[Mapping[str, Any], ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(x, Mapping) for x in raw):
+        raise SpecError(f"{what} must be a list of objects, got {raw!r}")
+    return tuple(raw)
+
+
+def _object(raw: Any, what: str) -> Mapping[str, Any] | None:
+    if raw is not None and not isinstance(raw, Mapping):
+        raise SpecError(f"{what} must be an object, got {raw!r}")
+    return raw or None
+
+
+def _strings(raw: Any, what: str) -> dict[str, str]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping) or not all(isinstance(v, str) for v in raw.values()):
+        raise SpecError(f"{what} must map names to strings, got {raw!r}")
+    return dict(raw)
+
+
+def _operator_owned(key: str, reserved: frozenset[str]) -> bool:
+    return key.startswith(OPERATOR_PREFIX) or key in reserved
+
+
+def _parse_pod_settings(raw: Mapping[str, Any], where: str) -> PodSettings:
+    """The pod settings under `where` ("spec" or "spec.router")."""
+    labels = _strings(raw.get("podLabels"), f"{where}.podLabels")
+    annotations = _strings(raw.get("podAnnotations"), f"{where}.podAnnotations")
+    for what, keys, reserved in (("podLabels", labels, OPERATOR_LABELS), ("podAnnotations", annotations, OPERATOR_ANNOTATIONS)):
+        if clash := sorted(k for k in keys if _operator_owned(k, reserved)):
+            raise SpecError(f"{where}.{what}: {', '.join(clash)} set by the operator (keys under {OPERATOR_PREFIX} "
+                            f"and {', '.join(sorted(reserved))} are reserved)")
+    secrets = _objects(raw.get("imagePullSecrets"), f"{where}.imagePullSecrets")
+    if not all(s.get("name") for s in secrets):
+        raise SpecError(f"{where}.imagePullSecrets: every entry needs a name (of a docker-registry Secret)")
+    account = raw.get("serviceAccountName")
+    if account is not None and not (isinstance(account, str) and SUBDOMAIN_RE.match(account)):
+        raise SpecError(f"{where}.serviceAccountName must be a ServiceAccount's name, got {account!r}")
+    return PodSettings(
+        node_selector=_strings(raw.get("nodeSelector"), f"{where}.nodeSelector"),
+        tolerations=_objects(raw.get("tolerations"), f"{where}.tolerations"),
+        affinity=_object(raw.get("affinity"), f"{where}.affinity"),
+        priority_class_name=raw.get("priorityClassName") or None,
+        image_pull_secrets=tuple(s["name"] for s in secrets),
+        labels=labels,
+        annotations=annotations,
+        security_context=_object(raw.get("securityContext"), f"{where}.securityContext"),
+        container_security_context=_object(raw.get("containerSecurityContext"), f"{where}.containerSecurityContext"),
+        service_account_name=account,
+    )
+
+
+def _parse_env(raw: Any, hub: bool) -> tuple[Mapping[str, Any], ...]:
+    env = _objects(raw, "spec.env")
+    reserved = OPERATOR_ENV | ({HUB_OFFLINE_ENV} if hub else set())
+    if clash := sorted({e.get("name") for e in env} & reserved):
+        raise SpecError(f"spec.env: {', '.join(clash)} set by the operator (from apiKeySecret, the pod's rank "
+                        f"or model.hub): drop it from spec.env")
+    return env
+
+
+def _parse_volumes(spec: Mapping[str, Any]) -> tuple[tuple[Mapping[str, Any], ...], tuple[Mapping[str, Any], ...]]:
+    """spec.volumes and spec.volumeMounts: no operator volume name or mount path, and every
+    mount names one of spec.volumes."""
+    volumes = _objects(spec.get("volumes"), "spec.volumes")
+    mounts = _objects(spec.get("volumeMounts"), "spec.volumeMounts")
+    named = [v.get("name") for v in volumes]
+    if clash := sorted(n for n in named if n in OPERATOR_VOLUMES):
+        raise SpecError(f"spec.volumes: {', '.join(clash)} is a volume of the operator's "
+                        f"({', '.join(OPERATOR_VOLUMES)} are reserved): rename it")
+    if len(set(named)) != len(named) or not all(named):
+        raise SpecError(f"spec.volumes: every volume needs a unique name, got {named}")
+    for i, m in enumerate(mounts):
+        if m.get("name") not in named:
+            raise SpecError(f"spec.volumeMounts[{i}] mounts {m.get('name')!r}, which spec.volumes does not define")
+        path = str(_absolute(m.get("mountPath") or "", f"spec.volumeMounts[{i}].mountPath")).rstrip("/")
+        taken = [p for p in OPERATOR_VOLUMES.values() if path == p or path.startswith(p + "/") or p.startswith(path + "/")]
+        if taken:
+            raise SpecError(f"spec.volumeMounts[{i}].mountPath {path} overlaps the operator's mount at {taken[0]}")
+    return volumes, mounts
+
+
 def _parse_router(raw: Mapping[str, Any]) -> RouterSpec:
     d = RouterSpec()
     return RouterSpec(
@@ -212,6 +333,7 @@ def _parse_router(raw: Mapping[str, Any]) -> RouterSpec:
         replicas=_int(raw.get("replicas", d.replicas), "router.replicas", 1, 100),
         port=_int(raw.get("port", d.port), "router.port", 1, 65535),
         service_type=_choice(raw.get("serviceType", d.service_type), "router.serviceType", SERVICE_TYPES),
+        pod=_parse_pod_settings(raw, "spec.router"),
     )
 
 
@@ -251,12 +373,17 @@ def parse_spec(body: Mapping[str, Any], hub_endpoint: str | None = None) -> Infe
     res = spec.get("resources") or {}
     api_key = spec.get("apiKeySecret")
     monitoring = spec.get("monitoring") or {}
+    model = _parse_model(spec.get("model"), hub_endpoint)
+    volumes, mounts = _parse_volumes(spec)
+    shm = spec.get("shmSize")
+    if shm is not None and not QUANTITY_RE.match(str(shm)):
+        raise SpecError(f"spec.shmSize must be a quantity such as 16Gi, got {shm!r}")
     return InferenceServiceSpec(
         name=name,
         namespace=meta.get("namespace") or "default",
         uid=meta.get("uid") or "",
         generation=meta.get("generation"),
-        model=_parse_model(spec.get("model"), hub_endpoint),
+        model=model,
         image=spec.get("image", d.image),
         image_pull_policy=_choice(spec.get("imagePullPolicy", d.image_pull_policy), "spec.imagePullPolicy", ("Always", "IfNotPresent", "Never")),
         replicas=_int(spec.get("replicas", d.replicas), "spec.replicas", 0, 1000),
@@ -271,8 +398,12 @@ def parse_spec(body: Mapping[str, Any], hub_endpoint: str | None = None) -> Infe
             memory=None if res.get("memory") is None else str(res["memory"]),
         ),
         engine_args=tuple(str(a) for a in spec.get("engineArgs") or ()),
-        env=tuple(spec.get("env") or ()),
-        node_selector=dict(spec.get("nodeSelector") or {}),
+        env=_parse_env(spec.get("env"), model.hub is not None),
+        env_from=_objects(spec.get("envFrom"), "spec.envFrom"),
+        volumes=volumes,
+        volume_mounts=mounts,
+        shm_size=None if shm is None else str(shm),
+        pod=_parse_pod_settings(spec, "spec"),
         router=_parse_router(spec.get("router") or {}),
         autoscaling=_parse_autoscaling(spec.get("autoscaling")),
         monitoring=MonitoringSpec(

@@ -20,6 +20,7 @@ from radixfleet.operator.manifests.model import (
     model_env,
     model_volumes,
 )
+from radixfleet.operator.manifests.pod import build_pod_template
 from radixfleet.operator.spec import InferenceServiceSpec
 
 PROBE_PERIOD_SECONDS = 10
@@ -94,11 +95,14 @@ def _probe(spec: InferenceServiceSpec, multi_node: bool, period: int, failures: 
 
 
 def _volumes(spec: InferenceServiceSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    # /dev/shm: torch and NCCL need more shared memory than a container's default 64 MiB.
-    volumes: list[dict[str, Any]] = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+    # /dev/shm: torch and NCCL need more shared memory than a container's default 64 MiB
+    # (shmSize caps it; the memory counts against the pod's memory limit).
+    shm: dict[str, Any] = {"medium": "Memory", **({"sizeLimit": spec.shm_size} if spec.shm_size else {})}
+    volumes: list[dict[str, Any]] = [{"name": "dshm", "emptyDir": shm}]
     mounts: list[dict[str, Any]] = [{"name": "dshm", "mountPath": "/dev/shm"}]
     model_vols, model_mounts = model_volumes(spec)
-    return volumes + model_vols, mounts + model_mounts
+    user_vols, user_mounts = [dict(v) for v in spec.volumes], [dict(m) for m in spec.volume_mounts]
+    return volumes + model_vols + user_vols, mounts + model_mounts + user_mounts
 
 
 def build_engine_pod_spec(spec: InferenceServiceSpec, replica: int | None = None) -> dict[str, Any]:
@@ -116,6 +120,7 @@ def build_engine_pod_spec(spec: InferenceServiceSpec, replica: int | None = None
         "args": engine_args(spec, replica),
         "ports": ports,
         "env": _env(spec, replica is not None),
+        **({"envFrom": [dict(e) for e in spec.env_from]} if spec.env_from else {}),
         "resources": _resources(spec),
         "volumeMounts": mounts,
         # Model loading can take many minutes: the startup probe holds off the liveness
@@ -132,8 +137,6 @@ def build_engine_pod_spec(spec: InferenceServiceSpec, replica: int | None = None
     # A Hub model's download runs before the engine starts (and outside its startup probe).
     if init := build_download_containers(spec):
         pod["initContainers"] = init
-    if spec.node_selector:
-        pod["nodeSelector"] = dict(spec.node_selector)
     return pod
 
 
@@ -149,10 +152,7 @@ def build_engine_deployment(spec: InferenceServiceSpec) -> dict[str, Any]:
             "selector": {"matchLabels": selector},
             # Never take a serving replica away before its replacement is Ready.
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
-            "template": {
-                "metadata": {"labels": names.labels(spec, names.ENGINE)},
-                "spec": build_engine_pod_spec(spec),
-            },
+            "template": build_pod_template(names.labels(spec, names.ENGINE), build_engine_pod_spec(spec), spec.pod),
         },
     }
 
@@ -174,10 +174,7 @@ def build_replica_statefulset(spec: InferenceServiceSpec, replica: int) -> dict[
             # All ranks must start together: rank 0 waits for the others at rendezvous.
             "podManagementPolicy": "Parallel",
             "selector": {"matchLabels": selector},
-            "template": {
-                "metadata": {"labels": _replica_labels(spec, replica)},
-                "spec": build_engine_pod_spec(spec, replica),
-            },
+            "template": build_pod_template(_replica_labels(spec, replica), build_engine_pod_spec(spec, replica), spec.pod),
         },
     }
 
@@ -212,7 +209,7 @@ def build_engine_service(spec: InferenceServiceSpec) -> dict[str, Any]:
         "metadata": {
             "name": names.engine_name(spec),
             "namespace": spec.namespace,
-            "labels": {**names.labels(spec, names.ENGINE), names.LABEL_METRICS: "true"},
+            "labels": {**names.labels(spec, names.ENGINE), **names.metrics_labels(spec)},
         },
         "spec": {
             "clusterIP": "None",

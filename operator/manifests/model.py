@@ -15,14 +15,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from radixfleet.operator.spec import InferenceServiceSpec
+from radixfleet.operator.spec import HUB_OFFLINE_ENV, InferenceServiceSpec
 
 MODEL_MOUNT = "/models"
 MODEL_CACHE_MOUNT = "/model-cache"
 DOWNLOAD_CONTAINER = "model-download"
 HUB_TOKEN_ENV = "HF_TOKEN"
 HUB_ENDPOINT_ENV = "HF_ENDPOINT"
-HUB_OFFLINE_ENV = "HF_HUB_OFFLINE"
 
 
 def model_path(spec: InferenceServiceSpec) -> str:
@@ -87,5 +86,6 @@ def build_download_containers(spec: InferenceServiceSpec) -> list[dict[str, Any]
         "command": ["radixfleet"],
         "args": ["model", "download", hub.repo, "--revision", hub.revision, "--cache-dir", MODEL_CACHE_MOUNT],
         "env": [e for e in env if e["name"] not in overridden] + user_env,
+        **({"envFrom": [dict(e) for e in spec.env_from]} if spec.env_from else {}),
         "volumeMounts": [{"name": "model-cache", "mountPath": MODEL_CACHE_MOUNT}],
     }]

@@ -10,6 +10,7 @@ from typing import Any
 
 from radixfleet.operator import names
 from radixfleet.operator.manifests.engine import API_KEY_ENV
+from radixfleet.operator.manifests.pod import build_pod_template
 from radixfleet.operator.spec import InferenceServiceSpec
 
 
@@ -55,10 +56,8 @@ def build_router_deployment(spec: InferenceServiceSpec) -> dict[str, Any]:
         "spec": {
             "replicas": spec.router.replicas,
             "selector": {"matchLabels": names.selector_labels(spec, names.ROUTER)},
-            "template": {
-                "metadata": {"labels": names.labels(spec, names.ROUTER)},
-                "spec": {"containers": [container], "terminationGracePeriodSeconds": 30},
-            },
+            "template": build_pod_template(names.labels(spec, names.ROUTER),
+                                           {"containers": [container], "terminationGracePeriodSeconds": 30}, spec.router.pod),
         },
     }
 
@@ -71,7 +70,7 @@ def build_router_service(spec: InferenceServiceSpec) -> dict[str, Any]:
         "metadata": {
             "name": names.router_name(spec),
             "namespace": spec.namespace,
-            "labels": {**names.labels(spec, names.ROUTER), names.LABEL_METRICS: "true"},
+            "labels": {**names.labels(spec, names.ROUTER), **names.metrics_labels(spec)},
         },
         "spec": {
             "type": spec.router.service_type,

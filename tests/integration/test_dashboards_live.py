@@ -4,12 +4,16 @@ router after real traffic: each must parse and return data.
 Traffic is shaped so that every panel has something to show: a request before any worker
 exists (rejected, 503), chat requests sharing a prefix (cache-aware hits, radix-cache hits),
 streaming (inter-token latency), and a second router registered as a worker that answers
-503 (worker failures, retries, its removal). Prometheus adds the `namespace` and
-`radixfleet_io_service` labels a ServiceMonitor would.
+503 (worker failures, retries, its removal).
+
+The engine and the router require an API key (`apiKeySecret`), as in examples/multi-node.yaml:
+Prometheus scrapes them with the jobs, bearer credentials and target labels derived from the
+ServiceMonitor the operator generates for such an InferenceService (tests/prometheus_harness.py).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import shutil
@@ -20,18 +24,26 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 from kube_harness import (
-    Proc,
     engine_process,
     engine_server_available,
     router_process,
 )
+from prometheus_harness import query, scrape_configs, start_prometheus, wait_for_targets
 from server_process import free_port
+
+from radixfleet.operator.manifests.children import build_children
+from radixfleet.operator.spec import parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMES = ("engine", "router", "fleet")
 NAMESPACE, SERVICE = "ml", "chat"
+API_KEY = "dashboards-test-key"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+SECRET = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "chat-api-key", "namespace": NAMESPACE},
+          "data": {"api-key": base64.b64encode(API_KEY.encode()).decode()}}
+ISVC = {"apiVersion": "radixfleet.io/v1alpha1", "kind": "InferenceService", "metadata": {"name": SERVICE, "namespace": NAMESPACE},
+        "spec": {"model": {"path": "smollm2"}, "apiKeySecret": {"name": "chat-api-key"}, "monitoring": {"serviceMonitor": True}}}
 
 pytestmark = [
     pytest.mark.timeout(240),
@@ -40,39 +52,36 @@ pytestmark = [
 ]
 
 
-def prometheus_config(targets: dict[str, str]) -> dict:
-    labels = {"namespace": NAMESPACE, "radixfleet_io_service": SERVICE}
-    return {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [
-            {"job_name": job, "static_configs": [{"targets": [addr], "labels": labels}]} for job, addr in targets.items()
-        ],
-    }
+def generated_jobs(engine: str, router: str, folder: Path) -> list[dict]:
+    """Scrape jobs from the operator's ServiceMonitor for ISVC, targeting the live processes."""
+    children = build_children(parse_spec(ISVC))
+    (monitor,) = [m for m in children if m["kind"] == "ServiceMonitor"]
+    services = [m for m in children if m["kind"] == "Service"]
+    addresses = {f"{SERVICE}-engine": engine.split("//")[1], f"{SERVICE}-router": router.split("//")[1]}
+    jobs = scrape_configs(monitor, services, {"chat-api-key": SECRET}, addresses, folder)
+    assert len(jobs) == 2 and all(j["authorization"]["type"] == "Bearer" for j in jobs), jobs
+    return jobs
 
 
 @pytest.fixture(scope="module")
 def stack():
-    """engine + router + failing peer router + Prometheus; yields their URLs."""
+    """keyed engine + keyed router + failing peer router + Prometheus; yields their URLs."""
     tmp = Path(tempfile.mkdtemp(prefix="rf-dashboards-"))
-    engine = engine_process("127.0.0.1", free_port(), log_path=str(tmp / "engine.log")).start()
+    engine = engine_process("127.0.0.1", free_port(), "smollm2", str(tmp / "engine.log"), "--api-key", API_KEY).start()
     # The failing peer must stay registered until the test removes it through the API (the
     # worker_removals_total{reason="api"} panel); without a high limit its 503s could get it
     # evicted first, depending on where cache_aware sends the traffic.
     router = router_process(free_port(), "127.0.0.1", str(tmp / "router.log"),
-                            "--max-worker-retries", "1000").start()
+                            "--max-worker-retries", "1000", "--api-key", API_KEY, "--worker-api-key", API_KEY).start()
     broken = router_process(free_port(), log_path=str(tmp / "broken.log")).start()  # no workers: answers 503
-    prom_port = free_port()
-    config = prometheus_config({"engine": engine.url.split("//")[1], "router": router.url.split("//")[1]})
-    (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
-    prom = Proc(["prometheus", f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'tsdb'}",
-                 f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"],
-                f"http://127.0.0.1:{prom_port}", health="/-/ready", log_path=str(tmp / "prometheus.log")).start()
+    jobs = generated_jobs(engine.url, router.url, tmp)
+    prom = start_prometheus(jobs, tmp)
     procs = [engine, router, broken, prom]
     try:
         for p in (router, broken, prom):
             p.wait(30)
         engine.wait(180)
-        yield {"engine": engine.url, "router": router.url, "broken": broken.url, "prometheus": prom.url}
+        yield {"engine": engine.url, "router": router.url, "broken": broken.url, "prometheus": prom.url, "jobs": jobs}
     finally:
         for p in procs:
             p.stop()
@@ -91,7 +100,7 @@ def _chat(client: httpx.Client, router: str, body: dict, stream: bool) -> None:
 
 def drive_traffic(urls: dict[str, str]) -> None:
     router = urls["router"]
-    with httpx.Client(timeout=120, trust_env=False) as c, ThreadPoolExecutor(4) as pool:
+    with httpx.Client(timeout=120, trust_env=False, headers=AUTH) as c, ThreadPoolExecutor(4) as pool:
         # No workers yet: the router rejects (503, rejected_requests_total{reason="no_workers"}).
         assert c.post(f"{router}/generate", json={"text": "hi", "sampling_params": {"max_new_tokens": 2}}).status_code == 503
         for url in (urls["engine"], urls["broken"]):
@@ -112,13 +121,6 @@ def drive_traffic(urls: dict[str, str]) -> None:
             time.sleep(2.5)  # let Prometheus scrape between waves so rates are non-zero
         # What the operator does on scale-down (worker_removals_total{reason="api"}).
         assert c.post(f"{router}/remove_worker", params={"url": urls["broken"]}).status_code == 200
-
-
-def query(prom: str, expr: str) -> list[dict]:
-    resp = httpx.get(f"{prom}/api/v1/query", params={"query": expr}, timeout=30, trust_env=False)
-    body = resp.json()
-    assert resp.status_code == 200 and body["status"] == "success", f"{expr!r}: {body}"
-    return body["data"]["result"]
 
 
 def label_values(prom: str, definition: str, chosen: dict[str, str]) -> list[str]:
@@ -160,7 +162,16 @@ def test_every_panel_query_returns_data(stack):
 
 def test_router_reports_what_the_dashboards_show(stack):
     """Cross-check against the router's own view: the engine serves, the failing peer is gone."""
-    workers = httpx.get(f"{stack['router']}/list_workers", timeout=5, trust_env=False).json()["urls"]
+    workers = httpx.get(f"{stack['router']}/list_workers", timeout=5, trust_env=False, headers=AUTH).json()["urls"]
     assert workers == [stack["engine"]]
 
 
+def test_keyed_targets_are_up_with_the_generated_credentials(stack):
+    """Without the key /metrics answers 401; with the ServiceMonitor's credentials both targets are up."""
+    for name in ("engine", "router"):
+        assert httpx.get(f"{stack[name]}/metrics", timeout=5, trust_env=False).status_code == 401
+    health = wait_for_targets(stack["prometheus"], stack["jobs"])
+    assert health == {j["job_name"]: "up" for j in stack["jobs"]}, health
+    for family in ("radixfleet_engine_num_queued_requests", "radixfleet_router_workers"):
+        result = query(stack["prometheus"], f'{family}{{radixfleet_io_service="{SERVICE}", namespace="{NAMESPACE}"}}')
+        assert result, f"{family} is not in Prometheus"

@@ -5,18 +5,24 @@ grants only what the operator uses, and its values.schema.json rejects bad value
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import sys
 from pathlib import Path
 
+import httpx
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from kube_harness import kube_emulator
+from kube_harness import kube_emulator, router_process
+from prometheus_harness import PROMETHEUS, query, scrape_configs, start_prometheus, wait_for_targets
+from server_process import free_port
 
 from radixfleet.operator.kube import KINDS
+from radixfleet.operator.manifests.children import build_children
+from radixfleet.operator.spec import parse_spec
 
 helm = pytest.importorskip("helm_sdkpy", reason="helm-sdkpy is not installed (pip install --ignore-requires-python helm-sdkpy)")
 
@@ -29,7 +35,8 @@ NON_DEFAULT = {
     "image": {"repository": "registry.example.com/radixfleet", "tag": "1.2.3", "pullPolicy": "Always"},
     "operator": {"resyncSeconds": 10, "drainTimeoutSeconds": 30, "autoscaleIntervalSeconds": 5, "verbose": True,
                  "hubEndpoint": "https://hf-mirror.example.com"},
-    "serviceMonitor": {"enabled": True, "interval": "5s", "labels": {"release": "kube-prometheus-stack"}},
+    "serviceMonitor": {"enabled": True, "interval": "5s", "labels": {"release": "kube-prometheus-stack"},
+                       "apiKeySecret": {"name": "fleet-api-key"}},
     "dashboards": {"enabled": True, "namespace": "monitoring"},
     "nodeSelector": {"pool": "system"},
     "tolerations": [{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}],
@@ -125,9 +132,18 @@ async def test_chart_renders_valid_manifests(values):
         assert container["image"] == "registry.example.com/radixfleet:1.2.3"
         assert sorted(r["metadata"]["namespace"] for r in by_kind(docs, "Role")) == ["team-a", "team-b"]
         assert sorted(p["metadata"]["namespace"] for p in by_kind(docs, "KopfPeering")) == ["team-a", "team-b"]
-        (monitor,) = by_kind(docs, "ServiceMonitor")
-        assert monitor["spec"]["selector"]["matchLabels"] == {"radixfleet.io/metrics": "true"}
-        assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+        monitors = {m["metadata"]["name"]: m for m in by_kind(docs, "ServiceMonitor")}
+        assert sorted(monitors) == ["rf-radixfleet-fleet", "rf-radixfleet-fleet-keyed"]
+        for monitor in monitors.values():
+            assert monitor["spec"]["selector"]["matchLabels"] == {"radixfleet.io/metrics": "true"}
+            assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+        # Keyed services (the operator labels them) are scraped only with the fleet's key.
+        (plain,), (keyed,) = (monitors[n]["spec"]["endpoints"] for n in sorted(monitors))
+        assert "authorization" not in plain
+        assert keyed["authorization"] == {"type": "Bearer", "credentials": {"name": "fleet-api-key", "key": "api-key"}}
+        assert [monitors[n]["spec"]["selector"]["matchExpressions"] for n in sorted(monitors)] == [
+            [{"key": "radixfleet.io/metrics-auth", "operator": "DoesNotExist"}],
+            [{"key": "radixfleet.io/metrics-auth", "operator": "Exists"}]]
         dashboards = by_kind(docs, "ConfigMap")
         assert len(dashboards) == 3
         for cm in dashboards:
@@ -172,3 +188,36 @@ async def test_helm_itself_enforces_the_values_schema():
     with pytest.raises(HelmFailed) as err:
         await install({"replicaCount": 0})
     assert "replicaCount" in str(err.value) and "minimum" in str(err.value)
+
+
+@pytest.mark.skipif(not Path(PROMETHEUS).exists(), reason="needs the Debian package 'prometheus'")
+async def test_fleet_monitors_scrape_keyed_services_only_with_the_key(tmp_path):
+    """The chart's fleet ServiceMonitors, translated into a real Prometheus' scrape config: the
+    plain one leaves a keyed InferenceService's Services alone (they would answer 401), the
+    keyed one scrapes a live keyed router with the key from the Secret it names."""
+    key = "fleet-test-key"
+    values = {"serviceMonitor": {"enabled": True, "apiKeySecret": {"name": "fleet-api-key", "key": "token"}}}
+    monitors = {m["metadata"]["name"]: m for m in by_kind(await install(values), "ServiceMonitor")}
+    secrets = {"fleet-api-key": {"data": {"token": base64.b64encode(key.encode()).decode()}}}
+    keyed = {"metadata": {"name": "chat", "namespace": "ml"}, "spec": {"model": {"path": "m"}, "apiKeySecret": {"name": "k"}}}
+    plain = {"metadata": {"name": "plain", "namespace": "ml"}, "spec": {"model": {"path": "m"}}}
+    services = [m for body in (keyed, plain) for m in build_children(parse_spec(body)) if m["kind"] == "Service"]
+    everywhere = {s["metadata"]["name"]: "127.0.0.1:1" for s in services}
+    selected = {name: [j["job_name"] for j in scrape_configs(m, services, secrets, everywhere, tmp_path)] for name, m in monitors.items()}
+    assert selected == {"rf-radixfleet-fleet": ["plain-engine-0", "plain-router-0"],
+                        "rf-radixfleet-fleet-keyed": ["chat-engine-0", "chat-router-0"]}
+
+    router = router_process(free_port(), "127.0.0.1", str(tmp_path / "router.log"), "--api-key", key).start()
+    prom = None
+    try:
+        router.wait(30)
+        assert httpx.get(f"{router.url}/metrics", timeout=5, trust_env=False).status_code == 401
+        jobs = scrape_configs(monitors["rf-radixfleet-fleet-keyed"], services, secrets,
+                              {"chat-router": router.url.split("//")[1]}, tmp_path)
+        prom = start_prometheus(jobs, tmp_path).wait(30)
+        assert wait_for_targets(prom.url, jobs) == {"chat-router-0": "up"}
+        assert query(prom.url, 'radixfleet_router_workers{radixfleet_io_service="chat", namespace="ml"}')
+    finally:
+        for proc in (router, prom):
+            if proc is not None:
+                proc.stop()

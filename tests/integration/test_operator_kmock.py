@@ -265,6 +265,124 @@ async def test_autoscaler_scales_idle_replicas_down_and_defers_to_an_hpa(engines
             await api.close()
 
 
+KEYED_HOST, API_KEY = "127.0.0.13", "autoscale-test-key"
+
+
+@pytest.fixture(scope="module")
+def keyed_engine():
+    """A real engine that requires an API key (on /metrics too) and runs one request at a time,
+    so that concurrent requests queue up."""
+    if not engine_server_available():
+        pytest.skip("radixfleet.engine.server.serve cannot be imported yet")
+    port = free_port()
+    proc = engine_process(KEYED_HOST, port, "smollm2", tempfile.mktemp(prefix="rf-keyed-engine-", suffix=".log"),
+                          "--api-key", API_KEY, "--max-running-requests", "1").start()
+    try:
+        proc.wait(180)
+        yield proc.url, port
+    finally:
+        proc.stop()
+
+
+async def test_autoscaler_reads_keyed_engines_and_scales_up_then_down(keyed_engine):
+    """apiKeySecret: the engines answer /metrics with 401 unless the autoscaler sends the key
+    from the Secret. A queue on the engine scales the service up; once it drains, back down."""
+    import asyncio
+    import base64
+
+    from radixfleet.operator.autoscale import observe
+
+    url, engine_port = keyed_engine
+    assert httpx.get(f"{url}/metrics", timeout=5, trust_env=False).status_code == 401
+    assert await observe([url], "queuedRequests") is None, "a refused scrape must not count as an idle engine"
+    assert await observe([url], "queuedRequests", API_KEY) == 0.0
+    scaling = {"minReplicas": 1, "maxReplicas": 2, "metric": "queuedRequests", "target": 2, "scaleDownStabilizationSeconds": 0}
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "keyed-api-key", "namespace": NS},
+              "data": {"token": base64.b64encode(API_KEY.encode()).decode()}}
+    async with kube_emulator() as (emulator, server):
+        api = Api(server)
+        operator = await start_operator(server, **{**OPERATOR_CONFIG, "autoscale_interval_seconds": 1})
+        try:
+            await api.create(f"/api/v1/namespaces/{NS}/secrets", secret)
+            await api.create(ISVC_PATH, isvc("keyed", engine_port, free_port(), replicas=1, autoscaling=scaling,
+                                             apiKeySecret={"name": "keyed-api-key", "key": "token"}))
+            await api.create(f"/api/v1/namespaces/{NS}/pods", pod_manifest("keyed-engine-0", NS, engine_labels("keyed"), KEYED_HOST, ready=True))
+            await asyncio.sleep(3)  # a few autoscaler periods on an idle engine: nothing changes
+            assert await _spec_replicas(api, "keyed", 1)
+
+            # Seven long requests, one running at a time: six queued per replica > target 2.
+            body = {"text": "Count slowly:", "sampling_params": {"max_new_tokens": 48, "temperature": 0, "ignore_eos": True}}
+            async with httpx.AsyncClient(base_url=url, timeout=300, trust_env=False,
+                                         headers={"Authorization": f"Bearer {API_KEY}"}) as client:
+                burst = [asyncio.create_task(client.post("/generate", json=body)) for _ in range(7)]
+                await eventually(lambda: _spec_replicas(api, "keyed", 2), timeout=30, what="autoscaler scaled up to 2")
+                assert all(r.status_code == 200 for r in await asyncio.gather(*burst))
+            await eventually(lambda: _spec_replicas(api, "keyed", 1), timeout=30, what="autoscaler scaled back down to 1")
+            reasons = [e["message"] for e in await eventually(lambda: _events(emulator, "Autoscaled", 2), what="Autoscaled events")]
+            assert any("replicas 1 -> 2" in m for m in reasons) and any("replicas 2 -> 1" in m for m in reasons), reasons
+        finally:
+            await operator.stop()
+            await api.close()
+
+
+POD_SETTINGS = {
+    "nodeSelector": {"pool": "gpu"},
+    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 100, "podAffinityTerm": {
+        "topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": {names.LABEL_SERVICE: "placed"}}}}]}},
+    "priorityClassName": "inference",
+    "imagePullSecrets": [{"name": "registry"}],
+    "podLabels": {"team": "search"},
+    "podAnnotations": {"example.com/owner": "search"},
+    "securityContext": {"runAsNonRoot": True, "runAsUser": 10001},
+    "containerSecurityContext": {"readOnlyRootFilesystem": True},
+    "serviceAccountName": "inference",
+}
+
+
+@pytest.mark.parametrize("nodes", [1, 2], ids=["deployment", "statefulsets"])
+async def test_pod_settings_reach_every_pod_template(nodes):
+    """Placement, identity, security, env, volumes and shmSize from the InferenceService land in
+    the engine pods (the Deployment, or every replica's StatefulSet, i.e. every rank) and the
+    router pods the operator creates, and those pods pass strict schema validation."""
+    import kubernetes_validate
+
+    engine_only = {"envFrom": [{"configMapRef": {"name": "nccl"}}], "shmSize": "8Gi",
+                   "volumes": [{"name": "scratch", "emptyDir": {}}], "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]}
+    router_settings = {**POD_SETTINGS, "nodeSelector": {"pool": "cpu"}}
+    async with kube_emulator() as (emulator, server):
+        api = Api(server)
+        operator = await start_operator(server, **OPERATOR_CONFIG)
+        try:
+            await api.create(ISVC_PATH, isvc("placed", 30000, 30001, replicas=2, tensorParallelSize=nodes, nodesPerReplica=nodes,
+                                             **POD_SETTINGS, **engine_only, router={"port": 30001, **router_settings}))
+            apps = f"/apis/apps/v1/namespaces/{NS}"
+            engines = [f"{apps}/deployments/placed-engine"] if nodes == 1 else [f"{apps}/statefulsets/placed-engine-{r}" for r in range(2)]
+            for path in [*engines, f"{apps}/deployments/placed-router"]:
+                workload = await eventually(lambda p=path: api.get(p), what=path)
+                for version in ("1.30.0", "1.34.0"):
+                    kubernetes_validate.validate(workload, version, strict=True)
+                template = workload["spec"]["template"]
+                want = router_settings if path.endswith("router") else POD_SETTINGS
+                for field in ("nodeSelector", "tolerations", "affinity", "priorityClassName", "imagePullSecrets",
+                              "securityContext", "serviceAccountName"):
+                    assert template["spec"][field] == want[field], (path, field)
+                assert template["metadata"]["annotations"] == want["podAnnotations"]
+                assert template["metadata"]["labels"]["team"] == "search"
+                assert template["metadata"]["labels"][names.LABEL_SERVICE] == "placed"
+                for container in template["spec"]["containers"]:
+                    assert container["securityContext"] == POD_SETTINGS["containerSecurityContext"]
+                if path in engines:
+                    (engine,) = template["spec"]["containers"]
+                    assert engine["envFrom"] == engine_only["envFrom"]
+                    assert {"name": "scratch", "mountPath": "/scratch"} in engine["volumeMounts"]
+                    dshm = next(v for v in template["spec"]["volumes"] if v["name"] == "dshm")
+                    assert dshm["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
+        finally:
+            await operator.stop()
+            await api.close()
+
+
 async def test_operator_command_line_runs_against_the_api():
     """`radixfleet operator` (the container's command) reconciles through its own process."""
     import asyncio

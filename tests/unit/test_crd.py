@@ -11,6 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from radixfleet.operator.manifests.children import build_children
 from radixfleet.operator.spec import InferenceServiceSpec, SpecError, parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,14 +87,38 @@ def test_examples_exist_and_validate():
         parse_spec(example)  # the operator accepts them too
 
 
-def test_hub_example_names_a_hub_model_and_its_other_objects_are_valid():
+def test_hub_example_names_a_hub_model():
     docs = [d for d in yaml.safe_load_all((ROOT / "examples" / "hub-model.yaml").read_text()) if d]
     (isvc,) = [d for d in docs if d["kind"] == "InferenceService"]
     hub = parse_spec(isvc).model.hub
     assert hub is not None and hub.cache_pvc_claim == "hub-cache"
-    for doc in docs:
-        if doc["kind"] != "InferenceService":
-            kubernetes_validate.validate(doc, "1.34.0", strict=True)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_objects_and_the_workloads_they_make_pass_strict_validation(path):
+    """Every other object in the examples (Secrets, PVCs, the HPA), and every child the operator
+    builds from each example's InferenceService."""
+    for doc in (d for d in yaml.safe_load_all(path.read_text()) if d):
+        objects = build_children(parse_spec(doc)) if doc["kind"] == "InferenceService" else [doc]
+        for obj in objects:
+            if obj["kind"] != "ServiceMonitor":
+                for version in ("1.30.0", "1.34.0"):
+                    kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_keyed_examples_ship_the_secret_their_service_monitor_reads():
+    """apiKeySecret with monitoring: the generated ServiceMonitor sends the key from the Secret
+    the example defines, in the same namespace (as Prometheus requires)."""
+    docs = [d for p in EXAMPLES for d in yaml.safe_load_all(p.read_text()) if d]
+    secrets = {(d["metadata"]["namespace"], d["metadata"]["name"]): d for d in docs if d["kind"] == "Secret"}
+    keyed = [d for d in docs if d["kind"] == "InferenceService" and d["spec"].get("apiKeySecret")]
+    assert keyed, "an example should show apiKeySecret"
+    for isvc in keyed:
+        (monitor,) = [m for m in build_children(parse_spec(isvc), with_service_monitor=True) if m["kind"] == "ServiceMonitor"]
+        (endpoint,) = monitor["spec"]["endpoints"]
+        ref = endpoint["authorization"]["credentials"]
+        secret = secrets[(monitor["metadata"]["namespace"], ref["name"])]
+        assert ref["key"] in secret.get("stringData", {}) | secret.get("data", {})
 
 
 def _bad(mutate) -> dict:
@@ -111,8 +136,13 @@ def _bad(mutate) -> dict:
         (lambda s: s["router"].update(policy="fastest"), "'fastest' is not one of"),
         (lambda s: s["autoscaling"].pop("maxReplicas"), "'maxReplicas' is a required property"),
         (lambda s: s["resources"].update(memory="lots"), "does not match"),
+        (lambda s: s["tolerations"][0].update(effect="Sometimes"), "'Sometimes' is not one of"),
+        (lambda s: s["volumeMounts"][0].update(mountPath="scratch"), "does not match"),
+        (lambda s: s["router"]["imagePullSecrets"].append({}), "'name' is a required property"),
+        (lambda s: s.update(shmSize="big"), "does not match"),
     ],
-    ids=["tp-0", "replicas-negative", "missing-model", "unknown-policy", "autoscaling-no-max", "bad-memory"],
+    ids=["tp-0", "replicas-negative", "missing-model", "unknown-policy", "autoscaling-no-max", "bad-memory",
+         "bad-toleration-effect", "relative-mount", "pull-secret-no-name", "bad-shm-size"],
 )
 def test_bad_specs_are_rejected_by_the_schema(mutate, fragment):
     with pytest.raises(jsonschema.ValidationError) as err:
@@ -129,6 +159,8 @@ def test_bad_specs_are_rejected_by_the_schema(mutate, fragment):
         (lambda s: s.update(tensorParallelSize=3, nodesPerReplica=2), "must be a multiple of nodesPerReplica"),
         (lambda s: s["model"].update(hostPath="/data"), "set exactly one of model.path"),
         (lambda s: s["autoscaling"].update(minReplicas=5, maxReplicas=2), "must not exceed maxReplicas"),
+        (lambda s: s["podLabels"].update({"radixfleet.io/service": "x"}), "radixfleet.io/service set by the operator"),
+        (lambda s: s["volumes"].append({"name": "dshm", "emptyDir": {}}), "dshm is a volume of the operator's"),
     ],
 )
 def test_operator_rejects_bad_specs_with_messages(mutate, fragment):

@@ -145,5 +145,19 @@ def test_service_monitor_selects_the_engine_and_router_services():
     assert all("http" in [p["name"] for p in s["spec"]["ports"]] for s in by_kind(manifests, "Service"))
 
 
+def test_service_monitor_sends_the_api_key_from_the_secret():
+    """apiKeySecret: /metrics needs the key, so each endpoint carries bearer credentials from the
+    same Secret, and the scraped Services say so (the chart's fleet monitor selects by it)."""
+    keyed = children(MULTI, True)
+    (monitor,) = by_kind(keyed, "ServiceMonitor")
+    assert monitor["spec"]["endpoints"][0]["authorization"] == {"type": "Bearer", "credentials": {"name": "key", "key": "api-key"}}
+    scraped = [s for s in by_kind(keyed, "Service") if s["metadata"]["labels"].get(names.LABEL_METRICS) == "true"]
+    assert [s["metadata"]["name"] for s in scraped] == ["chat-engine", "chat-router"]
+    assert all(s["metadata"]["labels"][names.LABEL_METRICS_AUTH] == "bearer" for s in scraped)
+    (plain,) = by_kind(children(BASE, True), "ServiceMonitor")
+    assert "authorization" not in plain["spec"]["endpoints"][0]
+    assert not any(names.LABEL_METRICS_AUTH in s["metadata"]["labels"] for s in by_kind(children(BASE), "Service"))
+
+
 def test_builders_are_deterministic():
     assert children(MULTI, True) == children(MULTI, True)
