@@ -38,6 +38,23 @@ def _negated(timestamp: str) -> str:
     return "".join(chr(0x10FFFF - ord(c)) for c in timestamp)
 
 
+async def remove_from_routers(urls: Iterable[str], routers: Sequence[str], client_for: Callable[[str], RouterClient],
+                              why: str) -> list[str]:
+    """Remove `urls` from every router that has them; the URLs removed (once per router)."""
+    removed = []
+    for base in routers:
+        client = client_for(base)
+        try:
+            present = await client.list_workers()
+            for url in sorted(set(urls) & present):
+                await client.remove_worker(url)
+                removed.append(url)
+                log.info("router %s: removed worker %s (%s)", base, url, why)
+        finally:
+            await client.close()
+    return removed
+
+
 async def drain_workers(
     urls: Iterable[str],
     routers: Sequence[str],
@@ -50,15 +67,7 @@ async def drain_workers(
     Returns True if they drained, False if the grace timeout ran out first.
     """
     urls = set(urls)
-    for base in routers:
-        client = client_for(base)
-        try:
-            present = await client.list_workers()
-            for url in sorted(urls & present):
-                await client.remove_worker(url)
-                log.info("router %s: removed worker %s for scale-down", base, url)
-        finally:
-            await client.close()
+    await remove_from_routers(urls, routers, client_for, "scale-down")
     deadline = time.monotonic() + timeout
     while True:
         busy = 0.0

@@ -23,7 +23,13 @@ from radixfleet.operator.apply import is_subset
 from radixfleet.operator.autoscale import ScaleHistory, observe, recommend, stabilize
 from radixfleet.operator.endpoints import ready_workers
 from radixfleet.operator.kube import Credentials, KubeError
-from radixfleet.operator.reconciler import Emit, list_pods, reconcile, resync_workers
+from radixfleet.operator.reconciler import (
+    Emit,
+    deregister_terminating,
+    list_pods,
+    reconcile,
+    resync_workers,
+)
 from radixfleet.operator.router_client import RouterError
 from radixfleet.operator.runtime import Runtime
 from radixfleet.operator.spec import InferenceServiceSpec, SpecError, parse_spec
@@ -112,20 +118,22 @@ def build_registry(rt: Runtime) -> kopf.OperatorRegistry:
         rt.forget(namespace, name)  # children go with their owner references
 
     @kopf.on.event("v1", "pods", labels={names.LABEL_MANAGED_BY: names.MANAGED_BY}, registry=registry)
-    async def pod_event(namespace: str, labels: Mapping[str, str], **_: Any) -> None:
+    async def pod_event(namespace: str, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> None:
         """An engine or router pod changed: bring the router lists up to date now."""
         owner = labels.get(names.LABEL_SERVICE)
         if not owner or rt.closed:
             return
-        body = await rt.kube.get("InferenceService", namespace, owner)
-        if body is None:
+        isvc = await rt.kube.get("InferenceService", namespace, owner)
+        if isvc is None:
             return
         try:
-            spec = parse_spec(body, rt.config.hub_endpoint)
+            spec = parse_spec(isvc, rt.config.hub_endpoint)
         except SpecError:
             return  # reported by the InferenceService handlers
         try:
-            await resync_workers(rt, spec, emitter(body))
+            if body["metadata"].get("deletionTimestamp"):
+                await deregister_terminating(rt, spec, body, emitter(isvc))
+            await resync_workers(rt, spec, emitter(isvc))
         except (KubeError, RouterError) as e:
             log.warning("worker sync for %s/%s failed: %s (the resync timer retries)", namespace, owner, e)
 

@@ -54,6 +54,7 @@ KINDS: dict[str, Kind] = {
     "Secret": Kind("v1", "secrets"),
     "Deployment": Kind("apps/v1", "deployments"),
     "StatefulSet": Kind("apps/v1", "statefulsets"),
+    "PodDisruptionBudget": Kind("policy/v1", "poddisruptionbudgets"),
     "ServiceMonitor": Kind("monitoring.coreos.com/v1", "servicemonitors"),
     "InferenceService": Kind("radixfleet.io/v1alpha1", "inferenceservices"),
 }

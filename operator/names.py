@@ -26,6 +26,16 @@ LABEL_METRICS = f"{GROUP}/metrics"
 LABEL_METRICS_AUTH = f"{GROUP}/metrics-auth"
 # Set by the StatefulSet controller on every pod (Kubernetes >= 1.28): the pod's ordinal.
 LABEL_POD_INDEX = "apps.kubernetes.io/pod-index"
+# Multi-node: the StatefulSet (group of ranks) a pod belongs to; a replica has one group, two
+# while a rollout replaces it (`group_name`).
+LABEL_GROUP = f"{GROUP}/group"
+# On a group's StatefulSet: the hash of the pod template it was built from (stale: roll it),
+# the pod uids of its ranks once all were Ready (one gone: restart the group), and why and
+# when the operator last restarted the group.
+ANNOTATION_TEMPLATE_HASH = f"{GROUP}/template-hash"
+ANNOTATION_MEMBERS = f"{GROUP}/members"
+ANNOTATION_RESTART_REASON = f"{GROUP}/restart-reason"
+ANNOTATION_RESTARTED_AT = f"{GROUP}/restarted-at"
 # Set by the operator on a Deployment pod it has chosen for scale-down (it is never re-registered).
 ANNOTATION_DRAINING = f"{GROUP}/draining"
 # Kubernetes' hint to the ReplicaSet controller about which pods to delete first.
@@ -66,6 +76,12 @@ def engine_name(spec: InferenceServiceSpec) -> str:
 def replica_name(spec: InferenceServiceSpec, replica: int) -> str:
     """The StatefulSet and headless Service of one multi-node replica."""
     return f"{spec.name}-engine-{replica}"
+
+
+def group_name(spec: InferenceServiceSpec, replica: int, alternate: bool = False) -> str:
+    """A multi-node replica's group (StatefulSet and headless Service); a rollout creates the
+    other name of the pair, then retires the old. At most 52 characters (a StatefulSet's limit)."""
+    return replica_name(spec, replica) + ("b" if alternate else "")
 
 
 def router_name(spec: InferenceServiceSpec) -> str:

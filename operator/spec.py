@@ -23,6 +23,7 @@ SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*
 ROUTER_POLICIES = ("cache_aware", "round_robin", "random", "power_of_two")
 AUTOSCALING_METRICS = ("queuedRequests", "kvCacheUsage")
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
+GRACE_MARGIN_SECONDS = 10  # after the drain: the engine's own shutdown (processes, sockets)
 HUB_TOKEN_KEY = "HF_TOKEN"  # the key in model.hub.tokenSecret's Secret, unless it names another
 QUANTITY_RE = re.compile(r"^[0-9]+(\.[0-9]+)?([EPTGMK]i?|[eE][0-9]+)?$")
 # What the operator owns in the pods it builds; user pod settings may not name these
@@ -126,6 +127,24 @@ class MonitoringSpec:
 
 
 @dataclass(frozen=True)
+class DisruptionSpec:
+    """How pods leave on a voluntary disruption (rollout, eviction, scale-down) without
+    losing a request: engine pods keep serving `pre_stop_seconds` after their deletion (the
+    routers and endpoints drop them meanwhile), then SIGTERM drains requests in flight for
+    up to `drain_timeout_seconds`; a PodDisruptionBudget per component allows
+    `max_unavailable` pods to be evicted at a time."""
+
+    drain_timeout_seconds: int = 120
+    pre_stop_seconds: int = 5
+    max_unavailable: int = 1
+
+    @property
+    def termination_grace_seconds(self) -> int:
+        """The pod's grace period: preStop, then the drain, then a margin to exit."""
+        return self.pre_stop_seconds + self.drain_timeout_seconds + GRACE_MARGIN_SECONDS
+
+
+@dataclass(frozen=True)
 class ApiKeySecret:
     name: str
     key: str = "api-key"
@@ -157,6 +176,7 @@ class InferenceServiceSpec:
     router: RouterSpec = field(default_factory=RouterSpec)
     autoscaling: AutoscalingSpec | None = None
     monitoring: MonitoringSpec = field(default_factory=MonitoringSpec)
+    disruption: DisruptionSpec = field(default_factory=DisruptionSpec)
     api_key_secret: ApiKeySecret | None = None
     generation: int | None = None
 
@@ -337,6 +357,15 @@ def _parse_router(raw: Mapping[str, Any]) -> RouterSpec:
     )
 
 
+def _parse_disruption(raw: Mapping[str, Any]) -> DisruptionSpec:
+    d = DisruptionSpec()
+    return DisruptionSpec(
+        drain_timeout_seconds=_int(raw.get("drainTimeoutSeconds", d.drain_timeout_seconds), "disruption.drainTimeoutSeconds", 0, 3600),
+        pre_stop_seconds=_int(raw.get("preStopSeconds", d.pre_stop_seconds), "disruption.preStopSeconds", 0, 300),
+        max_unavailable=_int(raw.get("maxUnavailable", d.max_unavailable), "disruption.maxUnavailable", 0),
+    )
+
+
 def _parse_autoscaling(raw: Mapping[str, Any] | None) -> AutoscalingSpec | None:
     if raw is None:
         return None
@@ -410,5 +439,6 @@ def parse_spec(body: Mapping[str, Any], hub_endpoint: str | None = None) -> Infe
             service_monitor=bool(monitoring.get("serviceMonitor", False)),
             interval=monitoring.get("interval", "15s"),
         ),
+        disruption=_parse_disruption(spec.get("disruption") or {}),
         api_key_secret=ApiKeySecret(api_key["name"], api_key.get("key", "api-key")) if api_key else None,
     )

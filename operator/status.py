@@ -32,6 +32,7 @@ class Observed:
     workers: Sequence[str]
     routers_ready: int
     router_errors: Sequence[str] = ()
+    restarting_groups: Sequence[str] = ()  # multi-node groups not whole since a restart, and why
 
 
 def _condition(type_: str, ok: bool, reason: str, message: str) -> dict[str, str]:
@@ -58,7 +59,13 @@ def build_conditions(spec: InferenceServiceSpec, seen: Observed) -> list[dict[st
     ok = engine["status"] == "True" and router["status"] == "True" and registered
     ready = _condition("Ready", ok, "Serving" if ok else "NotServing",
                        f"{len(seen.workers)} worker(s) registered at {names.router_url(spec)}")
-    return [ready, engine, router]
+    if not spec.multi_node:
+        return [ready, engine, router]
+    if seen.restarting_groups:
+        groups = _condition("GroupsWhole", False, "GroupRestarting", "; ".join(seen.restarting_groups)[:500])
+    else:
+        groups = _condition("GroupsWhole", True, "AllGroupsWhole", "no multi-node group is restarting")
+    return [ready, engine, router, groups]
 
 
 def build_phase(spec: InferenceServiceSpec, seen: Observed, previous: Phase | None) -> Phase:

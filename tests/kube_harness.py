@@ -199,6 +199,18 @@ def pod_manifest(name: str, namespace: str, labels: dict[str, str], ip: str, *, 
     }
 
 
+def engine_labels(name: str, **extra: str) -> dict[str, str]:
+    return {names.LABEL_SERVICE: name, names.LABEL_COMPONENT: names.ENGINE, names.LABEL_MANAGED_BY: names.MANAGED_BY, **extra}
+
+
+def router_labels(name: str) -> dict[str, str]:
+    return {names.LABEL_SERVICE: name, names.LABEL_COMPONENT: names.ROUTER, names.LABEL_MANAGED_BY: names.MANAGED_BY}
+
+
+def list_workers(router_url: str) -> set[str]:
+    return set(httpx.get(f"{router_url}/list_workers", timeout=5, trust_env=False).json()["urls"])
+
+
 class Api:
     """Plain HTTP calls to the emulator, as kubectl would make them (events included)."""
 

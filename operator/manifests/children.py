@@ -7,9 +7,11 @@ that deleting it garbage-collects everything.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from radixfleet.operator import names
+from radixfleet.operator.manifests.disruption import build_pod_disruption_budgets
 from radixfleet.operator.manifests.engine import (
     build_engine_deployment,
     build_engine_service,
@@ -37,24 +39,28 @@ def _owned(manifest: dict[str, Any], spec: InferenceServiceSpec) -> dict[str, An
     return manifest
 
 
-def build_engine_workloads(spec: InferenceServiceSpec) -> list[dict[str, Any]]:
-    """The engine's Deployment, or per-replica headless Services and StatefulSets."""
+def build_engine_workloads(spec: InferenceServiceSpec, groups: Sequence[tuple[int, str]] | None = None) -> list[dict[str, Any]]:
+    """The engine's Deployment, or a headless Service and a StatefulSet per multi-node group:
+    `groups` lists (replica, group name), by default one group per replica."""
     if not spec.multi_node:
         return [build_engine_deployment(spec)]
     out: list[dict[str, Any]] = []
-    for r in range(spec.replicas):
-        out += [build_replica_headless_service(spec, r), build_replica_statefulset(spec, r)]
+    for r, group in groups if groups is not None else [(r, names.group_name(spec, r)) for r in range(spec.replicas)]:
+        out += [build_replica_headless_service(spec, r, group), build_replica_statefulset(spec, r, group)]
     return out
 
 
-def build_children(spec: InferenceServiceSpec, *, with_service_monitor: bool | None = None) -> list[dict[str, Any]]:
-    """Every child object of `spec`; `with_service_monitor` overrides spec.monitoring."""
+def build_children(spec: InferenceServiceSpec, *, with_service_monitor: bool | None = None,
+                   groups: Sequence[tuple[int, str]] | None = None) -> list[dict[str, Any]]:
+    """Every child object of `spec`; `with_service_monitor` overrides spec.monitoring; `groups`
+    are the multi-node groups to build (a rollout has two for one replica: operator/groups.py)."""
     monitor = spec.monitoring.service_monitor if with_service_monitor is None else with_service_monitor
     children = [
         build_engine_service(spec),
-        *build_engine_workloads(spec),
+        *build_engine_workloads(spec, groups),
         build_router_service(spec),
         build_router_deployment(spec),
+        *build_pod_disruption_budgets(spec),
     ]
     if monitor:
         children.append(build_service_monitor(spec))

@@ -9,6 +9,8 @@ traffic, so only rank-0 pods are router workers. The ordinal comes from the
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from typing import Any
 
@@ -24,12 +26,15 @@ from radixfleet.operator.manifests.pod import build_pod_template
 from radixfleet.operator.spec import InferenceServiceSpec
 
 PROBE_PERIOD_SECONDS = 10
+# The engine's probe routes (engine/server/drain.py): readiness fails while draining, liveness does not.
+READINESS_PATH = "/health"
+LIVENESS_PATH = "/live"
 API_KEY_ENV = env_vars.API_KEY.name
 POD_INDEX_ENV = env_vars.NODE_RANK.name
 
 
-def engine_args(spec: InferenceServiceSpec, replica: int | None = None) -> list[str]:
-    """The engine command line; `replica` is set for multi-node replicas."""
+def engine_args(spec: InferenceServiceSpec, replica: int | None = None, group: str | None = None) -> list[str]:
+    """The engine command line; `replica` (and its `group`) are set for multi-node replicas."""
     args = [
         "serve",
         *model_args(spec),
@@ -39,8 +44,11 @@ def engine_args(spec: InferenceServiceSpec, replica: int | None = None) -> list[
     ]
     # The name clients send (and status.model shows): servedName, else the resource's name.
     args += ["--served-model-name", spec.served_name]
+    # SIGTERM (pod deletion, after the preStop sleep) drains requests in flight this long.
+    args += ["--drain-timeout", str(spec.disruption.drain_timeout_seconds)]
     if replica is not None:
-        rendezvous = f"{names.replica_name(spec, replica)}-0.{names.replica_name(spec, replica)}"
+        group = group or names.group_name(spec, replica)
+        rendezvous = f"{group}-0.{group}"
         args += [
             "--dist-init-addr", f"{rendezvous}.{spec.namespace}.svc:{names.DIST_PORT}",
             "--nnodes", str(spec.nodes_per_replica),
@@ -82,15 +90,16 @@ def _resources(spec: InferenceServiceSpec) -> dict[str, Any]:
     return out
 
 
-def _probe(spec: InferenceServiceSpec, multi_node: bool, period: int, failures: int, timeout: int = 5) -> dict[str, Any]:
-    """GET /health; in a multi-node group only rank 0 serves HTTP, so the other ranks'
+def _probe(spec: InferenceServiceSpec, multi_node: bool, period: int, failures: int, timeout: int = 5,
+           path: str = READINESS_PATH) -> dict[str, Any]:
+    """GET `path`; in a multi-node group only rank 0 serves HTTP, so the other ranks'
     probe passes while their container runs (a dead rank exits and is restarted)."""
     if multi_node:
         check = (f'[ "${POD_INDEX_ENV}" != 0 ] || exec python3 -c "import urllib.request as u; '
-                 f"u.urlopen('http://127.0.0.1:{spec.port}/health', timeout={timeout})\"")
+                 f"u.urlopen('http://127.0.0.1:{spec.port}{path}', timeout={timeout})\"")
         action: dict[str, Any] = {"exec": {"command": ["sh", "-c", check]}}
     else:
-        action = {"httpGet": {"path": "/health", "port": names.HTTP_PORT_NAME}}
+        action = {"httpGet": {"path": path, "port": names.HTTP_PORT_NAME}}
     return {**action, "periodSeconds": period, "timeoutSeconds": timeout, "failureThreshold": failures}
 
 
@@ -105,7 +114,7 @@ def _volumes(spec: InferenceServiceSpec) -> tuple[list[dict[str, Any]], list[dic
     return volumes + model_vols + user_vols, mounts + model_mounts + user_mounts
 
 
-def build_engine_pod_spec(spec: InferenceServiceSpec, replica: int | None = None) -> dict[str, Any]:
+def build_engine_pod_spec(spec: InferenceServiceSpec, replica: int | None = None, group: str | None = None) -> dict[str, Any]:
     """The pod spec shared by single-node and multi-node engine pods."""
     volumes, mounts = _volumes(spec)
     multi = replica is not None
@@ -117,7 +126,7 @@ def build_engine_pod_spec(spec: InferenceServiceSpec, replica: int | None = None
         "image": spec.image,
         "imagePullPolicy": spec.image_pull_policy,
         "command": ["radixfleet"],
-        "args": engine_args(spec, replica),
+        "args": engine_args(spec, replica, group),
         "ports": ports,
         "env": _env(spec, replica is not None),
         **({"envFrom": [dict(e) for e in spec.env_from]} if spec.env_from else {}),
@@ -126,13 +135,17 @@ def build_engine_pod_spec(spec: InferenceServiceSpec, replica: int | None = None
         # Model loading can take many minutes: the startup probe holds off the liveness
         # probe until /health first answers, for up to startupTimeoutSeconds.
         "startupProbe": _probe(spec, multi, PROBE_PERIOD_SECONDS, math.ceil(spec.startup_timeout_seconds / PROBE_PERIOD_SECONDS)),
+        # /health fails as soon as a drain starts (SIGTERM); /live stays up until the process exits.
         "readinessProbe": _probe(spec, multi, 5, 3),
-        "livenessProbe": _probe(spec, multi, 15, 4),
+        "livenessProbe": _probe(spec, multi, 15, 4, path=LIVENESS_PATH),
     }
+    if spec.disruption.pre_stop_seconds:
+        # Keep serving while the routers and endpoints drop this pod; SIGTERM comes after.
+        container["lifecycle"] = {"preStop": {"exec": {"command": ["sleep", str(spec.disruption.pre_stop_seconds)]}}}
     pod: dict[str, Any] = {
         "containers": [container],
         "volumes": volumes,
-        "terminationGracePeriodSeconds": 60,
+        "terminationGracePeriodSeconds": spec.disruption.termination_grace_seconds,
     }
     # A Hub model's download runs before the engine starts (and outside its startup probe).
     if init := build_download_containers(spec):
@@ -157,39 +170,58 @@ def build_engine_deployment(spec: InferenceServiceSpec) -> dict[str, Any]:
     }
 
 
-def _replica_labels(spec: InferenceServiceSpec, replica: int) -> dict[str, str]:
-    return {**names.labels(spec, names.ENGINE), names.LABEL_REPLICA: str(replica)}
+def _replica_labels(spec: InferenceServiceSpec, replica: int, group: str) -> dict[str, str]:
+    return {**names.labels(spec, names.ENGINE), names.LABEL_REPLICA: str(replica), names.LABEL_GROUP: group}
 
 
-def build_replica_statefulset(spec: InferenceServiceSpec, replica: int) -> dict[str, Any]:
-    """Multi-node replica `replica`: a StatefulSet of `nodesPerReplica` pods, rank = ordinal."""
-    selector = {**names.selector_labels(spec, names.ENGINE), names.LABEL_REPLICA: str(replica)}
+def _group_selector(spec: InferenceServiceSpec, replica: int, group: str) -> dict[str, str]:
+    return {**names.selector_labels(spec, names.ENGINE), names.LABEL_REPLICA: str(replica), names.LABEL_GROUP: group}
+
+
+def _statefulset_spec(spec: InferenceServiceSpec, replica: int, group: str) -> dict[str, Any]:
     return {
-        "apiVersion": "apps/v1",
-        "kind": "StatefulSet",
-        "metadata": {"name": names.replica_name(spec, replica), "namespace": spec.namespace, "labels": _replica_labels(spec, replica)},
-        "spec": {
-            "replicas": spec.nodes_per_replica,
-            "serviceName": names.replica_name(spec, replica),
-            # All ranks must start together: rank 0 waits for the others at rendezvous.
-            "podManagementPolicy": "Parallel",
-            "selector": {"matchLabels": selector},
-            "template": build_pod_template(_replica_labels(spec, replica), build_engine_pod_spec(spec, replica), spec.pod),
-        },
+        "replicas": spec.nodes_per_replica,
+        "serviceName": group,
+        # All ranks must start together: rank 0 waits for the others at rendezvous.
+        "podManagementPolicy": "Parallel",
+        # A new template never restarts ranks one by one (that breaks the group): the
+        # operator rolls whole groups instead (operator/groups.py).
+        "updateStrategy": {"type": "OnDelete"},
+        "selector": {"matchLabels": _group_selector(spec, replica, group)},
+        "template": build_pod_template(_replica_labels(spec, replica, group), build_engine_pod_spec(spec, replica, group), spec.pod),
     }
 
 
-def build_replica_headless_service(spec: InferenceServiceSpec, replica: int) -> dict[str, Any]:
-    """Stable DNS for the ranks of one multi-node replica (rank 0 is the rendezvous)."""
+def template_hash(spec: InferenceServiceSpec, replica: int) -> str:
+    """What replica `replica`'s groups must be built from; the same for both group names."""
+    canonical = _statefulset_spec(spec, replica, names.group_name(spec, replica))
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_replica_statefulset(spec: InferenceServiceSpec, replica: int, group: str | None = None) -> dict[str, Any]:
+    """Multi-node replica `replica`: a StatefulSet of `nodesPerReplica` pods, rank = ordinal."""
+    group = group or names.group_name(spec, replica)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": {"name": group, "namespace": spec.namespace, "labels": _replica_labels(spec, replica, group),
+                     "annotations": {names.ANNOTATION_TEMPLATE_HASH: template_hash(spec, replica)}},
+        "spec": _statefulset_spec(spec, replica, group),
+    }
+
+
+def build_replica_headless_service(spec: InferenceServiceSpec, replica: int, group: str | None = None) -> dict[str, Any]:
+    """Stable DNS for the ranks of one multi-node group (rank 0 is the rendezvous)."""
+    group = group or names.group_name(spec, replica)
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {"name": names.replica_name(spec, replica), "namespace": spec.namespace, "labels": _replica_labels(spec, replica)},
+        "metadata": {"name": group, "namespace": spec.namespace, "labels": _replica_labels(spec, replica, group)},
         "spec": {
             "clusterIP": "None",
             # Ranks must resolve each other before they are Ready (they only become Ready together).
             "publishNotReadyAddresses": True,
-            "selector": {**names.selector_labels(spec, names.ENGINE), names.LABEL_REPLICA: str(replica)},
+            "selector": _group_selector(spec, replica, group),
             "ports": [
                 {"name": names.HTTP_PORT_NAME, "port": spec.port, "targetPort": names.HTTP_PORT_NAME},
                 {"name": "dist", "port": names.DIST_PORT, "targetPort": "dist"},

@@ -14,11 +14,14 @@ import httpx
 import pytest
 from kube_harness import (
     Api,
+    engine_labels,
     engine_process,
     engine_server_available,
     eventually,
     kube_emulator,
+    list_workers,
     pod_manifest,
+    router_labels,
     router_process,
     start_operator,
 )
@@ -62,10 +65,6 @@ def router():
     proc.stop()
 
 
-def list_workers(router_url: str) -> set[str]:
-    return set(httpx.get(f"{router_url}/list_workers", timeout=5, trust_env=False).json()["urls"])
-
-
 def api_removals(router_url: str) -> float:
     text = httpx.get(f"{router_url}/metrics", timeout=5, trust_env=False).text
     line = next((x for x in text.splitlines() if x.startswith('radixfleet_router_worker_removals_total{reason="api"}')), None)
@@ -78,14 +77,6 @@ def isvc(name: str, engine_port: int, router_port: int, **spec) -> dict:
         "metadata": {"name": name, "namespace": NS, "uid": f"uid-{name}"},
         "spec": {"model": {"path": "smollm2"}, "port": engine_port, "router": {"port": router_port}, **spec},
     }
-
-
-def engine_labels(name: str, **extra: str) -> dict[str, str]:
-    return {names.LABEL_SERVICE: name, names.LABEL_COMPONENT: names.ENGINE, names.LABEL_MANAGED_BY: names.MANAGED_BY, **extra}
-
-
-def router_labels(name: str) -> dict[str, str]:
-    return {names.LABEL_SERVICE: name, names.LABEL_COMPONENT: names.ROUTER, names.LABEL_MANAGED_BY: names.MANAGED_BY}
 
 
 CHILD_PLURALS = {"deployments", "statefulsets", "services", "servicemonitors"}

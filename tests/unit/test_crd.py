@@ -184,3 +184,8 @@ def test_crd_defaults_equal_the_operators_defaults():
                        "balanceRelThreshold": r.balance_rel_threshold, "replicas": r.replicas, "port": r.port,
                        "serviceType": r.service_type}.items():
         assert router[key]["default"] == value, f"router.{key}"
+    disruption = props["disruption"]["properties"]
+    d = parsed.disruption
+    for key, value in {"drainTimeoutSeconds": d.drain_timeout_seconds, "preStopSeconds": d.pre_stop_seconds,
+                       "maxUnavailable": d.max_unavailable}.items():
+        assert disruption[key]["default"] == value, f"disruption.{key}"

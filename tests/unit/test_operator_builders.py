@@ -8,6 +8,7 @@ import copy
 import kubernetes_validate
 import pytest
 
+from radixfleet.engine.server.drain import LIVENESS_PATH
 from radixfleet.operator import names
 from radixfleet.operator.manifests.children import build_children
 from radixfleet.operator.spec import parse_spec
@@ -72,13 +73,14 @@ def test_single_node_is_one_deployment_with_the_engine_command_line():
     manifests = children(BASE)
     assert [(m["kind"], m["metadata"]["name"]) for m in manifests] == [
         ("Service", "chat-engine"), ("Deployment", "chat-engine"), ("Service", "chat-router"), ("Deployment", "chat-router"),
+        ("PodDisruptionBudget", "chat-engine"), ("PodDisruptionBudget", "chat-router"),
     ]
     deploy = manifests[1]
     assert deploy["spec"]["replicas"] == 2
     container = deploy["spec"]["template"]["spec"]["containers"][0]
     assert container["command"] == ["radixfleet"]
     assert container["args"] == ["serve", "--model-path", "smollm2", "--host", "0.0.0.0", "--port", "30000", "--tp-size", "1",
-                                 "--served-model-name", "chat"]
+                                 "--served-model-name", "chat", "--drain-timeout", "120"]
     assert not by_kind(manifests, "StatefulSet")
 
 
@@ -90,6 +92,35 @@ def test_startup_probe_allows_a_slow_model_load():
     assert probe["httpGet"] == {"path": "/health", "port": "http"}
     assert probe["periodSeconds"] * probe["failureThreshold"] >= 3600
     assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+
+
+@pytest.mark.parametrize("case", ["single-node", "multi-node"])
+def test_engine_pods_leave_gracefully_and_budgets_cover_engines_and_routers(case):
+    body = copy.deepcopy(CASES[case][0])
+    body["spec"]["disruption"] = {"drainTimeoutSeconds": 45, "preStopSeconds": 7, "maxUnavailable": 2}
+    manifests = children(body)
+    workload = (by_kind(manifests, "StatefulSet") or by_kind(manifests, "Deployment"))[0]
+    pod = workload["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    # preStop keeps the pod serving while the routers drop it; then SIGTERM drains up to 45 s.
+    assert container["lifecycle"]["preStop"] == {"exec": {"command": ["sleep", "7"]}}
+    assert container["args"][container["args"].index("--drain-timeout") + 1] == "45"
+    assert pod["terminationGracePeriodSeconds"] >= 7 + 45
+    # Readiness fails while draining; liveness must not (the pod would be killed mid-drain).
+    live, ready = container["livenessProbe"], container["readinessProbe"]
+    if case == "single-node":
+        assert (live["httpGet"]["path"], ready["httpGet"]["path"]) == (LIVENESS_PATH, "/health")
+    else:
+        assert LIVENESS_PATH in live["exec"]["command"][-1] and "/health" in ready["exec"]["command"][-1]
+    pdbs = {m["metadata"]["name"]: m["spec"] for m in by_kind(manifests, "PodDisruptionBudget")}
+    assert set(pdbs) == {"chat-engine", "chat-router"}
+    for component in ("engine", "router"):
+        assert pdbs[f"chat-{component}"]["maxUnavailable"] == 2
+        assert pdbs[f"chat-{component}"]["selector"]["matchLabels"] == {names.LABEL_SERVICE: "chat", names.LABEL_COMPONENT: component}
+    body["spec"]["disruption"] = {"preStopSeconds": 0}
+    manifests = children(body)
+    workload = (by_kind(manifests, "StatefulSet") or by_kind(manifests, "Deployment"))[0]
+    assert "lifecycle" not in workload["spec"]["template"]["spec"]["containers"][0]
 
 
 def test_multi_node_is_a_statefulset_and_headless_service_per_replica():
