@@ -21,6 +21,7 @@ from radixfleet.engine.server.metrics import EngineMetrics
 
 DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
 RPC_TIMEOUT_S = 10.0
+ENGINE_EXITED = "an engine process has exited; restart the server"
 # meta_info lists with one entry per output token, concatenated over chunks for a whole answer.
 LIST_META_KEYS = ("output_token_logprobs", "output_top_logprobs", "output_token_ids_logprobs")
 
@@ -74,10 +75,13 @@ class ServerState:
     def model_name(self) -> str:
         return self.tm.model_name
 
-    def check_alive(self) -> None:
+    def engine_alive(self) -> bool:
         procs = getattr(self.engine, "_procs", None)
-        if procs is not None and (not procs or any(p.poll() is not None for p in procs)):
-            raise APIError(503, "an engine process has exited; restart the server")
+        return procs is None or (bool(procs) and all(p.poll() is None for p in procs))
+
+    def check_alive(self) -> None:
+        if not self.engine_alive():
+            raise APIError(503, ENGINE_EXITED)
 
     async def rpc(self, req: ControlReq) -> Any:
         """The result of a control call; 503 when the scheduler does not answer in time."""

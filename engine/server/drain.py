@@ -3,7 +3,8 @@
 On the first SIGTERM the server starts draining, and keeps listening while it does:
 
 - ``GET /health`` (readiness, and the routers' health check) answers 503 at once, so the
-  endpoints and routers stop sending here; ``GET /live`` (liveness) stays 200;
+  endpoints and routers stop sending here; ``GET /live`` (liveness) stays 200 (it fails only
+  when an engine process has exited, draining or not);
 - every other new request gets 503 with a reason, so a router retries it on another worker;
 - requests already in flight (streams included) run to the end, for up to the drain timeout;
 - then uvicorn shuts down and the process exits 0.
@@ -23,7 +24,7 @@ from typing import Any
 
 import uvicorn
 
-from radixfleet.engine.server.common import error_response
+from radixfleet.engine.server.common import ENGINE_EXITED, error_response
 
 logger = logging.getLogger(__name__)
 
@@ -62,16 +63,19 @@ class Drain:
 
 
 class DrainMiddleware:
-    """Counts requests in flight; while draining refuses new ones (503) and fails readiness."""
+    """Counts requests in flight; while draining refuses new ones (503) and fails readiness.
+    Answers liveness itself (before any API key check: a kubelet probe carries none)."""
 
-    def __init__(self, app: Any, drain: Drain) -> None:
-        self.app, self.drain = app, drain
+    def __init__(self, app: Any, drain: Drain, alive: Callable[[], bool]) -> None:
+        self.app, self.drain, self.alive = app, drain, alive
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
         if path == LIVENESS_PATH:
+            if not self.alive():
+                return await error_response(503, ENGINE_EXITED)(scope, receive, send)
             return await _ok(scope, receive, send)
         if self.drain.draining and path != "/metrics":
             reason = "the server is shutting down (draining requests in flight); send the request to another server"

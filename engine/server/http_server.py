@@ -120,7 +120,7 @@ def build_app(state: ServerState, drain: Drain | None = None) -> FastAPI:
     register_admin_routes(app, state)
     app.add_middleware(GuardMiddleware, state=state)
     if drain is not None:  # outermost: probes and refusals need no API key
-        app.add_middleware(DrainMiddleware, drain=drain)
+        app.add_middleware(DrainMiddleware, drain=drain, alive=state.engine_alive)
     return app
 
 

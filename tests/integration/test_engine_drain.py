@@ -17,7 +17,7 @@ import httpx
 import pytest
 from server_process import SERVER_ARGS, free_port, wait_ok
 
-from radixfleet.engine.server.drain import Drain
+from radixfleet.engine.server.drain import Drain, DrainMiddleware
 
 pytestmark = pytest.mark.timeout(180)
 DRAIN_TIMEOUT_S = 60
@@ -92,3 +92,21 @@ def test_drain_gives_up_at_its_deadline():
     idle = Drain(timeout=60)
     idle.begin()
     assert idle.finished()  # nothing in flight: no need to wait
+
+
+def test_liveness_fails_only_when_an_engine_process_exited():
+    """/live must not fail while draining (the pod would be killed mid-drain), but must when the
+    engine is dead (else the kubelet never restarts it); probes need no API key."""
+    from starlette.applications import Starlette
+    from starlette.testclient import TestClient
+
+    drain, alive = Drain(timeout=60), [True]
+    app = DrainMiddleware(Starlette(), drain, alive=lambda: alive[0])
+    with TestClient(app) as client:
+        assert client.get("/live").status_code == 200
+        drain.begin()
+        assert client.get("/live").status_code == 200
+        assert client.get("/health").status_code == 503
+        alive[0] = False
+        dead = client.get("/live")
+        assert dead.status_code == 503 and "engine process has exited" in dead.json()["error"]["message"]
