@@ -17,9 +17,11 @@ def probe_command(port: int) -> list[str]:
                        "spec": {"model": {"path": "m"}, "port": port, "tensorParallelSize": 2, "nodesPerReplica": 2}})
     (sts, *_) = [m for m in build_children(spec) if m["kind"] == "StatefulSet"]
     container = sts["spec"]["template"]["spec"]["containers"][0]
-    commands = {str(container[p]["exec"]["command"]) for p in ("startupProbe", "readinessProbe", "livenessProbe")}
-    assert len(commands) == 1
-    return container["livenessProbe"]["exec"]["command"]
+    assert container["startupProbe"]["exec"] == container["readinessProbe"]["exec"]
+    # Liveness is the same check on /live, which stays up while the engine drains.
+    live = container["livenessProbe"]["exec"]["command"]
+    assert [c.replace("/live'", "/health'") for c in live] == container["readinessProbe"]["exec"]["command"]
+    return container["readinessProbe"]["exec"]["command"]
 
 
 def run(command: list[str], rank: str) -> int:
