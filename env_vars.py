@@ -75,6 +75,9 @@ CACHE = _var("RADIXFLEET_CACHE", "str", None,
              "`~/.cache/radixfleet`)")
 START_TIMEOUT = _var("RADIXFLEET_START_TIMEOUT", "float", 600.0,
                      "seconds an `Engine` waits for its scheduler and detokenizer to start")
+GRAMMAR_COMPILE_TIMEOUT = _var("RADIXFLEET_GRAMMAR_COMPILE_TIMEOUT", "float", 30.0,
+                               "seconds a request's json_schema, regex or ebnf may take to compile; "
+                               "past it the request alone fails with a 400")
 
 # ---- CPU -----------------------------------------------------------------------------------
 CPU_KERNELS = _var("RADIXFLEET_CPU_KERNELS", "bool", True,

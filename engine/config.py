@@ -64,6 +64,11 @@ class EngineConfig:
     enable_lora: bool = _opt(False, "serve LoRA adapters next to the base weights (set by lora_paths)")
     lora_paths: tuple[str, ...] | None = _opt(None, "LoRA adapters (peft folders) to load at start: "
                                                     "name=path or path")
+    allow_auto_truncate: bool = _opt(False, "cut prompts longer than the context (keeping their start) and "
+                                            "max_new_tokens to what fits, instead of refusing them")
+    allowed_local_paths: tuple[str, ...] | None = _opt(
+        None, "folders that update_weights_from_disk and load_lora_adapter may read, besides the "
+              "model's folder, its adapters/ folder and lora_paths (anything else is refused)")
     is_embedding: bool = _opt(False, "serve an embedding model (encode only); BERT-family models "
                                      "always are, generation architectures cannot be")
 
@@ -100,6 +105,8 @@ class EngineConfig:
         if self.dist_init_addr and (":" not in self.dist_init_addr
                                     or not self.dist_init_addr.rpartition(":")[2].isdigit()):
             raise bad(f"dist_init_addr must be host:port, got {self.dist_init_addr!r}")
+        if self.allowed_local_paths is not None:
+            object.__setattr__(self, "allowed_local_paths", tuple(self.allowed_local_paths))
         if self.lora_paths:
             object.__setattr__(self, "lora_paths", tuple(self.lora_paths))
             object.__setattr__(self, "enable_lora", True)

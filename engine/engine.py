@@ -30,6 +30,7 @@ from radixfleet.engine.managers.io_struct import (
     UpdateWeightsFromDiskReq,
     normalize_encode,
 )
+from radixfleet.engine.managers.local_paths import LocalPathPolicy
 from radixfleet.engine.managers.scoring import (
     SCORE_SAMPLING,
     ScoreResult,
@@ -84,6 +85,8 @@ class Engine:
                                  f"models are {', '.join(sorted(EMBEDDING_REGISTRY))}")
             else:
                 check_tensor_parallel(self.config, model)
+        self.local_paths = LocalPathPolicy.for_engine(
+            self.model_path, self.config.lora_paths or (), self.config.allowed_local_paths or ())
         self._procs: list = []
         self.tokenizer_manager: TokenizerManager | None = None
         names = ipc.new_ipc_names()
@@ -110,6 +113,7 @@ class Engine:
             tokenizer_path, self.config.trust_remote_code)
         self.tokenizer_manager = TokenizerManager(
             tokenizer, names, self.config.served_model_name or self.config.model_path)
+        self.tokenizer_manager.allow_auto_truncate = self.config.allow_auto_truncate
         self._procs.append(launch.spawn("detokenizer", {
             "tokenizer_path": tokenizer_path, "trust_remote_code": self.config.trust_remote_code,
             "ipc_names": names, "skip_tokenizer_init": self.config.skip_tokenizer_init,
@@ -249,9 +253,10 @@ class Engine:
         """Swap in the weights of another folder of the same architecture and shapes (a new
         checkpoint of this model). Waits for the running requests to finish and holds new ones
         meanwhile; flushes the radix cache. Returns (success, message); on failure the old
-        weights stay in use."""
+        weights stay in use. A folder outside the allowed ones (``local_paths.py``) is a
+        ``ValueError``."""
         tm = self._tm()
-        path = tm.weights_update_path(model_path, load_format)
+        path = tm.weights_update_path(self.local_paths.check(model_path, "model_path"), load_format)
         ok, message = tm.rpc_sync(UpdateWeightsFromDiskReq(path), timeout=_UPDATE_TIMEOUT_S)
         if ok:
             self.model_path = path
@@ -268,7 +273,9 @@ class Engine:
 
     def load_lora_adapter(self, lora_name: str, lora_path: str) -> tuple[bool, str]:
         """Load a peft LoRA folder as adapter ``lora_name`` (needs ``enable_lora``); requests
-        then name it in ``lora_path``. Returns (success, message)."""
+        then name it in ``lora_path``. Returns (success, message); a folder outside the allowed
+        ones (``local_paths.py``) is a ``ValueError``."""
+        lora_path = self.local_paths.check(lora_path, "lora_path")
         return tuple(self._tm().rpc_sync(LoadLoRAAdapterReq(lora_name, lora_path), timeout=120))
 
     def unload_lora_adapter(self, lora_name: str) -> tuple[bool, str]:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
+from radixfleet.http_limits import BodyLimit, too_large_message
+
 from .auth import BearerAuth
 from .config import RouterConfig
 from .health import HealthChecker
@@ -85,6 +87,8 @@ def build_app(config: RouterConfig) -> FastAPI:
 
     # The proxied POST routes skip FastAPI's router and dependency solving (see _ProxyRoutes).
     app.add_middleware(_ProxyRoutes, proxy=state.proxy)
+    app.add_middleware(BodyLimit, limit=config.max_request_bytes,
+                       reject=lambda limit: error_response(413, too_large_message(limit)))
     if config.api_key:  # added last = outermost: it guards the fast path too
         app.add_middleware(BearerAuth, api_key=config.api_key)
     for route in GET_ROUTES:

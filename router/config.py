@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from radixfleet.http_limits import DEFAULT_MAX_REQUEST_BYTES
+
 POLICY_NAMES = ("cache_aware", "round_robin", "random", "power_of_two")
 
 
@@ -53,6 +55,7 @@ class RouterConfig:
     queue_limit: int = _f(1024, "Requests in flight across the router beyond which new ones get 429 (0: no limit).")
     request_timeout: float = _f(600.0, "Seconds an upstream request may take (read timeout).")
     max_connections: int = _f(1024, "Pooled upstream connections across all workers.")
+    max_request_bytes: int = _f(DEFAULT_MAX_REQUEST_BYTES, "Largest accepted request body in bytes (413 above it).")
     log_level: str = _f("info", "Logging level.", choices=("debug", "info", "warning", "error"))
 
     def __post_init__(self) -> None:
@@ -74,6 +77,7 @@ class RouterConfig:
             (self.queue_limit >= 0, "queue_limit must be >= 0 (0 disables it)"),
             (self.request_timeout > 0, "request_timeout must be > 0 seconds"),
             (self.max_connections >= 1, "max_connections must be >= 1"),
+            (self.max_request_bytes >= 1, "max_request_bytes must be >= 1"),
         ]
         errors = [msg for ok, msg in checks if not ok]
         if errors:

@@ -40,6 +40,7 @@ from radixfleet.engine.managers.io_struct import (
 )
 from radixfleet.engine.managers.session import SessionStore
 from radixfleet.engine.models.model_prep import resolve_model_path
+from radixfleet.engine.sampling.params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ class TokenizerManager:
         self._procs: list = []
         self.listeners: list[Any] = []  # callables(state, out) for metrics; called on every output
         self.sessions = SessionStore()
+        self.allow_auto_truncate = False  # EngineConfig.allow_auto_truncate
 
     # ---- start-up -------------------------------------------------------------------------
     def wait_ready(self, procs, timeout: float, need: set[str] = frozenset({"scheduler", "detokenizer"})) -> None:
@@ -150,10 +152,31 @@ class TokenizerManager:
             bad = next(t for t in ids if not 0 <= t < self.vocab_size)
             raise ValueError(f"input_ids contain token id {bad} outside the vocabulary [0, {self.vocab_size})")
         # A generation prompt leaves room for one new token; an embedding input may fill it.
-        if len(ids) > self.context_length - (not self.is_embedding):
-            raise ValueError(f"the prompt has {len(ids)} tokens; the model's context length is "
-                             f"{self.context_length}")
+        limit = self.context_length - (not self.is_embedding)
+        if len(ids) > limit:
+            if not self.allow_auto_truncate:
+                raise ValueError(f"the prompt has {len(ids)} tokens; the model's context length is "
+                                 f"{self.context_length} (allow_auto_truncate cuts it instead)")
+            logger.warning("prompt of %d tokens truncated to %d (allow_auto_truncate)", len(ids), limit)
+            ids = ids[:limit]  # SGLang's choice: keep the start, drop the end
+        params = getattr(req, "params", None)
+        if params is not None and "max_new_tokens" in params.explicit and params.max_new_tokens is not None:
+            self._fit_max_new_tokens(params, len(ids))
         return ids
+
+    def _fit_max_new_tokens(self, params: SamplingParams, prompt_len: int) -> None:
+        """An explicit ``max_new_tokens`` past the context is refused (SGLang's rule), or cut
+        to what fits with ``allow_auto_truncate``."""
+        room = self.context_length - prompt_len
+        if params.max_new_tokens <= room:
+            return
+        if self.allow_auto_truncate:
+            params.max_new_tokens = room
+            params.min_new_tokens = min(params.min_new_tokens, room)
+            return
+        raise ValueError(f"the prompt has {prompt_len} tokens and max_new_tokens is {params.max_new_tokens}; "
+                         f"together they exceed the model's context length of {self.context_length} "
+                         "(lower max_new_tokens, or start the engine with allow_auto_truncate)")
 
     def weights_update_path(self, model_path: str, load_format: str | None) -> str:
         """The folder an ``update_weights_from_disk`` call loads; ValueError for a bad call."""

@@ -11,18 +11,26 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
 
+from radixfleet import env_vars
 from radixfleet.engine.sampling.params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 GRAMMAR_KINDS = ("json_schema", "regex", "ebnf")
+# Compile time grows about cubically with a JSON schema's nesting (200 levels: 0.7 s on one
+# core) and linearly with its width (1,000 properties with patterns: 17 s): deeper schemas
+# are refused, and a request whose grammar is not compiled in time fails alone.
+# (The timeout is RADIXFLEET_GRAMMAR_COMPILE_TIMEOUT.)
+MAX_JSON_SCHEMA_DEPTH = 64
 _XGR_LOCATION = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: \(.*?\) is false: )?")
 
 
@@ -32,6 +40,26 @@ def grammar_key(params: SamplingParams) -> tuple[str, str] | None:
         if value is not None:
             return kind, value
     return None
+
+
+def _json_depth(value: Any) -> int:
+    depth, level = 0, [value]
+    while level:
+        depth += 1
+        level = [v for x in level if isinstance(x, (dict, list))
+                 for v in (x.values() if isinstance(x, dict) else x)]
+    return depth - 1
+
+
+def check_json_schema_depth(schema: str) -> None:
+    """ValueError for a schema nested deeper than ``MAX_JSON_SCHEMA_DEPTH`` (or not JSON)."""
+    try:
+        depth = _json_depth(json.loads(schema))
+    except (ValueError, RecursionError):
+        raise ValueError("invalid json_schema: not a JSON document (or nested too deeply to read)") from None
+    if depth > MAX_JSON_SCHEMA_DEPTH:
+        raise ValueError(f"json_schema nests {depth} levels deep; at most {MAX_JSON_SCHEMA_DEPTH} are "
+                         "compiled (compile time grows steeply with depth)")
 
 
 def _clean_error(exc: BaseException) -> str:
@@ -58,6 +86,8 @@ class GrammarBackend:
 
     def _compile(self, key: tuple[str, str]):
         kind, value = key
+        if kind == "json_schema":
+            check_json_schema_depth(value)
         compiler = self._get_compiler()
         try:
             if kind == "json_schema":
@@ -76,6 +106,18 @@ class GrammarBackend:
             fut = self._cache[key] = self._pool.submit(self._compile, key)
         return fut
 
+    def abandon(self, key: tuple[str, str]) -> None:
+        """Give up on a compilation that took too long: forget it, and let the grammars queued
+        behind it compile on a fresh worker (the old one finishes alone; its result is dropped)."""
+        fut = self._cache.pop(key, None)
+        if fut is not None and not fut.cancel():
+            stuck, self._pool = self._pool, ThreadPoolExecutor(1, thread_name_prefix="grammar-compile")
+            stuck.shutdown(wait=False, cancel_futures=True)
+            queued = [k for k, f in self._cache.items() if f.cancelled()]
+            for k in queued:
+                del self._cache[k]
+                self.compile(k)
+
 
 class GrammarQueue:
     """Requests waiting for their grammar; ``take_ready`` moves them on."""
@@ -84,18 +126,28 @@ class GrammarQueue:
         self._backend_factory = backend_factory
         self._backend: GrammarBackend | None = None
         self.pending: list[tuple[Any, Future]] = []
+        self._waiting_since: dict[int, tuple[tuple[str, str], float]] = {}  # id(req) → (key, time added)
 
     def add(self, req, key: tuple[str, str]) -> None:
         if self._backend is None:
             self._backend = self._backend_factory()
         self.pending.append((req, self._backend.compile(key)))
+        self._waiting_since[id(req)] = (key, time.monotonic())
 
     def take_ready(self) -> tuple[list, list[tuple[Any, str]]]:
         """(requests now ready with ``req.grammar`` set, [(request, error message)])."""
         import xgrammar as xgr
 
         ready, failed, still = [], [], []
+        now, timeout = time.monotonic(), env_vars.GRAMMAR_COMPILE_TIMEOUT.get()
         for req, fut in self.pending:
+            key, since = self._waiting_since[id(req)]
+            if fut.cancelled():  # queued behind an abandoned compilation: queued again
+                fut = self._backend.compile(key)
+            if not fut.done() and now - since > timeout:
+                self._backend.abandon(key)
+                failed.append((req, f"the request's {key[0]} did not compile within {timeout:g} s"))
+                continue
             if not fut.done():
                 still.append((req, fut))
                 continue
@@ -107,12 +159,16 @@ class GrammarQueue:
             req.grammar = xgr.GrammarMatcher(fut.result())
             ready.append(req)
         self.pending = still
+        for req in ready + [r for r, _ in failed]:
+            self._waiting_since.pop(id(req), None)
         return ready, failed
 
     def remove(self, rid: str) -> list:
         """Drop the pending requests with this id ("" drops all); return them."""
         gone = [r for r, _ in self.pending if not rid or r.rid == rid]
         self.pending = [(r, f) for r, f in self.pending if r not in gone]
+        for req in gone:
+            self._waiting_since.pop(id(req), None)
         return gone
 
 

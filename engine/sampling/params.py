@@ -8,6 +8,11 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 _TOP_K_ALL = -1  # top_k = -1 means "no top-k cut"
+# Limits on what one request may ask for (400 above them): n copies are n requests in the
+# batch; every stop string is searched for in the output's tail after each token.
+MAX_N = 128
+MAX_STOP_STRS = 1024
+MAX_STOP_STR_CHARS = 256
 # Keys SGLang takes from the model's generation_config.json when the user omits them.
 GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
@@ -123,13 +128,17 @@ class SamplingParams:
         if self.max_new_tokens is not None and self.min_new_tokens > self.max_new_tokens:
             raise ValueError(f"min_new_tokens ({self.min_new_tokens}) must not exceed "
                              f"max_new_tokens ({self.max_new_tokens})")
-        if self.n < 1:
-            raise bad("n", "at least 1")
+        if not 1 <= self.n <= MAX_N:
+            raise bad("n", f"in [1, {MAX_N}]")
         grammars = [k for k in ("json_schema", "regex", "ebnf") if getattr(self, k) is not None]
         if len(grammars) > 1:
             raise ValueError(f"only one of json_schema, regex, ebnf may be set, got {grammars}")
         if any(not isinstance(s, str) or not s for s in self.stop_strs):
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
+        if len(self.stop_strs) > MAX_STOP_STRS or any(len(s) > MAX_STOP_STR_CHARS for s in self.stop_strs):
+            raise ValueError(f"stop takes at most {MAX_STOP_STRS} strings of at most {MAX_STOP_STR_CHARS} "
+                             f"characters each, got {len(self.stop_strs)} (longest "
+                             f"{max(map(len, self.stop_strs))} characters)")
         if any(not isinstance(t, int) for t in self.stop_token_ids):
             raise ValueError("stop_token_ids must be a list of integers")
         if self.custom_params is not None and not isinstance(self.custom_params, dict):

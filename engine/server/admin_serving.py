@@ -2,7 +2,8 @@
 
 Each changes or reads the engine's state rather than generating; the ones that go through
 the scheduler answer ``{"success", "message"}``, 200 on success and 400 with the reason
-otherwise. Malformed bodies are 400 error objects, as on every other route.
+otherwise. Malformed bodies are 400 error objects, as on every other route; a folder
+outside the allowed ones (``engine/managers/local_paths.py``) is a 403.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def register_admin_routes(app: FastAPI, state: ServerState) -> None:
         body = await json_object(request)
         if not isinstance(body.get("model_path"), str):
             raise APIError(400, "pass {\"model_path\": \"<folder>\"}", param="model_path")
-        path = state.tm.weights_update_path(body["model_path"], body.get("load_format"))
+        path = state.tm.weights_update_path(state.engine.local_paths.check(body["model_path"], "model_path"),
+                                            body.get("load_format"))
         state.check_alive()
         response, ok = await _outcome(state, UpdateWeightsFromDiskReq(path))
         if ok:
@@ -61,7 +63,8 @@ def register_admin_routes(app: FastAPI, state: ServerState) -> None:
         body = await json_object(request)
         if not all(isinstance(body.get(k), str) for k in ("lora_name", "lora_path")):
             raise APIError(400, "pass {\"lora_name\": ..., \"lora_path\": \"<peft folder>\"}")
-        return (await _outcome(state, LoadLoRAAdapterReq(body["lora_name"], body["lora_path"])))[0]
+        path = state.engine.local_paths.check(body["lora_path"], "lora_path")
+        return (await _outcome(state, LoadLoRAAdapterReq(body["lora_name"], path)))[0]
 
     @app.post("/unload_lora_adapter")
     async def unload_lora_adapter(request: Request) -> JSONResponse:

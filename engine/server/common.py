@@ -18,8 +18,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from radixfleet.engine.managers.io_struct import ControlReq, SingleReq
 from radixfleet.engine.server.metrics import EngineMetrics
+from radixfleet.http_limits import DEFAULT_MAX_REQUEST_BYTES
 
-DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
 RPC_TIMEOUT_S = 10.0
 ENGINE_EXITED = "an engine process has exited; restart the server"
 # meta_info lists with one entry per output token, concatenated over chunks for a whole answer.
@@ -37,7 +37,7 @@ class APIError(Exception):
         self.type = type_ or _TYPES.get(status, "invalid_request_error")
 
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
           405: "invalid_request_error", 413: "invalid_request_error", 500: "server_error",
           503: "service_unavailable"}
 

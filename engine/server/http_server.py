@@ -28,6 +28,7 @@ from radixfleet.engine.managers.io_struct import (
     GetInternalStateReq,
     SingleReq,
 )
+from radixfleet.engine.managers.local_paths import PathNotAllowed
 from radixfleet.engine.sampling.params import SamplingParams
 from radixfleet.engine.server.admin_serving import register_admin_routes
 from radixfleet.engine.server.common import (
@@ -49,6 +50,7 @@ from radixfleet.engine.server.embedding_serving import embed, register_embedding
 from radixfleet.engine.server.metrics import CONTENT_TYPE, UNMETERED_RID_PREFIX
 from radixfleet.engine.server.openai_serving import register_openai_routes
 from radixfleet.http_auth import BearerKey
+from radixfleet.http_limits import BodyLimit, too_large_message
 
 logger = logging.getLogger(__name__)
 
@@ -58,53 +60,22 @@ _HEALTH_GENERATE_TIMEOUT_S = 30.0
 # ---- ASGI middleware: body size limit and API key --------------------------------------------
 class GuardMiddleware:
     """Answers 401 without ``Authorization: Bearer <key>`` (except ``/health``;
-    ``radixfleet.http_auth``) and 413 for bodies over the limit (by Content-Length, or
-    counted while reading a chunked body)."""
+    ``radixfleet.http_auth``) and 413 for bodies over the limit (``radixfleet.http_limits``)."""
 
     def __init__(self, app: Any, state: ServerState):
-        self.app, self.state = app, state
         self.key = BearerKey(state.api_key) if state.api_key else None
+        self.limited = BodyLimit(app, state.max_request_bytes, _too_large)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
         refusal = self.key.refusal(scope) if self.key is not None else None
         if refusal is not None:
             resp = error_response(401, refusal, code="invalid_api_key")
             return await resp(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        limit = self.state.max_request_bytes
-        length = headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            return await _too_large(limit)(scope, receive, send)
-        if scope["method"] not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
-        # Read the body here (the handlers read all of it anyway), then replay it.
-        chunks, size = [], 0
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return
-            chunks.append(msg.get("body", b""))
-            size += len(chunks[-1])
-            if size > limit:
-                return await _too_large(limit)(scope, receive, send)
-            if not msg.get("more_body"):
-                break
-        replayed = False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()  # after the body: wait for http.disconnect
-
-        await self.app(scope, replay, send)
+        await self.limited(scope, receive, send)
 
 
 def _too_large(limit: int) -> JSONResponse:
-    return error_response(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+    return error_response(413, too_large_message(limit), code="request_too_large")
 
 
 # ---- app ---------------------------------------------------------------------------------------
@@ -132,6 +103,10 @@ def _register_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ValueError)
     async def _value_error(_: Request, e: ValueError) -> JSONResponse:
         return error_response(400, str(e) or type(e).__name__, param=getattr(e, "param", None))
+
+    @app.exception_handler(PathNotAllowed)
+    async def _path_not_allowed(_: Request, e: PathNotAllowed) -> JSONResponse:
+        return error_response(403, str(e), code="path_not_allowed")
 
     @app.exception_handler(RuntimeError)
     async def _engine_error(_: Request, e: RuntimeError) -> JSONResponse:

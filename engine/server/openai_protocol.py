@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from radixfleet.engine.sampling.params import MAX_N
+
 # Accepted for compatibility; they do not change generation.
 IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls",
                             "reasoning_effort", "modalities", "prediction"})
@@ -57,7 +59,7 @@ class _SamplingFields(BaseModel):
     model: str | None = None
     temperature: float | None = None
     top_p: float | None = None
-    n: int = Field(default=1, ge=1, le=128)
+    n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None

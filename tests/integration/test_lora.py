@@ -4,6 +4,7 @@ adapter merged into the weights (peft ``merge_and_unload``), with matching logpr
 
 from __future__ import annotations
 
+import os
 import threading
 
 import httpx
@@ -59,7 +60,8 @@ def hf_greedy(model, tok, prompt: str, n: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def engine(model_dir, adapters):
-    with Engine(model_path=model_dir, lora_paths=[f"a={adapters['a']}"], max_total_tokens=8192) as e:
+    with Engine(model_path=model_dir, lora_paths=[f"a={adapters['a']}"], max_total_tokens=8192,
+                allowed_local_paths=[os.path.dirname(adapters["a"])]) as e:
         yield e
 
 
@@ -120,8 +122,12 @@ def test_an_adapter_in_use_is_not_unloaded(engine, adapters):
 def test_bad_adapters_and_names_are_refused(engine, adapters, tmp_path):
     ok, message = engine.load_lora_adapter("embed", adapters["embed"])
     assert not ok and "not supported" in message
-    ok, message = engine.load_lora_adapter("none", str(tmp_path))
+    empty = os.path.join(os.path.dirname(adapters["a"]), "empty")
+    os.makedirs(empty, exist_ok=True)
+    ok, message = engine.load_lora_adapter("none", empty)
     assert not ok and "not a peft LoRA folder" in message
+    with pytest.raises(ValueError, match="outside the allowed folders"):
+        engine.load_lora_adapter("none", str(tmp_path))
     ok, message = engine.load_lora_adapter("a", adapters["b"])
     assert not ok and "already loaded" in message
     ok, message = engine.unload_lora_adapter("never")
@@ -140,7 +146,12 @@ def test_lora_with_tensor_parallelism_is_a_config_error(model_dir):
 
 def test_http_routes_and_the_openai_lora_path(model_dir, adapters):
     refs, tok = adapters["refs"], adapters["tok"]
-    with engine_server(model_dir, "--enable-lora") as url:
+    with engine_server(model_dir, "--enable-lora", "--allowed-local-paths", os.path.dirname(adapters["b"])) as url:
+        for outside in ("/tmp", os.path.join(adapters["b"], "..", "..")):
+            forbidden = httpx.post(url + "/load_lora_adapter", json={"lora_name": "x", "lora_path": outside},
+                                   timeout=60)
+            assert forbidden.status_code == 403, forbidden.text
+            assert "outside the allowed folders" in forbidden.json()["error"]["message"]
         loaded = httpx.post(url + "/load_lora_adapter", json={"lora_name": "b", "lora_path": adapters["b"]},
                             timeout=60)
         assert loaded.status_code == 200 and loaded.json()["success"], loaded.text

@@ -5,6 +5,7 @@ a request already running finishes on the weights it started with."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 
@@ -62,7 +63,8 @@ def generate(engine: Engine) -> list[int]:
 def test_update_swaps_in_the_new_model_and_refuses_bad_folders(folders):
     want_a, want_b = (hf_greedy(folders[k], PROMPT, 12) for k in ("a", "b"))
     assert want_a != want_b
-    with Engine(model_path=folders["a"], max_total_tokens=2048, skip_tokenizer_init=True) as engine:
+    with Engine(model_path=folders["a"], max_total_tokens=2048, skip_tokenizer_init=True,
+                allowed_local_paths=[os.path.dirname(folders["a"])]) as engine:
         assert generate(engine) == want_a
         before = engine.get_weights_by_name("model.layers.0.mlp.down_proj.weight", 8)
         ok, message = engine.update_weights_from_disk(folders["b"])
@@ -76,8 +78,10 @@ def test_update_swaps_in_the_new_model_and_refuses_bad_folders(folders):
         assert not ok and "hidden_size=192" in message
         ok, message = engine.update_weights_from_disk(folders["broken"])
         assert not ok and "previous weights were restored" in message
-        ok, message = engine.update_weights_from_disk("/no/such/folder")
+        ok, message = engine.update_weights_from_disk(os.path.join(os.path.dirname(folders["a"]), "none"))
         assert not ok and "not a folder" in message
+        with pytest.raises(ValueError, match="outside the allowed folders"):
+            engine.update_weights_from_disk("/no/such/folder")
         assert generate(engine) == want_b
         assert engine.get_weights_by_name("layers.0.mlp.down_proj.weight", 8) == after
         with pytest.raises(ValueError, match="no parameter 'nope'"):
@@ -89,7 +93,8 @@ def test_a_running_request_finishes_on_its_weights(folders):
     the new weights."""
     long = {**GREEDY, "max_new_tokens": 120}
     want_a = hf_greedy(folders["a"], PROMPT, 120)
-    with Engine(model_path=folders["a"], max_total_tokens=2048, skip_tokenizer_init=True) as engine:
+    with Engine(model_path=folders["a"], max_total_tokens=2048, skip_tokenizer_init=True,
+                allowed_local_paths=[os.path.dirname(folders["a"])]) as engine:
         result: dict = {}
         worker = threading.Thread(target=lambda: result.update(
             out=engine.generate(input_ids=PROMPT, sampling_params=long)))
@@ -104,7 +109,8 @@ def test_a_running_request_finishes_on_its_weights(folders):
 
 
 def test_http_routes(folders):
-    with engine_server(folders["a"], "--skip-tokenizer-init") as url:
+    with engine_server(folders["a"], "--skip-tokenizer-init", "--allowed-local-paths",
+                       os.path.dirname(folders["a"])) as url:
         resp = httpx.post(url + "/update_weights_from_disk", json={"model_path": folders["b"]}, timeout=120)
         assert resp.status_code == 200 and resp.json()["success"], resp.text
         out = httpx.post(url + "/generate", json={"input_ids": PROMPT, "sampling_params": GREEDY}, timeout=60)
@@ -112,6 +118,10 @@ def test_http_routes(folders):
         refused = httpx.post(url + "/update_weights_from_disk", json={"model_path": folders["wider"]}, timeout=60)
         assert refused.status_code == 400 and not refused.json()["success"]
         assert "hidden_size" in refused.json()["message"]
+        for outside in ("/etc", os.path.join(folders["a"], "..", "..")):
+            forbidden = httpx.post(url + "/update_weights_from_disk", json={"model_path": outside}, timeout=60)
+            assert forbidden.status_code == 403, forbidden.text
+            assert "outside the allowed folders" in forbidden.json()["error"]["message"]
         bad = httpx.post(url + "/update_weights_from_disk", json={"path": "x"}, timeout=60)
         assert bad.status_code == 400 and "model_path" in bad.json()["error"]["message"]
         values = httpx.post(url + "/get_weights_by_name", json={"name": "layers.1.self_attn.o_proj.weight",
