@@ -179,10 +179,12 @@ class Scheduler:
         span = now - recent[0][0] if len(recent) > 1 else 0
         prompt = max(self.stats["prompt_tokens"], 1)
         return {"num_running_requests": len(self.running) + (self.chunked is not None),
-                "num_queued_requests": len(self.waiting),
+                # Requests waiting for their grammar to compile are queued too.
+                "num_queued_requests": len(self.waiting) + len(self.grammars.pending),
                 "kv_used_tokens": used, "kv_cache_usage_ratio": used / total,
                 "radix_cache_tokens": self.kv.cache.total_size,
                 "free_tokens": self.kv.allocator.available,
+                "req_rows_free": self.kv.table.available,
                 "cache_hit_ratio": self.stats["cached_tokens"] / prompt,
                 "generation_throughput": sum(n for _, n in recent) / span if span else 0.0,
                 "new_token_ratio": self.new_token_ratio, **self.stats}

@@ -284,7 +284,8 @@ class TokenizerManager:
             return
         with self._lock:
             states, self.states = list(self.states.values()), {}
-        err = RuntimeError(f"an engine process died (exit code {dead[0].returncode}); restart the engine")
+        role = getattr(dead[0], "role", "child")
+        err = RuntimeError(f"an engine process died (the {role}, exit code {dead[0].returncode}); restart the engine")
         for st in states:
             st.sink.put(err)
         self._procs = []  # report once

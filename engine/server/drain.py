@@ -9,6 +9,9 @@ On the first SIGTERM the server starts draining, and keeps listening while it do
 - requests already in flight (streams included) run to the end, for up to the drain timeout;
 - then uvicorn shuts down and the process exits 0.
 
+When the scheduler or the detokenizer exits, the server fails what is pending with 503,
+answers 503 for a few seconds more, then exits 1 (``DrainingServer``'s watchdog).
+
 A second SIGTERM, or SIGINT, exits without waiting (uvicorn's usual behaviour).
 """
 
@@ -32,6 +35,8 @@ READINESS_PATH = "/health"
 LIVENESS_PATH = "/live"
 # Answered while draining; they are not requests to wait for.
 PROBE_PATHS = frozenset({READINESS_PATH, LIVENESS_PATH, "/metrics"})
+# After an engine process exits, how long the server answers 503 before it exits itself.
+ENGINE_EXIT_GRACE_S = 3.0
 
 
 @dataclass
@@ -95,11 +100,17 @@ async def _ok(scope: dict, receive: Callable, send: Callable) -> None:
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn that turns the first SIGTERM into a drain, then exits normally (code 0)."""
+    """uvicorn that turns the first SIGTERM into a drain, then exits normally (code 0).
 
-    def __init__(self, config: uvicorn.Config, drain: Drain) -> None:
+    Watchdog: once ``alive()`` turns false (the scheduler or the detokenizer exited), the
+    pending requests have already failed with 503 (the ``TokenizerManager``); the server stays
+    up ``ENGINE_EXIT_GRACE_S`` more (``/health`` and new requests answer 503 saying why), then
+    stops with ``engine_exited`` set, so ``radixfleet serve`` exits 1 and is restarted."""
+
+    def __init__(self, config: uvicorn.Config, drain: Drain, alive: Callable[[], bool] = lambda: True) -> None:
         super().__init__(config)
-        self.drain = drain
+        self.drain, self.alive = drain, alive
+        self.engine_exited: float | None = None  # time.monotonic() when the watchdog saw it
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if sig == signal.SIGTERM and not self.drain.draining:
@@ -108,4 +119,9 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
     async def on_tick(self, counter: int) -> bool:
+        if self.engine_exited is None and not self.alive():
+            self.engine_exited = time.monotonic()
+            logger.error("%s: exiting in %.0f s", ENGINE_EXITED, ENGINE_EXIT_GRACE_S)
+        if self.engine_exited is not None and time.monotonic() - self.engine_exited >= ENGINE_EXIT_GRACE_S:
+            return True
         return self.drain.finished() or await super().on_tick(counter)

@@ -80,11 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("serving %s on http://%s:%d", state.model_name, args.host, args.port)
         # The drain already waited for requests in flight: what is left at shutdown is idle keep-alives.
         server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                               timeout_keep_alive=30, timeout_graceful_shutdown=10), drain)
+                                               timeout_keep_alive=30, timeout_graceful_shutdown=10), drain,
+                                alive=state.engine_alive)
         server.run()
     finally:
         engine.shutdown()
-    return 0
+    return 1 if server.engine_exited is not None else 0
 
 
 def _serve_worker_node(engine) -> int:

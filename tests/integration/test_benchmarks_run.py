@@ -78,6 +78,22 @@ def check_kernel_bench(lines: list[dict]) -> None:
         assert lines == [{"bench": "kernel_bench", "skipped": "needs CUDA: no CUDA GPU visible to torch"}]
 
 
+SOAK_RSS_GROWTH_MIB = 64  # per engine, middle to end of the short soak (measured 7-21 MiB)
+
+
+def check_soak(lines: list[dict]) -> None:
+    """Issue #20 item 1: every request not cancelled completes with a valid answer, and then
+    every engine is idle with each KV slot and table row free again, its memory steady."""
+    *engines, summary = lines
+    assert summary["bench"] == "summary" and summary["sent"] == summary["requests"]
+    assert summary["failed"] == 0 and summary["broken_streams"] == 0, summary["failures"]
+    assert summary["completed"] + summary["cancelled"] == summary["sent"] and summary["cancelled"] > 0
+    for e in engines:
+        assert (e["metrics_running"], e["metrics_queued"], e["running"], e["queued"]) == (0, 0, 0, 0), e
+        assert e["flush_status"] == 200 and e["slots_leaked"] == 0 and e["rows_leaked"] == 0, e
+        assert e["rss_growth_mib"] < SOAK_RSS_GROWTH_MIB, e
+
+
 # script: (its smallest workload, what its JSON lines must say)
 CASES: dict[str, tuple[list[str], Callable[[list[dict]], None]]] = {
     "offline_throughput.py": (["--num-prompts", "2", "--random-input-len", "8", "--random-output-len", "4"],
@@ -88,6 +104,8 @@ CASES: dict[str, tuple[list[str], Callable[[list[dict]], None]]] = {
     "structured.py": (["--batch", "2", "--tokens", "4", "--rounds", "1"], check_structured),
     "router.py": (["--seconds", "0.4", "--skip-sglang"], check_router),
     "kernel_bench.py": (["--only", "launch"], check_kernel_bench),
+    # Not tiny: this run is the CI soak (~45 s; the documented full run is 2000 requests).
+    "soak.py": (["--requests", "300"], check_soak),
 }
 NEEDS_SERVER = {"serving.py"}
 
@@ -110,3 +128,18 @@ def test_serving_benchmark_against_a_running_server():
     assert line["benchmark"] == "serving" and (line["completed"], line["failed"]) == (2, 0)
     assert line["total_output_tokens"] == 2 * 4
     assert has(line, "mean_ttft_ms", "p99_itl_ms", "output_throughput", "request_throughput")
+
+
+def test_soak_with_an_engine_sigkilled_fails_no_plain_request():
+    """Issue #20 item 2a: engine 0 SIGKILLed mid-soak. No non-streaming request fails (the
+    router retries it on the other engine; a stream cut after its first byte cannot be
+    retried), the router drops the dead engine, and once restarted and added back with
+    /add_worker it is sent requests again."""
+    *engines, summary = run_script("soak.py", "--requests", "200", "--kill-engine-at", "0.3")
+    assert summary["failed"] == 0, summary["failures"]
+    assert summary["completed"] + summary["cancelled"] + summary["broken_streams"] == summary["sent"]
+    restarted = engines[0]
+    assert restarted["dropped_after_s"] < 10 and restarted["readd_status"] == 200, restarted
+    assert restarted["requests_after_restart"] > 0, restarted
+    for e in engines:
+        assert e["slots_leaked"] == 0 and e["rows_leaked"] == 0 and e["queued"] == 0, e

@@ -57,3 +57,13 @@ def test_schedule_policy_orders_the_queue(policy, order):
     assert {rid: h.sent(rid)[-1].cached_tokens for rid in prompts} == \
         {"no_match": 0, "short_match": 8, "long_match": 24}
     h.assert_all_free()
+
+
+def test_a_request_waiting_for_its_grammar_counts_as_queued():
+    """Regression (issue #20 soak): a structured-output request whose grammar was compiling
+    was in no queue that internal_state counted, so /metrics read 0 queued while it waited."""
+    h = SchedulerHarness(overlap=False)
+    h.submit("structured", [20, 21, 22], max_new_tokens=2, regex="(yes|no)")
+    h.scheduler._recv(block=False)
+    state = h.scheduler.internal_state()
+    assert state["num_queued_requests"] == 1 and state["req_rows_free"] == h.runner.req_table.available
