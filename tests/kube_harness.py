@@ -26,6 +26,7 @@ import kmock
 from radixfleet.operator import names
 from radixfleet.operator.config import OperatorConfig
 from radixfleet.operator.handlers import build_registry
+from radixfleet.operator.kube import USER_AGENT
 from radixfleet.operator.runtime import Runtime
 
 VERBS = {"get", "list", "watch", "create", "patch", "update", "delete"}
@@ -99,6 +100,27 @@ def declare_resources(emulator: kmock.KubernetesEmulator) -> None:
     )
 
 
+# (apiGroup, resource[/subresource], verb) of every API call the operator made in this session,
+# whichever test made it: tests/integration/test_operator_rbac.py compares them with the chart's RBAC.
+OPERATOR_CALLS: set[tuple[str, str, str]] = set()
+OPERATOR_AGENTS = ("kopf/", USER_AGENT)
+_VERBS = {kmock.action.FETCH: "get", kmock.action.LIST: "list", kmock.action.WATCH: "watch",
+          kmock.action.CREATE: "create", kmock.action.DELETE: "delete"}
+
+
+def operator_call(request: Any) -> tuple[str, str, str] | None:
+    """The RBAC triple of a request the operator (kopf or its own client) made; None for the
+    tests' own calls, Helm's and non-resource URLs (discovery)."""
+    if not request.headers.get("User-Agent", "").startswith(OPERATOR_AGENTS) or not getattr(request.resource, "plural", None):
+        return None
+    if request.action == kmock.action.UPDATE:
+        verb = "patch" if str(request.method).upper().endswith("PATCH") else "update"
+    else:
+        verb = _VERBS.get(request.action, str(request.action))
+    resource = request.resource.plural + (f"/{request.subresource}" if request.subresource else "")
+    return request.resource.group or "", resource, verb
+
+
 class Emulator(kmock.KubernetesEmulator):
     """KMock with a little more of the API server's bookkeeping: `generateName` (kopf names
     its Events that way), `uid`/`creationTimestamp`/`generation` on create, `generation`
@@ -122,6 +144,9 @@ class Emulator(kmock.KubernetesEmulator):
         return payload
 
     async def _handle(self, request):  # type: ignore[no-untyped-def]
+        call = operator_call(request)
+        if call is not None:
+            OPERATOR_CALLS.add(call)
         data = request.data
         if request.action == kmock.action.CREATE and isinstance(data, dict) and isinstance(data.get("metadata"), dict):
             meta = data["metadata"]

@@ -25,6 +25,7 @@ from typing import Any
 from radixfleet.engine.sampling.params import SamplingParams
 
 GENERATE_REFUSED = "this engine serves an embedding model: use encode (/encode, /v1/embeddings)"
+MAX_TOP_LOGPROBS_NUM = 100
 ENCODE_REFUSED = ("encode needs an embedding model (e.g. model_path='all-minilm-l6-v2'); this "
                   "engine serves a generation model")
 
@@ -88,6 +89,7 @@ class GenerateReqInput(GenerateOptions):
         """(one request per prompt, whether the call was a batch). Raises ValueError naming
         the problem."""
         texts, id_lists, is_batch = _inputs(self.text, self.input_ids)
+        self._check_logprob_options()
         n = len(texts)
         if isinstance(self.sampling_params, list):
             if len(self.sampling_params) != n:
@@ -104,6 +106,15 @@ class GenerateReqInput(GenerateOptions):
                           GenerateOptions(**same, **{k: v[i] for k, v in varying.items()}),
                           self.session_params) for i in range(n)]
         return reqs, is_batch
+
+    def _check_logprob_options(self) -> None:
+        # Regression (issue #20 fuzz): a negative or huge top_logprobs_num reached torch.topk in
+        # the scheduler and killed the engine. Each entry is sent for every token: keep it modest.
+        for name in ("top_logprobs_num", "logprob_start_len"):
+            if type(getattr(self, name)) is not int:
+                raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        if not 0 <= self.top_logprobs_num <= MAX_TOP_LOGPROBS_NUM:
+            raise ValueError(f"top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS_NUM}], got {self.top_logprobs_num}")
 
     def _options_per_prompt(self, n: int) -> dict[str, list]:
         """The options that may differ between prompts: {name: one value per prompt}."""

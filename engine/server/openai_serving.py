@@ -224,6 +224,10 @@ class _CompletionJob(_Job):
         else:
             raise InvalidParam("prompt must be a string, a list of strings, token ids or lists of token ids",
                                "prompt")
+        vocab = state.tm.vocab_size
+        if any(not 0 <= t < vocab for x in ids or () for t in x):
+            # Regression (issue #20 fuzz): echo decoded huge ids first, a 500 (OverflowError).
+            raise InvalidParam(f"prompt token ids must be in [0, {vocab})", "prompt")
         tok = state.tm.tokenizer
         params = sampling_params(req, req.max_tokens)
         reqs, _ = GenerateReqInput(text=texts, input_ids=ids, sampling_params=params, stream=req.stream,

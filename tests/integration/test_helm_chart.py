@@ -160,7 +160,7 @@ async def test_rbac_grants_exactly_what_the_operator_uses():
         group = info.api_version.rpartition("/")[0]
         assert (group, info.plural) in granted, f"the operator manages {kind} but the chart grants nothing on it"
     assert granted[("", "secrets")] == {"get"}
-    assert granted[("radixfleet.io", "inferenceservices/status")] == {"get", "patch"}
+    assert granted[("radixfleet.io", "inferenceservices/status")] == {"patch"}
     assert not any("*" in verbs or "update" in verbs for verbs in granted.values()), granted
     assert all(r["resources"] != ["*"] and r["apiGroups"] != ["*"] for r in rules)
 

@@ -173,3 +173,22 @@ def test_1000_connections_that_never_read_their_stream(url):
         for s in socks:
             s.close()
     still_serves(url)
+
+
+def test_top_logprobs_num_out_of_range_is_400_not_a_dead_engine(url):
+    """Found by the fuzz (test_fuzz_openapi): a negative top_logprobs_num reached torch.topk in
+    the scheduler and the engine process exited (every later request: 503)."""
+    for bad in (-3, 10**20, 2.5, "3"):
+        resp = httpx.post(url + "/generate", timeout=30, json={"text": "Hi", "return_logprob": True,
+                                                               "top_logprobs_num": bad})
+        refused(resp, 400, "top_logprobs_num")
+    still_serves(url)
+
+
+def test_echo_of_out_of_vocabulary_token_ids_is_400_not_500(url):
+    """Found by the fuzz: /v1/completions with echo decoded the ids before they were checked
+    (OverflowError, a 500)."""
+    for ids in ([-(10**24), 5], [10**6]):
+        resp = httpx.post(url + "/v1/completions", json={"prompt": ids, "echo": True, "max_tokens": 1}, timeout=30)
+        refused(resp, 400, "prompt token ids")
+    still_serves(url)
