@@ -29,7 +29,7 @@ from radixfleet.engine.managers.io_struct import (
     SingleReq,
 )
 from radixfleet.engine.managers.local_paths import PathNotAllowed
-from radixfleet.engine.sampling.params import SamplingParams
+from radixfleet.engine.sampling.params import MAX_N, SamplingParams
 from radixfleet.engine.server.admin_serving import register_admin_routes
 from radixfleet.engine.server.common import (
     SSE_DONE,
@@ -201,6 +201,8 @@ def _register_native_routes(app: FastAPI, state: ServerState) -> None:
             reqs, is_batch = req.normalize()
         except TypeError as e:  # a field of the wrong type
             raise APIError(400, str(e)) from None
+        if any(r.params.n > MAX_N for r in reqs):
+            raise APIError(400, f"n must be in [1, {MAX_N}]", param="n")
         with_index = is_batch or any(r.params.n > 1 for r in reqs)
         if req.stream:
             gen = stream_outputs(state, reqs)

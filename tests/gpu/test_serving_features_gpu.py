@@ -71,7 +71,7 @@ def test_update_weights_under_cuda_graphs(llama, tmp_path):
     gen = torch.Generator().manual_seed(5)
     tensors = {k: torch.randn(v.shape, generator=gen) * 0.08 if v.dim() == 2 else v for k, v in tensors.items()}
     save_file(tensors, f"{other}/model.safetensors", metadata={"format": "pt"})
-    with Engine(model_path=llama, **ENGINE) as engine:
+    with Engine(model_path=llama, allowed_local_paths=[str(tmp_path)], **ENGINE) as engine:
         before = engine.generate(input_ids=PROMPTS[0], sampling_params=GREEDY)["output_ids"]
         ok, message = engine.update_weights_from_disk(other)
         assert ok, message
