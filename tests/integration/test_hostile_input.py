@@ -192,3 +192,10 @@ def test_echo_of_out_of_vocabulary_token_ids_is_400_not_500(url):
         resp = httpx.post(url + "/v1/completions", json={"prompt": ids, "echo": True, "max_tokens": 1}, timeout=30)
         refused(resp, 400, "prompt token ids")
     still_serves(url)
+
+
+def test_custom_logit_processors_are_refused_unless_enabled(url):
+    """Issue #20 item 4: a processor is client code the server would deserialise and run."""
+    resp = httpx.post(url + "/generate", timeout=30, json={"text": "Hi", "custom_logit_processor": '{"callable": "x"}'})
+    refused(resp, 400, "custom_logit_processor is disabled")
+    still_serves(url)
