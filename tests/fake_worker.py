@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import uvicorn
 from fastapi import FastAPI, Request
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from radixfleet.http_auth import BearerKey
@@ -75,6 +76,12 @@ def build_fake_worker(name: str = "fake", latency: float = 0.0, chunks: int = 4,
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     app.state.fake = state
     key = BearerKey(api_key) if api_key else None
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        # Like the engine: an OpenAI-shaped error that names the route (the router passes it on).
+        message = f"no route {request.method} {request.url.path}" if e.status_code == 404 else str(e.detail)
+        return JSONResponse({"error": {"message": message}}, status_code=e.status_code)
 
     async def handle(request: Request) -> Response:
         route = request.url.path

@@ -198,3 +198,19 @@ def test_fuzz_the_router_over_fake_workers():
             w.kill()
     print(json.dumps(statuses, sort_keys=True))
     assert sum(statuses.values()) > 50
+
+
+def test_fuzz_finding_a_route_the_worker_lacks_is_a_404_with_a_message():
+    """Found by the router fuzz in CI: ``POST /encode {}`` through the router to a worker
+    without that route came back as a bare ``{"detail": "Not Found"}``. The engine answers an
+    OpenAI-shaped error naming the route; the fake worker now does too, and the router passes
+    the worker's error on unchanged."""
+    workers = start_fake_workers(1)
+    try:
+        config = RouterConfig(port=free_port(), worker_urls=(workers[0].url,), worker_startup_timeout=5.0)
+        with RouterThread(config) as router:
+            resp = httpx.post(router.url + "/encode", json={}, timeout=30, trust_env=False)
+    finally:
+        workers[0].kill()
+    assert resp.status_code == 404
+    assert resp.json()["error"]["message"] == "no route POST /encode"
