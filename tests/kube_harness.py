@@ -29,6 +29,10 @@ from radixfleet.operator.handlers import build_registry
 from radixfleet.operator.kube import USER_AGENT
 from radixfleet.operator.runtime import Runtime
 
+# The namespace the operator tests deploy into, and its InferenceService collection.
+NS = "ml"
+ISVC_PATH = f"/apis/radixfleet.io/v1alpha1/namespaces/{NS}/inferenceservices"
+
 VERBS = {"get", "list", "watch", "create", "patch", "update", "delete"}
 ISVC_RESOURCE = f"{names.GROUP}/{names.VERSION}/{names.PLURAL}"
 

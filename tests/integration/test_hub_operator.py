@@ -19,7 +19,7 @@ import kubernetes_validate
 import pytest
 from helpers import make_tiny_model
 from hub_server import HubServer
-from kube_harness import Api, eventually, kube_emulator, start_operator
+from kube_harness import ISVC_PATH, NS, Api, eventually, kube_emulator, start_operator
 
 from radixfleet.engine.config import EngineConfig
 from radixfleet.engine.models.model_prep import resolve_model_path
@@ -27,8 +27,6 @@ from radixfleet.operator.manifests.children import build_children
 from radixfleet.operator.manifests.model import MODEL_CACHE_MOUNT
 from radixfleet.operator.spec import parse_spec
 
-NS = "ml"
-ISVC_PATH = f"/apis/radixfleet.io/v1alpha1/namespaces/{NS}/inferenceservices"
 OPERATOR_CONFIG = dict(resync_seconds=1.5, drain_timeout_seconds=5, drain_poll_seconds=0.1, retry_delay_seconds=1,
                        autoscale_interval_seconds=3600)
 MIRROR = "https://hf-mirror.example.com"

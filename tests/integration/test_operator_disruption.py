@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 from kube_harness import (
+    ISVC_PATH,
+    NS,
     Api,
     Proc,
     engine_labels,
@@ -38,8 +40,6 @@ from kube_harness import (
 )
 from server_process import SERVER_ARGS, free_port
 
-NS = "ml"
-ISVC_PATH = f"/apis/radixfleet.io/v1alpha1/namespaces/{NS}/inferenceservices"
 DEPLOYMENT_PATH = f"/apis/apps/v1/namespaces/{NS}/deployments/chat-engine"
 PODS_PATH = f"/api/v1/namespaces/{NS}/pods"
 KUBELET_FINALIZER = "test.radixfleet.io/kubelet"  # keeps a deleted pod until its process exits, as the kubelet does

@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 from kube_harness import (
+    ISVC_PATH,
+    NS,
     Api,
     Proc,
     eventually,
@@ -33,8 +35,6 @@ from server_process import free_port
 
 from radixfleet.operator import names
 
-NS = "ml"
-ISVC_PATH = f"/apis/radixfleet.io/v1alpha1/namespaces/{NS}/inferenceservices"
 STS_PATH = f"/apis/apps/v1/namespaces/{NS}/statefulsets"
 PODS_PATH = f"/api/v1/namespaces/{NS}/pods"
 RANK0_HOSTS = ("127.0.0.21", "127.0.0.22", "127.0.0.23")

@@ -13,6 +13,8 @@ import tempfile
 import httpx
 import pytest
 from kube_harness import (
+    ISVC_PATH,
+    NS,
     Api,
     engine_labels,
     engine_process,
@@ -29,8 +31,6 @@ from server_process import free_port
 
 from radixfleet.operator import names
 
-NS = "ml"
-ISVC_PATH = f"/apis/radixfleet.io/v1alpha1/namespaces/{NS}/inferenceservices"
 ENGINE_HOSTS = ("127.0.0.11", "127.0.0.12")
 OPERATOR_CONFIG = dict(resync_seconds=1.5, drain_timeout_seconds=5, drain_poll_seconds=0.1, retry_delay_seconds=1,
                        autoscale_interval_seconds=3600)
