@@ -71,6 +71,10 @@ class EngineConfig:
               "model's folder, its adapters/ folder and lora_paths (anything else is refused)")
     is_embedding: bool = _opt(False, "serve an embedding model (encode only); BERT-family models "
                                      "always are, generation architectures cannot be")
+    kv_events_port: int = _opt(0, "publish the radix cache's block changes over ZMQ PUB on this port "
+                                  "(0: off; radixfleet/kv_events.py)")
+    kv_events_host: str = _opt("127.0.0.1", "address the KV-event publisher binds")
+    kv_events_block_size: int = _opt(16, "tokens per KV-event block (the unit of the published hashes)")
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> ConfigError:
@@ -92,7 +96,9 @@ class EngineConfig:
                 raise bad(f"{name} must be a positive integer, got {value}")
         if self.chunked_prefill_size is not None and self.chunked_prefill_size != -1 and self.chunked_prefill_size < 1:
             raise bad(f"chunked_prefill_size must be positive or -1, got {self.chunked_prefill_size}")
-        for name in ("page_size", "tp_size", "nnodes", "stream_interval", "max_prefill_tokens"):
+        if not 0 <= self.kv_events_port < 65536:
+            raise bad(f"kv_events_port must be in 0..65535 (0: off), got {self.kv_events_port}")
+        for name in ("page_size", "tp_size", "nnodes", "stream_interval", "max_prefill_tokens", "kv_events_block_size"):
             if getattr(self, name) < 1:
                 raise bad(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.node_rank < self.nnodes:

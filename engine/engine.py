@@ -25,6 +25,7 @@ from radixfleet.engine.managers.io_struct import (
     GenerateReqInput,
     GetInternalStateReq,
     GetWeightsByNameReq,
+    KVEventsSnapshotReq,
     LoadLoRAAdapterReq,
     UnloadLoRAAdapterReq,
     UpdateWeightsFromDiskReq,
@@ -297,6 +298,11 @@ class Engine:
         info["model_path"] = self.model_path
         info["internal_states"] = [tm.rpc_sync(GetInternalStateReq())]
         return info
+
+    def kv_events_snapshot(self) -> dict:
+        """Every resident KV-event block and the current ``seq`` (``radixfleet/kv_events.py``);
+        a ``RuntimeError`` when KV events are off (``kv_events_port`` 0)."""
+        return self._tm().rpc_sync(KVEventsSnapshotReq())
 
     def abort_request(self, rid: str = "") -> None:
         self._tm().abort(rid)

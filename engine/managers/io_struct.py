@@ -310,6 +310,12 @@ class UnloadLoRAAdapterReq(ControlReq):
 
 
 @dataclass
+class KVEventsSnapshotReq(ControlReq):
+    """Result: every resident KV-event block and the current ``seq`` (``radixfleet/kv_events.py``
+    ``Snapshot.to_json``); an error when KV events are off."""
+
+
+@dataclass
 class ShutdownReq(ControlReq):
     """Stop the TP followers and leave the event loop; not answered."""
 

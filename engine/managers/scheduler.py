@@ -56,6 +56,7 @@ from radixfleet.engine.managers.io_struct import (
     FlushCacheReq,
     GetInternalStateReq,
     GetWeightsByNameReq,
+    KVEventsSnapshotReq,
     LoadLoRAAdapterReq,
     ReqError,
     ShutdownReq,
@@ -64,6 +65,7 @@ from radixfleet.engine.managers.io_struct import (
     UpdateWeightsFromDiskReq,
 )
 from radixfleet.engine.managers.kv_manager import KVManager
+from radixfleet.engine.managers.kv_publisher import KVEventPublisher
 from radixfleet.engine.managers.prefill import SCHEDULE_POLICIES, PrefillAdder
 from radixfleet.engine.managers.request import Req
 from radixfleet.engine.managers.request_validation import validate_request
@@ -116,7 +118,12 @@ class Scheduler:
         # Forward and LM-head calls; with TP they are announced to the follower ranks first.
         self.model = TPLeader(self.runner) if dist.tp_size() > 1 else self.runner
         self._stopping = False
-        cache = RadixCache(self.runner.allocator, config.page_size, disabled=config.disable_radix_cache)
+        self.kv_events = None
+        if config.kv_events_port and not config.disable_radix_cache:
+            self.kv_events = KVEventPublisher(config.kv_events_host, config.kv_events_port,
+                                              config.kv_events_block_size)
+        cache = RadixCache(self.runner.allocator, config.page_size, disabled=config.disable_radix_cache,
+                           events=self.kv_events)
         self.kv = KVManager(self.runner.allocator, self.runner.req_table, cache)
         self.stop_checker = StopChecker(config, model_path, self.runner.model_config)
         self.order = SCHEDULE_POLICIES[config.schedule_policy]
@@ -156,7 +163,7 @@ class Scheduler:
             ShutdownReq: self._shutdown, FlushCacheReq: self._flush_cache,
             GetInternalStateReq: self._internal_state, GetWeightsByNameReq: self._get_weights,
             UpdateWeightsFromDiskReq: self._queue_update, LoadLoRAAdapterReq: self._load_lora,
-            UnloadLoRAAdapterReq: self._unload_lora,
+            UnloadLoRAAdapterReq: self._unload_lora, KVEventsSnapshotReq: self._kv_snapshot,
         }
 
     # ---- info ----------------------------------------------------------------------------
@@ -201,6 +208,10 @@ class Scheduler:
                 self._admit_compiled()
             if self._busy() and not self._stopping:
                 self.step()
+            if self.kv_events is not None:
+                self.kv_events.tick()
+        if self.kv_events is not None:
+            self.kv_events.close()
 
     def _busy(self) -> bool:
         return bool(self.waiting or self.running or self.chunked or self.in_flight)
@@ -244,6 +255,12 @@ class Scheduler:
         busy = self.waiting or self.running or self.chunked
         ok = not busy and self.kv.cache.flush()
         self.io.to_tokenizer(msg.reply(ok, None if ok else "requests are in flight; flush refused"))
+
+    def _kv_snapshot(self, msg: KVEventsSnapshotReq) -> None:
+        if self.kv_events is None:
+            self.io.to_tokenizer(msg.reply(error="KV events are off (start the engine with kv_events_port)"))
+        else:
+            self.io.to_tokenizer(msg.reply(self.kv_events.snapshot(self.kv.cache)))
 
     def _internal_state(self, msg: GetInternalStateReq) -> None:
         self.io.to_tokenizer(msg.reply(self.internal_state()))

@@ -6,6 +6,11 @@ Invariants:
 - ``lock_ref > 0`` on a node (and, by construction, on all its ancestors) while a running
   request uses that path: locked nodes are never evicted.
 - ``evictable_size`` counts slots in unlocked nodes, ``protected_size`` in locked ones.
+- With KV events on (``events``), a node's ``blocks`` are the hashes of the event blocks
+  (``radixfleet/kv_events.py``) whose last token lies in it: blocks ``start // B`` to
+  ``(start + len(key)) // B - 1`` of its path, ``start`` being the path length above it.
+  Creating a node publishes them as stored, evicting it as removed, a flush as cleared;
+  splitting a node moves blocks between its halves and publishes nothing.
 """
 
 from __future__ import annotations
@@ -14,9 +19,11 @@ import heapq
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
+from radixfleet import kv_events
 from radixfleet.engine.memory.allocator import TokenSlotAllocator
 
 _counter = itertools.count()
@@ -31,6 +38,8 @@ class TreeNode:
     lock_ref: int = 0
     last_access: float = field(default_factory=time.monotonic)
     id: int = field(default_factory=lambda: next(_counter))
+    start: int = 0  # tokens on the path above this node
+    blocks: list[int] = field(default_factory=list)  # event block hashes (KV events on)
 
     def __lt__(self, other: TreeNode) -> bool:
         return self.last_access < other.last_access
@@ -42,11 +51,22 @@ class MatchResult:
     last_node: TreeNode  # lock this while the prefix is in use
 
 
+class BlockEventSink(Protocol):
+    """Where the cache's block changes go (``engine/managers/kv_publisher.py``)."""
+
+    block_size: int
+    seed: int
+
+    def publish(self, events: list[dict]) -> None: ...
+
+
 class RadixCache:
-    def __init__(self, allocator: TokenSlotAllocator, page_size: int = 1, disabled: bool = False):
+    def __init__(self, allocator: TokenSlotAllocator, page_size: int = 1, disabled: bool = False,
+                 events: BlockEventSink | None = None):
         self.allocator = allocator
         self.page_size = page_size
         self.disabled = disabled
+        self.events = None if disabled else events
         self.reset()
 
     def reset(self) -> None:
@@ -69,7 +89,13 @@ class RadixCache:
     def _split(self, node: TreeNode, at: int) -> TreeNode:
         """Split ``node`` so that a new parent holds its first ``at`` tokens; return it."""
         new = TreeNode(key=node.key[:at], value=node.value[:at], parent=node.parent,
-                       lock_ref=node.lock_ref, last_access=node.last_access)
+                       lock_ref=node.lock_ref, last_access=node.last_access, start=node.start)
+        if node.blocks:
+            assert self.events is not None
+            b = self.events.block_size
+            cut = (node.start + at) // b - node.start // b
+            new.blocks, node.blocks = node.blocks[:cut], node.blocks[cut:]
+        node.start += at
         new.children = {self._child_key(node.key[at:]): node}
         assert node.parent is not None
         node.parent.children[self._child_key(new.key)] = new
@@ -108,13 +134,16 @@ class RadixCache:
             return 0
         aligned = len(key) - len(key) % self.page_size
         key, value = key[:aligned], value[:aligned]
+        full = key
         node, prefix, now = self.root, 0, time.monotonic()
         while key:
             child = node.children.get(self._child_key(key))
             if child is None:
-                new = TreeNode(key=list(key), value=value.clone(), parent=node, last_access=now)
+                new = TreeNode(key=list(key), value=value.clone(), parent=node, last_access=now, start=prefix)
                 node.children[self._child_key(key)] = new
                 self.evictable_size += len(key)
+                if self.events is not None:
+                    self._publish_stored(new, full)
                 return prefix
             child.last_access = now
             n = self._match_len(child.key, key)
@@ -145,17 +174,20 @@ class RadixCache:
         """Free at least ``num_tokens`` slots from least-recently-used unlocked leaves."""
         leaves = [n for n in self._nodes() if not n.children and n.lock_ref == 0]
         heapq.heapify(leaves)
-        freed = 0
+        freed, gone = 0, []
         while freed < num_tokens and leaves:
             leaf = heapq.heappop(leaves)
             parent = leaf.parent
             assert parent is not None
             self.allocator.free(leaf.value)
+            gone += leaf.blocks
             freed += len(leaf.key)
             self.evictable_size -= len(leaf.key)
             del parent.children[self._child_key(leaf.key)]
             if parent is not self.root and not parent.children and parent.lock_ref == 0:
                 heapq.heappush(leaves, parent)
+        if gone and self.events is not None:
+            self.events.publish([kv_events.removed(gone)])
         return freed
 
     def flush(self) -> bool:
@@ -165,7 +197,31 @@ class RadixCache:
         for node in self._nodes():
             self.allocator.free(node.value)
         self.reset()
+        if self.events is not None:
+            self.events.publish([kv_events.cleared()])
         return True
+
+    def resident_blocks(self) -> list[int]:
+        """Every event block hash the tree holds (for a KV-events snapshot)."""
+        return [h for node in self._nodes() for h in node.blocks]
+
+    def _publish_stored(self, node: TreeNode, path: list[int]) -> None:
+        """Hash and publish the blocks whose last token lies in the new leaf ``node``
+        (``path``: the tokens from the root to the end of ``node``)."""
+        assert self.events is not None
+        b = self.events.block_size
+        first, last = node.start // b, (node.start + len(node.key)) // b
+        if first == last:
+            return
+        parent = None
+        if first:
+            up = node.parent
+            while up is not None and not up.blocks:
+                up = up.parent
+            assert up is not None, "the blocks before a node lie in its ancestors"
+            parent = up.blocks[-1]
+        node.blocks = kv_events.chain_hashes(path, b, first, last, self.events.seed if parent is None else parent)
+        self.events.publish([kv_events.stored(node.blocks, parent)])
 
     def _nodes(self):
         stack = list(self.root.children.values())

@@ -26,6 +26,7 @@ from radixfleet.engine.managers.io_struct import (
     FlushCacheReq,
     GenerateReqInput,
     GetInternalStateReq,
+    KVEventsSnapshotReq,
     SingleReq,
 )
 from radixfleet.engine.managers.local_paths import PathNotAllowed
@@ -181,6 +182,14 @@ def _register_native_routes(app: FastAPI, state: ServerState) -> None:
         except RuntimeError as e:
             raise APIError(400, f"cache not flushed: {e}") from None
         return {"success": True, "message": "Cache flushed."}
+
+    @app.get("/kv_events/snapshot")
+    async def kv_events_snapshot() -> dict:
+        """Every resident KV-event block and the current seq (``radixfleet/kv_events.py``)."""
+        try:
+            return await state.rpc(KVEventsSnapshotReq())
+        except RuntimeError as e:
+            raise APIError(400, f"no KV-event snapshot: {e}") from None
 
     @app.post("/abort_request")
     async def abort_request(request: Request) -> dict:

@@ -1,0 +1,156 @@
+"""What each worker's radix cache really holds, rebuilt from its KV events.
+
+One ``WorkerBlocks`` per publishing worker: the set of its resident block hashes
+(``radixfleet/kv_events.py``), the engine identity and ``seq`` they are current to, and a
+sync state:
+
+- ``syncing``: waiting for a snapshot; messages that arrive meanwhile are buffered, and
+  those after the snapshot's ``seq`` are replayed onto it;
+- ``live``: every message since the snapshot applied in ``seq`` order.
+
+A message from another engine identity (the engine restarted), a ``seq`` that skips one (a
+lost message; heartbeats repeat the last ``seq``, so a lost last message shows within a
+second), or a snapshot older than the buffered messages all send the worker back to
+``syncing``; the caller (``kv_subscriber.py``) then fetches a snapshot. A worker is
+``in_sync`` while live and heard from within ``stale_after`` seconds; only then does the
+precise policy trust its blocks (``policies/precise.py``).
+
+Event-loop thread only: no locks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from radixfleet import kv_events
+from radixfleet.kv_events import EventBatch, Snapshot
+
+_MAX_BUFFERED = 10_000  # messages kept while syncing; past it the oldest go (a resync follows)
+
+
+@dataclass
+class WorkerBlocks:
+    url: str
+    state: str = "syncing"  # or "live"
+    engine: str = ""
+    seq: int = 0
+    block_size: int = kv_events.DEFAULT_BLOCK_SIZE
+    seed: int = kv_events.SEED
+    blocks: set[int] = field(default_factory=set)
+    last_message: float = 0.0  # monotonic time of the last message (or snapshot)
+    last_lag: float = 0.0  # receive time minus the engine's send time of the last message, seconds
+    buffered: list[EventBatch] = field(default_factory=list)
+    resyncs: int = 0
+
+    def apply(self, batch: EventBatch) -> None:
+        for ev in batch.events:
+            kind = ev["type"]
+            if kind == "stored":
+                self.blocks.update(ev["hashes"])
+            elif kind == "removed":
+                self.blocks.difference_update(ev["hashes"])
+            else:
+                self.blocks.clear()
+        self.seq = batch.seq
+
+
+class KVIndex:
+    """Resident blocks per worker URL."""
+
+    def __init__(self, stale_after: float = 5.0) -> None:
+        self.stale_after = stale_after
+        self.workers: dict[str, WorkerBlocks] = {}
+
+    def add_worker(self, url: str) -> WorkerBlocks:
+        return self.workers.setdefault(url, WorkerBlocks(url))
+
+    def remove_worker(self, url: str) -> None:
+        self.workers.pop(url, None)
+
+    def in_sync(self, url: str, now: float | None = None) -> bool:
+        w = self.workers.get(url)
+        if w is None or w.state != "live":
+            return False
+        return (time.monotonic() if now is None else now) - w.last_message <= self.stale_after
+
+    # ---- input -----------------------------------------------------------------------------
+    def on_message(self, url: str, batch: EventBatch, now: float | None = None) -> str | None:
+        """Take one published message; return why a snapshot is needed now ("restart",
+        "gap"), or None."""
+        w = self.workers.get(url)
+        if w is None:
+            return None
+        w.last_message = time.monotonic() if now is None else now
+        if batch.ts:
+            w.last_lag = max(0.0, time.time() - batch.ts)
+        if w.state == "syncing":
+            w.buffered.append(batch)
+            del w.buffered[:-_MAX_BUFFERED]
+            return None
+        if batch.engine != w.engine:
+            return self._resync(w, batch, "restart")
+        if batch.seq <= w.seq:  # a heartbeat, or a repeat
+            return None
+        if batch.seq > w.seq + 1 or not batch.events:  # skipped a message (a heartbeat past ours too)
+            return self._resync(w, batch, "gap")
+        w.apply(batch)
+        return None
+
+    def on_snapshot(self, url: str, snap: Snapshot, now: float | None = None) -> str | None:
+        """Load a snapshot and replay what was buffered after it; return why another snapshot
+        is needed ("gap", "restart"), or None when the worker is live."""
+        w = self.workers.get(url)
+        if w is None:
+            return None
+        w.engine, w.seq, w.block_size, w.seed = snap.engine, snap.seq, snap.block_size, snap.seed
+        w.blocks = set(snap.blocks)
+        w.last_message = time.monotonic() if now is None else now
+        pending, w.buffered = sorted((b for b in w.buffered if b.seq > snap.seq or b.engine != snap.engine),
+                                     key=lambda b: b.seq), []
+        for batch in pending:
+            if batch.engine != snap.engine:
+                return self._resync(w, batch, "restart")
+            if batch.seq == w.seq + 1 and batch.events:
+                w.apply(batch)
+            elif batch.seq > w.seq:
+                return self._resync(w, batch, "gap")
+        w.state = "live"
+        return None
+
+    def mark_syncing(self, url: str) -> None:
+        """Trust nothing of ``url`` until its next snapshot (e.g. its stream went quiet)."""
+        w = self.workers.get(url)
+        if w is not None and w.state == "live":
+            w.state = "syncing"
+            w.resyncs += 1
+
+    def _resync(self, w: WorkerBlocks, batch: EventBatch, reason: str) -> str:
+        w.state = "syncing"
+        w.buffered = [batch]
+        w.resyncs += 1
+        return reason
+
+    # ---- queries ----------------------------------------------------------------------------
+    def matched_tokens(self, urls: Sequence[str], token_ids: Sequence[int]) -> dict[str, int]:
+        """For each in-sync worker of ``urls``: how many leading tokens of ``token_ids`` it
+        holds, in whole blocks (the last token never counts: the engine always computes it)."""
+        usable = token_ids[: max(len(token_ids) - 1, 0)]
+        hashes: dict[tuple[int, int], list[int]] = {}
+        now = time.monotonic()
+        out = {}
+        for url in urls:
+            if not self.in_sync(url, now):
+                continue
+            w = self.workers[url]
+            key = (w.block_size, w.seed)
+            if key not in hashes:
+                hashes[key] = kv_events.prefix_hashes(usable, w.block_size, w.seed)
+            n = 0
+            for h in hashes[key]:
+                if h not in w.blocks:
+                    break
+                n += 1
+            out[url] = n * w.block_size
+        return out
