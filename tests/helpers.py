@@ -52,6 +52,17 @@ TINY_ARCHS = {
                                                 "original_max_position_embeddings": 64},
                                "rope_theta": 500000.0}),
     "mistral": ("MistralConfig", {"sliding_window": None}),
+    # Sliding windows of 8 tokens (prompts and contexts in the tests run far past them);
+    # soft caps small enough to change the logits (Gemma 2's real ones are 50 and 30).
+    "mistral_sw": ("MistralConfig", {"sliding_window": 8}),
+    "gemma2": ("Gemma2Config", {"head_dim": 32, "sliding_window": 8, "query_pre_attn_scalar": 24,
+                                "attn_logit_softcapping": 2.0, "final_logit_softcapping": 5.0,
+                                "pad_token_id": 0}),
+    # Layers: sliding, sliding, global; local RoPE base 500, global 1e6 with linear scaling.
+    "gemma3": ("Gemma3TextConfig", {"head_dim": 32, "sliding_window": 8, "query_pre_attn_scalar": 24,
+                                    "sliding_window_pattern": 3, "rope_local_base_freq": 500.0,
+                                    "rope_scaling": {"rope_type": "linear", "factor": 4.0},
+                                    "pad_token_id": 0}),
     "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),
     "qwen3": ("Qwen3Config", {"head_dim": 32}),
 }

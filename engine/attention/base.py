@@ -42,6 +42,32 @@ class AttentionBackend(abc.ABC):
     # as it stores k/v (the GPU backends: ``kernels/rotary.py``'s rotary_store_kv_).
     fuses_rope = False
 
+    # Per-layer options, set once by ``configure`` after construction: each layer's sliding
+    # window (a query at position p sees keys at p - window + 1 .. p; None: the whole
+    # context) and a soft cap on the scaled attention logits (``cap * tanh(s / cap)``, Gemma 2).
+    # A backend that implements them sets these flags; others refuse such a model.
+    supports_sliding_window = False
+    supports_logit_cap = False
+    sliding_windows: tuple[int | None, ...] = ()
+    logit_cap: float | None = None
+
+    def configure(self, sliding_windows: tuple[int | None, ...], logit_cap: float | None) -> None:
+        """Set the per-layer options; ``ValueError`` naming a backend that can, where this one cannot."""
+        name = type(self).__name__
+        if any(w is not None for w in sliding_windows) and not self.supports_sliding_window:
+            windows = sorted({w for w in sliding_windows if w is not None})
+            raise ValueError(f"this model uses sliding-window attention (windows {windows}), which "
+                             f"{name} does not implement; use attention_backend='torch_native'")
+        if logit_cap is not None and not self.supports_logit_cap:
+            raise ValueError(f"this model soft-caps its attention logits (cap {logit_cap}), which {name} "
+                             "does not implement; use attention_backend='torch_native'")
+        self.sliding_windows = tuple(sliding_windows)
+        self.logit_cap = logit_cap
+
+    def window(self, layer_id: int) -> int | None:
+        """``layer_id``'s sliding window, or None for full attention."""
+        return self.sliding_windows[layer_id] if self.sliding_windows else None
+
     def plan(self, batch: ForwardBatch) -> None:
         """Prepare per-step metadata once before the layers run (default: nothing)."""
         return None

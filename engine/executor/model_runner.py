@@ -122,7 +122,13 @@ class ModelRunner:
         cfg = self.model_config
         self.attn_backend = get_backend_class(backend_name)(
             self.kv_pool, self.model.layers[0].self_attn.num_heads,
-            self.model.layers[0].self_attn.num_kv_heads, cfg.head_dim, cfg.head_dim ** -0.5)
+            self.model.layers[0].self_attn.num_kv_heads, cfg.head_dim, cfg.attn_scale)
+        # A window covering the whole context is full attention.
+        windows = tuple(w if w is not None and w < self.context_len else None for w in cfg.sliding_windows)
+        try:
+            self.attn_backend.configure(windows, cfg.attn_logit_cap)
+        except ValueError as e:
+            raise ConfigError(f"{cfg.architecture}: {e}") from None
         self.cuda_graphs = None
         if self.device.type == "cuda" and not config.disable_cuda_graph and backend_name != "torch_native":
             from radixfleet.engine.executor.cuda_graph import CudaGraphRunner

@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from radixfleet.engine.models import attention_layout
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -62,6 +64,19 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             hf=hf,
         )
+
+    @property
+    def sliding_windows(self) -> tuple[int | None, ...]:
+        """Each layer's sliding window (None: full attention); see ``attention_layout``."""
+        return attention_layout.sliding_windows(self.hf, self.num_layers)
+
+    @property
+    def attn_scale(self) -> float:
+        return attention_layout.attention_scale(self.hf, self.head_dim)
+
+    @property
+    def attn_logit_cap(self) -> float | None:
+        return attention_layout.attention_logit_cap(self.hf)
 
     @classmethod
     def from_path(cls, model_path: str) -> ModelConfig:

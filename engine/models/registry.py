@@ -5,9 +5,12 @@ from __future__ import annotations
 from torch import nn
 
 from radixfleet.engine.models.bert import BertEmbeddingModel
+from radixfleet.engine.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
 from radixfleet.engine.models.llama import LlamaForCausalLM, Qwen3ForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+    "Gemma2ForCausalLM": Gemma2ForCausalLM,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,  # q/k/v bias comes from the config
