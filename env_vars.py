@@ -106,6 +106,9 @@ GEMV_PREFETCH_MAX_BYTES = _var("RADIXFLEET_GEMV_PREFETCH_MAX_BYTES", "int", 40 <
                                "largest weight (bytes) a GEMV prefetches into L2 before PDL's wait")
 PDL = _var("RADIXFLEET_PDL", "bool", True,
            "programmatic dependent launch for the decode kernels (Hopper and later)")
+MOE_TORCH = _var("RADIXFLEET_MOE_TORCH", "bool", False,
+                 "mixture-of-experts layers loop over their experts in torch on CUDA too "
+                 "(the reference for `kernels/fused_moe.py`; needs `--disable-cuda-graph` to be fast)")
 
 # ---- benchmarks and tests ------------------------------------------------------------------
 BENCH_CACHE = _var("RADIXFLEET_BENCH_CACHE", "str", None,

@@ -357,7 +357,11 @@ def check_tensor_parallel(config: EngineConfig, model: ModelConfig) -> None:
     """ValueError unless ``model`` splits over ``config.tp_size`` ranks and the ranks of
     one node fit on its GPUs."""
     tp = config.tp_size
-    for what, n in (("num_attention_heads", model.num_heads), ("intermediate_size", model.intermediate_size)):
+    sizes = [("num_attention_heads", model.num_heads), ("intermediate_size", model.intermediate_size)]
+    # Mixture of experts: every expert's intermediate dimension is split too.
+    sizes += [(k, model.hf[k]) for k in ("moe_intermediate_size", "shared_expert_intermediate_size")
+              if model.hf.get(k)]
+    for what, n in sizes:
         if n % tp:
             raise ValueError(f"tp_size={tp} does not divide the model's {what} ({n})")
     kv = model.num_kv_heads

@@ -65,6 +65,14 @@ TINY_ARCHS = {
                                     "pad_token_id": 0}),
     "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),
     "qwen3": ("Qwen3Config", {"head_dim": 32}),
+    # Mixture of experts: 8 experts of 64, top 2 (Mixtral: 4 experts of the intermediate size).
+    "qwen2_moe": ("Qwen2MoeConfig", {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                                     "shared_expert_intermediate_size": 96, "norm_topk_prob": False,
+                                     "decoder_sparse_step": 1, "mlp_only_layers": [1]}),
+    "qwen3_moe": ("Qwen3MoeConfig", {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                                     "norm_topk_prob": True, "head_dim": 32}),
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None}),
+    "phi3": ("Phi3Config", {"pad_token_id": None, "sliding_window": None}),
 }
 
 
@@ -122,3 +130,18 @@ def runner_teacher_forced_logprobs(runner, ids: list[int]):
     runner.allocator.free(slots)
     runner.req_table.free(row)
     return out
+
+
+def make_adapter(base: str, folder: str, seed: int, targets: list[str], rank: int, **extra):
+    """A peft adapter with random A and B (peft's zero-B init would change nothing); returns
+    the merged HF model as the reference."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets,
+                                                  init_lora_weights=False, lora_dropout=0.0, **extra))
+    peft_model.save_pretrained(folder)
+    return peft_model.merge_and_unload().eval()

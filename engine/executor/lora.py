@@ -100,8 +100,13 @@ class LoRAManager:
         self.layers: dict[tuple[int, str], nn.Module] = {}
         for i, layer in enumerate(model.layers):
             attn, mlp = layer.self_attn, layer.mlp
+            # A mixture-of-experts block has no gate_up/down projection of its own: only its
+            # attention takes adapters.
             for name, module in (("qkv_proj", attn.qkv_proj), ("o_proj", attn.o_proj),
-                                 ("gate_up_proj", mlp.gate_up_proj), ("down_proj", mlp.down_proj)):
+                                 ("gate_up_proj", getattr(mlp, "gate_up_proj", None)),
+                                 ("down_proj", getattr(mlp, "down_proj", None))):
+                if module is None:
+                    continue
                 module.lora_state = self.state
                 module.lora_weights = {}
                 self.layers[(i, name)] = module
@@ -132,8 +137,11 @@ class LoRAManager:
                 raise ValueError(f"{path}: {prefix} has lora_A but no lora_B")
             layer_id, module = _layer_and_module(prefix, path)
             fused, shard = _TARGETS[module]
-            if (layer_id, fused) not in self.layers:
+            if not 0 <= layer_id < len(self.model.layers):
                 raise ValueError(f"{path}: layer {layer_id} does not exist in the base model")
+            if (layer_id, fused) not in self.layers:
+                raise ValueError(f"{path}: LoRA on {module} of layer {layer_id} is not supported "
+                                 "(a mixture-of-experts MLP takes no adapters; attention does)")
             parts.setdefault((layer_id, fused), {})[shard] = (a, b * scale)
             targets.add(module)
         if not parts:

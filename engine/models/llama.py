@@ -107,11 +107,14 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, self.qk_norm) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(self.make_layer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    def make_layer(self, cfg: ModelConfig, layer_id: int) -> nn.Module:
+        return DecoderLayer(cfg, layer_id, self.qk_norm)
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Returns final hidden states ``[T, hidden]`` for every new token."""
@@ -125,6 +128,14 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.logits(hidden)
 
+    def param_name(self, name: str) -> tuple[str, object]:
+        """Checkpoint tensor name (without ``model.``) → (our parameter name, shard id for its
+        ``weight_loader``)."""
+        for ckpt, ours, sid in self.stacked_params:
+            if ckpt in name:
+                return name.replace(ckpt, ours), sid
+        return name, None
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         params = dict(self.named_parameters(remove_duplicate=False))
         loaded: set[str] = set()
@@ -134,11 +145,7 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue
-            shard_id = None
-            for ckpt, ours, sid in self.stacked_params:
-                if ckpt in name:
-                    name, shard_id = name.replace(ckpt, ours), sid
-                    break
+            name, shard_id = self.param_name(name)
             if name not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no matching parameter")
             param = params[name]

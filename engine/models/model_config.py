@@ -57,7 +57,9 @@ class ModelConfig:
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=bool(hf.get("attention_bias", hf.get("model_type") == "qwen2")),
+            # Qwen2 and Qwen2-MoE have q/k/v bias (transformers 5 writes `qkv_bias` for the latter).
+            attention_bias=bool(hf.get("attention_bias", hf.get("qkv_bias", hf.get("model_type") in
+                                                               ("qwen2", "qwen2_moe")))),
             rope_theta=float(theta),
             rope_scaling=scaling,
             torch_dtype=hf.get("torch_dtype") or hf.get("dtype"),

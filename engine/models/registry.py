@@ -7,6 +7,8 @@ from torch import nn
 from radixfleet.engine.models.bert import BertEmbeddingModel
 from radixfleet.engine.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
 from radixfleet.engine.models.llama import LlamaForCausalLM, Qwen3ForCausalLM
+from radixfleet.engine.models.moe import MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
+from radixfleet.engine.models.phi3 import Phi3ForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
@@ -15,6 +17,10 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,  # q/k/v bias comes from the config
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
 }
 
 # Embedding models: one bidirectional forward per request, no KV cache (``EmbeddingScheduler``).

@@ -10,6 +10,7 @@ import threading
 import httpx
 import pytest
 import torch
+from helpers import make_adapter
 from server_process import engine_server
 
 from radixfleet import Engine
@@ -18,20 +19,6 @@ from radixfleet.engine.config import ConfigError
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,"]
 GREEDY = {"temperature": 0, "max_new_tokens": 16}
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def make_adapter(base: str, folder: str, seed: int, targets: list[str], rank: int, **extra):
-    """A peft adapter with random A and B (peft's zero-B init would change nothing); returns
-    the merged HF model as the reference."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets,
-                                                  init_lora_weights=False, lora_dropout=0.0, **extra))
-    peft_model.save_pretrained(folder)
-    return peft_model.merge_and_unload().eval()
 
 
 @pytest.fixture(scope="module")

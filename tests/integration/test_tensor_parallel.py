@@ -112,6 +112,17 @@ def test_tp4_replicates_kv_heads_and_matches_tp1(tmp_path):
     assert outs[4] == outs[1]
 
 
+@pytest.mark.parametrize("arch, tp", [("qwen2_moe", 4), ("qwen3_moe", 2), ("mixtral", 2), ("phi3", 2)])
+def test_moe_and_phi3_split_over_ranks_match_hf(tmp_path, arch, tp):
+    """Experts split along their intermediate dimension (Qwen2-MoE's shared expert too, and
+    its dense layer); Phi-3's fused qkv and gate_up tensors split into each rank's heads and
+    slice. tp 4 replicates qwen2_moe's 2 kv heads."""
+    folder = make_tiny_model(arch, str(tmp_path / arch))
+    with Engine(model_path=folder, tp_size=tp, max_total_tokens=1024, skip_tokenizer_init=True,
+                chunked_prefill_size=24) as engine:
+        assert greedy(engine, PROMPTS[:3]) == hf_greedy_ids(folder, PROMPTS[:3], GREEDY["max_new_tokens"])
+
+
 def test_smollm2_tp3_matches_tp1(model_dir):
     """9 attention heads and 3 kv heads over 3 ranks: 3 q heads and 1 kv head each."""
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,"]
@@ -239,6 +250,8 @@ def _config_only_model(folder, **fields) -> str:
      r"intermediate_size \(250\)"),
     ({"num_attention_heads": 12, "num_key_value_heads": 3, "intermediate_size": 240}, {"tp_size": 4},
      r"num_key_value_heads \(3\)"),
+    ({"architectures": ["Qwen3MoeForCausalLM"], "moe_intermediate_size": 90, "num_experts": 4,
+      "num_experts_per_tok": 2}, {"tp_size": 4}, r"moe_intermediate_size \(90\)"),
     ({}, {"tp_size": 3, "nnodes": 2, "dist_init_addr": "127.0.0.1:1234"}, "multiple of nnodes"),
     ({}, {"tp_size": 2, "nnodes": 2}, "dist_init_addr"),
     ({}, {"tp_size": 2, "nnodes": 2, "dist_init_addr": "somehost"}, "host:port"),
