@@ -106,6 +106,11 @@ GEMV_PREFETCH_MAX_BYTES = _var("RADIXFLEET_GEMV_PREFETCH_MAX_BYTES", "int", 40 <
                                "largest weight (bytes) a GEMV prefetches into L2 before PDL's wait")
 PDL = _var("RADIXFLEET_PDL", "bool", True,
            "programmatic dependent launch for the decode kernels (Hopper and later)")
+MOE_CONFIGS = _var("RADIXFLEET_MOE_CONFIGS", "json", {},
+                   'fused MoE GEMM block sizes per expert shape, JSON like `{"128,1536,2048": '
+                   '[[32, [16, 64, 128, 1, 4, 4]], [1e18, [64, 128, 64, 8, 8, 3]]]}` ("E,N,K": '
+                   '[[max tokens, [BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages]], ...]; '
+                   '`benchmarks/moe_kernel.py --tune` prints one)')
 MOE_TORCH = _var("RADIXFLEET_MOE_TORCH", "bool", False,
                  "mixture-of-experts layers loop over their experts in torch on CUDA too "
                  "(the reference for `kernels/fused_moe.py`; needs `--disable-cuda-graph` to be fast)")

@@ -83,21 +83,23 @@ def _moe_torch_dense(x, w13, w2, weights, ids):
 
 @functools.cache
 def _fused_moe():
-    """``kernels/fused_moe.fused_moe``, or None where triton is missing or it is switched off."""
+    """``kernels/fused_moe``, or None where triton is missing or it is switched off."""
     if env_vars.MOE_TORCH.get() or env_vars.DISABLE_FUSED_KERNELS.get():
         return None
     try:
-        from radixfleet.kernels.fused_moe import fused_moe
+        from radixfleet.kernels import fused_moe
     except ImportError:
         return None
     return fused_moe
 
 
 class FusedMoE(nn.Module):
-    """The experts of one layer. ``forward`` returns this rank's partial sum (not reduced)."""
+    """The experts of one layer and their routing. ``forward`` returns this rank's partial
+    sum (not reduced)."""
 
-    def __init__(self, num_experts: int, hidden: int, intermediate: int):
+    def __init__(self, num_experts: int, top_k: int, hidden: int, intermediate: int, renormalize: bool):
         super().__init__()
+        self.top_k, self.renormalize = top_k, renormalize
         tp = dist.tp_size()
         if intermediate % tp:
             raise ValueError(f"the experts' intermediate size {intermediate} does not split over tp={tp}")
@@ -124,9 +126,16 @@ class FusedMoE(nn.Module):
             offset = 0 if part == "gate" else n
             dst[offset:offset + n].copy_(loaded.narrow(0, r * n, n))
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """``x`` [T, H]; ``weights`` [T, k] fp32, ``ids`` [T, k] → [T, H] (this rank's part)."""
-        fused = _fused_moe() if x.is_cuda else None
-        if fused is not None:
-            return fused(x, self.w13, self.w2, weights, ids)
-        return moe_torch(x, self.w13, self.w2, weights, ids)
+    def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        """``x`` [T, H], ``router_logits`` [T, E] → [T, H] (this rank's part)."""
+        kernels = _fused_moe() if x.is_cuda else None
+        if kernels is None:
+            weights, ids = select_experts(router_logits, self.top_k, self.renormalize)
+            return moe_torch(x, self.w13, self.w2, weights, ids)
+        # Decode-sized batches route inside the align kernel (one launch, no host sync).
+        routed = kernels.route_and_align(router_logits, self.top_k, self.renormalize, *self.w13.shape[1:])
+        if routed is None:
+            weights, ids = select_experts(router_logits, self.top_k, self.renormalize)
+            return kernels.fused_moe(x, self.w13, self.w2, weights, ids)
+        weights, ids, config, aligned = routed
+        return kernels.fused_moe(x, self.w13, self.w2, weights, ids, config, aligned)

@@ -29,7 +29,7 @@ from radixfleet.engine.executor.forward_batch import ForwardBatch
 from radixfleet.engine.layers import distributed as dist
 from radixfleet.engine.layers.activation import SiluAndMul
 from radixfleet.engine.layers.linear import MergedColumnParallelLinear, RowParallelLinear, matmul
-from radixfleet.engine.layers.moe import FusedMoE, select_experts
+from radixfleet.engine.layers.moe import FusedMoE
 from radixfleet.engine.layers.norm import RMSNorm
 from radixfleet.engine.models.llama import MLP, Attention, LlamaForCausalLM
 from radixfleet.engine.models.model_config import ModelConfig
@@ -74,12 +74,12 @@ class SparseMoeBlock(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         s = moe_settings(cfg)
-        self.top_k, self.renormalize = s["top_k"], s["renormalize"]
         # Router weights are replicated on every rank and used in full precision of the model
         # dtype (no oneDNN prepacking): near-ties between experts must pick as transformers does.
         self.gate = nn.Linear(cfg.hidden_size, s["num_experts"], bias=False)
         self.gate.weight.requires_grad_(False)
-        self.experts = FusedMoE(s["num_experts"], cfg.hidden_size, s["intermediate"])
+        self.experts = FusedMoE(s["num_experts"], s["top_k"], cfg.hidden_size, s["intermediate"],
+                                s["renormalize"])
         self.shared_expert = self.shared_expert_gate = None
         if s["shared_intermediate"]:
             self.shared_expert = SharedExpert(cfg.hidden_size, s["shared_intermediate"])
@@ -88,8 +88,7 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` [T, H] (normed) → [T, H], reduced over the TP ranks once."""
-        weights, ids = select_experts(F.linear(x, self.gate.weight), self.top_k, self.renormalize)
-        out = self.experts(x, weights, ids)
+        out = self.experts(x, F.linear(x, self.gate.weight))
         if self.shared_expert is not None:
             scale = torch.sigmoid(F.linear(x, self.shared_expert_gate.weight))  # [T, 1], same on every rank
             out = out + scale * self.shared_expert.partial(x)

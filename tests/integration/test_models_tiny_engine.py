@@ -57,7 +57,7 @@ def check(arch: str, outs: list[dict], refs: list[tuple[list[int], list[float]]]
 
 def test_alone_batched_chunked_and_cached_match_hf(tiny):
     arch, folder, refs = tiny
-    with Engine(model_path=folder, max_total_tokens=2048, chunked_prefill_size=24,
+    with Engine(model_path=folder, dtype="float32", max_total_tokens=2048, chunked_prefill_size=24,
                 skip_tokenizer_init=True) as engine:
         alone = [engine.generate(input_ids=p, sampling_params=PARAMS, return_logprob=True) for p in PROMPTS]
         check(arch, alone, refs)
@@ -79,7 +79,7 @@ def test_lora_on_moe_attention_matches_peft_and_expert_adapters_are_refused(tmp_
         ref = merged.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
                               pad_token_id=0)[0, ids.shape[1]:].tolist()
     make_adapter(folder, str(tmp_path / "mlp"), 2, ["gate_proj"], 4)  # the shared experts' and layer 1's
-    with Engine(model_path=folder, lora_paths=[f"attn={tmp_path / 'attn'}"], max_total_tokens=2048,
+    with Engine(model_path=folder, dtype="float32", lora_paths=[f"attn={tmp_path / 'attn'}"], max_total_tokens=2048,
                 skip_tokenizer_init=True, allowed_local_paths=[str(tmp_path)]) as engine:
         base, lora = engine.generate(input_ids=[PROMPTS[1]] * 2, sampling_params=PARAMS, lora_path=[None, "attn"])
         assert lora["output_ids"] == ref

@@ -118,7 +118,7 @@ def test_moe_and_phi3_split_over_ranks_match_hf(tmp_path, arch, tp):
     its dense layer); Phi-3's fused qkv and gate_up tensors split into each rank's heads and
     slice. tp 4 replicates qwen2_moe's 2 kv heads."""
     folder = make_tiny_model(arch, str(tmp_path / arch))
-    with Engine(model_path=folder, tp_size=tp, max_total_tokens=1024, skip_tokenizer_init=True,
+    with Engine(model_path=folder, tp_size=tp, dtype="float32", max_total_tokens=1024, skip_tokenizer_init=True,
                 chunked_prefill_size=24) as engine:
         assert greedy(engine, PROMPTS[:3]) == hf_greedy_ids(folder, PROMPTS[:3], GREEDY["max_new_tokens"])
 

@@ -274,6 +274,39 @@ def case_gemv_prologues() -> None:
             torch.testing.assert_close(gemv_silu_mul(gu, w), want, atol=1e-4, rtol=1e-4, msg=variant)
 
 
+def case_fused_moe() -> None:
+    """Routing + align in one program, the torch align, and both grouped GEMMs, against a
+    per-pair reference; experts with 0 tokens, k from 1 to 8."""
+    from _moe_reference import SHAPES, moe_inputs, moe_ref, routing_ref
+    from _reference import rel_err
+
+    from radixfleet.kernels import fused_moe as fm
+
+    gen = torch.Generator().manual_seed(6)
+    for T, E, k, H, inter in SHAPES:
+        x, w13, w2, logits = moe_inputs(T, E, k, H, inter, torch.float32, "cpu", gen)
+        for renorm in (False, True):
+            want_w, want_ids = routing_ref(logits, k, renorm)
+            w, ids, config, aligned = fm.route_and_align(logits, k, renorm, 2 * inter, H)
+            assert torch.equal(ids.long(), want_ids), (T, E, k)
+            torch.testing.assert_close(w, want_w, atol=1e-6, rtol=1e-5)
+            sorted_ids, expert_ids, num_post = aligned
+            limit, fm.ALIGN_MAX_PAIRS = fm.ALIGN_MAX_PAIRS, 0  # the torch align, same layout
+            try:
+                again = fm.moe_align(ids.long(), E, config[0])
+            finally:
+                fm.ALIGN_MAX_PAIRS = limit
+            n = int(num_post)
+            assert n == int(again[2]) and n % config[0] == 0
+            assert torch.equal(sorted_ids[:n], again[0][:n])
+            assert torch.equal(expert_ids[:n // config[0]], again[1][:n // config[0]])
+            assert sorted(sorted_ids[:n][sorted_ids[:n] < T * k].tolist()) == list(range(T * k))
+            ref = moe_ref(x, w13, w2, w, ids)
+            for cfg in (config, (16, 32, 16, 2, 4, 1)):
+                out = fm.fused_moe(x, w13, w2, w, ids, cfg, aligned if cfg is config else None)
+                assert rel_err(out, ref) < 1e-5, (T, E, k, cfg, rel_err(out, ref))
+
+
 CASES = {name[len("case_"):]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 
