@@ -64,6 +64,10 @@ def run_engine(args, inputs, outputs) -> dict:
         kwargs["skip_tokenizer_init"] = True  # shipped configs carry no tokenizer
     if args.max_total_tokens:
         kwargs["max_total_tokens"] = args.max_total_tokens
+    if args.kv_cache_dtype != "auto":
+        kwargs["kv_cache_dtype"] = args.kv_cache_dtype
+    if args.quantization:
+        kwargs["quantization"] = args.quantization
     if args.extra:
         kwargs.update(json.loads(args.extra))
     with Engine(**kwargs) as engine:
@@ -156,6 +160,8 @@ def main() -> None:
     p.add_argument("--max-total-tokens", type=int, default=None)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--hf-baseline", action="store_true", help="also run HF transformers generate")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8_e4m3"])
+    p.add_argument("--quantization", default=None, choices=["fp8"], help="fp8: fp8 linear weights")
     p.add_argument("--extra", default=None, help="JSON dict of extra Engine arguments")
     p.add_argument("--trace", type=float, default=0.0, metavar="SECONDS",
                    help="also report the scheduler's state (running, queued, KV use, output tok/s) "
@@ -170,7 +176,8 @@ def main() -> None:
                                     args.random_range_ratio, vocab, args.seed)
     common = {"benchmark": "offline_throughput", "device": device_name(), "model": args.model_path,
               "num_prompts": args.num_prompts, "random_input_len": args.random_input_len,
-              "random_output_len": args.random_output_len, "random_range_ratio": args.random_range_ratio}
+              "random_output_len": args.random_output_len, "random_range_ratio": args.random_range_ratio,
+              "kv_cache_dtype": args.kv_cache_dtype, "quantization": args.quantization}
     ours = run_engine(args, inputs, outputs)
     print(json.dumps({**common, **ours}), flush=True)
     if args.hf_baseline:

@@ -4,12 +4,15 @@
     python benchmarks/one_batch.py --model-path llama-3.1-8b --load-format dummy \
         --batch-size 1 8 64 --input-len 512 --output-len 64
     python benchmarks/one_batch.py --model-path smollm2 --load-format auto --batch-size 1 16  # CPU
+    python benchmarks/one_batch.py --quantization fp8 --batch-size 1 32 64  # fp8 weights (CUDA)
 
 Prints one JSON line per batch size: prefill ms; decode ms/step and tok/s, first with the
 host waiting for each step before building the next (p50), then pipelined as the engine's
 overlap schedule runs decode (the next step built while this one runs; mean); and for CUDA
 the roofline of a decode step at the measured HBM bandwidth: streaming the weights, and the
-weights plus the batch's KV cache.
+weights plus the batch's KV cache. "Streamed" bytes leave out the input embedding table
+(a step reads one row of it per token) unless it is also the LM head: that is the
+roofline a decode step can reach.
 """
 
 from __future__ import annotations
@@ -156,6 +159,8 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--attention-backend", default=None)
     p.add_argument("--disable-cuda-graph", action="store_true")
+    p.add_argument("--quantization", default=None, choices=["fp8"], help="fp8: fp8 linear weights")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8_e4m3"])
     p.add_argument("--profile", action="store_true",
                    help="also print each batch size's device time per decode step by kernel (CUDA)")
     p.add_argument("--hbm-tb-per-s", type=float, default=None,
@@ -166,19 +171,25 @@ def main() -> None:
                           max_total_tokens=max_bs * (args.input_len + 2 * args.output_len) + 1024,
                           max_running_requests=max_bs, attention_backend=args.attention_backend,
                           disable_cuda_graph=args.disable_cuda_graph, cuda_graph_max_bs=max_bs,
-                          skip_tokenizer_init=True)
+                          skip_tokenizer_init=True, quantization=args.quantization,
+                          kv_cache_dtype=args.kv_cache_dtype)
     hbm = None
     if torch.cuda.is_available():
         hbm = args.hbm_tb_per_s or measure_hbm_tb_per_s(torch.device("cuda"))
     runner = ModelRunner(config, resolve_model_path(args.model_path))
     weight_bytes = sum(t.numel() * t.element_size() for t in runner.model.parameters())
+    embed = runner.model.embed_tokens.weight
+    tied = embed is runner.model.lm_head.weight
+    streamed_bytes = weight_bytes - (0 if tied else embed.numel() * embed.element_size())
     device = torch.cuda.get_device_name() if runner.device.type == "cuda" else "cpu"
     run_one(runner, 1, 16, 4)  # warm-up
     for bs in args.batch_size:
         row = {"benchmark": "one_batch", "device": device, "model": args.model_path,
                "dtype": str(runner.dtype).removeprefix("torch."),
+               "quantization": args.quantization, "kv_cache_dtype": str(runner.kv_dtype).removeprefix("torch."),
                "attention_backend": type(runner.attn_backend).__name__,
                "cuda_graph": runner.cuda_graphs is not None, "weight_gb": round(weight_bytes / 1e9, 2),
+               "streamed_gb": round(streamed_bytes / 1e9, 2),
                **run_one(runner, bs, args.input_len, args.output_len)}
         if runner.device.type == "cuda":
             roof_ms = weight_bytes / (hbm * 1e12) * 1e3
@@ -186,10 +197,14 @@ def main() -> None:
             row["roofline_ms_per_step"] = round(roof_ms, 3)
             row["fraction_of_roofline"] = round(roof_ms / row["decode_ms_per_step_p50"], 3)
             row["fraction_of_roofline_pipelined"] = round(roof_ms / row["decode_ms_per_step_pipelined"], 3)
+            streamed_ms = streamed_bytes / (hbm * 1e12) * 1e3
+            row["streamed_roofline_ms_per_step"] = round(streamed_ms, 3)
+            row["fraction_of_streamed_roofline_pipelined"] = round(
+                streamed_ms / row["decode_ms_per_step_pipelined"], 3)
             # Large batches also stream their KV: mean context over the measured steps.
             attn = runner.model.layers[0].self_attn
             kv_bytes = bs * (args.input_len + args.output_len) * KVPool.bytes_per_token(
-                runner.model_config.num_layers, attn.num_kv_heads, runner.model_config.head_dim, runner.dtype)
+                runner.model_config.num_layers, attn.num_kv_heads, runner.model_config.head_dim, runner.kv_dtype)
             roof_kv_ms = (weight_bytes + kv_bytes) / (hbm * 1e12) * 1e3
             row["roofline_with_kv_ms_per_step"] = round(roof_kv_ms, 3)
             row["fraction_of_roofline_with_kv_pipelined"] = round(roof_kv_ms / row["decode_ms_per_step_pipelined"], 3)

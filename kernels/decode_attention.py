@@ -9,6 +9,10 @@ finish, found through an atomic counter, merges the chunks: no second launch, wh
 ``seq_lens``, so the grid depends only on the batch size and the split count: the launch is
 CUDA-graph safe.
 
+Sliding window ``window`` (a runtime int; ``None`` = whole context): the query (position
+``seq_len - 1``) sees the last ``window`` slots only, so the chunks split those. ``logit_cap``
+soft-caps the scaled logits (``cap * tanh(s / cap)``, Gemma 2).
+
 Shapes (B requests, H query heads, KVH kv heads, D head dim, S slots, R table rows):
     q                 [B, H, D]       model dtype
     k_buffer/v_buffer [S, KVH, D]     model dtype, last dim contiguous
@@ -33,12 +37,13 @@ from radixfleet.kernels.pdl import pdl_start, use_pdl
 
 _LOG2E = 1.4426950408889634
 MAX_KV_SPLITS = 32
+_NO_WINDOW = 1 << 30  # a window longer than any context
 
 
 @triton.jit
 def _decode_split_kernel(
     Q, K, V, REQ_TO_TOKEN, REQ_IDX, SEQ_LENS, MID_O, MID_LSE, OUT, SEMAPHORE,
-    sm_scale_log2,
+    sm_scale_log2, window, cap_log2,
     stride_qb, stride_qh,
     stride_kn, stride_kh,
     stride_vn, stride_vh,
@@ -58,6 +63,7 @@ def _decode_split_kernel(
     SPLIT_STEP: tl.constexpr,
     PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     pdl_start(USE_PDL)
     b = tl.program_id(0)
@@ -66,9 +72,10 @@ def _decode_split_kernel(
 
     seq_len = tl.load(SEQ_LENS + b)
     req = tl.load(REQ_IDX + b).to(tl.int64)
+    lo = tl.maximum(seq_len - window, 0)  # the first slot in the sliding window
     # Chunk length: a multiple of BLOCK_N so that only the last tile of a chunk is ragged.
-    chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * chunk
+    chunk = tl.cdiv(tl.cdiv(seq_len - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = lo + split * chunk
     end = tl.maximum(tl.minimum(start + chunk, seq_len), start)  # empty chunk: end == start
 
     offs_g = tl.arange(0, BLOCK_H)  # rows: the query heads of this kv head's group (padded)
@@ -90,12 +97,14 @@ def _decode_split_kernel(
     full_end = start + (end - start) // BLOCK_N * BLOCK_N
     for n0 in range(start, full_end, BLOCK_N):
         acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, l_i, row, k_base, v_base, stride_kn, stride_vn,
-                                    n0, end, offs_d, d_mask, sm_scale_log2,
-                                    BLOCK_N, False, False, HEAD_DIM == BLOCK_D, PRECISION)
+                                    n0, end, offs_d, d_mask, sm_scale_log2, window, cap_log2,
+                                    BLOCK_N, False, False, HEAD_DIM == BLOCK_D, PRECISION, False,
+                                    SOFTCAP)
     if full_end < end:
         acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, l_i, row, k_base, v_base, stride_kn, stride_vn,
-                                    full_end, end, offs_d, d_mask, sm_scale_log2,
-                                    BLOCK_N, True, False, HEAD_DIM == BLOCK_D, PRECISION)
+                                    full_end, end, offs_d, d_mask, sm_scale_log2, window, cap_log2,
+                                    BLOCK_N, True, False, HEAD_DIM == BLOCK_D, PRECISION, False,
+                                    SOFTCAP)
 
     # An empty chunk (start >= end) leaves l_i == 0: store o = 0 and lse = -inf so that
     # the merge gives it zero weight without producing NaN.
@@ -178,8 +187,11 @@ def decode_attention(
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    window: int | None = None,
+    logit_cap: float | None = None,
 ) -> torch.Tensor:
-    """Attention of ``q`` [B, H, D] over each request's cached context → [B, H, D].
+    """Attention of ``q`` [B, H, D] over each request's cached context → [B, H, D]
+    (its last ``window`` tokens with a sliding window).
 
     ``mid_o``/``mid_lse``/``semaphore`` may be passed in (shapes in the module docstring) to
     reuse scratch across layers; ``num_kv_splits`` defaults to :func:`choose_num_kv_splits`; ``block_n``
@@ -210,7 +222,7 @@ def decode_attention(
 
     _decode_split_kernel[(B, KVH, splits)](
         q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, mid_o, mid_lse, out,
-        semaphore, scale * _LOG2E,
+        semaphore, scale * _LOG2E, window or _NO_WINDOW, (logit_cap or 0.0) * _LOG2E,
         q.stride(0), q.stride(1),
         k_buffer.stride(0), k_buffer.stride(1),
         v_buffer.stride(0), v_buffer.stride(1),
@@ -222,5 +234,6 @@ def decode_attention(
         BLOCK_N=block_n, NUM_SPLITS=splits, BLOCK_G=triton.next_power_of_2(group),
         BLOCK_S=block_s, SPLIT_STEP=min(block_s, 8), PRECISION=dot_precision(q.dtype),
         USE_PDL=use_pdl(q), launch_pdl=use_pdl(q), num_warps=num_warps, num_stages=num_stages,
+        SOFTCAP=logit_cap is not None,
     )
     return out

@@ -6,6 +6,10 @@ them first), so the kernel reads every key and value through ``req_to_token``: t
 extend index i of request b (absolute position ``prefix_b + i``) sees context slots
 ``req_to_token[req_b, 0 : prefix_b + i + 1]``.
 
+Sliding window ``window`` (``None`` = whole context): query position p sees keys
+``p - window + 1 .. p`` only; the loop starts at the tile holding the block's lowest visible
+key and masks every tile. ``logit_cap`` soft-caps the scaled logits (Gemma 2).
+
 Grid: (cdiv(max_extend_len, BLOCK_M), B, H); one program computes a BLOCK_M tile of one
 request's queries for one query head, flash-attention style (online softmax, fp32 state).
 
@@ -35,7 +39,7 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _extend_kernel(
     Q, K, V, OUT, REQ_TO_TOKEN, REQ_IDX, Q_START, PREFIX_LENS, EXTEND_LENS,
-    sm_scale_log2,
+    sm_scale_log2, window, cap_log2,
     stride_qt, stride_qh,
     stride_kn, stride_kh,
     stride_vn, stride_vh,
@@ -47,6 +51,8 @@ def _extend_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
+    WINDOWED: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     mblk = tl.program_id(0)
     b = tl.program_id(1)
@@ -79,14 +85,19 @@ def _extend_kernel(
     # Whole tiles below the tile's first query position need no mask: a mask-free loop
     # (which the compiler pipelines), then the causal tiles along the diagonal.
     full_end = (prefix + mblk * BLOCK_M) // BLOCK_N * BLOCK_N
-    for n0 in range(0, full_end, BLOCK_N):
-        acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, q_pos, row, k_base, v_base, stride_kn,
-                                    stride_vn, n0, kv_end, offs_d, d_mask, sm_scale_log2,
-                                    BLOCK_N, False, False, HEAD_DIM == BLOCK_D, PRECISION)
+    if WINDOWED:  # from the tile of the block's lowest visible key, every tile masked
+        full_end = tl.maximum(prefix + mblk * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
+    else:
+        for n0 in range(0, full_end, BLOCK_N):
+            acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, q_pos, row, k_base, v_base, stride_kn,
+                                        stride_vn, n0, kv_end, offs_d, d_mask, sm_scale_log2,
+                                        window, cap_log2, BLOCK_N, False, False,
+                                        HEAD_DIM == BLOCK_D, PRECISION, False, SOFTCAP)
     for n0 in range(full_end, kv_end, BLOCK_N):
         acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, q_pos, row, k_base, v_base, stride_kn,
                                     stride_vn, n0, kv_end, offs_d, d_mask, sm_scale_log2,
-                                    BLOCK_N, True, True, HEAD_DIM == BLOCK_D, PRECISION)
+                                    window, cap_log2, BLOCK_N, True, True, HEAD_DIM == BLOCK_D,
+                                    PRECISION, WINDOWED, SOFTCAP)
 
     o = acc / l_i[:, None]
     tl.store(OUT + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
@@ -125,8 +136,11 @@ def extend_attention(
     *,
     out: torch.Tensor | None = None,
     config: tuple[int, int, int, int] | None = None,
+    window: int | None = None,
+    logit_cap: float | None = None,
 ) -> torch.Tensor:
-    """Causal attention of the packed new tokens ``q`` [T, H, D] over their contexts → [T, H, D].
+    """Causal attention of the packed new tokens ``q`` [T, H, D] over their contexts → [T, H, D]
+    (each query over its last ``window`` positions with a sliding window).
 
     ``max_extend_len`` (a host int, >= every entry of ``extend_lens``) sizes the grid;
     ``config`` overrides (BLOCK_M, BLOCK_N, num_warps, num_stages).
@@ -147,14 +161,14 @@ def extend_attention(
     _extend_kernel[grid](
         q, k_buffer, v_buffer, out, req_to_token, req_pool_indices, q_start, prefix_lens,
         extend_lens,
-        scale * _LOG2E,
+        scale * _LOG2E, window or 0, (logit_cap or 0.0) * _LOG2E,
         q.stride(0), q.stride(1),
         k_buffer.stride(0), k_buffer.stride(1),
         v_buffer.stride(0), v_buffer.stride(1),
         out.stride(0), out.stride(1),
         req_to_token.stride(0),
         GROUP=H // KVH, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=block_m,
-        BLOCK_N=block_n, PRECISION=dot_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        BLOCK_N=block_n, PRECISION=dot_precision(q.dtype), WINDOWED=window is not None,
+        SOFTCAP=logit_cap is not None, num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -1,6 +1,10 @@
 """Batch-1 GEMV for decode: ``x [1, K] @ W[N, K].T (+ bias) → [1, N]``, bf16/fp16, fp32 accumulate,
 optionally with the elementwise op that produces ``x`` folded into it.
 
+``W`` may also be fp8 (e4m3) with a per-row scale ``w_scale [N, 1]`` (``engine/layers/fp8.py``):
+the kernel reads one byte per weight and multiplies each output by its row's scale, so a
+batch-1 decode step streams half the bytes of bf16; ``x`` stays in the model dtype.
+
 At batch 1 a linear layer only streams its weight, so its time is bytes / bandwidth, and each
 separate elementwise kernel before it costs a launch and a gap in the CUDA graph that are
 about as long as the kernel. Every program reads all of ``x`` (from L2), so the op that makes
@@ -91,8 +95,9 @@ def _x_chunk(X, RES, NORM_W, NEW_RES, K, offs, pid, PROLOGUE: tl.constexpr, HAS_
 
 @triton.autotune(configs=_CONFIGS, key=["N", "K", "PROLOGUE"])
 @triton.jit
-def _gemv_kernel(X, RES, NORM_W, W, B, OUT, NEW_RES, N, K, stride_w, eps,
+def _gemv_kernel(X, RES, NORM_W, W, W_SCALE, B, OUT, NEW_RES, N, K, stride_w, eps,
                  PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 HAS_W_SCALE: tl.constexpr,
                  USE_PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr, LINE_ELEMS: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Any K: each program walks K for its BLOCK_N rows, re-reading x chunk by chunk."""
@@ -122,28 +127,34 @@ def _gemv_kernel(X, RES, NORM_W, W, B, OUT, NEW_RES, N, K, stride_w, eps,
     y = tl.sum(acc, axis=1)
     if PROLOGUE == 1:
         y = y / tl.sqrt(tl.sum(sum_sq, 0) / K + eps)
+    if HAS_W_SCALE:
+        y *= tl.load(W_SCALE + rows, mask=row_ok, other=0.0)
     if HAS_BIAS:
         y += tl.load(B + rows, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(OUT + rows, y.to(OUT.dtype.element_ty), mask=row_ok)
 
 
-def _rows_config(n: int, k: int, prologue: int) -> tuple[int, int, int]:
+def _rows_config(n: int, k: int, prologue: int, fp8: bool = False) -> tuple[int, int, int]:
     """(BLOCK_N, warps, programs per SM) for the whole-row kernel. From the sweep on an H200 at
     the Llama-3.1-8B shapes (kernels/NOTES.md): two rows per block, persistent programs, 8
-    per SM at K <= 8192 and one at K = 16384 (the row block fills the registers)."""
+    per SM at K <= 8192 and one at K = 16384 (the row block fills the registers). fp8
+    weights: twice the rows per block, the same bytes in flight. Table keys for fp8 weights
+    end in ",fp8"."""
     if ROWS_OVERRIDE is not None:
         return ROWS_OVERRIDE
-    tuned = ROWS_TABLE.get(f"{n},{k},{prologue}")
+    tuned = ROWS_TABLE.get(f"{n},{k},{prologue}" + (",fp8" if fp8 else ""))
     if tuned is not None:
         return tuple(tuned)
+    rows = 4 if fp8 else 2
     if triton.next_power_of_2(k) >= 16384:
-        return (2, 8, 1)
-    return (2, 4, 8)
+        return (rows, 8, 1)
+    return (rows, 4, 8)
 
 
 @triton.jit
-def _gemv_rows_kernel(X, RES, NORM_W, W, B, OUT, NEW_RES, N, K, stride_w, eps,
+def _gemv_rows_kernel(X, RES, NORM_W, W, W_SCALE, B, OUT, NEW_RES, N, K, stride_w, eps,
                       PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      HAS_W_SCALE: tl.constexpr,
                       USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, LINE_ELEMS: tl.constexpr,
                       BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PER_SM: tl.constexpr):
     """K <= BLOCK_K: each program makes x once (one load of it, the prologue run once), then
@@ -180,6 +191,8 @@ def _gemv_rows_kernel(X, RES, NORM_W, W, B, OUT, NEW_RES, N, K, stride_w, eps,
                          mask=(nxt < N)[:, None] & col_ok[None, :], other=0.0,
                          eviction_policy="evict_first")
         y = tl.sum(w.to(tl.float32) * x[None, :], axis=1) * scale
+        if HAS_W_SCALE:
+            y *= tl.load(W_SCALE + rows, mask=rows < N, other=0.0)
         if HAS_BIAS:
             y += tl.load(B + rows, mask=rows < N, other=0.0).to(tl.float32)
         tl.store(OUT + rows, y.to(OUT.dtype.element_ty), mask=rows < N)
@@ -198,22 +211,25 @@ def _cuda_sm_count(device_index: int) -> int:
 
 
 def _launch(x, weight, bias, prologue, k, residual=None, norm_weight=None, new_residual=None,
-            eps=0.0) -> torch.Tensor:
+            eps=0.0, w_scale=None) -> torch.Tensor:
     n = weight.shape[0]
     assert weight.shape[1] == k and weight.stride(1) == 1, "weight must be [N, K] with contiguous rows"
+    is_fp8 = weight.dtype == torch.float8_e4m3fn
+    assert is_fp8 == (w_scale is not None), "fp8 weights need w_scale (and only they take one)"
+    assert w_scale is None or (w_scale.numel() == n and w_scale.dtype == torch.float32)
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     pdl = use_pdl(x)
     args = (x, residual if residual is not None else x, norm_weight if norm_weight is not None else x,
-            weight, bias if bias is not None else x, out,
+            weight, w_scale if w_scale is not None else x, bias if bias is not None else x, out,
             new_residual if new_residual is not None else x, n, k, weight.stride(0), eps)
     flags = dict(PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
-                 USE_PDL=pdl, launch_pdl=pdl)
+                 HAS_W_SCALE=is_fp8, USE_PDL=pdl, launch_pdl=pdl)
     line_elems = 128 // weight.element_size()
     # Prefetch only weights that fit in L2 beside everything else (H100/H200: 50 MB).
     prefetch = pdl and weight.numel() * weight.element_size() <= _PREFETCH_MAX_BYTES
     block_k = triton.next_power_of_2(k)
     if block_k <= ROWS_MAX_K:
-        block_n, warps, per_sm = _rows_config(n, k, prologue)
+        block_n, warps, per_sm = _rows_config(n, k, prologue, is_fp8)
         programs = blocks = triton.cdiv(n, block_n)
         if per_sm:  # as many programs as fit, then fewer so that each takes as many blocks
             programs = triton.cdiv(blocks, triton.cdiv(blocks, min(blocks, _sm_count(x.device) * per_sm)))
@@ -231,15 +247,17 @@ def _check_row(x: torch.Tensor, name: str = "x") -> None:
     assert x.dim() == 2 and x.shape[0] == 1 and x.is_contiguous(), f"{name} must be one contiguous row"
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x`` [1, K] contiguous, ``weight`` [N, K] with contiguous rows → [1, N] in x's dtype."""
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+         w_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` [1, K] contiguous, ``weight`` [N, K] with contiguous rows (fp8 with ``w_scale``
+    [N, 1] fp32) → [1, N] in x's dtype."""
     _check_row(x)
-    return _launch(x, weight, bias, PLAIN, x.shape[1])
+    return _launch(x, weight, bias, PLAIN, x.shape[1], w_scale=w_scale)
 
 
 def gemv_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
-                 eps: float, weight: torch.Tensor,
-                 bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 eps: float, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 w_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``s = x + residual`` (or ``x``) → ``(rmsnorm(s) * norm_weight @ weight.T + bias, s)``."""
     _check_row(x)
     if residual is not None:
@@ -248,13 +266,14 @@ def gemv_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: to
     assert norm_weight.shape == (x.shape[1],) and norm_weight.is_contiguous()
     new_residual = torch.empty_like(x) if residual is not None else x
     out = _launch(x, weight, bias, RMSNORM, x.shape[1], residual, norm_weight,
-                  new_residual if residual is not None else None, eps)
+                  new_residual if residual is not None else None, eps, w_scale)
     return out, new_residual
 
 
 def gemv_silu_mul(gate_up: torch.Tensor, weight: torch.Tensor,
-                  bias: torch.Tensor | None = None) -> torch.Tensor:
+                  bias: torch.Tensor | None = None, *,
+                  w_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``gate_up`` [1, 2K] → ``(silu(gate) * up) @ weight.T + bias`` [1, N]."""
     _check_row(gate_up, "gate_up")
     assert gate_up.shape[1] % 2 == 0
-    return _launch(gate_up, weight, bias, SILU_MUL, gate_up.shape[1] // 2)
+    return _launch(gate_up, weight, bias, SILU_MUL, gate_up.shape[1] // 2, w_scale=w_scale)

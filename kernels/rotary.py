@@ -23,16 +23,18 @@ import torch
 import triton
 import triton.language as tl
 
-from radixfleet.kernels.kv_store import copy_heads
+from radixfleet.kernels.kv_store import check_cache_dtype, copy_heads, to_cache
 from radixfleet.kernels.pdl import pdl_start, use_pdl
 
 
 @triton.jit
 def _rotate_heads(SRC, stride_src, DST, stride_dst, cos, sin, NUM_HEADS: tl.constexpr,
                   HALF: tl.constexpr, HEAD_DIM: tl.constexpr, COPY_REST: tl.constexpr,
-                  BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_REST: tl.constexpr):
+                  BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_REST: tl.constexpr,
+                  inv_scale, QUANT: tl.constexpr):
     """Rotate the heads of one token from SRC into DST (may be SRC); with COPY_REST also copy
-    the dims past the rotary dim (partial rotary into a separate destination)."""
+    the dims past the rotary dim (partial rotary into a separate destination). QUANT: DST is
+    an fp8 cache, written scaled by ``inv_scale`` (``kv_store.to_cache``)."""
     offs_h = tl.arange(0, BLOCK_H)
     offs_r = tl.arange(0, BLOCK_R)
     mask = (offs_h < NUM_HEADS)[:, None] & (offs_r < HALF)[None, :]
@@ -40,18 +42,22 @@ def _rotate_heads(SRC, stride_src, DST, stride_dst, cos, sin, NUM_HEADS: tl.cons
     dst = DST + offs_h[:, None] * stride_dst + offs_r[None, :]
     x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
-    tl.store(dst, (x1 * cos[None, :] - x2 * sin[None, :]).to(DST.dtype.element_ty), mask=mask)
-    tl.store(dst + HALF, (x2 * cos[None, :] + x1 * sin[None, :]).to(DST.dtype.element_ty), mask=mask)
+    y1 = to_cache(x1 * cos[None, :] - x2 * sin[None, :], inv_scale, QUANT)
+    y2 = to_cache(x2 * cos[None, :] + x1 * sin[None, :], inv_scale, QUANT)
+    tl.store(dst, y1.to(DST.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF, y2.to(DST.dtype.element_ty), mask=mask)
     if COPY_REST:
         offs_x = 2 * HALF + tl.arange(0, BLOCK_REST)
         rest = (offs_h < NUM_HEADS)[:, None] & (offs_x < HEAD_DIM)[None, :]
-        x = tl.load(SRC + offs_h[:, None] * stride_src + offs_x[None, :], mask=rest)
-        tl.store(DST + offs_h[:, None] * stride_dst + offs_x[None, :], x, mask=rest)
+        x = to_cache(tl.load(SRC + offs_h[:, None] * stride_src + offs_x[None, :], mask=rest),
+                     inv_scale, QUANT)
+        tl.store(DST + offs_h[:, None] * stride_dst + offs_x[None, :], x.to(DST.dtype.element_ty),
+                 mask=rest)
 
 
 @triton.jit
 def _rotary_kernel(
-    POS, Q, K, CACHE, V, K_BUF, V_BUF, LOC,
+    POS, Q, K, CACHE, V, K_BUF, V_BUF, LOC, k_inv_scale, v_inv_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_c,
     stride_vt, stride_vh, stride_kbn, stride_kbh, stride_vbn, stride_vbh,
     NUM_Q_HEADS: tl.constexpr,
@@ -59,6 +65,7 @@ def _rotary_kernel(
     HALF: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     STORE_KV: tl.constexpr,
+    QUANT: tl.constexpr,
     USE_PDL: tl.constexpr,
     BLOCK_HQ: tl.constexpr,
     BLOCK_HK: tl.constexpr,
@@ -74,17 +81,18 @@ def _rotary_kernel(
     sin = tl.load(CACHE + pos * stride_c + HALF + offs_r, mask=r_mask, other=0.0)
     q = Q + t * stride_qt
     _rotate_heads(q, stride_qh, q, stride_qh, cos, sin, NUM_Q_HEADS, HALF, HEAD_DIM, False,
-                  BLOCK_HQ, BLOCK_R, BLOCK_D)
+                  BLOCK_HQ, BLOCK_R, BLOCK_D, 1.0, False)
     k = K + t * stride_kt
     if STORE_KV:  # rotated k and plain v go straight to the token's cache slot
         loc = tl.load(LOC + t).to(tl.int64)
         _rotate_heads(k, stride_kh, K_BUF + loc * stride_kbn, stride_kbh, cos, sin, NUM_K_HEADS,
-                      HALF, HEAD_DIM, 2 * HALF < HEAD_DIM, BLOCK_HK, BLOCK_R, BLOCK_D)
+                      HALF, HEAD_DIM, 2 * HALF < HEAD_DIM, BLOCK_HK, BLOCK_R, BLOCK_D, k_inv_scale,
+                      QUANT)
         copy_heads(V + t * stride_vt, stride_vh, V_BUF + loc * stride_vbn, stride_vbh, NUM_K_HEADS,
-                   HEAD_DIM, BLOCK_HK, BLOCK_D)
+                   HEAD_DIM, BLOCK_HK, BLOCK_D, v_inv_scale, QUANT)
     else:
         _rotate_heads(k, stride_kh, k, stride_kh, cos, sin, NUM_K_HEADS, HALF, HEAD_DIM, False,
-                      BLOCK_HK, BLOCK_R, BLOCK_D)
+                      BLOCK_HK, BLOCK_R, BLOCK_D, 1.0, False)
 
 
 def _check(positions, q, k, cos_sin_cache) -> None:
@@ -96,7 +104,8 @@ def _check(positions, q, k, cos_sin_cache) -> None:
     assert q.stride(2) == 1 and k.stride(2) == 1, "q/k last dim must be contiguous"
 
 
-def _launch(positions, q, k, cos_sin_cache, v=None, k_buffer=None, v_buffer=None, loc=None) -> None:
+def _launch(positions, q, k, cos_sin_cache, v=None, k_buffer=None, v_buffer=None, loc=None,
+            k_scale: float = 1.0, v_scale: float = 1.0, quant: bool = False) -> None:
     T, H, D = q.shape
     KVH, R = k.shape[1], cos_sin_cache.shape[1]
     if T == 0:
@@ -104,11 +113,11 @@ def _launch(positions, q, k, cos_sin_cache, v=None, k_buffer=None, v_buffer=None
     store = v is not None
     v, k_buffer, v_buffer, loc = (v, k_buffer, v_buffer, loc) if store else (k, k, k, positions)
     _rotary_kernel[(T,)](
-        positions, q, k, cos_sin_cache, v, k_buffer, v_buffer, loc,
+        positions, q, k, cos_sin_cache, v, k_buffer, v_buffer, loc, 1.0 / k_scale, 1.0 / v_scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
         v.stride(0), v.stride(1), k_buffer.stride(0), k_buffer.stride(1),
         v_buffer.stride(0), v_buffer.stride(1),
-        NUM_Q_HEADS=H, NUM_K_HEADS=KVH, HALF=R // 2, HEAD_DIM=D, STORE_KV=store,
+        NUM_Q_HEADS=H, NUM_K_HEADS=KVH, HALF=R // 2, HEAD_DIM=D, STORE_KV=store, QUANT=quant,
         USE_PDL=use_pdl(q), launch_pdl=use_pdl(q),
         BLOCK_HQ=triton.next_power_of_2(H), BLOCK_HK=triton.next_power_of_2(KVH),
         BLOCK_R=triton.next_power_of_2(R // 2), BLOCK_D=triton.next_power_of_2(D),
@@ -125,16 +134,17 @@ def apply_rotary_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 
 def rotary_store_kv_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      cos_sin_cache: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
-                     loc: torch.Tensor) -> None:
+                     loc: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """Rotate ``q`` in place, and write rotated ``k`` and ``v`` [T, KVH, D] to the cache slots
     ``loc`` [T] of ``k_buffer``/``v_buffer`` [S, KVH, D] (``k`` itself is left unrotated):
-    ``apply_rotary_`` then ``kv_store.store_kv`` in one launch."""
+    ``apply_rotary_`` then ``kv_store.store_kv`` in one launch (an fp8 cache gets ``k / k_scale``
+    and ``v / v_scale``)."""
     _check(positions, q, k, cos_sin_cache)
     assert v.shape == k.shape and v.stride(2) == 1 and loc.shape == positions.shape
     assert k_buffer.shape[1:] == k.shape[1:] and v_buffer.shape == k_buffer.shape
-    assert k_buffer.dtype == k.dtype and v_buffer.dtype == v.dtype, "cast k/v to the cache dtype first"
+    quant = check_cache_dtype(k, k_buffer, v_buffer)
     assert k_buffer.stride(2) == 1 and v_buffer.stride(2) == 1
-    _launch(positions, q, k, cos_sin_cache, v, k_buffer, v_buffer, loc)
+    _launch(positions, q, k, cos_sin_cache, v, k_buffer, v_buffer, loc, k_scale, v_scale, quant)
 
 
 def rope_inv_freq(rotary_dim: int, base: float,

@@ -81,14 +81,16 @@ class AttentionBackend(abc.ABC):
         from radixfleet.kernels.kv_store import store_kv
         from radixfleet.kernels.rotary import rotary_store_kv_
 
-        k_buf, v_buf = self.kv_pool.k_buffers[layer_id], self.kv_pool.v_buffers[layer_id]
+        pool = self.kv_pool
+        k_buf, v_buf = pool.k_buffers[layer_id], pool.v_buffers[layer_id]
+        scales = (pool.k_scales[layer_id], pool.v_scales[layer_id])  # fp8 caches only
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if rope is None:
-            store_kv(k, v, k_buf, v_buf, batch.out_cache_loc)
+            store_kv(k, v, k_buf, v_buf, batch.out_cache_loc, *scales)
         else:
-            rotary_store_kv_(rope[0], q, k, v, rope[1], k_buf, v_buf, batch.out_cache_loc)
+            rotary_store_kv_(rope[0], q, k, v, rope[1], k_buf, v_buf, batch.out_cache_loc, *scales)
         return q, k_buf, v_buf
 
     @abc.abstractmethod

@@ -1,4 +1,4 @@
-"""Attention backend on FlashInfer's paged kernels (CUDA only, fp16 / bf16 KV).
+"""Attention backend on FlashInfer's paged kernels (CUDA only, fp16 / bf16 / fp8 e4m3 KV).
 
 This module imports flashinfer (and triton) at the top: the registry imports it only when
 the ``flashinfer`` backend is chosen, so other installs never load either.
@@ -35,7 +35,7 @@ from radixfleet.engine.memory.kv_pool import KVPool
 from radixfleet.kernels.kv_indices import build_kv_indices
 
 WORKSPACE_BYTES = 128 << 20  # split-KV partial outputs; shared by every wrapper (one stream)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float8_e4m3fn)
 # FA2 kernels on every architecture: one JIT module serves prefill and tensor-core decode.
 KERNEL_BACKEND = "fa2"
 TENSOR_CORE_MIN_GROUP = 4
@@ -53,10 +53,11 @@ class FlashInferBackend(AttentionBackend):
                  scale: float):
         super().__init__(kv_pool, num_heads, num_kv_heads, head_dim, scale)
         self.dtype = kv_pool.k_buffers[0].dtype
+        self.q_dtype = kv_pool.model_dtype
         if self.device.type != "cuda":
             raise ValueError("the flashinfer attention backend needs a CUDA device; use torch_native")
         if self.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"flashinfer attention supports float16 and bfloat16 KV caches, not "
+            raise ValueError(f"flashinfer attention supports float16, bfloat16 and fp8 e4m3 KV caches, not "
                              f"{self.dtype}; use attention_backend='triton' or 'torch_native'")
         self.use_tensor_cores = num_heads // num_kv_heads >= TENSOR_CORE_MIN_GROUP
         # "Must be initialized to 0 for its first use" (flashinfer docs).
@@ -117,7 +118,8 @@ class FlashInferBackend(AttentionBackend):
         self._active = self._prefill
 
     def _plan_kwargs(self) -> dict:
-        return dict(q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=self.scale)
+        # q is in the model dtype; an fp8 cache is read as fp8 and scaled at run().
+        return dict(q_data_type=self.q_dtype, kv_data_type=self.dtype, sm_scale=self.scale)
 
     def _plan_graph(self, batch: ForwardBatch) -> None:
         bs = batch.batch_size
@@ -160,4 +162,7 @@ class FlashInferBackend(AttentionBackend):
         assert self._active is not None, "plan() must run before forward()"
         q, k_buf, v_buf = self._store_with_kernel(q, k, v, layer_id, batch, rope)
         # 3-D [S, KVH, D] caches are read as [S, page_size=1, KVH, D] ("NHD").
+        if self.kv_pool.is_fp8:
+            return self._active.run(q, (k_buf, v_buf), k_scale=self.kv_pool.k_scales[layer_id],
+                                    v_scale=self.kv_pool.v_scales[layer_id])
         return self._active.run(q, (k_buf, v_buf))

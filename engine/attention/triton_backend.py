@@ -29,6 +29,8 @@ from radixfleet.kernels.extend_attention import extend_attention
 
 class TritonAttentionBackend(AttentionBackend):
     fuses_rope = True
+    supports_sliding_window = True  # the kernels' `window` and `logit_cap`
+    supports_logit_cap = True
 
     def __init__(self, kv_pool: KVPool, num_heads: int, num_kv_heads: int, head_dim: int,
                  scale: float):
@@ -85,8 +87,9 @@ class TritonAttentionBackend(AttentionBackend):
             return decode_attention(
                 q, k_buf, v_buf, batch.req_to_token, batch.req_pool_indices, batch.seq_lens,
                 self.scale, num_kv_splits=self._num_kv_splits, mid_o=mid_o, mid_lse=mid_lse,
-                semaphore=semaphore)
+                semaphore=semaphore, window=self.window(layer_id), logit_cap=self.logit_cap)
         assert self._q_start is not None, "plan() must run before forward()"
         return extend_attention(
             q, k_buf, v_buf, batch.req_to_token, batch.req_pool_indices, self._q_start,
-            batch.extend_prefix_lens, batch.extend_seq_lens, self._max_extend_len, self.scale)
+            batch.extend_prefix_lens, batch.extend_seq_lens, self._max_extend_len, self.scale,
+            window=self.window(layer_id), logit_cap=self.logit_cap)

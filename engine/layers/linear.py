@@ -22,6 +22,7 @@ from torch import nn
 from radixfleet import env_vars
 from radixfleet.engine.executor.lora import lora_delta
 from radixfleet.engine.layers import distributed as dist
+from radixfleet.engine.layers import fp8
 from radixfleet.engine.layers.fused import fused_ops
 
 # Batch-1 GEMVs up to this many weight elements use kernels/gemv.py (with the norm or SiLU-mul
@@ -38,28 +39,32 @@ def _onednn_linear_available() -> bool:
 
 def _gemv_ops(x: torch.Tensor, weight: torch.Tensor):
     """The fused-kernel namespace when ``x @ weight.T`` is a batch-1 GEMV the triton kernels
-    take (one contiguous half-precision row, rows of ``weight`` contiguous), else None."""
+    take (one contiguous half-precision row, rows of ``weight`` contiguous, ``weight`` in x's
+    dtype or fp8), else None."""
     if (x.dim() == 2 and x.shape[0] == 1 and x.is_cuda and x.dtype != torch.float32
-            and weight.dtype == x.dtype and weight.stride(1) == 1 and x.is_contiguous()
+            and weight.dtype in (x.dtype, fp8.FP8) and weight.stride(1) == 1 and x.is_contiguous()
             and weight.numel() <= _GEMV_MAX_ELEMENTS):
         return fused_ops(x)
     return None
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-           packed: torch.Tensor | None) -> torch.Tensor:
-    """``x @ weight.T + bias``, through the prepacked oneDNN weight when there is one."""
+           packed: torch.Tensor | None, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias``, through the prepacked oneDNN weight when there is one;
+    with ``scale``, ``weight`` is fp8 and the real weight is ``weight * scale`` (``fp8.py``)."""
     if packed is not None:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
     ops = _gemv_ops(x, weight)
+    if scale is not None:
+        return fp8.fp8_matmul(x, weight, scale, bias, ops.gemv if ops is not None else None)
     if ops is not None and ops.gemv is not None:  # batch-1 decode: kernels/gemv.py
         return ops.gemv(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
-    """oneDNN's prepacked copy of an fp32 CPU weight; None for any other weight."""
-    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+    """oneDNN's prepacked copy of an fp32 or bf16 CPU weight; None for any other weight."""
+    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
         return None
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
 
@@ -109,15 +114,34 @@ class ColumnParallelLinear(PackableWeight):
         tp = dist.tp_size()
         assert out_features % tp == 0, f"{out_features} output features do not split over tp={tp}"
         self.out_per_rank = out_features // tp
-        self.weight = _param((self.out_per_rank, in_features), self.weight_loader)
+        if fp8.building_fp8():
+            self.weight, self.weight_scale = fp8.new_params(self.out_per_rank, in_features,
+                                                            self.weight_loader, self.weight_loader)
+        else:
+            self.weight = _param((self.out_per_rank, in_features), self.weight_loader)
+            self.register_parameter("weight_scale", None)  # fp8 layers: [N, 1] fp32 (layers/fp8.py)
         self.bias = _param((self.out_per_rank,), self.weight_loader) if bias else None
 
+    def shard_rows(self, shard_id) -> tuple[int, int, int]:
+        """``(offset, size, start)``: checkpoint rows ``[start, start + size)`` of shard
+        ``shard_id`` go to this rank's rows ``[offset, offset + size)``."""
+        return 0, self.out_per_rank, dist.tp_rank() * self.out_per_rank
+
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-        r = dist.tp_rank()
-        param.data.copy_(loaded.narrow(0, r * self.out_per_rank, self.out_per_rank))
+        """Weight, bias and (fp8) weight_scale rows of one checkpoint tensor."""
+        offset, size, start = self.shard_rows(shard_id)
+        rows = slice(offset, offset + size)
+        if param is self.weight_scale:
+            scale = loaded.float().reshape(-1, 1)
+            param.data[rows].copy_(scale.expand(size, 1) if scale.shape[0] == 1
+                                   else scale.narrow(0, start, size))
+        elif param is self.weight and self.weight_scale is not None:
+            fp8.load_rows(param, self.weight_scale, rows, loaded.narrow(0, start, size))
+        else:
+            param.data[rows].copy_(loaded.narrow(0, start, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._with_lora(x, matmul(x, self.weight, self.bias, self.packed))
+        return self._with_lora(x, matmul(x, self.weight, self.bias, self.packed, self.weight_scale))
 
     def forward_normed(self, norm, x: torch.Tensor,
                        residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,7 +151,8 @@ class ColumnParallelLinear(PackableWeight):
         ops = None if self.lora_on() else _gemv_ops(x, self.weight)
         if (ops is not None and ops.gemv_rmsnorm is not None
                 and (residual is None or residual.is_contiguous())):
-            return ops.gemv_rmsnorm(x, residual, norm.weight, norm.eps, self.weight, self.bias)
+            return ops.gemv_rmsnorm(x, residual, norm.weight, norm.eps, self.weight, self.bias,
+                                    w_scale=self.weight_scale)
         if residual is None:
             return self(norm(x)), x
         x, residual = norm(x, residual)
@@ -141,12 +166,10 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.out_sizes = out_sizes
         super().__init__(in_features, sum(out_sizes), bias)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-        tp, r = dist.tp_size(), dist.tp_rank()
-        shard = int(shard_id)
+    def shard_rows(self, shard_id) -> tuple[int, int, int]:
+        tp, shard = dist.tp_size(), int(shard_id)
         size = self.out_sizes[shard] // tp
-        offset = sum(self.out_sizes[:shard]) // tp
-        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, r * size, size))
+        return sum(self.out_sizes[:shard]) // tp, size, dist.tp_rank() * size
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -162,15 +185,12 @@ class QKVParallelLinear(ColumnParallelLinear):
         out = (self.q_heads + 2 * self.kv_heads) * head_dim * tp
         super().__init__(hidden, out, bias)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    def shard_rows(self, shard_id) -> tuple[int, int, int]:
         r, d = dist.tp_rank(), self.head_dim
         q, kv = self.q_heads * d, self.kv_heads * d
         if shard_id == "q":
-            offset, size, start = 0, q, r * q
-        else:
-            offset = q if shard_id == "k" else q + kv
-            size, start = kv, (r // self.kv_replicas) * kv
-        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, start, size))
+            return 0, q, r * q
+        return (q if shard_id == "k" else q + kv), kv, (r // self.kv_replicas) * kv
 
 
 class RowParallelLinear(PackableWeight):
@@ -179,25 +199,38 @@ class RowParallelLinear(PackableWeight):
         tp = dist.tp_size()
         assert in_features % tp == 0, f"{in_features} input features do not split over tp={tp}"
         self.in_per_rank = in_features // tp
-        self.weight = _param((out_features, self.in_per_rank), self.weight_loader)
+        if fp8.building_fp8():
+            self.weight, self.weight_scale = fp8.new_params(out_features, self.in_per_rank,
+                                                            self.weight_loader, self._scale_loader)
+        else:
+            self.weight = _param((out_features, self.in_per_rank), self.weight_loader)
+            self.register_parameter("weight_scale", None)
         self.bias = _param((out_features,), self._bias_loader) if bias else None
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         r = dist.tp_rank()
-        param.data.copy_(loaded.narrow(1, r * self.in_per_rank, self.in_per_rank))
+        part = loaded.narrow(1, r * self.in_per_rank, self.in_per_rank)
+        if self.weight_scale is not None:  # fp8: as stored, or quantized per row of this shard
+            fp8.load_rows(param, self.weight_scale, slice(None), part)
+        else:
+            param.data.copy_(part)
+
+    def _scale_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        param.data.copy_(fp8.expand_scale(loaded, param.shape[0]))
 
     def _bias_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         param.data.copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._reduce(self._with_lora(x, matmul(x, self.weight, None, self.packed)))
+        return self._reduce(self._with_lora(x, matmul(x, self.weight, None, self.packed,
+                                                      self.weight_scale)))
 
     def forward_silu_mul(self, gate_up: torch.Tensor, act) -> torch.Tensor:
         """This layer applied to ``act(gate_up)`` (``act``: SiluAndMul). At batch 1 on CUDA the
         activation runs inside the GEMV (``kernels/gemv.py``)."""
         ops = None if self.lora_on() else _gemv_ops(gate_up, self.weight)
         if ops is not None and ops.gemv_silu_mul is not None:
-            return self._reduce(ops.gemv_silu_mul(gate_up, self.weight))
+            return self._reduce(ops.gemv_silu_mul(gate_up, self.weight, w_scale=self.weight_scale))
         return self(act(gate_up))
 
     def _reduce(self, y: torch.Tensor) -> torch.Tensor:

@@ -173,6 +173,8 @@ class Scheduler:
                 "context_length": self.runner.context_len,
                 "vocab_size": self.runner.model_config.vocab_size,
                 "device": str(self.runner.device), "dtype": str(self.runner.dtype).removeprefix("torch."),
+                "kv_cache_dtype": str(self.runner.kv_dtype).removeprefix("torch."),
+                "quantization": self.runner.quant.method if self.runner.quant else None,
                 "chunked_prefill_size": self.chunk_size,
                 "attention_backend": type(self.runner.attn_backend).__name__,
                 "overlap_schedule": self.overlap,

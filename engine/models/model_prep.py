@@ -144,6 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
     down.add_argument("--revision", default=None, help="branch, tag or commit (default: main)")
     down.add_argument("--cache-dir", default=None,
                       help="Hub cache folder to download into (default: $HF_HUB_CACHE or $HF_HOME/hub)")
+    exp = sub.add_parser("fp8-export", help="write an FP8 (e4m3) checkpoint of a bf16/fp32 model folder")
+    exp.add_argument("src", help="HF model folder (safetensors)")
+    exp.add_argument("dst", help="output folder")
+    exp.add_argument("--scheme", choices=("channel", "tensor"), default="channel",
+                     help="one weight scale per output channel (default) or per tensor")
+    exp.add_argument("--format", dest="fmt", choices=("compressed-tensors", "fp8"),
+                     default="compressed-tensors", help="quantization_config layout")
+    exp.add_argument("--kv-scale", type=float, default=None,
+                     help="also write this KV-cache scale for every layer (self_attn.k_scale / v_scale)")
     return parser
 
 
@@ -158,6 +167,16 @@ def main(argv: list[str]) -> int:
         except hub.HubError as e:
             print(f"radixfleet model download: {e}", file=sys.stderr)
             return 1
+    elif args.action == "fp8-export":
+        from radixfleet.engine.models.fp8_export import export_fp8
+
+        src = resolve_model_path(args.src)
+        try:
+            names = export_fp8(src, args.dst, args.scheme, args.fmt, args.kv_scale)
+        except ValueError as e:
+            print(f"radixfleet model fp8-export: {e}", file=sys.stderr)
+            return 2
+        print(f"{args.dst}: {len(names)} fp8 weights ({args.scheme} scales, {args.fmt})")
     else:
         print(default_model_dir())
     return 0

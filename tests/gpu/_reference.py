@@ -16,8 +16,10 @@ from radixfleet.engine.executor.forward_batch import ForwardBatch, ForwardMode
 
 
 def attention_ref(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, slots: torch.Tensor,
-                  prefix_len: int, scale: float) -> torch.Tensor:
-    """One request: q [n, H, D] at positions prefix_len.. over slots [prefix_len + n] → [n, H, D] fp32."""
+                  prefix_len: int, scale: float, window: int | None = None,
+                  cap: float | None = None) -> torch.Tensor:
+    """One request: q [n, H, D] at positions prefix_len.. over slots [prefix_len + n] → [n, H, D] fp32.
+    ``window``: query position p sees keys p - window + 1 .. p only; ``cap``: logits soft-capped."""
     n, H, _ = q.shape
     keys = k_buf[slots].float()  # [L, KVH, D]
     vals = v_buf[slots].float()
@@ -25,9 +27,15 @@ def attention_ref(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, slo
     keys = keys.repeat_interleave(group, dim=1).transpose(0, 1)  # [H, L, D]
     vals = vals.repeat_interleave(group, dim=1).transpose(0, 1)
     scores = torch.einsum("nhd,hld->hnl", q.float(), keys) * scale  # [H, n, L]
+    if cap is not None:
+        scores = cap * torch.tanh(scores / cap)
     L = keys.shape[1]
     # Query i (absolute position prefix_len + i) sees keys 0 .. prefix_len + i.
-    visible = torch.arange(L, device=q.device)[None, :] <= prefix_len + torch.arange(n, device=q.device)[:, None]
+    key_pos = torch.arange(L, device=q.device)[None, :]
+    q_pos = prefix_len + torch.arange(n, device=q.device)[:, None]
+    visible = key_pos <= q_pos
+    if window is not None:
+        visible &= key_pos > q_pos - window
     scores = scores.masked_fill(~visible, float("-inf"))
     return torch.einsum("hnl,hld->nhd", scores.softmax(-1), vals)
 

@@ -274,6 +274,40 @@ def case_gemv_prologues() -> None:
             torch.testing.assert_close(gemv_silu_mul(gu, w), want, atol=1e-4, rtol=1e-4, msg=variant)
 
 
+def case_window_and_softcap() -> None:
+    """Sliding windows (shorter and longer than tiles and contexts) and soft-capped logits."""
+    from _reference import attention_ref, make_paged_kv, rel_err
+
+    from radixfleet.kernels.decode_attention import decode_attention
+    from radixfleet.kernels.extend_attention import extend_attention
+
+    gen = torch.Generator().manual_seed(5)
+    H, KVH, D = 6, 2, 32
+    prefix, ext = [0, 3, 40, 17], [37, 1, 30, 16]
+    starts = torch.tensor([0, 37, 38, 68], dtype=torch.int32)
+    kv = make_paged_kv([p + e for p, e in zip(prefix, ext, strict=True)], KVH, D, torch.float32, "cpu", gen)
+    q = torch.randn(sum(ext), H, D, generator=gen) * 3  # large logits: the cap bites
+    lens = [p + e for p, e in zip(prefix, ext, strict=True)]
+    for window, cap in [(1, None), (5, None), (20, 2.0), (200, None), (None, 2.0)]:
+        ref = torch.cat([attention_ref(q[int(s):int(s) + e], kv.k_buf, kv.v_buf, kv.slots(b), p,
+                                       D ** -0.5, window, cap)
+                         for b, (s, p, e) in enumerate(zip(starts, prefix, ext, strict=True))])
+        for config in (None, (32, 16, 4, 1)):
+            out = extend_attention(q, kv.k_buf, kv.v_buf, kv.req_to_token, kv.req_pool_indices,
+                                   starts, torch.tensor(prefix, dtype=torch.int32),
+                                   torch.tensor(ext, dtype=torch.int32), max(ext), D ** -0.5,
+                                   config=config, window=window, logit_cap=cap)
+            assert rel_err(out, ref) < 1e-5, ("extend", window, cap, config, rel_err(out, ref))
+        qd = q[:len(lens)].contiguous()
+        ref = torch.cat([attention_ref(qd[b:b + 1], kv.k_buf, kv.v_buf, kv.slots(b), n - 1, D ** -0.5,
+                                       window, cap) for b, n in enumerate(lens)])
+        for splits in (1, 3):
+            out = decode_attention(qd, kv.k_buf, kv.v_buf, kv.req_to_token, kv.req_pool_indices,
+                                   kv.seq_lens, D ** -0.5, num_kv_splits=splits, block_n=16,
+                                   window=window, logit_cap=cap)
+            assert rel_err(out, ref) < 1e-5, ("decode", window, cap, splits, rel_err(out, ref))
+
+
 def case_fused_moe() -> None:
     """Routing + align in one program, the torch align, and both grouped GEMMs, against a
     per-pair reference; experts with 0 tokens, k from 1 to 8."""
@@ -305,6 +339,42 @@ def case_fused_moe() -> None:
             for cfg in (config, (16, 32, 16, 2, 4, 1)):
                 out = fm.fused_moe(x, w13, w2, w, ids, cfg, aligned if cfg is config else None)
                 assert rel_err(out, ref) < 1e-5, (T, E, k, cfg, rel_err(out, ref))
+
+
+def case_fp8() -> None:
+    """fp8 e4m3 KV cache and weights: the decode kernel over an fp8 cache with scales against
+    the reference over the dequantized cache; the fp8 GEMV against the dequantized weight; the
+    store into an fp8 cache within one e4m3 step (the interpreter truncates where the GPU
+    rounds, so exact rounding is checked in tests/gpu/test_fp8.py)."""
+    from _reference import attention_ref, make_paged_kv, rel_err
+
+    from radixfleet.engine.layers.fp8 import FP8, dequantize, quantize_rows
+    from radixfleet.kernels.decode_attention import decode_attention
+    from radixfleet.kernels.gemv import gemv
+    from radixfleet.kernels.kv_store import store_kv
+
+    gen = torch.Generator().manual_seed(5)
+    lens, ks, vs = [1, 9, 40], 0.5, 4.0
+    kv = make_paged_kv(lens, 2, 32, torch.float32, "cpu", gen)
+    k8 = (kv.k_buf / ks).clamp(-448, 448).to(FP8)
+    v8 = (kv.v_buf / vs).clamp(-448, 448).to(FP8)
+    q = torch.randn(len(lens), 4, 32, generator=gen)
+    out = decode_attention(q, k8, v8, kv.req_to_token, kv.req_pool_indices, kv.seq_lens, 32 ** -0.5,
+                           num_kv_splits=2, block_n=16, k_scale=ks, v_scale=vs)
+    ref = torch.cat([attention_ref(q[b:b + 1], k8.float() * ks, v8.float() * vs, kv.slots(b), n - 1,
+                                   32 ** -0.5) for b, n in enumerate(lens)])
+    assert rel_err(out, ref) < 1e-5, rel_err(out, ref)
+    wq, ws = quantize_rows(torch.randn(37, 600, generator=gen))
+    x = torch.randn(1, 600, generator=gen)
+    torch.testing.assert_close(gemv(x, wq, w_scale=ws), x @ dequantize(wq, ws, torch.float32).T,
+                               atol=1e-3, rtol=1e-4)
+    k, v = torch.randn(5, 2, 32, generator=gen), torch.randn(5, 2, 32, generator=gen)
+    k_buf, v_buf = torch.zeros(8, 2, 32, dtype=FP8), torch.zeros(8, 2, 32, dtype=FP8)
+    loc = torch.tensor([3, 1, 7, 2, 5])
+    store_kv(k, v, k_buf, v_buf, loc, k_scale=ks, v_scale=vs)
+    for buf, x, s in ((k_buf, k, ks), (v_buf, v, vs)):
+        got = buf[loc].float() * s
+        assert ((got - x).abs() <= x.abs() / 8 + 1e-3 * s).all()
 
 
 CASES = {name[len("case_"):]: fn for name, fn in globals().items() if name.startswith("case_")}
