@@ -76,12 +76,15 @@ TINY_ARCHS = {
 }
 
 
-def make_tiny_model(arch: str, folder: str, dtype: str = "float32", std: float = 0.08, **shape) -> str:
+def make_tiny_model(arch: str, folder: str, dtype: str = "float32", std: float = 0.08,
+                    router_std: float | None = None, **shape) -> str:
     """Save a tiny random-weight model of ``arch`` with transformers; return the folder.
 
     ``shape`` overrides the config's sizes (hidden_size, num_attention_heads, head_dim, ...).
     Matrices are drawn with ``std``: the default 0.08 gives peaked logits, so greedy runs
-    rarely meet near-ties; 0.02 is transformers' own init."""
+    rarely meet near-ties; 0.02 is transformers' own init. ``router_std``: the MoE routers'
+    std instead (a large one makes routing decisive, as trained routers are: bf16 rounding
+    then rarely swaps an expert)."""
     import torch
     import transformers
 
@@ -96,9 +99,10 @@ def make_tiny_model(arch: str, folder: str, dtype: str = "float32", std: float =
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() == 2:
-                p.normal_(0, std)
+                router = router_std is not None and name.endswith(".gate.weight")
+                p.normal_(0, router_std if router else std)
     model.save_pretrained(folder)
     return folder
 

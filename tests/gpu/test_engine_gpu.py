@@ -46,11 +46,13 @@ def make_model(arch: str, folder: str) -> str:
     transformers' own init (std 0.02): with larger weights (0.08 was tried) the model is so
     ill-conditioned that transformers' bf16 agrees with its own fp32 on only ~93% of top-1
     tokens (measured on CPU), below the 95% bar the bf16 comparison checks."""
-    head_dim = 128 if arch == "qwen3" else None
-    return make_tiny_model(arch, folder, std=0.02, hidden_size=512, intermediate_size=512, head_dim=head_dim)
+    head_dim = 128 if arch in ("qwen3", "qwen3_moe") else None
+    return make_tiny_model(arch, folder, std=0.02, hidden_size=512, intermediate_size=512, head_dim=head_dim,
+                           router_std=0.6)  # MoE: routing decisive (bf16 vs fp32 rarely swaps experts)
 
 
-@pytest.fixture(scope="module", params=["llama3", "qwen3", "qwen2"])
+# MoE models run the fused MoE kernels (kernels/fused_moe.py) in every test here.
+@pytest.fixture(scope="module", params=["llama3", "qwen3", "qwen2", "qwen3_moe", "qwen2_moe", "mixtral", "phi3"])
 def tiny(request, tmp_path_factory):
     return request.param, make_model(request.param, str(tmp_path_factory.mktemp(request.param)))
 

@@ -43,7 +43,8 @@ def make_model(arch: str, folder: str) -> str:
                            num_attention_heads=8, num_key_value_heads=4, head_dim=None)
 
 
-@pytest.fixture(scope="module", params=["llama3", "qwen2"])
+# qwen2_moe: experts and the shared expert split along their intermediate dimension (fused MoE kernels).
+@pytest.fixture(scope="module", params=["llama3", "qwen2", "qwen2_moe"])
 def tiny(request, tmp_path_factory):
     return request.param, make_model(request.param, str(tmp_path_factory.mktemp(request.param)))
 
