@@ -1,0 +1,69 @@
+"""The MoE layer on CPU: routing semantics, the TP split of the experts' intermediate
+dimension (ranks' partial sums add up to the whole), and the loader of transformers 5's
+stacked expert tensors (its in-memory layout) against the per-expert checkpoint layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import make_tiny_model
+
+from radixfleet.engine.layers import distributed as dist
+from radixfleet.engine.layers.moe import FusedMoE, moe_torch, select_experts
+
+
+def test_renormalised_top_k_is_a_softmax_over_the_top_k_logits():
+    """Mixtral's routing: softmax over the k largest logits (what renormalising gives)."""
+    logits = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
+    weights, ids = select_experts(logits, 2, renormalize=True)
+    torch.testing.assert_close(weights, torch.softmax(logits.gather(1, ids), -1))
+    plain, same = select_experts(logits, 2, renormalize=False)
+    assert torch.equal(same, ids) and (plain.sum(-1) < 1).all()
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tp_ranks_partial_sums_add_up_to_the_whole(monkeypatch, tp):
+    E, k, H, inter, T = 6, 2, 16, 24, 9
+    gen = torch.Generator().manual_seed(1)
+    gate, up = torch.randn(E, inter, H, generator=gen), torch.randn(E, inter, H, generator=gen)
+    down = torch.randn(E, H, inter, generator=gen)
+    x, logits = torch.randn(T, H, generator=gen), torch.randn(T, E, generator=gen)
+
+    def build(rank: int, size: int) -> FusedMoE:
+        monkeypatch.setattr(dist, "_TP_RANK", rank)
+        monkeypatch.setattr(dist, "_TP_SIZE", size)
+        layer = FusedMoE(E, k, H, inter, renormalize=False)
+        for e in range(E):
+            layer.weight_loader(layer.w13, gate[e], (e, "gate"))
+            layer.weight_loader(layer.w13, up[e], (e, "up"))
+            layer.weight_loader(layer.w2, down[e], (e, "down"))
+        return layer
+
+    whole = build(0, 1)(x, logits)
+    parts = sum(build(r, tp)(x, logits) for r in range(tp))
+    torch.testing.assert_close(parts, whole, atol=1e-4, rtol=1e-4)
+    weights, ids = select_experts(logits, k, False)
+    torch.testing.assert_close(whole, moe_torch(x, torch.cat([gate, up], 1), down, weights, ids))
+    with pytest.raises(ValueError, match="does not split"):
+        build(0, 5)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral"])
+def test_stacked_expert_tensors_load_like_per_expert_ones(tmp_path, arch):
+    import transformers
+
+    from radixfleet.engine.executor.model_runner import build_model, iter_safetensors
+    from radixfleet.engine.models.model_config import ModelConfig
+    from radixfleet.engine.models.registry import get_model_class
+
+    folder = make_tiny_model(arch, str(tmp_path))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    stacked = dict(hf.state_dict())
+    assert any(n.endswith("experts.gate_up_proj") for n in stacked), "transformers keeps experts stacked"
+    cfg = ModelConfig.from_path(folder)
+    models = [build_model(get_model_class(cfg.architecture), cfg, torch.device("cpu"), torch.float32)
+              for _ in range(2)]
+    models[0].load_weights(iter_safetensors(folder))  # per-expert names, as saved
+    models[1].load_weights(stacked.items())
+    for (name, a), (_, b) in zip(models[0].named_parameters(), models[1].named_parameters(), strict=True):
+        assert torch.equal(a, b), name
