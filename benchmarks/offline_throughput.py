@@ -8,7 +8,11 @@ every request produces its full output length.
     python benchmarks/offline_throughput.py --num-prompts 16 --random-input-len 128 \
         --random-output-len 64 --random-range-ratio 1 --hf-baseline
 
-Prints one JSON line per system.
+Prints one JSON line per system. For a mixture-of-experts model, ``--moe-torch-reference``
+runs the same workload again with the experts looped over in torch (no CUDA graphs), e.g.
+
+    python benchmarks/offline_throughput.py --model-path qwen3-30b-a3b --load-format dummy \
+        --num-prompts 200 --random-input-len 1024 --random-output-len 512 --moe-torch-reference
 
 Figures (2026-12-01). 2-core CPU, SmolLM2 fp32, 16 prompts × 64 new tokens,
 ``OMP_WAIT_POLICY=PASSIVE``, three runs each, HF ``generate`` at batch 16 in the same run:
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import threading
@@ -163,6 +168,9 @@ def main() -> None:
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8_e4m3"])
     p.add_argument("--quantization", default=None, choices=["fp8"], help="fp8: fp8 linear weights")
     p.add_argument("--extra", default=None, help="JSON dict of extra Engine arguments")
+    p.add_argument("--moe-torch-reference", action="store_true",
+                   help="also run the engine with MoE experts looped over in torch (RADIXFLEET_MOE_TORCH=1, "
+                        "no CUDA graphs): the reference for the fused MoE kernels")
     p.add_argument("--trace", type=float, default=0.0, metavar="SECONDS",
                    help="also report the scheduler's state (running, queued, KV use, output tok/s) "
                         "sampled every SECONDS during the run")
@@ -180,6 +188,13 @@ def main() -> None:
               "kv_cache_dtype": args.kv_cache_dtype, "quantization": args.quantization}
     ours = run_engine(args, inputs, outputs)
     print(json.dumps({**common, **ours}), flush=True)
+    if args.moe_torch_reference:
+        os.environ["RADIXFLEET_MOE_TORCH"] = "1"  # read by the engine's scheduler processes
+        args.extra = json.dumps({**json.loads(args.extra or "{}"), "disable_cuda_graph": True})
+        ref = run_engine(args, inputs, outputs)
+        print(json.dumps({**common, **ref, "system": "radixfleet_moe_torch_loop"}), flush=True)
+        print(json.dumps({**common, "system": "ratio", "fused_moe_over_torch_loop":
+                          round(ours["output_tok_per_s"] / ref["output_tok_per_s"], 2)}), flush=True)
     if args.hf_baseline:
         hf = run_hf(args, inputs, outputs)
         print(json.dumps({**common, **hf}), flush=True)

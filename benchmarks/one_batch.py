@@ -12,13 +12,22 @@ overlap schedule runs decode (the next step built while this one runs; mean); an
 the roofline of a decode step at the measured HBM bandwidth: streaming the weights, and the
 weights plus the batch's KV cache. "Streamed" bytes leave out the input embedding table
 (a step reads one row of it per token) unless it is also the LM head: that is the
-roofline a decode step can reach.
+roofline a decode step can reach. For mixture-of-experts models what a step reads is less
+(``read_*``): the experts chosen (top-k per layer at batch 1; the expected distinct experts
+under uniform routing above), attention, norms, routers, the LM head and the batch's
+embedding rows. ``--moe-torch-reference`` adds, in the same run, rows with the experts
+looped over in torch (``RADIXFLEET_MOE_TORCH=1``; without CUDA graphs, as that loop syncs
+with the host):
+
+    python benchmarks/one_batch.py --model-path qwen3-30b-a3b --load-format dummy \
+        --batch-size 1 8 64 --input-len 512 --output-len 64 --moe-torch-reference
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -26,6 +35,7 @@ import torch
 from radixfleet.engine.config import EngineConfig
 from radixfleet.engine.executor.forward_batch import ForwardBatch, ForwardMode
 from radixfleet.engine.executor.model_runner import ModelRunner
+from radixfleet.engine.layers import moe
 from radixfleet.engine.memory.kv_pool import KVPool
 from radixfleet.engine.models.model_prep import resolve_model_path
 
@@ -149,6 +159,40 @@ def profile_decode(runner: ModelRunner, bs: int, in_len: int, steps: int = 8) ->
                         for n, (c, us) in top]}
 
 
+def expert_bytes(model: torch.nn.Module, bs: int) -> tuple[int, float]:
+    """(bytes of every MoE expert's weights, bytes of the experts a decode step of ``bs``
+    requests reads: ``top_k`` per layer at batch 1, ``E (1 - (1 - k/E)^bs)`` expected distinct
+    experts under uniform routing above)."""
+    total, active = 0, 0.0
+    for m in model.modules():
+        if isinstance(m, moe.FusedMoE):
+            size = m.w13.numel() * m.w13.element_size() + m.w2.numel() * m.w2.element_size()
+            total += size
+            active += size * (1 - (1 - m.top_k / m.num_experts) ** bs)
+    return total, active
+
+
+def read_roofline(row: dict, read_bytes: float, hbm: float) -> dict:
+    """The row's decode times against streaming ``read_bytes`` at ``hbm`` TB/s."""
+    ms = read_bytes / (hbm * 1e12) * 1e3
+    return {"read_gb_per_step": round(read_bytes / 1e9, 3), "read_roofline_ms_per_step": round(ms, 3),
+            "fraction_of_read_roofline": round(ms / row["decode_ms_per_step_p50"], 3),
+            "fraction_of_read_roofline_pipelined": round(ms / row["decode_ms_per_step_pipelined"], 3)}
+
+
+def run_moe_torch_reference(runner: ModelRunner, bs: int, in_len: int, out_len: int) -> dict:
+    """``run_one`` with the MoE experts looped over in torch and CUDA graphs off."""
+    graphs, runner.cuda_graphs = runner.cuda_graphs, None
+    os.environ["RADIXFLEET_MOE_TORCH"] = "1"
+    moe._fused_moe.cache_clear()
+    try:
+        return run_one(runner, bs, in_len, out_len)
+    finally:
+        del os.environ["RADIXFLEET_MOE_TORCH"]
+        moe._fused_moe.cache_clear()
+        runner.cuda_graphs = graphs
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-path", default="llama-3.1-8b")
@@ -161,6 +205,8 @@ def main() -> None:
     p.add_argument("--disable-cuda-graph", action="store_true")
     p.add_argument("--quantization", default=None, choices=["fp8"], help="fp8: fp8 linear weights")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8_e4m3"])
+    p.add_argument("--moe-torch-reference", action="store_true",
+                   help="MoE models: also run each batch size with the experts looped over in torch")
     p.add_argument("--profile", action="store_true",
                    help="also print each batch size's device time per decode step by kernel (CUDA)")
     p.add_argument("--hbm-tb-per-s", type=float, default=None,
@@ -208,7 +254,22 @@ def main() -> None:
             roof_kv_ms = (weight_bytes + kv_bytes) / (hbm * 1e12) * 1e3
             row["roofline_with_kv_ms_per_step"] = round(roof_kv_ms, 3)
             row["fraction_of_roofline_with_kv_pipelined"] = round(roof_kv_ms / row["decode_ms_per_step_pipelined"], 3)
+        experts_all, experts_read = expert_bytes(runner.model, bs)
+        # What a step reads: what streams, less the experts no token chose, plus the embedding rows.
+        read = (streamed_bytes - experts_all + experts_read
+                + (0 if tied else bs * embed[0].numel() * embed.element_size()))
+        if experts_all:
+            row["moe_impl"] = "fused_triton" if runner.device.type == "cuda" and moe._fused_moe() else "torch_loop"
+        if runner.device.type == "cuda":
+            row.update(read_roofline(row, read, hbm))
         print(json.dumps(row), flush=True)
+        if args.moe_torch_reference and experts_all:
+            ref = {**row, **run_moe_torch_reference(runner, bs, args.input_len, args.output_len),
+                   "moe_impl": "torch_loop", "cuda_graph": False}
+            if runner.device.type == "cuda":
+                ref = {k: v for k, v in ref.items() if "roofline" not in k}  # only the read roofline, redone
+                ref.update(read_roofline(ref, read, hbm))
+            print(json.dumps(ref), flush=True)
         if args.profile and runner.device.type == "cuda":
             print(json.dumps({"benchmark": "one_batch_profile", "device": device,
                               **profile_decode(runner, bs, args.input_len)}), flush=True)

@@ -94,6 +94,14 @@ def check_soak(lines: list[dict]) -> None:
         assert e["rss_growth_mib"] < SOAK_RSS_GROWTH_MIB, e
 
 
+def check_moe_kernel(lines: list[dict]) -> None:
+    if torch.cuda.is_available():
+        assert lines and all(line["bench"] == "moe_kernel" for line in lines)
+        assert all(has(line, "fused_ms", "torch_loop_ms", "fused_tb_per_s") for line in lines)
+    else:
+        assert lines == [{"bench": "moe_kernel", "skipped": "needs CUDA: no CUDA GPU visible to torch"}]
+
+
 # script: (its smallest workload, what its JSON lines must say)
 CASES: dict[str, tuple[list[str], Callable[[list[dict]], None]]] = {
     "offline_throughput.py": (["--num-prompts", "2", "--random-input-len", "8", "--random-output-len", "4"],
@@ -104,6 +112,8 @@ CASES: dict[str, tuple[list[str], Callable[[list[dict]], None]]] = {
     "structured.py": (["--batch", "2", "--tokens", "4", "--rounds", "1"], check_structured),
     "router.py": (["--seconds", "0.4", "--skip-sglang"], check_router),
     "kernel_bench.py": (["--only", "launch"], check_kernel_bench),
+    "moe_kernel.py": (["--tokens", "1", "--experts", "8", "--top-k", "2", "--hidden", "64", "--inter", "32"],
+                      check_moe_kernel),
     # Not tiny: this run is the CI soak (~45 s; the documented full run is 2000 requests).
     "soak.py": (["--requests", "300"], check_soak),
 }
@@ -119,6 +129,21 @@ def test_every_benchmark_script_has_a_tiny_run_here():
 def test_benchmark_prints_its_json_lines(name):
     args, check = CASES[name]
     check(run_script(name, *args))
+
+
+def test_one_batch_on_a_moe_model_with_the_torch_reference(tmp_path):
+    """Issue #22: a MoE model's rows name the experts' implementation; --moe-torch-reference
+    adds a row per batch size with the torch loop (on CUDA: the read roofline in both)."""
+    from helpers import make_tiny_model
+
+    folder = make_tiny_model("qwen3_moe", str(tmp_path / "moe"))
+    lines = run_script("one_batch.py", "--model-path", folder, "--load-format", "auto", "--dtype", "float32",
+                       "--batch-size", "1", "--input-len", "8", "--output-len", "2", "--moe-torch-reference")
+    assert [line["moe_impl"] for line in lines] == ["fused_triton" if torch.cuda.is_available() else "torch_loop",
+                                                    "torch_loop"]
+    assert lines[1]["cuda_graph"] is False and lines[1]["batch_size"] == 1
+    if torch.cuda.is_available():
+        assert all(has(line, "read_gb_per_step", "fraction_of_read_roofline") for line in lines)
 
 
 def test_serving_benchmark_against_a_running_server():

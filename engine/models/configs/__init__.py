@@ -1,12 +1,13 @@
 """Model configs shipped for benchmarks with random weights (``load_format="dummy"``):
-``llama-3.1-8b`` and ``qwen3-8b``. ``config_dir(name)`` gives the folder to pass as
-``model_path``."""
+``llama-3.1-8b``, ``qwen3-8b`` and the mixture of experts ``qwen3-30b-a3b`` (128 experts
+of 768, top 8: 61 GB of bf16 weights, 6.1 GB read by a batch-1 decode step).
+``config_dir(name)`` gives the folder to pass as ``model_path``."""
 
 from __future__ import annotations
 
 import os
 
-NAMES = ("llama-3.1-8b", "qwen3-8b")
+NAMES = ("llama-3.1-8b", "qwen3-8b", "qwen3-30b-a3b")
 
 
 def config_dir(name: str) -> str:

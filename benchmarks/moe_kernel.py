@@ -1,0 +1,129 @@
+"""The fused MoE kernels (``kernels/fused_moe.py``) alone: one MoE layer's experts at several
+token counts, against the torch loop over experts (``engine/layers/moe.py:moe_torch``), with
+the bandwidth the fused path reaches on the weights it must read (the distinct experts
+chosen) and the activations. CUDA only.
+
+    python benchmarks/moe_kernel.py                        # Qwen3-30B-A3B's experts, bf16
+    python benchmarks/moe_kernel.py --experts 8 --top-k 2 --hidden 4096 --inter 14336  # Mixtral
+    python benchmarks/moe_kernel.py --tune                 # also search block sizes per token count
+
+Prints one JSON line per token count (routing included: router logits → output). With
+``--tune``, each line also has the best block sizes found, and a last line holds them as a
+``RADIXFLEET_MOE_CONFIGS`` value for this shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import torch
+
+
+def timed_ms(fn, reps: int = 50) -> float:
+    """Median of ``reps`` CUDA-event timings of ``fn()`` after a warm-up."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def candidates() -> list[tuple[int, ...]]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages) to try."""
+    out = []
+    for bm, bn, bk, warps, stages in itertools.product((16, 32, 64, 128), (64, 128, 256), (64, 128), (4, 8),
+                                                       (3, 4)):
+        if bm * bn >= 16384 and warps == 4 or bm * bn <= 2048 and warps == 8:
+            continue
+        out.append((bm, bn, bk, 1 if bm == 16 else 8, warps, stages))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--experts", type=int, default=128)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--inter", type=int, default=768, help="each expert's intermediate size (per TP rank)")
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 128, 512, 2048, 8192])
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--tune", action="store_true")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        print(json.dumps({"bench": "moe_kernel", "skipped": "needs CUDA: no CUDA GPU visible to torch"}))
+        return
+    dtype = getattr(torch, args.dtype)
+    E, k, H, inter = args.experts, args.top_k, args.hidden, args.inter
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w13 = torch.randn(E, 2 * inter, H, device="cuda", dtype=dtype, generator=gen) * H ** -0.5
+    w2 = torch.randn(E, H, inter, device="cuda", dtype=dtype, generator=gen) * inter ** -0.5
+    table = []
+    for T in args.tokens:
+        row = bench_tokens(T, w13, w2, k, args.tune, gen)
+        row = {"bench": "moe_kernel", "device": torch.cuda.get_device_name(), "dtype": args.dtype, **row}
+        if args.tune:
+            table.append([T, row["tuned_config"]])
+        print(json.dumps(row), flush=True)
+    if table:
+        table[-1][0] = 1 << 62
+        print(json.dumps({"bench": "moe_kernel_tuned", "RADIXFLEET_MOE_CONFIGS":
+                          json.dumps({f"{args.experts},{2 * args.inter},{args.hidden}": table})}), flush=True)
+
+
+def bench_tokens(T: int, w13: torch.Tensor, w2: torch.Tensor, k: int, tune: bool, gen) -> dict:
+    """One layer's experts on ``T`` random tokens with random router logits."""
+    from radixfleet.engine.layers.moe import moe_torch, select_experts
+    from radixfleet.kernels import fused_moe as fm
+
+    E, two_i, H = w13.shape
+    x = torch.randn(T, H, device="cuda", dtype=w13.dtype, generator=gen)
+    logits = torch.randn(T, E, device="cuda", dtype=w13.dtype, generator=gen)
+
+    def fused(config=None):
+        routed = fm.route_and_align(logits, k, True, two_i, H) if config is None else None
+        if routed is not None:
+            weights, ids, cfg, aligned = routed
+            return fm.fused_moe(x, w13, w2, weights, ids, cfg, aligned)
+        weights, ids = select_experts(logits, k, True)
+        return fm.fused_moe(x, w13, w2, weights, ids, config)
+
+    def loop():
+        weights, ids = select_experts(logits, k, True)
+        return moe_torch(x, w13, w2, weights, ids)
+
+    distinct = int(torch.unique(select_experts(logits, k, True)[1]).numel())
+    read = distinct * (w13[0].numel() + w2[0].numel()) * w13.element_size() + 2 * x.numel() * x.element_size()
+    fused_ms, loop_ms = timed_ms(fused), timed_ms(loop, reps=10)
+    row = {"experts": E, "top_k": k, "hidden": H, "inter": two_i // 2, "tokens": T,
+           "config": list(fm.moe_config(T, E, two_i, H)), "distinct_experts": distinct,
+           "read_mb": round(read / 1e6, 2), "fused_ms": round(fused_ms, 4),
+           "fused_tb_per_s": round(read / fused_ms / 1e9, 3), "torch_loop_ms": round(loop_ms, 4),
+           "speedup_over_torch_loop": round(loop_ms / fused_ms, 2)}
+    if tune:
+        best = min(((timed_ms(lambda c=c: fused(c), reps=10), c) for c in candidates() if _runs(fused, c)),
+                   key=lambda t: t[0])
+        row["tuned_ms"], row["tuned_config"] = round(best[0], 4), list(best[1])
+    return row
+
+
+def _runs(fn, config) -> bool:
+    """False for block sizes the GPU cannot run (out of shared memory)."""
+    try:
+        fn(config)
+        return True
+    except Exception as e:  # triton's OutOfResources and compile errors differ by version
+        if "resource" in str(e).lower() or "shared memory" in str(e).lower():
+            return False
+        raise
+
+
+if __name__ == "__main__":
+    main()
