@@ -16,6 +16,7 @@ from radixfleet.http_limits import BodyLimit, too_large_message
 from .auth import BearerAuth
 from .config import RouterConfig
 from .health import HealthChecker
+from .kv_subscriber import KVSubscriber, check_endpoint
 from .membership import Membership, membership_routes
 from .metrics import CONTENT_TYPE, RouterMetrics
 from .policies.base import Policy
@@ -44,19 +45,28 @@ class RouterState:
     proxy: Proxy
     members: Membership
     health: HealthChecker
+    events: KVSubscriber | None = None  # when the policy routes on KV events
 
 
 def build_state(config: RouterConfig) -> RouterState:
     policy = make_policy(config)
     registry = WorkerRegistry(config, policy)
-    metrics = RouterMetrics(policy.name, registry.workers, policy.stats)
+    index = getattr(policy, "index", None)
+    subscriber: KVSubscriber | None = None
+    metrics = RouterMetrics(policy.name, registry.workers, policy.stats,
+                            in_sync=lambda: subscriber.in_sync() if subscriber is not None else {})
     registry.metrics = metrics
     upstream = Upstream(config.max_connections, config.request_timeout)
     proxy = Proxy(config, registry, policy, metrics, upstream)
     health_headers = {k: v for k, v in proxy.headers.items() if k == "authorization"}
     members = Membership(registry, upstream, health_headers)
+    if index is not None:
+        subscriber = KVSubscriber(index, upstream, health_headers, metrics, registry.__contains__)
+        members.on_added, members.check_events = subscriber.worker_added, check_endpoint
+        registry.on_removed = subscriber.worker_removed
+        policy.sync_events = subscriber.drain  # type: ignore[attr-defined]
     return RouterState(config, policy, registry, metrics, upstream, proxy, members,
-                       HealthChecker(registry, upstream, health_headers))
+                       HealthChecker(registry, upstream, health_headers), subscriber)
 
 
 async def _evict_forever(state: RouterState) -> None:
@@ -79,6 +89,8 @@ def build_app(config: RouterConfig) -> FastAPI:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if state.events is not None:
+                await state.events.close()
             await state.upstream.close()
 
     app = FastAPI(title="radixfleet router", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from radixfleet.http_limits import DEFAULT_MAX_REQUEST_BYTES
 
-POLICY_NAMES = ("cache_aware", "round_robin", "random", "power_of_two")
+POLICY_NAMES = ("auto", "precise", "cache_aware", "round_robin", "random", "power_of_two")
 
 
 def _f(default, help_: str, **extra):
@@ -34,7 +34,8 @@ class RouterConfig:
     host: str = _f("127.0.0.1", "Address to listen on.")
     port: int = _f(30000, "Port to listen on.")
     worker_urls: tuple[str, ...] = _f((), "Workers to start with, e.g. http://127.0.0.1:30001.")
-    policy: str = _f("cache_aware", "Routing policy.", choices=POLICY_NAMES)
+    policy: str = _f("auto", "Routing policy (auto: precise when every worker publishes KV events and "
+                              "tokenizer_path is set, else cache_aware).", choices=POLICY_NAMES)
     api_key: str = _f("", "If set, every route but /health requires 'Authorization: Bearer KEY'.")
     worker_api_key: str = _f("", "Bearer key the router sends to workers.")
     # cache_aware
@@ -43,6 +44,12 @@ class RouterConfig:
     balance_rel_threshold: float = _f(1.0001, "cache_aware: ... and max in-flight exceeds this times min.")
     eviction_interval: float = _f(60.0, "cache_aware: seconds between LRU eviction passes.")
     max_tree_size: int = _f(2**24, "cache_aware: characters kept per worker tree after eviction.")
+    # precise (and auto)
+    tokenizer_path: str = _f("", "precise/auto: the model's tokenizer folder (tokenizer.json, chat template).")
+    chat_template: str = _f("", "precise/auto: the engines' --chat-template, if they were given one.")
+    load_tokens: int = _f(256, "precise: prompt tokens that one request in flight on a worker is worth in its cost.")
+    kv_events_stale_after: float = _f(5.0, "precise: seconds without a KV-event message (heartbeats come every second) "
+                                           "after which a worker is scored by the approximate tree until it resyncs.")
     # fault tolerance
     max_worker_retries: int = _f(3, "Consecutive failures (requests or health checks) that remove a worker.")
     max_total_retries: int = _f(6, "Times one request is re-sent to another worker after a 5xx or connection error.")
@@ -67,6 +74,8 @@ class RouterConfig:
             (self.balance_rel_threshold >= 1.0, "balance_rel_threshold must be >= 1.0"),
             (self.eviction_interval > 0, "eviction_interval must be > 0 seconds"),
             (self.max_tree_size > 0, "max_tree_size must be > 0 characters"),
+            (self.load_tokens >= 0, "load_tokens must be >= 0"),
+            (self.kv_events_stale_after > 0, "kv_events_stale_after must be > 0 seconds"),
             (self.max_worker_retries >= 1, "max_worker_retries must be >= 1"),
             (self.max_total_retries >= 0, "max_total_retries must be >= 0"),
             (self.health_check_interval > 0, "health_check_interval must be > 0 seconds"),

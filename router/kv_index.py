@@ -40,7 +40,6 @@ class WorkerBlocks:
     seed: int = kv_events.SEED
     blocks: set[int] = field(default_factory=set)
     last_message: float = 0.0  # monotonic time of the last message (or snapshot)
-    last_lag: float = 0.0  # receive time minus the engine's send time of the last message, seconds
     buffered: list[EventBatch] = field(default_factory=list)
     resyncs: int = 0
 
@@ -83,8 +82,6 @@ class KVIndex:
         if w is None:
             return None
         w.last_message = time.monotonic() if now is None else now
-        if batch.ts:
-            w.last_lag = max(0.0, time.time() - batch.ts)
         if w.state == "syncing":
             w.buffered.append(batch)
             del w.buffered[:-_MAX_BUFFERED]

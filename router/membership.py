@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -25,14 +26,20 @@ class Membership:
         self.upstream = upstream
         self.headers = headers
         self._pending: set[str] = set()  # URLs being added (waiting for health)
+        # Set by the app when the policy follows KV events: called once a worker is added,
+        # with its event endpoint if one was given (kv_subscriber.py).
+        self.on_added: Callable[[str, str | None], Awaitable[None]] | None = None
+        self.check_events: Callable[[str], str] = lambda endpoint: endpoint
 
-    async def add(self, raw_url: str | None) -> tuple[int, str]:
-        """(HTTP status, message) for adding ``raw_url``."""
+    async def add(self, raw_url: str | None, events: str | None = None) -> tuple[int, str]:
+        """(HTTP status, message) for adding ``raw_url`` (``events``: its KV-event endpoint)."""
         if not raw_url:
             return 400, "Missing url parameter, e.g. /add_worker?url=http://127.0.0.1:30001"
         try:
             url = normalize_url(raw_url)
-        except InvalidWorkerURL as e:
+            if events:
+                events = self.check_events(events)
+        except (InvalidWorkerURL, ValueError) as e:
             return 400, str(e)
         if url in self.registry or url in self._pending:
             return 409, f"Worker already exists: {url}"
@@ -49,6 +56,8 @@ class Membership:
             self.registry.add(url)
         except DuplicateWorker as e:
             return 409, str(e)
+        if self.on_added is not None:
+            await self.on_added(url, events or None)
         return 200, f"Successfully added worker: {url}"
 
     def remove(self, raw_url: str | None) -> tuple[int, str]:
@@ -81,8 +90,8 @@ def membership_routes(members: Membership) -> APIRouter:
     router = APIRouter()
 
     @router.post("/add_worker")
-    async def add_worker(url: str | None = None) -> Response:
-        status, message = await members.add(url)
+    async def add_worker(url: str | None = None, kv_events: str | None = None) -> Response:
+        status, message = await members.add(url, kv_events)
         return PlainTextResponse(message, status_code=status)
 
     @router.post("/remove_worker")
@@ -105,9 +114,11 @@ def membership_routes(members: Membership) -> APIRouter:
         except ValueError:
             body = None
         url = body.get("url") if isinstance(body, dict) else None
-        if not isinstance(url, str):
-            return JSONResponse({"error": 'Expected a JSON body {"url": "http://host:port"}'}, status_code=400)
-        status, message = await members.add(url)
+        events = body.get("kv_events") if isinstance(body, dict) else None
+        if not isinstance(url, str) or not isinstance(events, str | None):
+            return JSONResponse({"error": 'Expected a JSON body {"url": "http://host:port"} '
+                                          '(and optionally "kv_events": "tcp://host:port")'}, status_code=400)
+        status, message = await members.add(url, events)
         return _rest_answer(status, message, url)
 
     @router.delete("/workers/{url:path}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
@@ -22,7 +23,6 @@ from starlette.responses import Response, StreamingResponse
 from .config import RouterConfig
 from .metrics import RouterMetrics
 from .policies.base import Policy
-from .policies.text_key import text_key
 from .registry import WorkerRegistry
 from .upstream import Upstream, UpstreamError, UpstreamResponse
 from .worker import Worker
@@ -35,6 +35,9 @@ except ImportError:  # pragma: no cover - depends on the environment
 log = logging.getLogger(__name__)
 
 Selector = Callable[[Sequence[Worker], str], tuple[Worker, str]]
+
+WORKER_HEADER = "x-radixfleet-worker"  # on every proxied answer: the worker that gave it
+_CACHED_TOKENS = re.compile(rb'"cached_tokens"\s*:\s*(\d+)')
 
 
 def error_response(status: int, message: str) -> Response:
@@ -65,8 +68,9 @@ class _Release:
 class _RelayResponse(StreamingResponse):
     """A StreamingResponse that closes its upstream even when the client goes away."""
 
-    def __init__(self, upstream: UpstreamResponse, chunks: AsyncIterator[bytes], release: _Release) -> None:
-        super().__init__(chunks, status_code=upstream.status, media_type=upstream.content_type)
+    def __init__(self, upstream: UpstreamResponse, chunks: AsyncIterator[bytes], release: _Release,
+                 headers: dict[str, str]) -> None:
+        super().__init__(chunks, status_code=upstream.status, media_type=upstream.content_type, headers=headers)
         self._upstream = upstream
         self._release = release
 
@@ -103,7 +107,7 @@ class Proxy:
             parsed = _loads(body) if body else None
         except ValueError:
             parsed = None  # let the worker answer its own 400
-        text = text_key(route, parsed)
+        text = self.policy.routing_key(route, parsed)
         stream = isinstance(parsed, dict) and parsed.get("stream") is True
         return await self._send("POST", route, body, text, stream, self.policy.select)
 
@@ -137,9 +141,13 @@ class Proxy:
                     self.metrics.retries.labels(route).inc()
                 t0 = time.perf_counter()
                 worker, decision = select(candidates, text)
-                self.metrics.routing_latency.observe(time.perf_counter() - t0)
+                took = time.perf_counter() - t0
+                decided = self.policy.decided_by() if decision else self.policy.name
+                self.metrics.routing_latency.labels(decided).observe(took)
                 if decision:
-                    self.metrics.decisions.labels(decision).inc()
+                    self.metrics.decisions_by_policy.labels(decided, decision).inc()
+                    if decided == "cache_aware":
+                        self.metrics.decisions.labels(decision).inc()
                 tried.add(worker.url)
                 worker.in_flight += 1
                 worker.breaker.on_dispatch()
@@ -181,11 +189,16 @@ class Proxy:
                         stream = False
                 else:
                     self.registry.record_success(worker)
+                predicted = getattr(text, "predicted", None)
                 if stream:
-                    response = _RelayResponse(upstream, self._relay(first, chunks, upstream, worker, releaser), releaser)
+                    relay = self._relay(first, chunks, upstream, worker, releaser, predicted)
+                    response = _RelayResponse(upstream, relay, releaser, {WORKER_HEADER: worker.url})
                     releaser = None  # the response owns the release now
                     return response
-                return Response(upstream.content, status_code=upstream.status, media_type=upstream.content_type)
+                if predicted is not None and upstream.status == 200:
+                    self._compare_cached(worker, predicted, upstream.content)
+                return Response(upstream.content, status_code=upstream.status, media_type=upstream.content_type,
+                                headers={WORKER_HEADER: worker.url})
             return self._reject(route, 502, "retries_exhausted",
                                 f"All {len(tried)} tried workers failed after {self.config.max_total_retries} retries; last error: {last_error}")
         finally:
@@ -193,12 +206,19 @@ class Proxy:
                 releaser()
 
     async def _relay(self, first: bytes, chunks: AsyncIterator[bytes], upstream: UpstreamResponse, worker: Worker,
-                     release: _Release) -> AsyncIterator[bytes]:
+                     release: _Release, predicted: int | None = None) -> AsyncIterator[bytes]:
+        last_usage = b""
         try:
             if first:
                 yield first
+                if predicted is not None and b'"cached_tokens"' in first:
+                    last_usage = first
             async for chunk in chunks:
+                if predicted is not None and b'"cached_tokens"' in chunk:
+                    last_usage = chunk
                 yield chunk
+            if last_usage and upstream.status == 200:
+                self._compare_cached(worker, predicted, last_usage)
         except UpstreamError as e:  # after the first byte: too late to retry, end the stream
             log.warning("stream from %s broke off: %s", worker.url, e)
             self.metrics.worker_failures.labels(worker.url, "stream").inc()
@@ -206,6 +226,25 @@ class Proxy:
         finally:
             upstream.close()
             release()
+
+    def _compare_cached(self, worker: Worker, predicted: int | None, content: bytes) -> None:
+        """Count a precise prediction against the ``cached_tokens`` the worker reported (the
+        last one in ``content``), both in whole blocks of the worker's KV events."""
+        found = _CACHED_TOKENS.findall(content)
+        if predicted is None or not found:
+            return
+        reported = int(found[-1])
+        block = self.block_size(worker.url)
+        self.metrics.predicted_cached.inc(predicted)
+        self.metrics.reported_cached.inc(reported)
+        aligned = reported // block * block
+        self.metrics.predictions.labels("exact" if aligned == predicted else "over" if predicted > aligned
+                                        else "under").inc()
+
+    def block_size(self, url: str) -> int:
+        index = getattr(self.policy, "index", None)
+        w = index.workers.get(url) if index is not None else None
+        return w.block_size if w is not None else 1
 
     def _failed(self, worker: Worker, route: str, reason: str, detail: str, counts: bool) -> None:
         """An attempt failed before any byte reached the client; the caller retries."""

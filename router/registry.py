@@ -9,6 +9,7 @@ candidate again.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from .circuit_breaker import CircuitBreaker
 from .config import RouterConfig
@@ -34,6 +35,7 @@ class WorkerRegistry:
         self.config = config
         self.policy = policy
         self.metrics: RouterMetrics | None = None  # attached by the app once built
+        self.on_removed: Callable[[str], None] | None = None  # e.g. stop following its KV events
         self._workers: dict[str, Worker] = {}
 
     def workers(self) -> list[Worker]:
@@ -68,6 +70,8 @@ class WorkerRegistry:
             raise UnknownWorker(f"Worker not found: {url}")
         worker.removed = True
         self.policy.remove_worker(url)
+        if self.on_removed is not None:
+            self.on_removed(url)
         if self.metrics is not None:
             self.metrics.removals.labels(reason).inc()
         log.info("removed worker %s (reason: %s, %d left)", url, reason, len(self._workers))

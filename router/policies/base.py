@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import Any
 
 from ..worker import Worker
+from .text_key import text_key
 
 
 class Policy(ABC):
@@ -24,6 +26,14 @@ class Policy(ABC):
 
         ``candidates`` is non-empty; ``text`` is the request's routing key ("" if none).
         """
+
+    def routing_key(self, route: str, body: Any) -> str:
+        """What ``select`` gets for a request to ``route`` with JSON ``body``: its text key."""
+        return text_key(route, body)
+
+    def decided_by(self) -> str:
+        """The policy that made the last ``select``'s choice (``auto`` delegates)."""
+        return self.name
 
     def add_worker(self, url: str) -> None:
         """A worker joined."""

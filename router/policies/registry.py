@@ -7,9 +7,12 @@ from collections.abc import Callable
 from ..config import RouterConfig
 from .base import Policy
 from .cache_aware import CacheAwarePolicy
+from .precise import PrecisePolicy, make_auto
 from .simple import PowerOfTwoPolicy, RandomPolicy, RoundRobinPolicy
 
 POLICIES: dict[str, Callable[[RouterConfig], Policy]] = {
+    "auto": make_auto,
+    "precise": PrecisePolicy,
     "cache_aware": CacheAwarePolicy,
     "round_robin": RoundRobinPolicy,
     "random": RandomPolicy,

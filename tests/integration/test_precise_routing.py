@@ -1,0 +1,98 @@
+"""The precise policy end to end: 3 real CPU engines publishing KV events, KV pools small
+enough to evict, 3 router processes (replicas) in front of them, and a multi-tenant
+workload of interleaved conversations (``tests/routing_workload.py``).
+
+What a user sees: follow-up turns land on the worker holding their history whichever
+replica routes them (>= 0.9), the router's predicted cached tokens equal what the engines
+report (>= 95 % of requests, in whole blocks), a worker that flushes its cache is followed,
+and the router process never imports torch. Figures for every policy, with 1 and 3
+replicas and sglang-router, are ``benchmarks/routing_quality.py``'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import pytest
+from routing_workload import (
+    flush_all,
+    metric,
+    run_conversations,
+    start_engines,
+    start_router,
+    stop_all,
+    summarize,
+)
+
+POOL = 768  # KV slots per engine
+
+
+@pytest.fixture(scope="module")
+def engines(model_dir):
+    engines = start_engines(3, model_dir, POOL)
+    yield engines
+    stop_all([e.proc for e in engines])
+
+
+@pytest.fixture
+def replicas(engines, model_dir):
+    flush_all(engines)
+    routers = [start_router("precise", engines, model_dir) for _ in range(3)]
+    yield [url for url, _ in routers]
+    stop_all([p for _, p in routers])
+
+
+def predictions(replicas: list[str]) -> dict[str, float]:
+    return {o: sum(metric(u, "radixfleet_router_cached_tokens_predictions_total", f'outcome="{o}"') for u in replicas)
+            for o in ("exact", "over", "under")}
+
+
+def test_three_replicas_send_follow_ups_to_the_worker_holding_their_history(replicas):
+    # 3 short conversations (~215 tokens each at the end) fit in any one pool together:
+    # nothing is evicted, so the worker that answered a turn still holds it at the next.
+    tenants, turns = 3, 3
+    records, elapsed = asyncio.run(run_conversations(replicas, tenants, turns, 50, concurrency=2))
+    summary = summarize(records, elapsed)
+    assert summary["requests"] == tenants * turns
+    assert summary["follow_up_affinity"] >= 0.9, (summary, [(r.tenant, r.turn, r.worker) for r in records])
+    assert summary["cached_tokens"] > 0
+    outcomes = predictions(replicas)
+    assert sum(outcomes.values()) == tenants * turns, outcomes  # every request was scored by events
+    assert outcomes["exact"] >= 0.95 * tenants * turns, outcomes
+    assert sum(metric(u, "radixfleet_router_routing_decisions_total", 'policy="precise"') for u in replicas) == tenants * turns
+    for u in replicas:
+        assert metric(u, "radixfleet_router_kv_events_in_sync") == 3
+
+
+def test_predictions_match_the_engines_under_eviction(replicas):
+    tenants, turns = 10, 2
+    records, _ = asyncio.run(run_conversations(replicas, tenants, turns, 100, concurrency=3))
+    # The histories outgrew the three pools together: the engines evicted.
+    last = {r.tenant: r.prompt_tokens for r in records if r.turn == turns - 1}
+    assert sum(last.values()) > 3 * POOL
+    outcomes = predictions(replicas)
+    assert sum(outcomes.values()) == tenants * turns, outcomes
+    assert outcomes["exact"] >= 0.95 * tenants * turns, outcomes
+
+
+def test_a_flushed_worker_is_followed(engines, replicas):
+    asyncio.run(run_conversations(replicas[:1], 3, 1, 50, concurrency=3))
+    cached = metric(replicas[0], "radixfleet_router_routing_decisions_total", 'decision="cached"')
+    flush_all(engines)  # cleared events: no worker holds anything now
+    # The same first turns again: the engines really lost them, and the router knows it.
+    records, _ = asyncio.run(run_conversations(replicas[:1], 3, 1, 50, concurrency=1))
+    assert all(r.cached_tokens < 16 for r in records), records
+    assert metric(replicas[0], "radixfleet_router_routing_decisions_total", 'decision="cached"') == cached
+    assert metric(replicas[0], "radixfleet_router_cached_tokens_predictions_total", 'outcome="exact"') == 6
+
+
+def test_router_process_tokenizes_without_torch(model_dir):
+    code = ("import sys; from radixfleet.router.app import build_app; from radixfleet.router.config import RouterConfig;"
+            f"app = build_app(RouterConfig(policy='precise', tokenizer_path={model_dir!r}));"
+            "ids = app.state.router.policy.tokenizer.token_ids('/v1/chat/completions', "
+            "{'messages': [{'role': 'user', 'content': 'hi'}]});"
+            "assert ids and 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -1,0 +1,195 @@
+"""Multi-tenant conversations through routers in front of real CPU engines that publish KV
+events: the fleet and the workload of ``tests/integration/test_precise_routing.py`` and
+``benchmarks/routing_quality.py``.
+
+Each tenant has a long context of its own (a system prompt) and asks ``turns`` questions in
+one conversation, each turn resending the whole history (context, questions, answers);
+tenants run interleaved, ``concurrency`` requests at a time, and each request goes to one of
+the router replicas in turn. Per request the record keeps the worker that answered (the
+router's ``x-radixfleet-worker`` header; ``""`` for a router that does not send it), the
+engine's reported ``cached_tokens``, prompt tokens, time to first token and latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import httpx
+from server_process import free_port, wait_ok
+
+WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet",
+         "kilo", "lima", "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango")
+
+
+@dataclass
+class Engine:
+    url: str
+    events_port: int
+    proc: subprocess.Popen
+
+
+def start_engines(n: int, model_dir: str, max_total_tokens: int, timeout: float = 240.0) -> list[Engine]:
+    """``n`` ``radixfleet serve`` processes with KV events on, one CPU thread each."""
+    engines = []
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    for _ in range(n):
+        port, events = free_port(), free_port()
+        cmd = [sys.executable, "-m", "radixfleet.engine.server.serve", "--model-path", model_dir,
+               "--host", "127.0.0.1", "--port", str(port), "--max-total-tokens", str(max_total_tokens),
+               "--random-seed", "0", "--kv-events-port", str(events)]
+        engines.append(Engine(f"http://127.0.0.1:{port}", events, subprocess.Popen(cmd, env=env)))
+    try:
+        for e in engines:
+            wait_ok(e.url + "/health", timeout, e.proc)
+    except BaseException:
+        stop_all([e.proc for e in engines])
+        raise
+    return engines
+
+
+def start_router(policy: str, engines: list[Engine], model_dir: str, *extra: str,
+                 python: str = sys.executable, timeout: float = 60.0) -> tuple[str, subprocess.Popen]:
+    """A ``radixfleet router`` process over ``engines``; returns (URL, process) once every
+    worker is registered (and, for precise, its KV events are live)."""
+    port = free_port()
+    cmd = [python, "-m", "radixfleet", "router", "--port", str(port), "--policy", policy,
+           "--worker-urls", *[e.url for e in engines], "--tokenizer-path", model_dir,
+           "--health-check-interval", "2", "--log-level", "warning", *extra]
+    proc = subprocess.Popen(cmd)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    try:
+        wait_ok(url + "/health", timeout, proc)
+        while time.monotonic() < deadline:
+            workers = httpx.get(url + "/list_workers", timeout=5, trust_env=False).json()["urls"]
+            synced = policy not in ("precise", "auto") or metric(url, "radixfleet_router_kv_events_in_sync") >= len(engines)
+            if len(workers) == len(engines) and synced:
+                return url, proc
+            time.sleep(0.1)
+        raise TimeoutError(f"router {policy} did not register {len(engines)} workers within {timeout} s")
+    except BaseException:
+        stop_all([proc])
+        raise
+
+
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(10)
+
+
+def metric(url: str, name: str, label: str = "") -> float:
+    """Sum of the samples of ``name`` (those whose labels contain ``label``) on ``url``/metrics."""
+    total = 0.0
+    for line in httpx.get(url + "/metrics", timeout=5, trust_env=False).text.splitlines():
+        if line.startswith(name) and (line[len(name)] in " {") and label in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def flush_all(engines: list[Engine]) -> None:
+    for e in engines:
+        resp = httpx.post(e.url + "/flush_cache", timeout=30, trust_env=False)
+        assert resp.status_code == 200, resp.text
+
+
+def context(tenant: int, words: int) -> str:
+    rng = random.Random(tenant)
+    return f"You are the assistant of tenant {tenant}. Their notes: " + " ".join(rng.choice(WORDS) for _ in range(words))
+
+
+@dataclass
+class Record:
+    tenant: int
+    turn: int
+    worker: str
+    prompt_tokens: int
+    cached_tokens: int
+    ttft: float
+    latency: float
+
+
+async def _turn(c: httpx.AsyncClient, url: str, messages: list[dict], max_tokens: int) -> tuple[str, Record]:
+    body = {"model": "default", "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    ttft, text, usage = None, [], {}
+    async with c.stream("POST", url + "/v1/chat/completions", json=body) as resp:
+        if resp.status_code != 200:
+            raise AssertionError(f"{resp.status_code}: {(await resp.aread())[:300]!r}")
+        worker = resp.headers.get("x-radixfleet-worker", "")
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            for choice in chunk.get("choices") or []:
+                delta = choice.get("delta", {}).get("content")
+                if delta:
+                    ttft = ttft if ttft is not None else time.perf_counter() - start
+                    text.append(delta)
+            usage = chunk.get("usage") or usage
+    latency = time.perf_counter() - start
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    return "".join(text), Record(-1, -1, worker, usage.get("prompt_tokens", 0), cached,
+                                 latency if ttft is None else ttft, latency)
+
+
+async def run_conversations(router_urls: list[str], tenants: int, turns: int, context_words: int,
+                            concurrency: int, max_tokens: int = 8) -> tuple[list[Record], float]:
+    """Every tenant's conversation, interleaved; returns the records and the wall time."""
+    gate = asyncio.Semaphore(concurrency)
+    records: list[Record] = []
+    counter = iter(range(10**9))
+
+    async def tenant(t: int, c: httpx.AsyncClient) -> None:
+        messages = [{"role": "system", "content": context(t, context_words)}]
+        for k in range(turns):
+            messages.append({"role": "user", "content": f"Question {k}: which word comes after note {3 * k + t}?"})
+            async with gate:
+                url = router_urls[next(counter) % len(router_urls)]
+                answer, rec = await _turn(c, url, messages, max_tokens)
+            rec.tenant, rec.turn = t, k
+            records.append(rec)
+            messages.append({"role": "assistant", "content": answer})
+
+    start = time.perf_counter()
+    async with httpx.AsyncClient(timeout=600, trust_env=False) as c:
+        await asyncio.gather(*(tenant(t, c) for t in range(tenants)))
+    return records, time.perf_counter() - start
+
+
+def summarize(records: list[Record], elapsed: float) -> dict:
+    """Cached-token ratio, TTFT p50/p90, throughput, and the follow-up affinity: the fraction
+    of turns after the first that went to the worker that answered the tenant's previous turn."""
+    by_tenant: dict[int, list[Record]] = {}
+    for r in sorted(records, key=lambda r: (r.tenant, r.turn)):
+        by_tenant.setdefault(r.tenant, []).append(r)
+    follow = [(prev.worker, r.worker) for rs in by_tenant.values() for prev, r in zip(rs, rs[1:], strict=False)]
+    ttfts = sorted(r.ttft for r in records)
+    prompt = sum(r.prompt_tokens for r in records)
+    return {
+        "requests": len(records),
+        "cached_token_ratio": round(sum(r.cached_tokens for r in records) / max(prompt, 1), 4),
+        "cached_tokens": sum(r.cached_tokens for r in records),
+        "prompt_tokens": prompt,
+        "ttft_p50_s": round(statistics.median(ttfts), 4),
+        "ttft_p90_s": round(ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))], 4),
+        "req_per_s": round(len(records) / elapsed, 3),
+        "prompt_tok_per_s": round(prompt / elapsed, 1),
+        "follow_up_affinity": round(sum(a == b for a, b in follow) / len(follow), 4) if follow and follow[0][0] else None,
+        "seconds": round(elapsed, 1),
+    }
