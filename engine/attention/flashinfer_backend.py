@@ -14,6 +14,11 @@ Page size 1: a request's "pages" are its KV slots. ``plan`` runs once per step: 
 
 ``forward`` stores k/v at ``out_cache_loc`` and runs the planned wrapper for its layer.
 
+Sliding windows: one wrapper per distinct window of the model's layers (e.g. Gemma's local
+and global layers), each planned every step over the same indices with ``window_left =
+window - 1`` (flashinfer's window is inclusive of the query's own position); the layer's
+window picks the wrapper. A soft cap on the logits (Gemma 2) is ``logits_soft_cap``.
+
 CUDA graphs: a batch with ``cuda_graph=True`` (the graph runner's padded decode batch) is
 planned on a per-batch-size wrapper made with ``use_cuda_graph=True`` over fixed indptr /
 indices / last-page-len buffers. The runner plans before capturing and again before every
@@ -48,6 +53,8 @@ def host_indptr(lens: list[int]) -> torch.Tensor:
 
 class FlashInferBackend(AttentionBackend):
     fuses_rope = True
+    supports_sliding_window = True  # window_left, logits_soft_cap
+    supports_logit_cap = True
 
     def __init__(self, kv_pool: KVPool, num_heads: int, num_kv_heads: int, head_dim: int,
                  scale: float):
@@ -62,20 +69,19 @@ class FlashInferBackend(AttentionBackend):
         self.use_tensor_cores = num_heads // num_kv_heads >= TENSOR_CORE_MIN_GROUP
         # "Must be initialized to 0 for its first use" (flashinfer docs).
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
-        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            self.workspace, "NHD", use_tensor_cores=self.use_tensor_cores, backend=KERNEL_BACKEND)
-        self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
-            self.workspace, "NHD", backend=KERNEL_BACKEND)
+        # (mode, window) -> eager wrapper, made at the first step that needs it; all share the
+        # float workspace (runs are sequential on one stream), each has its own plan buffers.
+        self._wrappers: dict[tuple[ForwardMode, int | None], object] = {}
         # Eager steps: device indptr / indices, grow-only.
         self._indptr = torch.zeros(0, dtype=torch.int32, device=self.device)
         self._indices = torch.zeros(0, dtype=torch.int32, device=self.device)
         # CUDA-graph state (see the module docstring); buffers allocated at the first graph plan.
         self._graph_max_bs = 0
-        self._graph_wrappers: dict[int, flashinfer.BatchDecodeWithPagedKVCacheWrapper] = {}
+        self._graph_wrappers: dict[tuple[int, int | None], flashinfer.BatchDecodeWithPagedKVCacheWrapper] = {}
         self._graph_indptr: torch.Tensor | None = None  # [max_bs + 1] int32
         self._graph_indices: torch.Tensor | None = None  # [max_bs * max_context] int32
         self._graph_last_page_len: torch.Tensor | None = None  # [max_bs] int32, all ones
-        self._active = None  # the wrapper planned for the current step
+        self._active: dict[int | None, object] = {}  # window -> the wrapper planned for this step
 
     # ---- planning ------------------------------------------------------------------------
     def reserve(self, max_batch_size: int) -> None:
@@ -103,9 +109,12 @@ class FlashInferBackend(AttentionBackend):
         indices = self._indices[:total]
         last_page_len = torch.ones(bs, dtype=torch.int32)
         if batch.mode is ForwardMode.DECODE:
-            self._decode.plan(kv_indptr, indices, last_page_len, self.num_heads, self.num_kv_heads,
-                              self.head_dim, 1, **self._plan_kwargs())
-            self._active = self._decode
+            self._active = {}
+            for w in self._windows():
+                wrapper = self._wrapper(ForwardMode.DECODE, w)
+                wrapper.plan(kv_indptr, indices, last_page_len, self.num_heads, self.num_kv_heads,
+                             self.head_dim, 1, **self._plan_kwargs(w))
+                self._active[w] = wrapper
             return
         qo_indptr = host_indptr(batch.extend_seq_lens_cpu)
         if int(qo_indptr[-1]) != batch.out_cache_loc.shape[0]:
@@ -113,13 +122,34 @@ class FlashInferBackend(AttentionBackend):
                              f"{batch.out_cache_loc.shape[0]} new tokens")
         if any(n > s for n, s in zip(batch.extend_seq_lens_cpu, batch.seq_lens_cpu, strict=True)):
             raise ValueError("a request extends by more tokens than its sequence length")
-        self._prefill.plan(qo_indptr, kv_indptr, indices, last_page_len, self.num_heads,
-                           self.num_kv_heads, self.head_dim, 1, causal=True, **self._plan_kwargs())
-        self._active = self._prefill
+        self._active = {}
+        for w in self._windows():
+            wrapper = self._wrapper(ForwardMode.EXTEND, w)
+            wrapper.plan(qo_indptr, kv_indptr, indices, last_page_len, self.num_heads,
+                         self.num_kv_heads, self.head_dim, 1, causal=True, **self._plan_kwargs(w))
+            self._active[w] = wrapper
 
-    def _plan_kwargs(self) -> dict:
+    def _windows(self) -> list[int | None]:
+        """The distinct windows of the layers (None: full attention), one wrapper each."""
+        return sorted(set(self.sliding_windows) or {None}, key=lambda w: -1 if w is None else w)
+
+    def _wrapper(self, mode: ForwardMode, window: int | None):
+        key = (mode, window)
+        if key not in self._wrappers:
+            if mode is ForwardMode.DECODE:
+                self._wrappers[key] = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                    self.workspace, "NHD", use_tensor_cores=self.use_tensor_cores,
+                    backend=KERNEL_BACKEND)
+            else:
+                self._wrappers[key] = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+                    self.workspace, "NHD", backend=KERNEL_BACKEND)
+        return self._wrappers[key]
+
+    def _plan_kwargs(self, window: int | None) -> dict:
         # q is in the model dtype; an fp8 cache is read as fp8 and scaled at run().
-        return dict(q_data_type=self.q_dtype, kv_data_type=self.dtype, sm_scale=self.scale)
+        return dict(q_data_type=self.q_dtype, kv_data_type=self.dtype, sm_scale=self.scale,
+                    window_left=-1 if window is None else window - 1,
+                    logits_soft_cap=self.logit_cap)
 
     def _plan_graph(self, batch: ForwardBatch) -> None:
         bs = batch.batch_size
@@ -134,15 +164,6 @@ class FlashInferBackend(AttentionBackend):
             self._graph_last_page_len = torch.ones(n, dtype=torch.int32, device=self.device)
         if bs > self._graph_max_bs:
             raise ValueError(f"CUDA-graph batch size {bs} exceeds the reserved {self._graph_max_bs}")
-        wrapper = self._graph_wrappers.get(bs)
-        if wrapper is None:
-            wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-                self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=self.use_tensor_cores,
-                paged_kv_indptr_buffer=self._graph_indptr[:bs + 1],
-                paged_kv_indices_buffer=self._graph_indices,
-                paged_kv_last_page_len_buffer=self._graph_last_page_len[:bs],
-                backend=KERNEL_BACKEND)
-            self._graph_wrappers[bs] = wrapper
         kv_indptr = host_indptr(batch.seq_lens_cpu)
         total = int(kv_indptr[-1])
         if total > self._graph_indices.numel():
@@ -151,18 +172,31 @@ class FlashInferBackend(AttentionBackend):
         indptr_dev = self._graph_indptr[:bs + 1]
         indptr_dev.copy_(kv_indptr, non_blocking=True)
         build_kv_indices(batch.req_to_token, batch.req_pool_indices, indptr_dev, self._graph_indices)
-        # plan() copies indices into its buffer: here the same memory, which copy_ skips.
-        wrapper.plan(kv_indptr, self._graph_indices[:total], torch.ones(bs, dtype=torch.int32),
-                     self.num_heads, self.num_kv_heads, self.head_dim, 1, **self._plan_kwargs())
-        self._active = wrapper
+        self._active = {}
+        for w in self._windows():  # one wrapper per (batch size, window), sharing the buffers
+            wrapper = self._graph_wrappers.get((bs, w))
+            if wrapper is None:
+                wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                    self.workspace, "NHD", use_cuda_graph=True,
+                    use_tensor_cores=self.use_tensor_cores,
+                    paged_kv_indptr_buffer=self._graph_indptr[:bs + 1],
+                    paged_kv_indices_buffer=self._graph_indices,
+                    paged_kv_last_page_len_buffer=self._graph_last_page_len[:bs],
+                    backend=KERNEL_BACKEND)
+                self._graph_wrappers[(bs, w)] = wrapper
+            # plan() copies indices into its buffer: here the same memory, which copy_ skips.
+            wrapper.plan(kv_indptr, self._graph_indices[:total], torch.ones(bs, dtype=torch.int32),
+                         self.num_heads, self.num_kv_heads, self.head_dim, 1, **self._plan_kwargs(w))
+            self._active[w] = wrapper
 
     # ---- per layer -----------------------------------------------------------------------
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
                 batch: ForwardBatch, rope=None) -> torch.Tensor:
-        assert self._active is not None, "plan() must run before forward()"
+        assert self._active, "plan() must run before forward()"
+        wrapper = self._active[self.window(layer_id)]
         q, k_buf, v_buf = self._store_with_kernel(q, k, v, layer_id, batch, rope)
         # 3-D [S, KVH, D] caches are read as [S, page_size=1, KVH, D] ("NHD").
         if self.kv_pool.is_fp8:
-            return self._active.run(q, (k_buf, v_buf), k_scale=self.kv_pool.k_scales[layer_id],
-                                    v_scale=self.kv_pool.v_scales[layer_id])
-        return self._active.run(q, (k_buf, v_buf))
+            return wrapper.run(q, (k_buf, v_buf), k_scale=self.kv_pool.k_scales[layer_id],
+                               v_scale=self.kv_pool.v_scales[layer_id])
+        return wrapper.run(q, (k_buf, v_buf))

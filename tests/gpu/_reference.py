@@ -86,7 +86,11 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 class ReferenceBackend(AttentionBackend):
-    """Index-assign store, then per request a plain softmax over the gathered slots."""
+    """Index-assign store, then per request a plain softmax over the gathered slots (with the
+    layer's sliding window and the logit cap, when ``configure`` sets them)."""
+
+    supports_sliding_window = True
+    supports_logit_cap = True
 
     def forward(self, q, k, v, layer_id, batch):
         k_buf, v_buf = self.kv_pool.k_buffers[layer_id], self.kv_pool.v_buffers[layer_id]
@@ -96,7 +100,8 @@ class ReferenceBackend(AttentionBackend):
         for b, (n, prefix) in enumerate(zip(batch.extend_seq_lens_cpu, batch.extend_prefix_lens_cpu,
                                             strict=True)):
             slots = batch.req_to_token[batch.req_pool_indices[b], :prefix + n].long()
-            out.append(attention_ref(q[start:start + n], k_buf, v_buf, slots, prefix, self.scale))
+            out.append(attention_ref(q[start:start + n], k_buf, v_buf, slots, prefix, self.scale,
+                                     self.window(layer_id), self.logit_cap))
             start += n
         return torch.cat(out).to(q.dtype)
 
