@@ -13,9 +13,11 @@ with SwiGLU experts (``w13`` ``[E, 2I, H]`` gate rows then up rows, ``w2`` ``[E,
    sized for the worst case (``T*k + min(T*k, E) * (BLOCK_M - 1)``), so a decode step is
    captured in a CUDA graph as is;
 2. ``_moe_gemm_kernel`` on ``x`` and ``w13`` → ``[T*k, 2I]`` (rows in pair order);
-3. SiLU-and-mul (``kernels/activation.py``) → ``[T*k, I]``;
-4. ``_moe_gemm_kernel`` on that and ``w2``, each row scaled by its routing weight → ``[T*k, H]``;
-5. the sum over each token's ``k`` rows → ``[T, H]``.
+3. ``_moe_gemm_kernel`` on SiLU-and-mul of that (applied as its tiles load) and ``w2``, each
+   row scaled by its routing weight → ``[T*k, H]``;
+4. the sum over each token's ``k`` rows → ``[T, H]``.
+
+The triton kernels launch with programmatic dependent launch where ``kernels/pdl.py`` allows.
 
 Blocks past ``num_post`` exit at once; rows holding the sentinel are masked. Block sizes come
 from ``moe_config`` (by token count; ``RADIXFLEET_MOE_CONFIGS`` overrides per shape, see
@@ -32,7 +34,7 @@ import triton.language as tl
 
 from radixfleet import env_vars
 from radixfleet.kernels import dot_precision
-from radixfleet.kernels.activation import silu_and_mul
+from radixfleet.kernels.pdl import pdl_start, use_pdl
 
 ALIGN_MAX_PAIRS = 4096  # T * k up to which the single-program align kernel runs
 _CHUNK = 64  # pairs per step of the align kernel
@@ -44,10 +46,11 @@ def _route_align_kernel(LOGITS, WEIGHTS, IDS, SORTED, EXPERT_IDS, NUM_POST, RUN,
                         E: tl.constexpr, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr,
                         NUM_BINS: tl.constexpr, ROUTE: tl.constexpr, RENORMALIZE: tl.constexpr,
                         K_POW2: tl.constexpr, TOKENS: tl.constexpr, CHUNK: tl.constexpr,
-                        BLOCKS: tl.constexpr):
+                        BLOCKS: tl.constexpr, USE_PDL: tl.constexpr):
     """One program. ROUTE: first fill WEIGHTS/IDS [T, TOP_K] from LOGITS [T, E]. Then sort
     the T*TOP_K pairs of IDS by expert into SORTED (stable), EXPERT_IDS per block, NUM_POST.
     RUN: int32 scratch of NUM_BINS (>= E + 1; bin E collects masked lanes)."""
+    pdl_start(USE_PDL)
     n = T * TOP_K
     if ROUTE:
         cols = tl.arange(0, NUM_BINS)
@@ -110,11 +113,13 @@ def _route_align_kernel(LOGITS, WEIGHTS, IDS, SORTED, EXPERT_IDS, NUM_POST, RUN,
 def _moe_gemm_kernel(A, B, C, WEIGHTS, SORTED, EXPERT_IDS, NUM_POST,
                      N, K, num_pairs, max_padded,
                      stride_am, stride_be, stride_bn, stride_bk, stride_cm,
-                     A_ROW_DIV: tl.constexpr, MUL_WEIGHT: tl.constexpr, PRECISION: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GROUP_M: tl.constexpr):
+                     A_ROW_DIV: tl.constexpr, MUL_WEIGHT: tl.constexpr, SILU_MUL_A: tl.constexpr,
+                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, USE_PDL: tl.constexpr):
     """C[p, :N] = A[p // A_ROW_DIV, :K] @ B[expert(p)].T (× WEIGHTS[p]) for the pairs p of
-    each BLOCK_M-row block of SORTED. B: [E, N, K]."""
+    each BLOCK_M-row block of SORTED. B: [E, N, K]. SILU_MUL_A: A holds [gate | up] of width
+    2K and the operand is silu(gate) * up, rounded as ``kernels/activation.py`` rounds it."""
+    pdl_start(USE_PDL)
     pid = tl.program_id(0)
     num_m = tl.cdiv(max_padded, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -138,6 +143,11 @@ def _moe_gemm_kernel(A, B, C, WEIGHTS, SORTED, EXPERT_IDS, NUM_POST,
     for k0 in range(0, K, BLOCK_K):
         k_ok = offs_k < K - k0
         a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
+        if SILU_MUL_A:
+            up = tl.load(a_ptrs + K, mask=valid[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            gate = a.to(tl.float32)
+            act = (gate / (1.0 + tl.exp(-gate))).to(a.dtype).to(tl.float32)
+            a = (act * up).to(a.dtype)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K
@@ -174,7 +184,8 @@ def moe_align(ids: torch.Tensor, num_experts: int, block_m: int,
             ids.shape[0], logits.stride(0) if route else 0, max_padded,
             E=num_experts, TOP_K=ids.shape[1], BLOCK_M=block_m, NUM_BINS=bins, ROUTE=route,
             RENORMALIZE=renormalize, K_POW2=triton.next_power_of_2(ids.shape[1]),
-            TOKENS=max(1, min(32, 4096 // bins)), CHUNK=_CHUNK, BLOCKS=max(16, 4096 // bins), num_warps=4)
+            TOKENS=max(1, min(32, 4096 // bins)), CHUNK=_CHUNK, BLOCKS=max(16, 4096 // bins),
+            USE_PDL=use_pdl(ids), launch_pdl=use_pdl(ids), num_warps=4)
         return sorted_ids, expert_ids, num_post
     flat = ids.reshape(-1)
     counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
@@ -216,17 +227,21 @@ def moe_config(tokens: int, num_experts: int, n: int, k: int) -> tuple[int, ...]
 
 
 def moe_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, sorted_ids, expert_ids, num_post,
-             a_row_div: int, config: tuple[int, ...], weights: torch.Tensor | None = None) -> torch.Tensor:
-    """``out[p] = a[p // a_row_div] @ b[expert(p)].T`` (× ``weights[p]``) for every pair."""
+             a_row_div: int, config: tuple[int, ...], weights: torch.Tensor | None = None,
+             silu_mul_a: bool = False) -> torch.Tensor:
+    """``out[p] = a[p // a_row_div] @ b[expert(p)].T`` (× ``weights[p]``) for every pair;
+    with ``silu_mul_a``, ``a`` is ``[gate | up]`` and ``silu(gate) * up`` is multiplied."""
     bm, bn, bk, gm, warps, stages = config
     n, k = b.shape[1], b.shape[2]
+    pdl = use_pdl(a)
     max_padded = sorted_ids.numel()
     grid = (triton.cdiv(max_padded, bm) * triton.cdiv(n, bn),)
     _moe_gemm_kernel[grid](
         a, b, out, weights if weights is not None else a, sorted_ids, expert_ids, num_post,
         n, k, out.shape[0], max_padded, a.stride(0), b.stride(0), b.stride(1), b.stride(2), out.stride(0),
-        A_ROW_DIV=a_row_div, MUL_WEIGHT=weights is not None, PRECISION=dot_precision(a.dtype),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=warps, num_stages=stages)
+        A_ROW_DIV=a_row_div, MUL_WEIGHT=weights is not None, SILU_MUL_A=silu_mul_a,
+        PRECISION=dot_precision(a.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm,
+        USE_PDL=pdl, launch_pdl=pdl, num_warps=warps, num_stages=stages)
     return out
 
 
@@ -246,10 +261,9 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
     sorted_ids, expert_ids, num_post = aligned or moe_align(ids, E, config[0])
     gate_up = torch.empty(T * k, two_i, dtype=x.dtype, device=x.device)
     moe_gemm(x, w13, gate_up, sorted_ids, expert_ids, num_post, k, config)
-    act = silu_and_mul(gate_up)  # [T*k, I]
     down = torch.empty(T * k, H, dtype=x.dtype, device=x.device)
-    moe_gemm(act, w2, down, sorted_ids, expert_ids, num_post, 1, config,
-             weights=weights.reshape(-1).float().contiguous())
+    moe_gemm(gate_up, w2, down, sorted_ids, expert_ids, num_post, 1, config,
+             weights=weights.reshape(-1).float().contiguous(), silu_mul_a=True)
     return torch.sum(down.view(T, k, H), dim=1, out=out)
 
 

@@ -74,8 +74,8 @@ class SparseMoeBlock(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         s = moe_settings(cfg)
-        # Router weights are replicated on every rank and used in full precision of the model
-        # dtype (no oneDNN prepacking): near-ties between experts must pick as transformers does.
+        # Router weights are replicated on every rank; no oneDNN prepacking on CPU, so that fp32
+        # logits (and near-ties between experts) are transformers' own.
         self.gate = nn.Linear(cfg.hidden_size, s["num_experts"], bias=False)
         self.gate.weight.requires_grad_(False)
         self.experts = FusedMoE(s["num_experts"], s["top_k"], cfg.hidden_size, s["intermediate"],
@@ -88,7 +88,7 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` [T, H] (normed) → [T, H], reduced over the TP ranks once."""
-        out = self.experts(x, F.linear(x, self.gate.weight))
+        out = self.experts(x, matmul(x, self.gate.weight, None, None))  # batch 1 on CUDA: kernels/gemv.py
         if self.shared_expert is not None:
             scale = torch.sigmoid(F.linear(x, self.shared_expert_gate.weight))  # [T, 1], same on every rank
             out = out + scale * self.shared_expert.partial(x)
