@@ -84,6 +84,9 @@ CPU_KERNELS = _var("RADIXFLEET_CPU_KERNELS", "bool", True,
                    "the C decode kernels (`kernels/cpu_ops.c`) on CPU; off: plain torch ops")
 CPU_PREPACK = _var("RADIXFLEET_CPU_PREPACK", "bool", True,
                    "oneDNN-prepacked linear weights on CPU; off: `F.linear`")
+CPU_DTYPE = _var("RADIXFLEET_CPU_DTYPE", "str", "auto",
+                 "what `dtype=auto` means for generation models on CPU: `auto` (bfloat16 where the CPU "
+                 "has native bf16, AVX512_BF16 or AMX; float32 elsewhere), `float32` or `bfloat16`")
 
 # ---- GPU kernels ---------------------------------------------------------------------------
 DISABLE_FUSED_KERNELS = _var("RADIXFLEET_DISABLE_FUSED_KERNELS", "bool", False,

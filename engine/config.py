@@ -32,7 +32,8 @@ class EngineConfig:
                                           "$HF_HOME/hub)")
     trust_remote_code: bool = _opt(False, "allow model code from the model folder (off: only built-in architectures)")
     context_length: int | None = _opt(None, "maximum context length (default: from the model config)")
-    dtype: str = _opt("auto", "weight and activation dtype (auto: float32 on CPU, the model's on GPU)", DTYPES)
+    dtype: str = _opt("auto", "weight and activation dtype (auto: the model's on GPU; on CPU bfloat16 where "
+                                      "the CPU has native bf16, AVX512_BF16 or AMX, else float32)", DTYPES)
     device: str = _opt("auto", "cpu, cuda, or auto")
     load_format: str = _opt("auto", "auto (safetensors) or dummy (random weights from the config)", ("auto", "safetensors", "dummy"))
     mem_fraction_static: float | None = _opt(None, "fraction of device memory for weights + KV cache")

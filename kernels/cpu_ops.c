@@ -1,10 +1,15 @@
-/* CPU kernels for the fp32 decode path (radixfleet.kernels.cpu_ops builds and loads this).
+/* CPU kernels for the decode path (radixfleet.kernels.cpu_ops builds and loads this).
  *
  * Each one replaces a handful of small torch ops whose per-op overhead, at a decode step's
  * sizes (tens of rows), costs more than their arithmetic. Plain C99 + OpenMP: gcc resolves
  * libgomp.so.1 to the copy torch has already loaded, so both share one thread pool.
  * GCC vector extensions give 8-wide loads/FMAs where the compiler targets AVX2; the order
  * of every reduction is fixed, so results do not depend on the thread count.
+ *
+ * Every kernel comes twice: rf_NAME on fp32 tensors and rf_NAME_bf16 on bfloat16 ones (bf16
+ * storage, fp32 arithmetic and accumulation, one round-to-nearest-even per stored value).
+ * Both are one always-inlined body specialised on the constant BF (0 or 1), so the fp32
+ * kernels compile to exactly the arithmetic they had before bf16 existed.
  */
 #include <math.h>
 #include <stdint.h>
@@ -12,31 +17,13 @@
 
 typedef float vf8 __attribute__((vector_size(32)));
 
+#define INLINE static inline __attribute__((always_inline))
+
 static inline vf8 load8(const float *p) { vf8 v; memcpy(&v, p, sizeof v); return v; }
 static inline void store8(float *p, vf8 v) { memcpy(p, &v, sizeof v); }
 
 static inline float hsum8(vf8 v) {
     return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
-}
-
-static inline float dot(const float *a, const float *b, int n) {
-    int i = 0;
-    float s = 0.f;
-    if (n >= 8) {
-        vf8 acc = load8(a) * load8(b);
-        for (i = 8; i + 8 <= n; i += 8) acc += load8(a + i) * load8(b + i);
-        s = hsum8(acc);
-    }
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
-/* acc[0:n] += w * x[0:n] */
-static inline void axpy(float *acc, float w, const float *x, int n) {
-    int i = 0;
-    vf8 wv = {w, w, w, w, w, w, w, w};
-    for (; i + 8 <= n; i += 8) store8(acc + i, load8(acc + i) + wv * load8(x + i));
-    for (; i < n; i++) acc[i] += w * x[i];
 }
 
 /* exp on 8 lanes: Cephes' expf (range reduction by ln 2, degree-6 polynomial), within
@@ -66,6 +53,64 @@ static inline vf8 exp8(vf8 x) {
     return p * (vf8)scale;
 }
 
+/* bfloat16 <-> fp32. A bf16 is the top half of an fp32, so widening is a shift; narrowing
+ * rounds to nearest even (NaNs are not preserved as such: none reach these kernels). */
+typedef uint16_t bf16;
+typedef unsigned short vu16x8 __attribute__((vector_size(16)));
+typedef unsigned int vu8 __attribute__((vector_size(32)));
+
+static inline float bf2f(bf16 h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline bf16 f2bf(float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    return (bf16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+static inline vf8 load8_bf(const bf16 *p) {
+    vu16x8 h; memcpy(&h, p, sizeof h);
+    return (vf8)(__builtin_convertvector(h, vu8) << 16);
+}
+static inline void store8_bf(bf16 *p, vf8 v) {
+    vu8 u = (vu8)v;
+    vu16x8 h = __builtin_convertvector((u + 0x7fffu + ((u >> 16) & 1u)) >> 16, vu16x8);
+    memcpy(p, &h, sizeof h);
+}
+
+/* Element i of an fp32 (BF = 0) or bf16 (BF = 1) array, read or written as fp32. */
+INLINE float ld1(const void *p, int64_t i, int BF) { return BF ? bf2f(((const bf16 *)p)[i]) : ((const float *)p)[i]; }
+INLINE void st1(void *p, int64_t i, float v, int BF) {
+    if (BF) ((bf16 *)p)[i] = f2bf(v); else ((float *)p)[i] = v;
+}
+INLINE vf8 ld8(const void *p, int64_t i, int BF) { return BF ? load8_bf((const bf16 *)p + i) : load8((const float *)p + i); }
+INLINE void st8(void *p, int64_t i, vf8 v, int BF) {
+    if (BF) store8_bf((bf16 *)p + i, v); else store8((float *)p + i, v);
+}
+/* dst[0:n] (fp32) = src[0:n] (either dtype). */
+INLINE void widen(float *dst, const void *src, int n, int BF) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8) store8(dst + i, ld8(src, i, BF));
+    for (; i < n; i++) dst[i] = ld1(src, i, BF);
+}
+
+/* sum a[i] * b[boff + i]: a fp32, b fp32 or bf16 */
+INLINE float dot(const float *a, const void *b, int64_t boff, int n, int BF) {
+    int i = 0;
+    float s = 0.f;
+    if (n >= 8) {
+        vf8 acc = load8(a) * ld8(b, boff, BF);
+        for (i = 8; i + 8 <= n; i += 8) acc += load8(a + i) * ld8(b, boff + i, BF);
+        s = hsum8(acc);
+    }
+    for (; i < n; i++) s += a[i] * ld1(b, boff + i, BF);
+    return s;
+}
+
+/* acc[0:n] += w * x[xoff : xoff + n] */
+INLINE void axpy(float *acc, float w, const void *x, int64_t xoff, int n, int BF) {
+    int i = 0;
+    vf8 wv = {w, w, w, w, w, w, w, w};
+    for (; i + 8 <= n; i += 8) store8(acc + i, load8(acc + i) + wv * ld8(x, xoff + i, BF));
+    for (; i < n; i++) acc[i] += w * ld1(x, xoff + i, BF);
+}
+
 /* x[0:n] = exp(x - m); returns the sum. */
 static inline float exp_sub_sum(float *x, float m, int n) {
     int i = 0;
@@ -83,8 +128,8 @@ static inline float exp_sub_sum(float *x, float m, int n) {
     return sum;
 }
 
-static inline void prefetch_row(const float *p, int64_t floats) {
-    for (int64_t i = 0; i < floats; i += 16) __builtin_prefetch(p + i);
+static inline void prefetch_bytes(const void *p, int64_t bytes) {
+    for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch((const char *)p + i);
 }
 
 /* Decode attention straight from the token-slot KV pool (no gather).
@@ -93,32 +138,38 @@ static inline void prefetch_row(const float *p, int64_t floats) {
  * kv      [S, 2, KVH, D]       one layer of the pool: K then V of each slot
  * table   [rows, table_stride] int32 slot of each token of each request-table row
  * rows    [B] int64            each request's row; lens [B] int32: its context length
- * out     [B, H, D]
+ * out     [B, H, D]            (q, kv and out share the dtype)
  * scratch [B, H, scratch_len]  float, scratch_len >= max(lens)
  * One work item per request (all its heads: each K/V row of a slot is one contiguous read),
  * or per (request, kv head) when there are too few requests to keep every thread busy.
+ * bf16: the work item's queries and its output accumulate in fp32 on the stack
+ * (H * D <= 16384, checked by the caller).
  */
-void rf_decode_attention(const float *q, const float *kv, const int32_t *table, int64_t table_stride,
-                         const int64_t *rows, const int32_t *lens, float *out, float *scratch,
-                         int64_t scratch_len, int B, int H, int KVH, int D, float scale) {
+INLINE void decode_attention(const void *q, const void *kv, const int32_t *table, int64_t table_stride,
+                             const int64_t *rows, const int32_t *lens, void *out, float *scratch,
+                             int64_t scratch_len, int B, int H, int KVH, int D, float scale, int BF) {
     const int G = H / KVH;
-    const int64_t tok = 2 * (int64_t)KVH * D;
+    const int64_t tok = 2 * (int64_t)KVH * D;  /* elements per slot */
+    const int esz = BF ? 2 : 4;
     const int split = B < 8 ? KVH : 1;  /* work items per request */
     const int per = KVH / split;        /* kv heads per work item */
 #pragma omp parallel for schedule(dynamic, 1)
     for (int w = 0; w < B * split; w++) {
         const int b = w / split, g0 = (w % split) * per, h0 = g0 * G, nh = per * G, n = lens[b];
         const int32_t *slot = table + rows[b] * table_stride;
-        const float *qb = q + ((int64_t)b * H + h0) * D;
+        const int64_t qo = ((int64_t)b * H + h0) * D;
+        float qf[BF ? nh * D : 1], of[BF ? nh * D : 1];
+        if (BF) widen(qf, (const bf16 *)q + qo, nh * D, 1);
+        const float *qb = BF ? qf : (const float *)q + qo;
         float *s = scratch + ((int64_t)b * H + h0) * scratch_len;
-        const int64_t row_floats = split == 1 ? tok : 0;
+        const int64_t row_bytes = split == 1 ? tok * esz : 0;
         for (int t = 0; t < n; t++) {
             if (t + 2 < n) {
-                if (row_floats) prefetch_row(kv + slot[t + 2] * tok, row_floats);
-                else prefetch_row(kv + slot[t + 2] * tok + (int64_t)g0 * D, D);
+                if (row_bytes) prefetch_bytes((const char *)kv + slot[t + 2] * tok * esz, row_bytes);
+                else prefetch_bytes((const char *)kv + (slot[t + 2] * tok + (int64_t)g0 * D) * esz, D * esz);
             }
-            const float *k = kv + slot[t] * tok + (int64_t)g0 * D;
-            for (int h = 0; h < nh; h++) s[h * scratch_len + t] = dot(qb + h * D, k + (h / G) * D, D) * scale;
+            const int64_t k = slot[t] * tok + (int64_t)g0 * D;
+            for (int h = 0; h < nh; h++) s[h * scratch_len + t] = dot(qb + h * D, kv, k + (h / G) * D, D, BF) * scale;
         }
         float inv[256];  /* nh <= 256 (checked by the caller) */
         for (int h = 0; h < nh; h++) {
@@ -126,55 +177,76 @@ void rf_decode_attention(const float *q, const float *kv, const int32_t *table, 
             for (int t = 0; t < n; t++) m = sh[t] > m ? sh[t] : m;
             inv[h] = 1.f / exp_sub_sum(sh, m, n);
         }
-        float *ob = out + ((int64_t)b * H + h0) * D;
+        float *ob = BF ? of : (float *)out + qo;
         memset(ob, 0, sizeof(float) * nh * D);
         for (int t = 0; t < n; t++) {
-            if (!row_floats && t + 2 < n) prefetch_row(kv + slot[t + 2] * tok + (int64_t)(KVH + g0) * D, D);
-            const float *v = kv + slot[t] * tok + (int64_t)(KVH + g0) * D;
-            for (int h = 0; h < nh; h++) axpy(ob + h * D, s[h * scratch_len + t], v + (h / G) * D, D);
+            if (!row_bytes && t + 2 < n)
+                prefetch_bytes((const char *)kv + (slot[t + 2] * tok + (int64_t)(KVH + g0) * D) * esz, D * esz);
+            const int64_t v = slot[t] * tok + (int64_t)(KVH + g0) * D;
+            for (int h = 0; h < nh; h++) axpy(ob + h * D, s[h * scratch_len + t], kv, v + (h / G) * D, D, BF);
         }
-        for (int h = 0; h < nh; h++)
-            for (int i = 0; i < D; i++) ob[h * D + i] *= inv[h];
+        if (BF) {
+            for (int h = 0; h < nh; h++)
+                for (int i = 0; i < D; i++) st1(out, qo + h * D + i, ob[h * D + i] * inv[h], 1);
+        } else {
+            for (int h = 0; h < nh; h++)
+                for (int i = 0; i < D; i++) ob[h * D + i] *= inv[h];
+        }
     }
 }
 
 /* RMSNorm of each of T rows of N: out = x * rsqrt(mean(x^2) + eps) * w.
- * With res != NULL, the input row is x + res, which is also written to res_out. */
-void rf_rmsnorm(const float *x, const float *res, const float *w, float *out, float *res_out,
-                int T, int N, int64_t x_stride, float eps) {
+ * With res != NULL, the input row is x + res, which is also written to res_out (in bf16 the
+ * norm is taken of that rounded sum, as a bf16 model's residual stream holds it). */
+INLINE void rmsnorm(const void *x, const void *res, const void *w, void *out, void *res_out,
+                    int T, int N, int64_t x_stride, float eps, int BF) {
+    float row[BF ? N : 1];
     for (int r = 0; r < T; r++) {
-        const float *xr = x + r * x_stride;
-        float *o = out + (int64_t)r * N, *src = o;
-        if (res) {
-            src = res_out + (int64_t)r * N;
-            const float *rr = res + (int64_t)r * N;
-            for (int i = 0; i < N; i++) src[i] = xr[i] + rr[i];
+        const int64_t xo = r * x_stride, o = (int64_t)r * N;
+        float *src;
+        if (BF) {
+            for (int i = 0; i < N; i++) {
+                float v = ld1(x, xo + i, 1);
+                if (res) {
+                    st1(res_out, o + i, v + ld1(res, o + i, 1), 1);
+                    v = ld1(res_out, o + i, 1);
+                }
+                row[i] = v;
+            }
+            src = row;
         } else {
-            memcpy(o, xr, sizeof(float) * N);
+            src = (float *)out + o;
+            if (res) {
+                src = (float *)res_out + o;
+                for (int i = 0; i < N; i++) src[i] = ((const float *)x)[xo + i] + ((const float *)res)[o + i];
+            } else {
+                memcpy(src, (const float *)x + xo, sizeof(float) * N);
+            }
         }
-        float ss = dot(src, src, N);
+        float ss = dot(src, src, 0, N, 0);
         float k = 1.f / sqrtf(ss / N + eps);
-        for (int i = 0; i < N; i++) o[i] = src[i] * k * w[i];
+        for (int i = 0; i < N; i++) st1(out, o + i, src[i] * k * ld1(w, i, BF), BF);
     }
 }
 
 /* Neox rotary in place on q [T, H, D] and k [T, KVH, D] (token and head strides free, last
- * dim contiguous), with cos_sin [P, D]: cos of the D/2 frequencies, then sin. */
-void rf_rotary(const int64_t *pos, float *q, float *k, const float *cos_sin, int T, int H, int KVH,
-               int D, int64_t q_stride, int64_t q_head_stride, int64_t k_stride, int64_t k_head_stride) {
+ * dim contiguous), with cos_sin [P, D] fp32: cos of the D/2 frequencies, then sin. */
+INLINE void rotary(const int64_t *pos, void *q, void *k, const float *cos_sin, int T, int H, int KVH,
+                   int D, int64_t q_stride, int64_t q_head_stride, int64_t k_stride, int64_t k_head_stride,
+                   int BF) {
     const int half = D / 2;
     for (int t = 0; t < T; t++) {
         const float *c = cos_sin + pos[t] * D, *sn = c + half;
         for (int which = 0; which < 2; which++) {
-            float *base = which ? k + t * k_stride : q + t * q_stride;
+            void *base = which ? k : q;
             const int heads = which ? KVH : H;
-            const int64_t head_stride = which ? k_head_stride : q_head_stride;
+            const int64_t stride = which ? k_stride : q_stride, head_stride = which ? k_head_stride : q_head_stride;
             for (int h = 0; h < heads; h++) {
-                float *x1 = base + h * head_stride, *x2 = x1 + half;
+                const int64_t x1 = t * stride + h * head_stride, x2 = x1 + half;
                 for (int i = 0; i < half; i++) {
-                    const float a = x1[i], b = x2[i];
-                    x1[i] = a * c[i] - b * sn[i];
-                    x2[i] = b * c[i] + a * sn[i];
+                    const float a = ld1(base, x1 + i, BF), b = ld1(base, x2 + i, BF);
+                    st1(base, x1 + i, a * c[i] - b * sn[i], BF);
+                    st1(base, x2 + i, b * c[i] + a * sn[i], BF);
                 }
             }
         }
@@ -182,15 +254,38 @@ void rf_rotary(const int64_t *pos, float *q, float *k, const float *cos_sin, int
 }
 
 /* out [T, I] = silu(x[:, :I]) * x[:, I:], x [T, 2I] */
-void rf_silu_and_mul(const float *x, float *out, int T, int I) {
+INLINE void silu_and_mul(const void *x, void *out, int T, int I, int BF) {
     for (int t = 0; t < T; t++) {
-        const float *g = x + (int64_t)t * 2 * I, *u = g + I;
-        float *o = out + (int64_t)t * I;
+        const int64_t g = (int64_t)t * 2 * I, u = g + I, o = (int64_t)t * I;
         int i = 0;
         for (; i + 8 <= I; i += 8) {
-            vf8 gv = load8(g + i);
-            store8(o + i, gv / (1.f + exp8(-gv)) * load8(u + i));
+            vf8 gv = ld8(x, g + i, BF);
+            st8(out, o + i, gv / (1.f + exp8(-gv)) * ld8(x, u + i, BF), BF);
         }
-        for (; i < I; i++) o[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+        for (; i < I; i++) {
+            const float gs = ld1(x, g + i, BF);
+            st1(out, o + i, gs / (1.f + expf(-gs)) * ld1(x, u + i, BF), BF);
+        }
     }
 }
+
+/* The exported kernels: each body specialised for fp32 (BF = 0) and bf16 (BF = 1). */
+#define UNPACK(...) __VA_ARGS__
+#define EXPORT_BOTH(NAME, PARAMS, ARGS) \
+    void rf_##NAME PARAMS { NAME(UNPACK ARGS, 0); } \
+    void rf_##NAME##_bf16 PARAMS { NAME(UNPACK ARGS, 1); }
+
+EXPORT_BOTH(decode_attention,
+            (const void *q, const void *kv, const int32_t *table, int64_t table_stride, const int64_t *rows,
+             const int32_t *lens, void *out, float *scratch, int64_t scratch_len, int B, int H, int KVH,
+             int D, float scale),
+            (q, kv, table, table_stride, rows, lens, out, scratch, scratch_len, B, H, KVH, D, scale))
+EXPORT_BOTH(rmsnorm,
+            (const void *x, const void *res, const void *w, void *out, void *res_out, int T, int N,
+             int64_t x_stride, float eps),
+            (x, res, w, out, res_out, T, N, x_stride, eps))
+EXPORT_BOTH(rotary,
+            (const int64_t *pos, void *q, void *k, const float *cos_sin, int T, int H, int KVH, int D,
+             int64_t q_stride, int64_t q_head_stride, int64_t k_stride, int64_t k_head_stride),
+            (pos, q, k, cos_sin, T, H, KVH, D, q_stride, q_head_stride, k_stride, k_head_stride))
+EXPORT_BOTH(silu_and_mul, (const void *x, void *out, int T, int I), (x, out, T, I))

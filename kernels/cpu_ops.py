@@ -1,4 +1,5 @@
-"""fp32 CPU kernels for the decode path: ``cpu_ops.c`` compiled once per machine, called by ctypes.
+"""CPU kernels for the decode path (fp32 and bf16): ``cpu_ops.c`` compiled once per machine,
+called by ctypes.
 
 At a decode step's sizes (tens of rows) the CPU time of RMSNorm, rotary, SiLU-mul and the
 gather + SDPA of decode attention is mostly per-op overhead and memory traffic, not
@@ -10,7 +11,8 @@ Built with the system C compiler (``cc``/``gcc``, ``-O3 -march=native -fopenmp``
 ``$XDG_CACHE_HOME/radixfleet/kernels/`` on first use, keyed by the source hash and the CPU,
 so every engine process on the machine reuses one build. Without a compiler, or with
 ``RADIXFLEET_CPU_KERNELS=0``, ``load()`` returns None and layers keep their torch code.
-Each kernel has a torch reference in ``tests/unit/test_cpu_ops.py``.
+Each kernel has an fp32 and a bf16 entry point (bf16 storage, fp32 arithmetic), picked by
+the dtype of the tensors; each has a torch reference in ``tests/unit/test_cpu_ops.py``.
 """
 
 from __future__ import annotations
@@ -88,14 +90,23 @@ def load() -> ctypes.CDLL | None:
         logger.warning("CPU kernels unavailable, using torch ops: %s", e)
         return None
     for name, args in _SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, None
+        for suffix in _SUFFIX.values():
+            fn = getattr(lib, name + suffix)
+            fn.argtypes, fn.restype = args, None
     return lib
 
 
+_SUFFIX = {torch.float32: "", torch.bfloat16: "_bf16"}
+
+
 def usable(x: torch.Tensor) -> bool:
-    """Whether the kernels apply to ``x``'s device and dtype (and are built)."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and load() is not None
+    """Whether the kernels apply to ``x``'s device and dtype (fp32, bf16) and are built."""
+    return x.device.type == "cpu" and x.dtype in _SUFFIX and load() is not None
+
+
+def _kernel(name: str, dtype: torch.dtype):
+    """The compiled ``name`` for tensors of ``dtype``."""
+    return getattr(load(), name + _SUFFIX[dtype])
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -107,13 +118,14 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 def _rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None):
     t, n = x.shape
-    assert x.stride(-1) == 1 and weight.is_contiguous()
+    assert x.stride(-1) == 1 and weight.is_contiguous() and weight.dtype == x.dtype
     out = torch.empty((t, n), dtype=x.dtype)
     res_out = None
     if residual is not None:
         residual = residual.contiguous()
+        assert residual.dtype == x.dtype
         res_out = torch.empty((t, n), dtype=x.dtype)
-    load().rf_rmsnorm(_ptr(x), _ptr(residual), _ptr(weight), _ptr(out), _ptr(res_out), t, n, x.stride(0), eps)
+    _kernel("rf_rmsnorm", x.dtype)(_ptr(x), _ptr(residual), _ptr(weight), _ptr(out), _ptr(res_out), t, n, x.stride(0), eps)
     return out, res_out
 
 
@@ -134,8 +146,9 @@ def apply_rotary_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos
     head is rotated); positions [T] int64."""
     t, h, d = q.shape
     assert q.stride(2) == 1 and k.stride(2) == 1 and cos_sin.shape[1] == d and cos_sin.is_contiguous()
+    assert k.dtype == q.dtype and cos_sin.dtype == torch.float32
     positions = positions.contiguous()
-    load().rf_rotary(_ptr(positions), _ptr(q), _ptr(k), _ptr(cos_sin), t, h, k.shape[1], d,
+    _kernel("rf_rotary", q.dtype)(_ptr(positions), _ptr(q), _ptr(k), _ptr(cos_sin), t, h, k.shape[1], d,
                      q.stride(0), q.stride(1), k.stride(0), k.stride(1))
 
 
@@ -143,20 +156,21 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     t, two_i = x.shape
     x = x.contiguous()
     out = torch.empty((t, two_i // 2), dtype=x.dtype)
-    load().rf_silu_and_mul(_ptr(x), _ptr(out), t, two_i // 2)
+    _kernel("rf_silu_and_mul", x.dtype)(_ptr(x), _ptr(out), t, two_i // 2)
     return out
 
 
 def decode_attention(q: torch.Tensor, kv: torch.Tensor, table: torch.Tensor, rows: torch.Tensor,
                      lens: torch.Tensor, max_len: int, scale: float) -> torch.Tensor:
-    """q [B, H, D]; kv [S, 2, KVH, D] one pool layer; table [R, L] int32; rows [B] int64;
-    lens [B] int32 (every entry ≤ ``max_len``) → out [B, H, D]."""
+    """q [B, H, D]; kv [S, 2, KVH, D] one pool layer, q's dtype; table [R, L] int32; rows [B]
+    int64; lens [B] int32 (every entry ≤ ``max_len``) → out [B, H, D]."""
     b, h, d = q.shape
     kvh = kv.shape[2]
-    assert kv.is_contiguous() and table.stride(1) == 1 and h % kvh == 0 and h <= 256
+    assert kv.is_contiguous() and table.stride(1) == 1 and h % kvh == 0 and h <= 256 and h * d <= 16384
+    assert kv.dtype == q.dtype
     q = q.contiguous()
     out = torch.empty_like(q)
     scratch = torch.empty(b * h * max(max_len, 1), dtype=torch.float32)
-    load().rf_decode_attention(_ptr(q), _ptr(kv), _ptr(table), table.stride(0), _ptr(rows), _ptr(lens),
+    _kernel("rf_decode_attention", q.dtype)(_ptr(q), _ptr(kv), _ptr(table), table.stride(0), _ptr(rows), _ptr(lens),
                                _ptr(out), _ptr(scratch), max(max_len, 1), b, h, kvh, d, scale)
     return out

@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from radixfleet.engine.attention.registry import default_backend, get_backend_class
 from radixfleet.engine.config import ConfigError, EngineConfig
+from radixfleet.engine.executor.cpu_dtype import default_cpu_dtype
 from radixfleet.engine.executor.forward_batch import ForwardBatch, ForwardMode
 from radixfleet.engine.layers import distributed as dist
 from radixfleet.engine.layers.linear import prepack_cpu_weights
@@ -59,11 +60,13 @@ def check_cuda_device(name: str) -> None:
         raise ConfigError(f"device={name!r}, but {torch.cuda.device_count()} GPU(s) are visible")
 
 
-def resolve_dtype(name: str, model: ModelConfig, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, model: ModelConfig, device: torch.device,
+                  cpu_default: torch.dtype = torch.float32) -> torch.dtype:
+    """``cpu_default``: what ``auto`` means on CPU (generation models: ``default_cpu_dtype()``)."""
     if name != "auto":
         return _DTYPES[name]
     if device.type == "cpu":
-        return torch.float32
+        return cpu_default
     return _DTYPES.get(str(model.torch_dtype), torch.bfloat16) if model.torch_dtype != "float32" else torch.bfloat16
 
 
@@ -107,7 +110,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device.index if self.device.index is not None else local_rank)
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
+        self.dtype = resolve_dtype(config.dtype, self.model_config, self.device, default_cpu_dtype())
         self.context_len = config.context_length or self.model_config.max_position_embeddings
         self.model = self._load_model(model_path)
         self.lora = None
@@ -146,7 +149,7 @@ class ModelRunner:
             self._prepack(model)
         else:
             self.load_weights(model_path, model)
-        if self.device.type == "cpu" and self.dtype == torch.float32:
+        if self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16):
             # Build (first use on this machine) and load now rather than in the first request.
             lib = cpu_ops.load()
             logger.info("CPU decode kernels: %s", "kernels/cpu_ops.c" if lib else "torch ops (fallback)")

@@ -95,9 +95,77 @@ def test_silu_and_mul_over_the_whole_range():
     torch.testing.assert_close(cpu_ops.silu_and_mul(x), F.silu(gate) * up, atol=1e-6, rtol=2e-6)
 
 
-def test_only_fp32_cpu_tensors_use_the_kernels():
+def test_only_fp32_and_bf16_cpu_tensors_use_the_kernels():
     assert cpu_ops.usable(torch.zeros(2))
-    assert not cpu_ops.usable(torch.zeros(2, dtype=torch.bfloat16))
+    assert cpu_ops.usable(torch.zeros(2, dtype=torch.bfloat16))
+    assert not cpu_ops.usable(torch.zeros(2, dtype=torch.float16))
+    assert not cpu_ops.usable(torch.zeros(2, dtype=torch.float64))
+
+
+# ---- bf16: bf16 storage, fp32 arithmetic. References: the fp32 computation on the same
+# (bf16-rounded) inputs, rounded once to bf16 at the end, so the kernels may differ from them
+# only by that last rounding (one bf16 ulp, 2^-8 relative) plus fp32 noise.
+BF16_TOL = {"atol": 1e-2, "rtol": 8e-3}
+
+
+def _bf16(*shape, scale=1.0):
+    return (torch.randn(*shape) * scale).bfloat16()
+
+
+@pytest.mark.parametrize("batch,heads,kv_heads,head_dim", [(1, 9, 3, 64), (16, 9, 3, 64), (5, 8, 1, 20)])
+def test_decode_attention_bf16(batch, heads, kv_heads, head_dim):
+    torch.manual_seed(batch)
+    slots, ctx = 2000, 200
+    kv = _bf16(slots, 2, kv_heads, head_dim, scale=2)
+    table = torch.randint(1, slots, (batch + 2, ctx), dtype=torch.int32)
+    rows = torch.randperm(batch + 2)[:batch]
+    lens = torch.randint(1, ctx + 1, (batch,), dtype=torch.int32)
+    q = _bf16(batch, heads, head_dim, scale=2)
+    got = cpu_ops.decode_attention(q, kv, table, rows, lens, int(lens.max()), head_dim ** -0.5)
+    assert got.dtype == torch.bfloat16
+    want = _reference_decode(q.float(), kv.float(), table, rows, lens, head_dim ** -0.5)
+    torch.testing.assert_close(got.float(), want.bfloat16().float(), **BF16_TOL)
+
+
+def test_rmsnorm_bf16_rounds_the_residual_sum_as_a_bf16_model_does():
+    torch.manual_seed(3)
+    wide = _bf16(16, 600)
+    x, residual, w = wide[:, :576], _bf16(16, 576), _bf16(576)
+    normed = cpu_ops.rmsnorm(x, w, 1e-5)
+    torch.testing.assert_close(normed, torch.rms_norm(x.float(), (576,), w.float(), 1e-5).bfloat16(),
+                               **BF16_TOL)
+    normed, summed = cpu_ops.fused_add_rmsnorm(x, residual, w, 1e-6)
+    assert summed.dtype == normed.dtype == torch.bfloat16
+    assert torch.equal(summed, x + residual)  # torch's bf16 add: fp32 sum rounded to nearest even
+    torch.testing.assert_close(normed, torch.rms_norm(summed.float(), (576,), w.float(), 1e-6).bfloat16(),
+                               **BF16_TOL)
+
+
+def test_rotary_bf16_in_place():
+    torch.manual_seed(0)
+    t, h, kvh, d = 5, 9, 3, 64
+    qkv = _bf16(t, (h + 2 * kvh) * d)
+    q, k = qkv[:, :h * d].view(t, h, d), qkv[:, h * d:(h + kvh) * d].view(t, kvh, d)
+    positions = torch.tensor([0, 1, 7, 300, 1023])
+    freqs = torch.outer(torch.arange(1024, dtype=torch.float32), 1.0 / (1e5 ** (torch.arange(0, d, 2) / d)))
+    cos, sin = freqs.cos()[positions][:, None], freqs.sin()[positions][:, None]
+
+    def rotate(x):
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).bfloat16()
+
+    want_q, want_k = rotate(q), rotate(k)
+    cpu_ops.apply_rotary_(positions, q, k, torch.cat([freqs.cos(), freqs.sin()], dim=-1).contiguous())
+    torch.testing.assert_close(q, want_q, **BF16_TOL)
+    torch.testing.assert_close(k, want_k, **BF16_TOL)
+
+
+def test_silu_and_mul_bf16():
+    x = torch.cat([torch.randn(5, 2 * 1003) * 4, torch.linspace(-120, 120, 2 * 1003)[None]]).bfloat16()
+    gate, up = x.float().chunk(2, dim=-1)
+    got = cpu_ops.silu_and_mul(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, (F.silu(gate) * up).bfloat16(), **BF16_TOL)
 
 
 def test_missing_compiler_falls_back_to_torch(tmp_path):
