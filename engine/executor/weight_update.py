@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 # What must match for the new tensors to fit the running model.
 _SHAPE_FIELDS = ("architecture", "vocab_size", "hidden_size", "intermediate_size", "num_layers",
                  "num_heads", "num_kv_heads", "head_dim", "tie_word_embeddings", "attention_bias")
+# Mixture of experts: config.json fields that shape the expert tensors.
+_MOE_FIELDS = ("num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size",
+               "shared_expert_intermediate_size", "decoder_sparse_step", "mlp_only_layers")
 
 
 def incompatibility(current: ModelConfig, path: str) -> str | None:
@@ -35,10 +38,12 @@ def incompatibility(current: ModelConfig, path: str) -> str | None:
         new = ModelConfig.from_path(path)
     except (ValueError, KeyError, OSError) as e:
         return f"cannot read {path!r}: {e}"
-    for name in _SHAPE_FIELDS:
-        if getattr(new, name) != getattr(current, name):
-            return (f"{path!r} has {name}={getattr(new, name)!r}, the running model "
-                    f"{getattr(current, name)!r}: only weights of the same shape can be swapped in")
+    fields = [(n, getattr(new, n), getattr(current, n)) for n in _SHAPE_FIELDS]
+    fields += [(n, new.hf.get(n), current.hf.get(n)) for n in _MOE_FIELDS]
+    for name, theirs, ours in fields:
+        if theirs != ours:
+            return (f"{path!r} has {name}={theirs!r}, the running model {ours!r}: only weights of the "
+                    "same shape can be swapped in")
     return None
 
 

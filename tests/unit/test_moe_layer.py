@@ -1,6 +1,7 @@
 """The MoE layer on CPU: routing semantics, the TP split of the experts' intermediate
-dimension (ranks' partial sums add up to the whole), and the loader of transformers 5's
-stacked expert tensors (its in-memory layout) against the per-expert checkpoint layout."""
+dimension (ranks' partial sums add up to the whole), the loader of transformers 5's stacked
+expert tensors (its in-memory layout) against the per-expert checkpoint layout, and weight
+updates of another expert layout refused up front."""
 
 from __future__ import annotations
 
@@ -67,3 +68,14 @@ def test_stacked_expert_tensors_load_like_per_expert_ones(tmp_path, arch):
     models[1].load_weights(stacked.items())
     for (name, a), (_, b) in zip(models[0].named_parameters(), models[1].named_parameters(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_weights_of_another_expert_layout_are_refused_before_loading(tmp_path):
+    from radixfleet.engine.executor.weight_update import incompatibility
+    from radixfleet.engine.models.model_config import ModelConfig
+
+    running = make_tiny_model("qwen3_moe", str(tmp_path / "a"))
+    other = make_tiny_model("qwen3_moe", str(tmp_path / "b"), num_experts=4)
+    assert incompatibility(ModelConfig.from_path(running), running) is None
+    reason = incompatibility(ModelConfig.from_path(running), other)
+    assert reason is not None and "experts=4" in reason and "same shape" in reason, reason
