@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from radixfleet.http_limits import BodyLimit, too_large_message
 
+from .admission import Admission
 from .auth import BearerAuth
 from .config import RouterConfig
 from .health import HealthChecker
@@ -51,13 +52,15 @@ class RouterState:
 def build_state(config: RouterConfig) -> RouterState:
     policy = make_policy(config)
     registry = WorkerRegistry(config, policy)
+    admission = Admission(config)
     index = getattr(policy, "index", None)
     subscriber: KVSubscriber | None = None
     metrics = RouterMetrics(policy.name, registry.workers, policy.stats,
-                            in_sync=lambda: subscriber.in_sync() if subscriber is not None else {})
+                            in_sync=lambda: subscriber.in_sync() if subscriber is not None else {},
+                            queue_depth=lambda: len(admission.waiting))
     registry.metrics = metrics
     upstream = Upstream(config.max_connections, config.request_timeout)
-    proxy = Proxy(config, registry, policy, metrics, upstream)
+    proxy = Proxy(config, registry, policy, metrics, upstream, admission)
     health_headers = {k: v for k, v in proxy.headers.items() if k == "authorization"}
     members = Membership(registry, upstream, health_headers)
     if index is not None:

@@ -59,7 +59,13 @@ class RouterConfig:
     circuit_breaker_failures: int = _f(2, "Consecutive request failures that open a worker's circuit.")
     circuit_breaker_cooldown: float = _f(5.0, "Seconds an open circuit waits before a half-open probe.")
     # limits
-    queue_limit: int = _f(1024, "Requests in flight across the router beyond which new ones get 429 (0: no limit).")
+    queue_limit: int = _f(1024, "Requests in flight to the workers at once; more wait in the queue (0: no limit).")
+    max_waiting: int = _f(1024, "Requests that may wait for a slot; past it 429 with Retry-After (0: refuse at once).")
+    queue_timeout: float = _f(30.0, "Seconds a request may wait for a slot before a 408 with Retry-After.")
+    rate_limit_rps: float = _f(0.0, "Requests per second allowed per API key (bearer token); 0: no limit.")
+    rate_limit_burst: int = _f(0, "Requests a key may send at once (bucket size; 0: max(1, rate_limit_rps)).")
+    rate_limit_tokens_per_s: float = _f(0.0, "Tokens (prompt + max_tokens) per second per API key; 0: no limit.")
+    rate_limit_token_burst: int = _f(0, "Tokens a key may send at once (bucket size; 0: rate_limit_tokens_per_s).")
     request_timeout: float = _f(600.0, "Seconds an upstream request may take (read timeout).")
     max_connections: int = _f(1024, "Pooled upstream connections across all workers.")
     max_request_bytes: int = _f(DEFAULT_MAX_REQUEST_BYTES, "Largest accepted request body in bytes (413 above it).")
@@ -84,6 +90,10 @@ class RouterConfig:
             (self.circuit_breaker_failures >= 1, "circuit_breaker_failures must be >= 1"),
             (self.circuit_breaker_cooldown >= 0, "circuit_breaker_cooldown must be >= 0 seconds"),
             (self.queue_limit >= 0, "queue_limit must be >= 0 (0 disables it)"),
+            (self.max_waiting >= 0, "max_waiting must be >= 0"),
+            (self.queue_timeout > 0, "queue_timeout must be > 0 seconds"),
+            (self.rate_limit_rps >= 0 and self.rate_limit_tokens_per_s >= 0, "rate limits must be >= 0 (0: off)"),
+            (self.rate_limit_burst >= 0 and self.rate_limit_token_burst >= 0, "rate-limit bursts must be >= 0"),
             (self.request_timeout > 0, "request_timeout must be > 0 seconds"),
             (self.max_connections >= 1, "max_connections must be >= 1"),
             (self.max_request_bytes >= 1, "max_request_bytes must be >= 1"),

@@ -16,10 +16,12 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from .admission import Admission, Refusal
 from .config import RouterConfig
 from .metrics import RouterMetrics
 from .policies.base import Policy
@@ -40,10 +42,25 @@ WORKER_HEADER = "x-radixfleet-worker"  # on every proxied answer: the worker tha
 _CACHED_TOKENS = re.compile(rb'"cached_tokens"\s*:\s*(\d+)')
 
 
-def error_response(status: int, message: str) -> Response:
+def error_response(status: int, message: str, retry_after: int | None = None) -> Response:
     """An OpenAI-style JSON error the router answers itself."""
     body = json.dumps({"error": {"message": message, "type": "router_error", "code": status}})
-    return Response(body, status_code=status, media_type="application/json")
+    headers = {"retry-after": str(retry_after)} if retry_after is not None else None
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+def requested_tokens(text: str, body: Any) -> int:
+    """What a request costs a per-key token bucket: its prompt tokens (counted by the precise
+    policy's tokenizer, else characters / 4) plus the output tokens it asks for."""
+    ids = getattr(text, "ids", None)
+    n = len(ids) if ids else len(text) // 4
+    if isinstance(body, dict):
+        params = body.get("sampling_params")
+        for asked in (body.get("max_completion_tokens"), body.get("max_tokens"),
+                      params.get("max_new_tokens") if isinstance(params, dict) else None):
+            if isinstance(asked, int) and asked > 0:
+                return n + asked
+    return n
 
 
 def least_loaded(candidates: Sequence[Worker], text: str) -> tuple[Worker, str]:
@@ -86,22 +103,21 @@ class Proxy:
     """Sends requests to workers for the HTTP routes of the app."""
 
     def __init__(self, config: RouterConfig, registry: WorkerRegistry, policy: Policy,
-                 metrics: RouterMetrics, upstream: Upstream) -> None:
+                 metrics: RouterMetrics, upstream: Upstream, admission: Admission | None = None) -> None:
         self.config = config
         self.registry = registry
         self.policy = policy
         self.metrics = metrics
         self.upstream = upstream
+        self.admission = admission or Admission(config)
         self.in_flight = 0
         self.headers = {"content-type": "application/json", "accept-encoding": "identity"}
         if config.worker_api_key:
             self.headers["authorization"] = f"Bearer {config.worker_api_key}"
 
     async def forward(self, request: Request, route: str) -> Response:
-        """Proxy a POST with a JSON body to the worker the policy picks."""
-        if self.config.queue_limit and self.in_flight >= self.config.queue_limit:
-            return self._reject(route, 429, "queue_full",
-                                f"Too many requests in flight ({self.in_flight} >= queue limit {self.config.queue_limit}); retry later")
+        """Proxy a POST with a JSON body to the worker the policy picks, once admitted
+        (``admission.py``: per-key limits, then a slot)."""
         body = await request.body()
         try:
             parsed = _loads(body) if body else None
@@ -109,14 +125,22 @@ class Proxy:
             parsed = None  # let the worker answer its own 400
         text = self.policy.routing_key(route, parsed)
         stream = isinstance(parsed, dict) and parsed.get("stream") is True
-        return await self._send("POST", route, body, text, stream, self.policy.select)
+        refusal = self.admission.check_rate(request.headers.get("authorization"), requested_tokens(text, parsed))
+        if refusal is None:
+            refusal, waited = await self.admission.acquire(request.receive)
+            if waited or refusal is not None:
+                outcome = "admitted" if refusal is None else "cancelled" if refusal.status == 499 else "timeout"
+                self.metrics.queue_wait.labels(outcome).observe(waited)
+        if refusal is not None:
+            return self._refuse(route, refusal)
+        return await self._send("POST", route, body, text, stream, self.policy.select, slot=True)
 
     async def forward_get(self, route: str) -> Response:
         """Proxy a GET (model info and the like) to the least-loaded available worker."""
         return await self._send("GET", route, None, "", False, least_loaded)
 
     async def _send(self, method: str, route: str, body: bytes | None, text: str, stream: bool,
-                    select: Selector) -> Response:
+                    select: Selector, slot: bool = False) -> Response:
         start = time.perf_counter()
         self.in_flight += 1
         worker: Worker | None = None
@@ -125,7 +149,10 @@ class Proxy:
             self.in_flight -= 1
             if worker is not None:
                 worker.in_flight -= 1
-            self.metrics.request_duration.labels(route).observe(time.perf_counter() - start)
+            took = time.perf_counter() - start
+            if slot:
+                self.admission.release(took)
+            self.metrics.request_duration.labels(route).observe(took)
 
         releaser = _Release(release)
         try:
@@ -253,6 +280,11 @@ class Proxy:
         self.metrics.worker_failures.labels(worker.url, reason).inc()
         if counts:
             self.registry.record_failure(worker)
+
+    def _refuse(self, route: str, refusal: Refusal) -> Response:
+        self.metrics.rejected.labels(route, refusal.reason).inc()
+        self.metrics.requests.labels(route, "none", str(refusal.status)).inc()
+        return error_response(refusal.status, refusal.message, refusal.retry_after)
 
     def _reject(self, route: str, status: int, reason: str, message: str) -> Response:
         self.metrics.rejected.labels(route, reason).inc()

@@ -173,7 +173,7 @@ async def test_client_disconnect_mid_stream_releases_in_flight(workers):
 
 
 async def test_queue_limit_answers_429(workers):
-    with router(workers[0].url, queue_limit=2) as r:
+    with router(workers[0].url, queue_limit=2, max_waiting=0) as r:
         async with client() as c:
             await wait_for_workers(c, r.url, 1)
 
