@@ -1,0 +1,102 @@
+"""The precise policy's decision rule on a hand-fed KV index: the documented cost (uncached
+prompt tokens + load_tokens per request in flight), the per-worker fallback to the
+approximate tree while a worker's events are late or broken, and ``auto``'s switch."""
+
+from __future__ import annotations
+
+import pytest
+
+from radixfleet import kv_events
+from radixfleet.kv_events import Snapshot
+from radixfleet.router.circuit_breaker import CircuitBreaker
+from radixfleet.router.config import RouterConfig
+from radixfleet.router.policies.precise import PrecisePolicy, PromptKey
+from radixfleet.router.policies.registry import make_policy
+from radixfleet.router.worker import Worker
+
+PROMPT = list(range(100, 164))  # 64 tokens: 4 blocks of 16
+
+
+@pytest.fixture(scope="module")
+def tok(model_dir) -> str:
+    return model_dir  # the precise policy loads the model's tokenizer (keys here carry their ids)
+
+
+def fleet(tok: str, *loads: int, policy: str = "precise", **kw) -> tuple[PrecisePolicy, list[Worker]]:
+    ws = [Worker(f"http://w{i}:1", CircuitBreaker(2, 1.0), in_flight=n) for i, n in enumerate(loads)]
+    p = make_policy(RouterConfig(policy=policy, tokenizer_path=tok, **kw))
+    assert isinstance(p, PrecisePolicy)
+    for w in ws:
+        p.add_worker(w.url)
+    return p, ws
+
+
+def holds(p: PrecisePolicy, url: str, tokens: list[int], engine: str = "e") -> None:
+    p.index.add_worker(url)
+    p.index.on_snapshot(url, Snapshot(engine, 0, 16, kv_events.SEED, kv_events.prefix_hashes(tokens, 16)))
+
+
+def key(ids: list[int], text: str = "") -> PromptKey:
+    k = PromptKey(text or " ".join(map(str, ids)))
+    k.ids = ids
+    return k
+
+
+def test_precise_without_a_tokenizer_is_refused():
+    with pytest.raises(ValueError, match="precise needs tokenizer_path"):
+        make_policy(RouterConfig(policy="precise"))
+
+
+def test_worker_holding_the_longest_prefix_wins_and_prediction_is_set(tok):
+    p, ws = fleet(tok, 0, 0, 0)
+    for w in ws:
+        holds(p, w.url, [])
+    holds(p, ws[1].url, PROMPT[:32])
+    holds(p, ws[2].url, PROMPT[:48])
+    k = key(PROMPT + [1])
+    chosen, decision = p.select(ws, k)
+    assert chosen is ws[2] and decision == "cached" and k.predicted == 48
+    assert p.decided_by() == "precise"
+
+
+def test_cost_trades_cached_tokens_against_load(tok):
+    # w0 holds 48 of 65 tokens but serves 1 request: 17 + 256 > 65 + 0 on the idle w1.
+    p, ws = fleet(tok, 1, 0)
+    holds(p, ws[0].url, PROMPT[:48])
+    holds(p, ws[1].url, [])
+    assert p.select(ws, key(PROMPT + [1]))[0] is ws[1]
+    p2, ws2 = fleet(tok, 1, 0, load_tokens=16)  # a request in flight is worth little: follow the cache
+    holds(p2, ws2[0].url, PROMPT[:48])
+    holds(p2, ws2[1].url, [])
+    chosen, decision = p2.select(ws2, key(PROMPT + [1]))
+    assert chosen is ws2[0] and decision == "cached"
+
+
+def test_worker_out_of_sync_is_scored_by_the_approximate_tree(tok):
+    p, ws = fleet(tok, 0, 0)
+    holds(p, ws[0].url, [])
+    holds(p, ws[1].url, [])
+    text = "shared history " * 10
+    p.approx._tree_for(ws[1].url).insert(text)  # the tree saw this text go to w1
+    p.index.mark_syncing(ws[1].url)  # w1's event stream broke: not trusted until it resyncs
+    k = key(PROMPT + [1], text + "new question")
+    chosen, decision = p.select(ws, k)
+    assert chosen is ws[1] and decision == "approximate" and k.predicted is None
+    # Resynchronised, and the snapshot says w1 evicted it while w0 holds it: events win.
+    holds(p, ws[1].url, [])
+    holds(p, ws[0].url, PROMPT)
+    chosen, decision = p.select(ws, key(PROMPT + [1], text + "new question"))
+    assert chosen is ws[0] and decision == "cached"
+
+
+def test_auto_is_cache_aware_unless_every_worker_is_in_sync(tok):
+    p, ws = fleet(tok, 0, 0, policy="auto")
+    holds(p, ws[0].url, PROMPT)
+    _, decision = p.select(ws, key(PROMPT + [1]))
+    assert p.decided_by() == "cache_aware" and decision in ("hit", "miss")
+    holds(p, ws[1].url, [])
+    chosen, decision = p.select(ws, key(PROMPT + [1]))
+    assert p.decided_by() == "precise" and chosen is ws[0] and decision == "cached"
+    # A request it could not tokenize is routed by text.
+    p.select(ws, PromptKey("plain text"))
+    assert p.decided_by() == "cache_aware"
