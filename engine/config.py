@@ -11,6 +11,7 @@ from typing import Any, get_type_hints
 
 SCHEDULE_POLICIES = ("lpm", "fcfs")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -35,6 +36,12 @@ class EngineConfig:
     dtype: str = _opt("auto", "weight and activation dtype (auto: the model's on GPU; on CPU bfloat16 where "
                                       "the CPU has native bf16, AVX512_BF16 or AMX, else float32)", DTYPES)
     device: str = _opt("auto", "cpu, cuda, or auto")
+    quantization: str | None = _opt(None, "fp8: quantize linear weights to fp8 e4m3 at load (CUDA, compute "
+                                          "capability 8.9+); FP8 checkpoints are detected without it",
+                                    ("fp8",))
+    kv_cache_dtype: str = _opt("auto", "KV-cache storage: auto (the model dtype) or fp8_e4m3 (half the "
+                                       "bytes per token; CUDA, triton or flashinfer attention)",
+                               KV_CACHE_DTYPES)
     load_format: str = _opt("auto", "auto (safetensors) or dummy (random weights from the config)", ("auto", "safetensors", "dummy"))
     mem_fraction_static: float | None = _opt(None, "fraction of device memory for weights + KV cache")
     max_total_tokens: int | None = _opt(None, "KV-cache size in tokens (default: derived from memory)")
@@ -70,8 +77,9 @@ class EngineConfig:
     allowed_local_paths: tuple[str, ...] | None = _opt(
         None, "folders that update_weights_from_disk and load_lora_adapter may read, besides the "
               "model's folder, its adapters/ folder and lora_paths (anything else is refused)")
-    is_embedding: bool = _opt(False, "serve an embedding model (encode only); BERT-family models "
-                                     "always are, generation architectures cannot be")
+    is_embedding: bool = _opt(False, "serve an embedding model (encode only); BERT-family and "
+                                     "decoder-only base models (MistralModel, Qwen2Model) always are, "
+                                     "generation architectures with this flag (gte-Qwen2)")
     kv_events_port: int = _opt(0, "publish the radix cache's block changes over ZMQ PUB on this port "
                                   "(0: off; radixfleet/kv_events.py)")
     kv_events_host: str = _opt("127.0.0.1", "address the KV-event publisher binds")
@@ -83,10 +91,17 @@ class EngineConfig:
 
         for f in fields(self):
             choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
+            value = getattr(self, f.name)
+            if choices and value not in choices and not (value is None and f.default is None):
                 raise bad(f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
         if not self.model_path:
             raise bad("model_path is required")
+        if self.kv_cache_dtype != "auto" and (self.device == "cpu" or self.attention_backend == "torch_native"):
+            raise bad(f"kv_cache_dtype={self.kv_cache_dtype!r} needs CUDA and the triton or flashinfer "
+                      "attention backend; use kv_cache_dtype='auto' on CPU or with torch_native")
+        if self.quantization == "fp8" and self.device == "cpu":
+            raise bad("quantization='fp8' needs a CUDA GPU with fp8 matmuls (compute capability 8.9+); "
+                      "on CPU serve the model unquantized (an FP8 checkpoint loads without it)")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise bad(f"device must be cpu, cuda or auto, got {self.device!r}")
         if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static < 1:

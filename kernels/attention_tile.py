@@ -10,6 +10,9 @@ CAUSAL: query row i sees keys ``<= q_pos[i]`` (extend); requires MASKED.
 WINDOWED: query row i sees only keys ``> q_pos[i] - window`` (sliding window); requires
 CAUSAL. A row may then see no key of a tile, so the online softmax guards ``m = -inf``.
 SOFTCAP: the logits become ``cap * tanh(logit / cap)`` (``cap_log2``: the cap in log2 units).
+
+An fp8 cache's keys and values are converted to q's dtype as they are loaded; the caller
+folds the k scale into ``sm_scale_log2`` and multiplies its output by the v scale.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ def attend_tile(acc, l_i, m_i, q, q_pos, row, k_base, v_base, stride_kn, stride_
     else:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
+    k = k.to(q.dtype)  # no-op unless the cache is fp8
+    v = v.to(q.dtype)
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale_log2  # [M, BLOCK_N], log2 units
     if SOFTCAP:  # tanh(x) = 2 sigmoid(2x) - 1
         qk = cap_log2 * (2.0 * tl.sigmoid(2.0 * qk / cap_log2) - 1.0)

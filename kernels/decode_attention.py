@@ -15,7 +15,7 @@ soft-caps the scaled logits (``cap * tanh(s / cap)``, Gemma 2).
 
 Shapes (B requests, H query heads, KVH kv heads, D head dim, S slots, R table rows):
     q                 [B, H, D]       model dtype
-    k_buffer/v_buffer [S, KVH, D]     model dtype, last dim contiguous
+    k_buffer/v_buffer [S, KVH, D]     model dtype or fp8 e4m3 (times k_scale / v_scale), last dim contiguous
     req_to_token      [R, L] int32    (last dim contiguous)
     req_pool_indices  [B] int64, seq_lens [B] int32 (>= 1)
     out               [B, H, D]       model dtype
@@ -43,7 +43,7 @@ _NO_WINDOW = 1 << 30  # a window longer than any context
 @triton.jit
 def _decode_split_kernel(
     Q, K, V, REQ_TO_TOKEN, REQ_IDX, SEQ_LENS, MID_O, MID_LSE, OUT, SEMAPHORE,
-    sm_scale_log2, window, cap_log2,
+    sm_scale_log2, v_scale, window, cap_log2,
     stride_qb, stride_qh,
     stride_kn, stride_kh,
     stride_vn, stride_vh,
@@ -109,7 +109,7 @@ def _decode_split_kernel(
     # An empty chunk (start >= end) leaves l_i == 0: store o = 0 and lse = -inf so that
     # the merge gives it zero weight without producing NaN.
     has = l_i > 0
-    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    o = acc / tl.where(has, l_i, 1.0)[:, None] * v_scale
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
     mo = MID_O + b * stride_mob + offs_h[:, None] * stride_moh + offs_d[None, :]
     ml = MID_LSE + b * stride_mlb + offs_h * stride_mlh
@@ -187,11 +187,15 @@ def decode_attention(
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
     window: int | None = None,
     logit_cap: float | None = None,
 ) -> torch.Tensor:
     """Attention of ``q`` [B, H, D] over each request's cached context → [B, H, D]
     (its last ``window`` tokens with a sliding window).
+
+    An fp8 cache holds ``k / k_scale`` and ``v / v_scale`` (``kernels/kv_store.py``).
 
     ``mid_o``/``mid_lse``/``semaphore`` may be passed in (shapes in the module docstring) to
     reuse scratch across layers; ``num_kv_splits`` defaults to :func:`choose_num_kv_splits`; ``block_n``
@@ -222,7 +226,8 @@ def decode_attention(
 
     _decode_split_kernel[(B, KVH, splits)](
         q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, mid_o, mid_lse, out,
-        semaphore, scale * _LOG2E, window or _NO_WINDOW, (logit_cap or 0.0) * _LOG2E,
+        semaphore, scale * k_scale * _LOG2E, v_scale, window or _NO_WINDOW,
+        (logit_cap or 0.0) * _LOG2E,
         q.stride(0), q.stride(1),
         k_buffer.stride(0), k_buffer.stride(1),
         v_buffer.stride(0), v_buffer.stride(1),

@@ -15,7 +15,7 @@ request's queries for one query head, flash-attention style (online softmax, fp3
 
 Shapes (T packed new tokens, B requests, H query heads, KVH kv heads, D head dim):
     q                 [T, H, D]      model dtype, requests packed back to back
-    k_buffer/v_buffer [S, KVH, D]    model dtype, last dim contiguous
+    k_buffer/v_buffer [S, KVH, D]    model dtype or fp8 e4m3 (times k_scale / v_scale), last dim contiguous
     req_to_token      [R, L] int32   (last dim contiguous)
     req_pool_indices  [B] int64
     q_start           [B] int32      offset of each request's first new token in q
@@ -39,7 +39,7 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _extend_kernel(
     Q, K, V, OUT, REQ_TO_TOKEN, REQ_IDX, Q_START, PREFIX_LENS, EXTEND_LENS,
-    sm_scale_log2, window, cap_log2,
+    sm_scale_log2, v_scale, window, cap_log2,
     stride_qt, stride_qh,
     stride_kn, stride_kh,
     stride_vn, stride_vh,
@@ -99,7 +99,7 @@ def _extend_kernel(
                                     window, cap_log2, BLOCK_N, True, True, HEAD_DIM == BLOCK_D,
                                     PRECISION, WINDOWED, SOFTCAP)
 
-    o = acc / l_i[:, None]
+    o = acc / l_i[:, None] * v_scale
     tl.store(OUT + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
              o.to(OUT.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
@@ -136,6 +136,8 @@ def extend_attention(
     *,
     out: torch.Tensor | None = None,
     config: tuple[int, int, int, int] | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
     window: int | None = None,
     logit_cap: float | None = None,
 ) -> torch.Tensor:
@@ -161,7 +163,7 @@ def extend_attention(
     _extend_kernel[grid](
         q, k_buffer, v_buffer, out, req_to_token, req_pool_indices, q_start, prefix_lens,
         extend_lens,
-        scale * _LOG2E, window or 0, (logit_cap or 0.0) * _LOG2E,
+        scale * k_scale * _LOG2E, v_scale, window or 0, (logit_cap or 0.0) * _LOG2E,
         q.stride(0), q.stride(1),
         k_buffer.stride(0), k_buffer.stride(1),
         v_buffer.stride(0), v_buffer.stride(1),

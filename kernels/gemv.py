@@ -138,17 +138,16 @@ def _rows_config(n: int, k: int, prologue: int, fp8: bool = False) -> tuple[int,
     """(BLOCK_N, warps, programs per SM) for the whole-row kernel. From the sweep on an H200 at
     the Llama-3.1-8B shapes (kernels/NOTES.md): two rows per block, persistent programs, 8
     per SM at K <= 8192 and one at K = 16384 (the row block fills the registers). fp8
-    weights: twice the rows per block, the same bytes in flight. Table keys for fp8 weights
-    end in ",fp8"."""
+    weights: the same blocks (registers hold elements, whatever their width). Table keys for
+    fp8 weights end in ",fp8"."""
     if ROWS_OVERRIDE is not None:
         return ROWS_OVERRIDE
     tuned = ROWS_TABLE.get(f"{n},{k},{prologue}" + (",fp8" if fp8 else ""))
     if tuned is not None:
         return tuple(tuned)
-    rows = 4 if fp8 else 2
     if triton.next_power_of_2(k) >= 16384:
-        return (rows, 8, 1)
-    return (rows, 4, 8)
+        return (2, 8, 1)
+    return (2, 4, 8)
 
 
 @triton.jit

@@ -21,7 +21,7 @@ def to_cache(x, inv_scale, QUANT: tl.constexpr):
     """``x`` as the cache stores it: with QUANT (an fp8 cache), fp32 ``x * inv_scale``
     clamped to the e4m3 range (the caller's store rounds it to fp8)."""
     if QUANT:
-        return tl.clamp(x.to(tl.float32) * inv_scale, -448.0, 448.0)
+        x = tl.clamp(x.to(tl.float32) * inv_scale, -448.0, 448.0)
     return x
 
 

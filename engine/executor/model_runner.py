@@ -4,6 +4,7 @@ beyond token ids and slot indices it hands over."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -16,7 +17,14 @@ from radixfleet.engine.attention.registry import default_backend, get_backend_cl
 from radixfleet.engine.config import ConfigError, EngineConfig
 from radixfleet.engine.executor.cpu_dtype import default_cpu_dtype
 from radixfleet.engine.executor.forward_batch import ForwardBatch, ForwardMode
+from radixfleet.engine.executor.quantization import (
+    randomize,
+    resolve_kv_cache_dtype,
+    resolve_weight_quantization,
+    split_checkpoint,
+)
 from radixfleet.engine.layers import distributed as dist
+from radixfleet.engine.layers import fp8
 from radixfleet.engine.layers.linear import prepack_cpu_weights
 from radixfleet.engine.memory.allocator import TokenSlotAllocator
 from radixfleet.engine.memory.kv_pool import KVPool
@@ -81,23 +89,15 @@ def iter_safetensors(model_path: str):
 
 
 def build_model(cls: type[torch.nn.Module], model_config: ModelConfig, device: torch.device,
-                dtype: torch.dtype) -> torch.nn.Module:
-    """``cls(model_config)`` with its parameters created in ``dtype`` on ``device``."""
+                dtype: torch.dtype, fp8_weights: bool = False) -> torch.nn.Module:
+    """``cls(model_config)`` with its parameters created in ``dtype`` on ``device`` (the linear
+    layers' weights in fp8 with ``fp8_weights``: ``layers/fp8.py``)."""
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device):
+        with torch.device(device), fp8.fp8_weights() if fp8_weights else contextlib.nullcontext():
             return cls(model_config)
     finally:
         torch.set_default_dtype(torch.float32)
-
-
-def randomize(model: torch.nn.Module) -> None:
-    """``load_format="dummy"``: N(0, 0.02) weights, norm scales 1."""
-    for name, p in model.named_parameters():
-        if name.endswith("norm.weight"):
-            p.data.fill_(1.0)
-        else:
-            p.data.normal_(0, 0.02)
 
 
 class ModelRunner:
@@ -112,6 +112,10 @@ class ModelRunner:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.dtype = resolve_dtype(config.dtype, self.model_config, self.device, default_cpu_dtype())
         self.context_len = config.context_length or self.model_config.max_position_embeddings
+        self.backend_name = config.attention_backend or default_backend(self.device.type)
+        self.kv_dtype = resolve_kv_cache_dtype(config, self.device, self.backend_name, self.dtype)
+        self.quant, self.fp8_compute = resolve_weight_quantization(config, self.model_config, self.device)
+        self.kv_scales: dict[str, dict[int, float]] = {}
         self.model = self._load_model(model_path)
         self.lora = None
         if config.enable_lora:
@@ -121,7 +125,7 @@ class ModelRunner:
             for name, path in parse_lora_paths(config.lora_paths).items():
                 self.lora.load(name, path)
         self._init_memory()
-        backend_name = config.attention_backend or default_backend(self.device.type)
+        backend_name = self.backend_name
         cfg = self.model_config
         self.attn_backend = get_backend_class(backend_name)(
             self.kv_pool, self.model.layers[0].self_attn.num_heads,
@@ -143,7 +147,7 @@ class ModelRunner:
     # ---- loading ---------------------------------------------------------------------
     def _load_model(self, model_path: str) -> torch.nn.Module:
         model = build_model(get_model_class(self.model_config.architecture), self.model_config,
-                            self.device, self.dtype)
+                            self.device, self.dtype, fp8_weights=self.quant is not None)
         if self.config.load_format == "dummy":
             randomize(model)
             self._prepack(model)
@@ -158,7 +162,11 @@ class ModelRunner:
     def load_weights(self, path: str, model: torch.nn.Module | None = None) -> None:
         """Copy the safetensors of folder ``path`` into the model's parameters (in place)."""
         model = model if model is not None else self.model
-        model.load_weights(iter_safetensors(path))
+        model.load_weights(split_checkpoint(iter_safetensors(path), self.kv_scales))
+        if self.quant is not None:
+            fp8.check_loaded(model)
+            if not self.fp8_compute:
+                fp8.dequantize_model_(model, self.dtype)
         self._prepack(model)
 
     def _prepack(self, model: torch.nn.Module) -> None:
@@ -174,7 +182,7 @@ class ModelRunner:
     def _init_memory(self) -> None:
         cfg = self.model_config
         attn = self.model.layers[0].self_attn
-        per_token = KVPool.bytes_per_token(cfg.num_layers, attn.num_kv_heads, cfg.head_dim, self.dtype)
+        per_token = KVPool.bytes_per_token(cfg.num_layers, attn.num_kv_heads, cfg.head_dim, self.kv_dtype)
         if self.config.max_total_tokens:
             num_tokens = self.config.max_total_tokens
         elif self.device.type == "cuda":
@@ -192,7 +200,13 @@ class ModelRunner:
         self.max_total_tokens = num_tokens - num_tokens % page
         # One extra page: page 0 is the padding page, never allocated.
         self.kv_pool = KVPool(cfg.num_layers, self.max_total_tokens + page, attn.num_kv_heads,
-                              cfg.head_dim, self.dtype, self.device)
+                              cfg.head_dim, self.kv_dtype, self.device, model_dtype=self.dtype)
+        if self.kv_pool.is_fp8:
+            self.kv_pool.set_scales(self.kv_scales.get("k", {}), self.kv_scales.get("v", {}))
+        elif self.kv_scales:
+            logger.info("the checkpoint's KV-cache scales are unused: the KV cache is %s", self.kv_dtype)
+        logger.info("KV cache: %d tokens in %s (%d bytes per token)", self.max_total_tokens,
+                    str(self.kv_dtype).removeprefix("torch."), per_token)
         self.allocator = TokenSlotAllocator(self.max_total_tokens + page, page)
         default_running = _CPU_MAX_RUNNING if self.device.type == "cpu" else 256
         self.max_running_requests = self.config.max_running_requests or default_running

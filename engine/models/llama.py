@@ -153,9 +153,12 @@ class LlamaForCausalLM(nn.Module):
             if loader is None:
                 param.data.copy_(tensor)
             else:
-                loader(param, tensor.to(param.dtype), shard_id)
+                # fp8 layers take checkpoint tensors as stored (layers/fp8.py).
+                raw = getattr(param, "raw_checkpoint_dtype", False)
+                loader(param, tensor if raw else tensor.to(param.dtype), shard_id)
             loaded.add(name)
-        missing = {n for n in params if n not in loaded and not n.startswith("lm_head")}
+        missing = {n for n in params if n not in loaded and not n.startswith("lm_head")
+                   and not getattr(params[n], "derived", False)}
         if self.config.tie_word_embeddings:
             missing.discard("lm_head.weight")
         elif "lm_head.weight" not in loaded:

@@ -343,15 +343,14 @@ def case_fused_moe() -> None:
 
 def case_fp8() -> None:
     """fp8 e4m3 KV cache and weights: the decode kernel over an fp8 cache with scales against
-    the reference over the dequantized cache; the fp8 GEMV against the dequantized weight; the
-    store into an fp8 cache within one e4m3 step (the interpreter truncates where the GPU
-    rounds, so exact rounding is checked in tests/gpu/test_fp8.py)."""
+    the reference over the dequantized cache; the fp8 GEMV against the dequantized weight.
+    Stores into an fp8 cache are checked on the GPU only (tests/gpu/test_fp8.py): the
+    interpreter's fp32 -> e4m3 conversion is not the hardware's (1.995 becomes 1.0)."""
     from _reference import attention_ref, make_paged_kv, rel_err
 
     from radixfleet.engine.layers.fp8 import FP8, dequantize, quantize_rows
     from radixfleet.kernels.decode_attention import decode_attention
     from radixfleet.kernels.gemv import gemv
-    from radixfleet.kernels.kv_store import store_kv
 
     gen = torch.Generator().manual_seed(5)
     lens, ks, vs = [1, 9, 40], 0.5, 4.0
@@ -368,13 +367,6 @@ def case_fp8() -> None:
     x = torch.randn(1, 600, generator=gen)
     torch.testing.assert_close(gemv(x, wq, w_scale=ws), x @ dequantize(wq, ws, torch.float32).T,
                                atol=1e-3, rtol=1e-4)
-    k, v = torch.randn(5, 2, 32, generator=gen), torch.randn(5, 2, 32, generator=gen)
-    k_buf, v_buf = torch.zeros(8, 2, 32, dtype=FP8), torch.zeros(8, 2, 32, dtype=FP8)
-    loc = torch.tensor([3, 1, 7, 2, 5])
-    store_kv(k, v, k_buf, v_buf, loc, k_scale=ks, v_scale=vs)
-    for buf, x, s in ((k_buf, k, ks), (v_buf, v, vs)):
-        got = buf[loc].float() * s
-        assert ((got - x).abs() <= x.abs() / 8 + 1e-3 * s).all()
 
 
 CASES = {name[len("case_"):]: fn for name, fn in globals().items() if name.startswith("case_")}
