@@ -39,9 +39,10 @@ from radixfleet.engine.managers.scoring import (
     score_result,
 )
 from radixfleet.engine.managers.tokenizer_manager import TokenizerManager
+from radixfleet.engine.models import embedding_options
 from radixfleet.engine.models.model_config import ModelConfig
 from radixfleet.engine.models.model_prep import resolve_model_path
-from radixfleet.engine.models.registry import EMBEDDING_REGISTRY, is_embedding_architecture
+from radixfleet.engine.models.registry import embedding_model_class, get_model_class
 
 logger = logging.getLogger(__name__)
 
@@ -77,13 +78,12 @@ class Engine:
                                               else self._local_folder(self.config.tokenizer_path))
         if self.config.tp_size > 1 or self.config.is_embedding:
             model = ModelConfig.from_path(self.model_path)
-            if is_embedding_architecture(model.architecture):
+            if embedding_model_class(model.architecture, self.config.is_embedding):
                 if self.config.tp_size > 1:
-                    raise ValueError(f"{model.architecture} is an embedding model: it runs on one device "
+                    raise ValueError(f"{model.architecture} as an embedding model runs on one device "
                                      "(tp_size 1)")
             elif self.config.is_embedding:
-                raise ValueError(f"is_embedding: {model.architecture} is a generation model; embedding "
-                                 f"models are {', '.join(sorted(EMBEDDING_REGISTRY))}")
+                get_model_class(model.architecture)  # ValueError naming the supported ones
             else:
                 check_tensor_parallel(self.config, model)
         self.local_paths = LocalPathPolicy.for_engine(
@@ -207,30 +207,42 @@ class Engine:
     # ---- embeddings ----------------------------------------------------------------------
     def encode(self, prompt: str | list[str] | None = None, input_ids: list[int] | list[list[int]] | None = None,
                rid: str | list[str] | None = None, dimensions: int | None = None,
-               **unsupported: Any) -> dict | list[dict]:
+               prompt_name: str | None = None, **unsupported: Any) -> dict | list[dict]:
         """Embed one input (returns ``{"embedding": [...], "meta_info": {...}}``) or a batch
-        (a list of such dicts). Needs an embedding model."""
-        reqs, is_batch = self._prepare_encode(prompt, input_ids, rid, dimensions, unsupported)
+        (a list of such dicts). Needs an embedding model. ``prompt_name``: one of the model's
+        instruction prefixes (``models/embedding_options.py``); ``dimensions``: a reduced size,
+        for models that allow it (truncated and renormalised)."""
+        reqs, is_batch, dims = self._prepare_encode(prompt, input_ids, rid, dimensions, prompt_name,
+                                                    unsupported)
         results = dict(self._tm().stream_sync(reqs))
-        return _shape([results[i] for i in range(len(results))], is_batch)
+        return _shape([self._reduced(results[i], dims) for i in range(len(results))], is_batch)
 
     async def async_encode(self, prompt: str | list[str] | None = None,
                            input_ids: list[int] | list[list[int]] | None = None,
                            rid: str | list[str] | None = None, dimensions: int | None = None,
-                           **unsupported: Any) -> dict | list[dict]:
+                           prompt_name: str | None = None, **unsupported: Any) -> dict | list[dict]:
         """Awaitable ``encode``."""
-        reqs, is_batch = self._prepare_encode(prompt, input_ids, rid, dimensions, unsupported)
+        reqs, is_batch, dims = self._prepare_encode(prompt, input_ids, rid, dimensions, prompt_name,
+                                                    unsupported)
         results = {i: out async for i, out in self._tm().stream_async(reqs)}
-        return _shape([results[i] for i in range(len(results))], is_batch)
+        return _shape([self._reduced(results[i], dims) for i in range(len(results))], is_batch)
 
-    def _prepare_encode(self, prompt, input_ids, rid, dimensions, unsupported: dict[str, Any]):
+    def _prepare_encode(self, prompt, input_ids, rid, dimensions, prompt_name, unsupported: dict[str, Any]):
         if unsupported:
             raise ValueError(f"unsupported encode argument(s): {', '.join(sorted(unsupported))}")
-        tm = self._tm()
-        if dimensions is not None and dimensions != tm.server_info.get("embedding_dim"):
-            raise ValueError(f"dimensions={dimensions}: this model has no reduced-dimension embeddings "
-                             f"(it gives {tm.server_info.get('embedding_dim')})")
-        return normalize_encode(prompt, input_ids, rid)
+        info = self._tm().server_info
+        dims = embedding_options.check_dimensions(info, dimensions)
+        if isinstance(prompt, str):
+            prompt = embedding_options.apply_prompt(info, [prompt], prompt_name)[0]
+        else:
+            prompt = embedding_options.apply_prompt(info, prompt, prompt_name)
+        return (*normalize_encode(prompt, input_ids, rid), dims)
+
+    def _reduced(self, out: dict, dims: int | None) -> dict:
+        if dims is None:
+            return out
+        normalize = bool(self._tm().server_info.get("normalize"))
+        return {**out, "embedding": embedding_options.truncate(out["embedding"], dims, normalize)}
 
     @staticmethod
     def _iter_stream(it: Iterator[tuple[int, dict]], is_batch: bool) -> Iterator[dict]:

@@ -1,4 +1,5 @@
-"""EmbeddingScheduler: the scheduler process of an embedding model.
+"""EmbeddingScheduler: the scheduler process of an embedding model (BERT encoders, and
+decoders without an LM head or with ``is_embedding``: ``models/decoder_embedding.py``).
 
 An embedding request is one bidirectional forward over its prompt and then done, so there
 is no KV cache, no radix tree and no decode: each step takes waiting requests in arrival
@@ -9,6 +10,7 @@ TokenizerManager (there is no text to detokenize).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import deque
@@ -34,8 +36,10 @@ from radixfleet.engine.managers.io_struct import (
 )
 from radixfleet.engine.managers.scheduler_io import SchedulerIO, dispatch
 from radixfleet.engine.models.bert import Pooling
+from radixfleet.engine.models.decoder_embedding import DEFAULT_POOLING, DecoderEmbeddingModel
+from radixfleet.engine.models.embedding_options import folder_options
 from radixfleet.engine.models.model_config import ModelConfig
-from radixfleet.engine.models.registry import EMBEDDING_REGISTRY
+from radixfleet.engine.models.registry import decoder_class, embedding_model_class
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +51,16 @@ class EmbeddingScheduler:
         self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
         self.context_len = min(config.context_length or self.model_config.max_position_embeddings,
                                self.model_config.max_position_embeddings)
-        self.pooling = Pooling.from_folder(model_path)
-        self.model = build_model(EMBEDDING_REGISTRY[self.model_config.architecture], self.model_config,
-                                 self.device, self.dtype)
+        arch = self.model_config.architecture
+        cls = embedding_model_class(arch, True)
+        decoder = cls is DecoderEmbeddingModel
+        if decoder:
+            cls = functools.partial(DecoderEmbeddingModel, decoder=decoder_class(arch))
+        self.pooling = Pooling.from_folder(model_path, DEFAULT_POOLING if decoder else Pooling())
+        self.options = folder_options(model_path, self.model_config.hf)
+        self.model = build_model(cls, self.model_config, self.device, self.dtype)
+        if decoder:
+            self.model.attention_backend = config.attention_backend
         if config.load_format == "dummy":
             randomize(self.model)
         else:
@@ -74,7 +85,7 @@ class EmbeddingScheduler:
         return {"is_embedding": True, "context_length": self.context_len,
                 "vocab_size": self.model_config.vocab_size, "embedding_dim": self.model_config.hidden_size,
                 "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
-                "pooling": self.pooling.mode, "normalize": self.pooling.normalize,
+                "pooling": self.pooling.mode, "normalize": self.pooling.normalize, **self.options,
                 "max_total_tokens": 0, "max_running_requests": 0, "eos_token_ids": []}
 
     def internal_state(self) -> dict:

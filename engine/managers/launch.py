@@ -160,12 +160,12 @@ def _exit_stopped() -> None:
 def _run_scheduler(config, model_path, ipc_names, rank: int = 0, local_rank: int = 0,
                    init_method: str | None = None) -> None:
     from radixfleet.engine.models.model_config import ModelConfig
-    from radixfleet.engine.models.registry import is_embedding_architecture
+    from radixfleet.engine.models.registry import embedding_model_class
 
     def build():
         from radixfleet.engine.managers.scheduler_io import ZmqSchedulerIO
 
-        if is_embedding_architecture(ModelConfig.from_path(model_path).architecture):
+        if embedding_model_class(ModelConfig.from_path(model_path).architecture, config.is_embedding):
             from radixfleet.engine.managers.embedding_scheduler import EmbeddingScheduler
 
             scheduler = EmbeddingScheduler(config, model_path, ZmqSchedulerIO(ipc_names, detokenizer=False))

@@ -31,10 +31,11 @@ class Pooling:
     normalize: bool = True
 
     @classmethod
-    def from_folder(cls, folder: str) -> Pooling:
+    def from_folder(cls, folder: str, default: Pooling | None = None) -> Pooling:
+        """What the folder's sentence-transformers files say; ``default`` (CLS + L2) without them."""
         modules_path = os.path.join(folder, "modules.json")
         if not os.path.isfile(modules_path):
-            return cls()
+            return default or cls()
         with open(modules_path) as f:
             modules = json.load(f)
         mode, normalize = "cls", False

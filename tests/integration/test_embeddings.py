@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import struct
 
 import httpx
@@ -115,9 +116,13 @@ def test_generate_on_an_embedding_engine_is_refused(engine):
         engine.generate("Hello", {"max_new_tokens": 4})
 
 
-def test_is_embedding_on_a_generation_model_is_refused(model_dir):
-    with pytest.raises(ValueError, match="is_embedding: LlamaForCausalLM is a generation model"):
-        Engine(model_path=model_dir, is_embedding=True)
+def test_is_embedding_on_an_unsupported_architecture_is_refused(tmp_path):
+    """(Supported decoders serve embeddings with is_embedding: test_decoder_embeddings.py.)"""
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["GPT2LMHeadModel"], "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 1, "num_attention_heads": 2}))
+    with pytest.raises(ValueError, match="unsupported architecture 'GPT2LMHeadModel'"):
+        Engine(model_path=str(tmp_path), is_embedding=True)
 
 
 # ---- HTTP ---------------------------------------------------------------------------------------
