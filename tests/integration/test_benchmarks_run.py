@@ -102,6 +102,16 @@ def check_moe_kernel(lines: list[dict]) -> None:
         assert lines == [{"bench": "moe_kernel", "skipped": "needs CUDA: no CUDA GPU visible to torch"}]
 
 
+def check_routing_quality(lines: list[dict]) -> None:
+    overhead, setup, *runs = lines
+    assert overhead["bench"] == "publisher_overhead" and has(overhead, "events_off_us", "events_on_no_subscriber_us")
+    assert setup["bench"] == "setup" and setup["sglang_router"] is False
+    assert [(r["router"], r["replicas"], r["requests"]) for r in runs] == [
+        ("radixfleet_precise", 1, 4), ("radixfleet_round_robin", 1, 4)]
+    assert all(has(r, "cached_token_ratio", "ttft_p50_s", "ttft_p90_s", "req_per_s", "follow_up_affinity") for r in runs)
+    assert sum(runs[0]["predictions"].values()) == 4
+
+
 # script: (its smallest workload, what its JSON lines must say)
 CASES: dict[str, tuple[list[str], Callable[[list[dict]], None]]] = {
     "offline_throughput.py": (["--num-prompts", "2", "--random-input-len", "8", "--random-output-len", "4"],
@@ -115,6 +125,10 @@ CASES: dict[str, tuple[list[str], Callable[[list[dict]], None]]] = {
     "moe_kernel.py": (["--tokens", "1", "--experts", "8", "--top-k", "2", "--hidden", "64", "--inter", "32"],
                       check_moe_kernel),
     # Not tiny: this run is the CI soak (~45 s; the documented full run is 2000 requests).
+    # 3 engines (~20 s to start on 2 cores), 2 tenants x 2 turns per router.
+    "routing_quality.py": (["--tenants", "2", "--turns", "2", "--context-words", "20", "--policies", "precise",
+                            "round_robin", "--replicas", "1", "--skip-sglang", "--publisher-overhead"],
+                           check_routing_quality),
     "soak.py": (["--requests", "300"], check_soak),
 }
 NEEDS_SERVER = {"serving.py"}
