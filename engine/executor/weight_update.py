@@ -47,10 +47,28 @@ def incompatibility(current: ModelConfig, path: str) -> str | None:
     return None
 
 
+def _quantization_mismatch(runner: ModelRunner, path: str) -> str | None:
+    """Why ``path``'s weight format cannot go into the running layers. fp8 layers take bf16
+    (quantized as they load) and FP8 folders; plain layers take only plain folders (an FP8
+    folder's weights would arrive without their scales)."""
+    from radixfleet.engine.models.quant_config import resolve_quantization
+
+    try:
+        spec = resolve_quantization(None, ModelConfig.from_path(path).hf)
+    except ValueError as e:
+        return str(e)
+    if spec is not None and spec.prequantized and not runner.fp8_compute:
+        return (f"{path!r} is an FP8 checkpoint, which this engine dequantized at start (no fp8 "
+                "matmuls here): restart the engine on the new folder instead")
+    return None
+
+
 def update_from_disk(runner: ModelRunner, path: str, previous: str | None) -> tuple[bool, str]:
     """Load ``path`` into ``runner``; on failure restore ``previous`` (None: random weights,
     which cannot be restored). Returns (success, message)."""
     reason = incompatibility(runner.model_config, path)
+    if reason is None:
+        reason = _quantization_mismatch(runner, path)
     if reason is not None:
         return False, reason
     try:

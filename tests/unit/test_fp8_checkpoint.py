@@ -187,3 +187,15 @@ def test_missing_weight_scale_in_checkpoint_is_named(tmp_path):
     save_file(tensors, str(tmp_path / "fp8" / "model.safetensors"))
     with pytest.raises(ValueError, match=r"layers\.1\.mlp\.down_proj\.weight has no weight_scale"):
         cpu_runner(str(tmp_path / "fp8"))
+
+
+def test_weight_update_from_an_fp8_folder_is_refused_where_weights_were_dequantized(tmp_path):
+    """On CPU an FP8 checkpoint is dequantized at start, so a later FP8 folder would load
+    without its scales: the update is refused and the weights stay as they were."""
+    src = make_tiny_model("llama3", str(tmp_path / "src"))
+    export_fp8(src, str(tmp_path / "fp8"))
+    runner = cpu_runner(src)
+    before = runner.model.layers[0].mlp.down_proj.weight.clone()
+    ok, message = runner.update_weights(str(tmp_path / "fp8"), src)
+    assert not ok and "FP8 checkpoint" in message
+    assert torch.equal(runner.model.layers[0].mlp.down_proj.weight, before)
