@@ -46,10 +46,10 @@ def _route_align_kernel(LOGITS, WEIGHTS, IDS, SORTED, EXPERT_IDS, NUM_POST, RUN,
                         E: tl.constexpr, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr,
                         NUM_BINS: tl.constexpr, ROUTE: tl.constexpr, RENORMALIZE: tl.constexpr,
                         K_POW2: tl.constexpr, TOKENS: tl.constexpr, CHUNK: tl.constexpr,
-                        BLOCKS: tl.constexpr, USE_PDL: tl.constexpr):
-    """One program. ROUTE: first fill WEIGHTS/IDS [T, TOP_K] from LOGITS [T, E]. Then sort
-    the T*TOP_K pairs of IDS by expert into SORTED (stable), EXPERT_IDS per block, NUM_POST.
-    RUN: int32 scratch of NUM_BINS (>= E + 1; bin E collects masked lanes)."""
+                        BLOCKS: tl.constexpr, ALIGN: tl.constexpr, USE_PDL: tl.constexpr):
+    """One program. ROUTE: first fill WEIGHTS/IDS [T, TOP_K] from LOGITS [T, E]. ALIGN: then
+    sort the T*TOP_K pairs of IDS by expert into SORTED (stable), EXPERT_IDS per block,
+    NUM_POST. RUN: int32 scratch of NUM_BINS (>= E + 1; bin E collects masked lanes)."""
     pdl_start(USE_PDL)
     n = T * TOP_K
     if ROUTE:
@@ -77,36 +77,37 @@ def _route_align_kernel(LOGITS, WEIGHTS, IDS, SORTED, EXPERT_IDS, NUM_POST, RUN,
             tl.store(WEIGHTS + rows[:, None] * TOP_K + picks[None, :], w, mask=out)
         tl.debug_barrier()
 
-    bins = tl.arange(0, NUM_BINS)
-    lanes = tl.arange(0, CHUNK)
-    counts = tl.zeros([NUM_BINS], dtype=tl.int32)
-    for s in range(0, n, CHUNK):
-        e = tl.load(IDS + s + lanes, mask=s + lanes < n, other=E).to(tl.int32)
-        counts += tl.histogram(e, NUM_BINS)
-    counts = tl.where(bins < E, counts, 0)
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    end = tl.cumsum(padded, 0)
-    run = end - padded  # next free row of each expert
-    tl.store(NUM_POST, tl.sum(padded, 0))
-    # Block -> expert: the number of experts whose run ends at or before the block's start.
-    for b0 in range(0, max_padded // BLOCK_M, BLOCKS):
-        blocks = b0 + tl.arange(0, BLOCKS)
-        before = (end[None, :] <= blocks[:, None] * BLOCK_M) & (bins[None, :] < E)
-        expert = tl.minimum(tl.sum(before.to(tl.int32), axis=1), E - 1)
-        tl.store(EXPERT_IDS + blocks, expert, mask=blocks < max_padded // BLOCK_M)
-    for s in range(0, max_padded, CHUNK):
-        tl.store(SORTED + s + lanes, n, mask=s + lanes < max_padded)
-    for s in range(0, n, CHUNK):
-        tl.store(RUN + bins, run)
-        tl.debug_barrier()
-        ok = s + lanes < n
-        e = tl.load(IDS + s + lanes, mask=ok, other=E).to(tl.int32)
-        # rank among the earlier lanes of this chunk with the same expert (keeps pair order)
-        same = (e[:, None] == e[None, :]) & (lanes[None, :] < lanes[:, None])
-        dest = tl.load(RUN + e) + tl.sum(same.to(tl.int32), axis=1)
-        tl.store(SORTED + dest, s + lanes, mask=ok)
-        run += tl.histogram(e, NUM_BINS)
-        tl.debug_barrier()
+    if ALIGN:
+        bins = tl.arange(0, NUM_BINS)
+        lanes = tl.arange(0, CHUNK)
+        counts = tl.zeros([NUM_BINS], dtype=tl.int32)
+        for s in range(0, n, CHUNK):
+            e = tl.load(IDS + s + lanes, mask=s + lanes < n, other=E).to(tl.int32)
+            counts += tl.histogram(e, NUM_BINS)
+        counts = tl.where(bins < E, counts, 0)
+        padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        end = tl.cumsum(padded, 0)
+        run = end - padded  # next free row of each expert
+        tl.store(NUM_POST, tl.sum(padded, 0))
+        # Block -> expert: the number of experts whose run ends at or before the block's start.
+        for b0 in range(0, max_padded // BLOCK_M, BLOCKS):
+            blocks = b0 + tl.arange(0, BLOCKS)
+            before = (end[None, :] <= blocks[:, None] * BLOCK_M) & (bins[None, :] < E)
+            expert = tl.minimum(tl.sum(before.to(tl.int32), axis=1), E - 1)
+            tl.store(EXPERT_IDS + blocks, expert, mask=blocks < max_padded // BLOCK_M)
+        for s in range(0, max_padded, CHUNK):
+            tl.store(SORTED + s + lanes, n, mask=s + lanes < max_padded)
+        for s in range(0, n, CHUNK):
+            tl.store(RUN + bins, run)
+            tl.debug_barrier()
+            ok = s + lanes < n
+            e = tl.load(IDS + s + lanes, mask=ok, other=E).to(tl.int32)
+            # rank among the earlier lanes of this chunk with the same expert (keeps pair order)
+            same = (e[:, None] == e[None, :]) & (lanes[None, :] < lanes[:, None])
+            dest = tl.load(RUN + e) + tl.sum(same.to(tl.int32), axis=1)
+            tl.store(SORTED + dest, s + lanes, mask=ok)
+            run += tl.histogram(e, NUM_BINS)
+            tl.debug_barrier()
 
 
 @triton.jit
@@ -115,10 +116,13 @@ def _moe_gemm_kernel(A, B, C, WEIGHTS, SORTED, EXPERT_IDS, NUM_POST,
                      stride_am, stride_be, stride_bn, stride_bk, stride_cm,
                      A_ROW_DIV: tl.constexpr, MUL_WEIGHT: tl.constexpr, SILU_MUL_A: tl.constexpr,
                      PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, USE_PDL: tl.constexpr):
+                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, DIRECT: tl.constexpr,
+                     USE_PDL: tl.constexpr):
     """C[p, :N] = A[p // A_ROW_DIV, :K] @ B[expert(p)].T (× WEIGHTS[p]) for the pairs p of
     each BLOCK_M-row block of SORTED. B: [E, N, K]. SILU_MUL_A: A holds [gate | up] of width
-    2K and the operand is silu(gate) * up, rounded as ``kernels/activation.py`` rounds it."""
+    2K and the operand is silu(gate) * up, rounded as ``kernels/activation.py`` rounds it.
+    DIRECT (one token: its k experts are distinct): block p is pair p alone, EXPERT_IDS the
+    routing's ids, no sorted layout."""
     pdl_start(USE_PDL)
     pid = tl.program_id(0)
     num_m = tl.cdiv(max_padded, BLOCK_M)
@@ -129,10 +133,12 @@ def _moe_gemm_kernel(A, B, C, WEIGHTS, SORTED, EXPERT_IDS, NUM_POST,
     size_m = tl.minimum(num_m - first_m, GROUP_M)
     pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
     pid_n = (pid % (GROUP_M * num_n)) // size_m
-    if pid_m * BLOCK_M >= tl.load(NUM_POST):
-        return
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pairs = tl.load(SORTED + rows)
+    if DIRECT:
+        pairs = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_pairs)
+    else:
+        if pid_m * BLOCK_M >= tl.load(NUM_POST):
+            return
+        pairs = tl.load(SORTED + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     valid = pairs < num_pairs
     expert = tl.load(EXPERT_IDS + pid_m).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -163,42 +169,48 @@ def max_padded_rows(pairs: int, num_experts: int, block_m: int) -> int:
     return pairs + min(pairs, num_experts) * (block_m - 1)
 
 
-def moe_align(ids: torch.Tensor, num_experts: int, block_m: int,
-              logits: torch.Tensor | None = None, renormalize: bool = False,
-              weights: torch.Tensor | None = None):
-    """``ids`` [T, k] (or, with ``logits`` [T, E], the empty tensor the routing fills, and
-    ``weights`` [T, k] fp32 likewise) → ``(sorted [max_padded] int32, expert_ids
-    [max_padded / block_m] int32, num_post [1] int32)``."""
-    pairs = ids.numel()
+def _route_align(ids: torch.Tensor, num_experts: int, block_m: int, logits: torch.Tensor | None = None,
+                 weights: torch.Tensor | None = None, renormalize: bool = False, align: bool = True):
+    """One launch of ``_route_align_kernel``: with ``logits``, fill ``ids``/``weights`` [T, k]
+    from them; with ``align``, return the sorted layout (else None)."""
+    pairs, dev = ids.numel(), ids.device
     max_padded = triton.cdiv(max_padded_rows(pairs, num_experts, block_m), block_m) * block_m
-    dev = ids.device
-    sorted_ids = torch.empty(max_padded, dtype=torch.int32, device=dev)
-    expert_ids = torch.empty(max_padded // block_m, dtype=torch.int32, device=dev)
-    num_post = torch.empty(1, dtype=torch.int32, device=dev)
-    if pairs <= ALIGN_MAX_PAIRS or logits is not None:
-        bins = triton.next_power_of_2(num_experts + 1)
-        run = torch.empty(bins, dtype=torch.int32, device=dev)
-        route = logits is not None
-        _route_align_kernel[(1,)](
-            logits if route else ids, weights if route else ids, ids, sorted_ids, expert_ids, num_post, run,
-            ids.shape[0], logits.stride(0) if route else 0, max_padded,
-            E=num_experts, TOP_K=ids.shape[1], BLOCK_M=block_m, NUM_BINS=bins, ROUTE=route,
-            RENORMALIZE=renormalize, K_POW2=triton.next_power_of_2(ids.shape[1]),
-            TOKENS=max(1, min(32, 4096 // bins)), CHUNK=_CHUNK, BLOCKS=max(16, 4096 // bins),
-            USE_PDL=use_pdl(ids), launch_pdl=use_pdl(ids), num_warps=4)
-        return sorted_ids, expert_ids, num_post
-    flat = ids.reshape(-1)
+    bins = triton.next_power_of_2(num_experts + 1)
+    run = torch.empty(bins, dtype=torch.int32, device=dev)
+    layout = (torch.empty(max_padded, dtype=torch.int32, device=dev),
+              torch.empty(max_padded // block_m, dtype=torch.int32, device=dev),
+              torch.empty(1, dtype=torch.int32, device=dev)) if align else (run, run, run)
+    route = logits is not None
+    pdl = use_pdl(ids)
+    _route_align_kernel[(1,)](
+        logits if route else ids, weights if route else run, ids, *layout, run,
+        ids.shape[0], logits.stride(0) if route else 0, max_padded,
+        E=num_experts, TOP_K=ids.shape[1], BLOCK_M=block_m, NUM_BINS=bins, ROUTE=route,
+        RENORMALIZE=renormalize, K_POW2=triton.next_power_of_2(ids.shape[1]),
+        TOKENS=max(1, min(32, 4096 // bins)), CHUNK=_CHUNK, BLOCKS=max(16, 4096 // bins),
+        ALIGN=align, USE_PDL=pdl, launch_pdl=pdl, num_warps=4)
+    return layout if align else None
+
+
+def moe_align(ids: torch.Tensor, num_experts: int, block_m: int):
+    """``ids`` [T, k] → ``(sorted [max_padded] int32, expert_ids [max_padded / block_m] int32,
+    num_post [1] int32)``: the single-program kernel up to ``ALIGN_MAX_PAIRS`` pairs, else
+    torch ops (neither syncs with the host)."""
+    pairs, dev = ids.numel(), ids.device
+    if pairs <= ALIGN_MAX_PAIRS:
+        return _route_align(ids, num_experts, block_m)
+    max_padded = triton.cdiv(max_padded_rows(pairs, num_experts, block_m), block_m) * block_m
+    flat = ids.reshape(-1).long()
     counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
     end = padded.cumsum(0)
     expert_of, order = flat.sort(stable=True)
     rank = torch.arange(pairs, device=dev) - (counts.cumsum(0) - counts)[expert_of]
-    sorted_ids.fill_(pairs)
+    sorted_ids = torch.full((max_padded,), pairs, dtype=torch.int32, device=dev)
     sorted_ids[(end - padded)[expert_of] + rank] = order.to(torch.int32)
     starts = torch.arange(0, max_padded, block_m, device=dev)
-    expert_ids.copy_(torch.searchsorted(end, starts, right=True).clamp_(max=num_experts - 1))
-    num_post.copy_(end[-1:])
-    return sorted_ids, expert_ids, num_post
+    expert_ids = torch.searchsorted(end, starts, right=True).clamp_(max=num_experts - 1).to(torch.int32)
+    return sorted_ids, expert_ids, end[-1:].to(torch.int32)
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) by the most tokens they serve.
@@ -230,18 +242,21 @@ def moe_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, sorted_ids, ex
              a_row_div: int, config: tuple[int, ...], weights: torch.Tensor | None = None,
              silu_mul_a: bool = False) -> torch.Tensor:
     """``out[p] = a[p // a_row_div] @ b[expert(p)].T`` (× ``weights[p]``) for every pair;
-    with ``silu_mul_a``, ``a`` is ``[gate | up]`` and ``silu(gate) * up`` is multiplied."""
+    with ``silu_mul_a``, ``a`` is ``[gate | up]`` and ``silu(gate) * up`` is multiplied.
+    ``sorted_ids`` None: direct mode, ``expert_ids`` holds each pair's expert."""
     bm, bn, bk, gm, warps, stages = config
     n, k = b.shape[1], b.shape[2]
     pdl = use_pdl(a)
-    max_padded = sorted_ids.numel()
+    direct = sorted_ids is None
+    max_padded = out.shape[0] * bm if direct else sorted_ids.numel()
     grid = (triton.cdiv(max_padded, bm) * triton.cdiv(n, bn),)
     _moe_gemm_kernel[grid](
-        a, b, out, weights if weights is not None else a, sorted_ids, expert_ids, num_post,
+        a, b, out, weights if weights is not None else a, expert_ids if direct else sorted_ids, expert_ids,
+        expert_ids if direct else num_post,
         n, k, out.shape[0], max_padded, a.stride(0), b.stride(0), b.stride(1), b.stride(2), out.stride(0),
         A_ROW_DIV=a_row_div, MUL_WEIGHT=weights is not None, SILU_MUL_A=silu_mul_a,
-        PRECISION=dot_precision(a.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm,
-        USE_PDL=pdl, launch_pdl=pdl, num_warps=warps, num_stages=stages)
+        PRECISION=dot_precision(a.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=1 if direct else gm,
+        DIRECT=direct, USE_PDL=pdl, launch_pdl=pdl, num_warps=warps, num_stages=stages)
     return out
 
 
@@ -258,7 +273,10 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
     if T == 0:
         return out
     config = config or moe_config(T, E, two_i, H)
-    sorted_ids, expert_ids, num_post = aligned or moe_align(ids, E, config[0])
+    if T == 1:  # batch-1 decode: one block per chosen expert, no sorting
+        sorted_ids, expert_ids, num_post = None, ids.reshape(-1), None
+    else:
+        sorted_ids, expert_ids, num_post = aligned or moe_align(ids, E, config[0])
     gate_up = torch.empty(T * k, two_i, dtype=x.dtype, device=x.device)
     moe_gemm(x, w13, gate_up, sorted_ids, expert_ids, num_post, k, config)
     down = torch.empty(T * k, H, dtype=x.dtype, device=x.device)
@@ -268,14 +286,15 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
 
 
 def route_and_align(logits: torch.Tensor, top_k: int, renormalize: bool, two_i: int, hidden: int):
-    """Decode-sized routing in the align kernel (one launch): ``logits`` [T, E] →
-    ``(weights [T, k] fp32, ids [T, k] int32, config, aligned)`` for ``fused_moe``, or None
-    when ``T * k`` exceeds ``ALIGN_MAX_PAIRS`` (route with torch and call ``fused_moe``)."""
+    """Decode-sized routing (softmax, top-k, renormalise) in the align kernel, one launch:
+    ``logits`` [T, E] → ``(weights [T, k] fp32, ids [T, k] int32, config, aligned)`` for
+    ``fused_moe`` (``aligned`` None for one token, which needs no layout), or None when
+    ``T * k`` exceeds ``ALIGN_MAX_PAIRS`` (route with torch and call ``fused_moe``)."""
     T, E = logits.shape
     if T * top_k > ALIGN_MAX_PAIRS:
         return None
     config = moe_config(T, E, two_i, hidden)
     ids = torch.empty(T, top_k, dtype=torch.int32, device=logits.device)
     weights = torch.empty(T, top_k, dtype=torch.float32, device=logits.device)
-    aligned = moe_align(ids, E, config[0], logits=logits, renormalize=renormalize, weights=weights)
+    aligned = _route_align(ids, E, config[0], logits, weights, renormalize, align=T > 1)
     return weights, ids, config, aligned
