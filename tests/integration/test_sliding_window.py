@@ -2,7 +2,9 @@
 Mistral with ``sliding_window`` 8, Gemma 2 (alternating windows, soft caps) and Gemma 3
 (windows, local RoPE base). Prompts and generations run far past the window; every greedy
 token equals transformers' and every logprob is within 1e-4: alone, batched, reusing a
-radix-cached prefix, and with prefill chunks of 5 tokens (chunk boundaries inside windows)."""
+radix-cached prefix, and with prefill chunks of 5 tokens (chunk boundaries inside windows).
+Also over 2 tensor-parallel ranks (gloo), and Gemma with a LoRA adapter on every projection
+against peft's merged model."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import functools
 
 import pytest
 import torch
-from helpers import make_tiny_model
+from helpers import make_adapter, make_tiny_model
 
 from radixfleet.engine.engine import Engine
 
@@ -74,3 +76,30 @@ def test_chunked_prefill_across_windows(folder):
                 chunked_prefill_size=5, disable_radix_cache=True) as engine:
         for prompt, out in zip(PROMPTS, run(engine, PROMPTS), strict=True):
             check(folder, prompt, out)
+
+
+def test_tensor_parallel_2_ranks(folder):
+    with Engine(model_path=folder, tp_size=2, max_total_tokens=2048, skip_tokenizer_init=True,
+                chunked_prefill_size=16) as engine:
+        for prompt, out in zip(PROMPTS[1:], run(engine, PROMPTS[1:]), strict=True):
+            check(folder, prompt, out)
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_gemma_lora_matches_the_merged_model(arch, tmp_path):
+    pytest.importorskip("peft")
+    folder = make_tiny_model(arch, str(tmp_path / arch))
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    merged = make_adapter(folder, str(tmp_path / arch / "adapters" / "a"), 1, targets, 8)
+    prompt = PROMPTS[2]
+    with torch.no_grad():
+        full = merged.generate(torch.tensor([prompt]), max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+        lp = torch.log_softmax(merged(full).logits[0], -1)[len(prompt) - 1:-1]
+    ref = full[0, len(prompt):]
+    with Engine(model_path=folder, lora_paths=[f"a={tmp_path / arch / 'adapters' / 'a'}"],
+                max_total_tokens=2048, skip_tokenizer_init=True) as engine:
+        out = engine.generate(input_ids=[prompt], sampling_params=PARAMS, lora_path=["a"],
+                              return_logprob=True)[0]
+    assert out["output_ids"] == ref.tolist()
+    got = torch.tensor([v for v, _, _ in out["meta_info"]["output_token_logprobs"]])
+    assert (got - lp.gather(1, ref[:, None]).squeeze(1)).abs().max().item() < TOL
