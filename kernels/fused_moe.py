@@ -40,7 +40,7 @@ from radixfleet.kernels import dot_precision
 from radixfleet.kernels.pdl import pdl_start, use_pdl
 
 ALIGN_MAX_PAIRS = 4096  # T * k up to which the single-program align kernel runs
-_CHUNK = 64  # pairs per step of the align kernel
+_CHUNK = 256  # pairs per step of the align kernel
 
 
 @triton.jit
@@ -51,8 +51,8 @@ def _route_align_kernel(LOGITS, WEIGHTS, IDS, SORTED, EXPERT_IDS, NUM_POST, RUN,
                         K_POW2: tl.constexpr, TOKENS: tl.constexpr, CHUNK: tl.constexpr,
                         BLOCKS: tl.constexpr, ALIGN: tl.constexpr, USE_PDL: tl.constexpr):
     """One program. ROUTE: first fill WEIGHTS/IDS [T, TOP_K] from LOGITS [T, E]. ALIGN: then
-    sort the T*TOP_K pairs of IDS by expert into SORTED (stable), EXPERT_IDS per block,
-    NUM_POST. RUN: int32 scratch of NUM_BINS (>= E + 1; bin E collects masked lanes)."""
+    group the T*TOP_K pairs of IDS by expert into SORTED, EXPERT_IDS per block, NUM_POST.
+    RUN: int32 scratch of NUM_BINS (>= E + 1; bin E collects masked lanes)."""
     pdl_start(USE_PDL)
     n = T * TOP_K
     if ROUTE:
@@ -90,8 +90,8 @@ def _route_align_kernel(LOGITS, WEIGHTS, IDS, SORTED, EXPERT_IDS, NUM_POST, RUN,
         counts = tl.where(bins < E, counts, 0)
         padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
         end = tl.cumsum(padded, 0)
-        run = end - padded  # next free row of each expert
         tl.store(NUM_POST, tl.sum(padded, 0))
+        tl.store(RUN + bins, end - padded)  # next free row of each expert
         # Block -> expert: the number of experts whose run ends at or before the block's start.
         for b0 in range(0, max_padded // BLOCK_M, BLOCKS):
             blocks = b0 + tl.arange(0, BLOCKS)
@@ -100,17 +100,13 @@ def _route_align_kernel(LOGITS, WEIGHTS, IDS, SORTED, EXPERT_IDS, NUM_POST, RUN,
             tl.store(EXPERT_IDS + blocks, expert, mask=blocks < max_padded // BLOCK_M)
         for s in range(0, max_padded, CHUNK):
             tl.store(SORTED + s + lanes, n, mask=s + lanes < max_padded)
+        tl.debug_barrier()  # RUN and the sentinel fill are visible before the scatter
         for s in range(0, n, CHUNK):
-            tl.store(RUN + bins, run)
-            tl.debug_barrier()
             ok = s + lanes < n
             e = tl.load(IDS + s + lanes, mask=ok, other=E).to(tl.int32)
-            # rank among the earlier lanes of this chunk with the same expert (keeps pair order)
-            same = (e[:, None] == e[None, :]) & (lanes[None, :] < lanes[:, None])
-            dest = tl.load(RUN + e) + tl.sum(same.to(tl.int32), axis=1)
-            tl.store(SORTED + dest, s + lanes, mask=ok)
-            run += tl.histogram(e, NUM_BINS)
-            tl.debug_barrier()
+            # A row of the expert's run for each pair (their order within a run is the
+            # atomics' and does not matter: each pair's output row is its own).
+            tl.store(SORTED + tl.atomic_add(RUN + e, 1, mask=ok), s + lanes, mask=ok)
 
 
 @triton.jit

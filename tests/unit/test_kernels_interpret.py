@@ -333,8 +333,10 @@ def case_fused_moe() -> None:
                 fm.ALIGN_MAX_PAIRS = limit
             n = int(num_post)
             assert n == int(again[2]) and n % config[0] == 0
-            assert torch.equal(sorted_ids[:n], again[0][:n])
-            assert torch.equal(expert_ids[:n // config[0]], again[1][:n // config[0]])
+            blocks = n // config[0]  # the same pairs in each block (their order within a block is free)
+            assert torch.equal(sorted_ids[:n].view(blocks, -1).sort(1).values,
+                               again[0][:n].view(blocks, -1).sort(1).values)
+            assert torch.equal(expert_ids[:blocks], again[1][:blocks])
             assert sorted(sorted_ids[:n][sorted_ids[:n] < T * k].tolist()) == list(range(T * k))
             ref = moe_ref(x, w13, w2, w, ids)
             for cfg in (config, (16, 32, 16, 2, 4, 1)):
