@@ -111,6 +111,26 @@ INLINE void axpy(float *acc, float w, const void *x, int64_t xoff, int n, int BF
     for (; i < n; i++) acc[i] += w * ld1(x, xoff + i, BF);
 }
 
+/* 16-wide fp32 dot and axpy for n % 16 == 0 (the bf16 decode attention's head dims), on
+ * rows already widened to fp32. */
+typedef float vf16 __attribute__((vector_size(64)));
+
+static inline vf16 load16(const float *p) { vf16 v; memcpy(&v, p, sizeof v); return v; }
+static inline void store16(float *p, vf16 v) { memcpy(p, &v, sizeof v); }
+
+static inline float dot16(const float *a, const float *b, int n) {
+    vf16 acc = load16(a) * load16(b);
+    for (int i = 16; i < n; i += 16) acc += load16(a + i) * load16(b + i);
+    vf8 lo = __builtin_shufflevector(acc, acc, 0, 1, 2, 3, 4, 5, 6, 7);
+    vf8 hi = __builtin_shufflevector(acc, acc, 8, 9, 10, 11, 12, 13, 14, 15);
+    return hsum8(lo + hi);
+}
+
+static inline void axpy16(float *acc, float w, const float *x, int n) {
+    vf16 wv = {w, w, w, w, w, w, w, w, w, w, w, w, w, w, w, w};
+    for (int i = 0; i < n; i += 16) store16(acc + i, load16(acc + i) + wv * load16(x + i));
+}
+
 /* x[0:n] = exp(x - m); returns the sum. */
 static inline float exp_sub_sum(float *x, float m, int n) {
     int i = 0;
@@ -142,8 +162,8 @@ static inline void prefetch_bytes(const void *p, int64_t bytes) {
  * scratch [B, H, scratch_len]  float, scratch_len >= max(lens)
  * One work item per request (all its heads: each K/V row of a slot is one contiguous read),
  * or per (request, kv head) when there are too few requests to keep every thread busy.
- * bf16: the work item's queries and its output accumulate in fp32 on the stack
- * (H * D <= 16384, checked by the caller).
+ * bf16: the work item's queries, its output and each token's K (then V) row are fp32 on the
+ * stack (H * D <= 16384, checked by the caller), the dots and sums 16 wide where D allows.
  */
 INLINE void decode_attention(const void *q, const void *kv, const int32_t *table, int64_t table_stride,
                              const int64_t *rows, const int32_t *lens, void *out, float *scratch,
@@ -158,7 +178,8 @@ INLINE void decode_attention(const void *q, const void *kv, const int32_t *table
         const int b = w / split, g0 = (w % split) * per, h0 = g0 * G, nh = per * G, n = lens[b];
         const int32_t *slot = table + rows[b] * table_stride;
         const int64_t qo = ((int64_t)b * H + h0) * D;
-        float qf[BF ? nh * D : 1], of[BF ? nh * D : 1];
+        float qf[BF ? nh * D : 1], of[BF ? nh * D : 1], row[BF ? per * D : 1];
+        const int wide = D % 16 == 0;
         if (BF) widen(qf, (const bf16 *)q + qo, nh * D, 1);
         const float *qb = BF ? qf : (const float *)q + qo;
         float *s = scratch + ((int64_t)b * H + h0) * scratch_len;
@@ -169,7 +190,14 @@ INLINE void decode_attention(const void *q, const void *kv, const int32_t *table
                 else prefetch_bytes((const char *)kv + (slot[t + 2] * tok + (int64_t)g0 * D) * esz, D * esz);
             }
             const int64_t k = slot[t] * tok + (int64_t)g0 * D;
-            for (int h = 0; h < nh; h++) s[h * scratch_len + t] = dot(qb + h * D, kv, k + (h / G) * D, D, BF) * scale;
+            if (BF) {  /* widen this token's keys once; each of the G heads reads them from L1 */
+                widen(row, (const bf16 *)kv + k, per * D, 1);
+                for (int h = 0; h < nh; h++)
+                    s[h * scratch_len + t] = (wide ? dot16(qb + h * D, row + (h / G) * D, D)
+                                                   : dot(qb + h * D, row, (h / G) * D, D, 0)) * scale;
+            } else {
+                for (int h = 0; h < nh; h++) s[h * scratch_len + t] = dot(qb + h * D, kv, k + (h / G) * D, D, 0) * scale;
+            }
         }
         float inv[256];  /* nh <= 256 (checked by the caller) */
         for (int h = 0; h < nh; h++) {
@@ -183,7 +211,15 @@ INLINE void decode_attention(const void *q, const void *kv, const int32_t *table
             if (!row_bytes && t + 2 < n)
                 prefetch_bytes((const char *)kv + (slot[t + 2] * tok + (int64_t)(KVH + g0) * D) * esz, D * esz);
             const int64_t v = slot[t] * tok + (int64_t)(KVH + g0) * D;
-            for (int h = 0; h < nh; h++) axpy(ob + h * D, s[h * scratch_len + t], kv, v + (h / G) * D, D, BF);
+            if (BF) {
+                widen(row, (const bf16 *)kv + v, per * D, 1);
+                for (int h = 0; h < nh; h++) {
+                    if (wide) axpy16(ob + h * D, s[h * scratch_len + t], row + (h / G) * D, D);
+                    else axpy(ob + h * D, s[h * scratch_len + t], row, (h / G) * D, D, 0);
+                }
+            } else {
+                for (int h = 0; h < nh; h++) axpy(ob + h * D, s[h * scratch_len + t], kv, v + (h / G) * D, D, 0);
+            }
         }
         if (BF) {
             for (int h = 0; h < nh; h++)
