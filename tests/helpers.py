@@ -73,6 +73,7 @@ TINY_ARCHS = {
                                      "norm_topk_prob": True, "head_dim": 32}),
     "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None}),
     "phi3": ("Phi3Config", {"pad_token_id": None, "sliding_window": None}),
+    "phi3_sw": ("Phi3Config", {"pad_token_id": None, "sliding_window": 8}),  # Phi-3 mini 4k has 2047
 }
 
 
