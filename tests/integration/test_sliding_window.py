@@ -1,8 +1,9 @@
 """Sliding-window models through the Engine (torch_native, fp32, CPU) against HF transformers:
 Mistral with ``sliding_window`` 8, Gemma 2 (alternating windows, soft caps), Gemma 3
-(windows, local RoPE base) and Phi-3 (window 8, fused qkv/gate_up checkpoint). Prompts and generations run far past the window; every greedy
-token equals transformers' and every logprob is within 1e-4: alone, batched, reusing a
-radix-cached prefix, and with prefill chunks of 5 tokens (chunk boundaries inside windows).
+(windows, local RoPE base) and Phi-3 (window 8, fused qkv/gate_up checkpoint). Prompts and
+generations run far past the window; every greedy token equals transformers' and every
+logprob is within 1e-4: alone, batched, reusing a radix-cached prefix, and with prefill
+chunks of 5 tokens (chunk boundaries inside windows).
 Also over 2 tensor-parallel ranks (gloo), and Gemma with a LoRA adapter on every projection
 against peft's merged model."""
 
