@@ -19,6 +19,8 @@ up), Qwen's ``mlp.experts.N.gate_proj/up_proj/down_proj``, ``shared_expert.*``,
 
 from __future__ import annotations
 
+import functools
+import logging
 import re
 
 import torch
@@ -27,12 +29,21 @@ from torch import nn
 
 from radixfleet.engine.executor.forward_batch import ForwardBatch
 from radixfleet.engine.layers import distributed as dist
+from radixfleet.engine.layers import fp8
 from radixfleet.engine.layers.activation import SiluAndMul
 from radixfleet.engine.layers.linear import MergedColumnParallelLinear, RowParallelLinear, matmul
 from radixfleet.engine.layers.moe import FusedMoE
 from radixfleet.engine.layers.norm import RMSNorm
 from radixfleet.engine.models.llama import MLP, Attention, LlamaForCausalLM
 from radixfleet.engine.models.model_config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+
+@functools.cache
+def _warn_experts_unquantized() -> None:
+    logger.warning("quantization='fp8': the MoE experts keep the model dtype (fp8 experts are not "
+                   "implemented); attention and dense layers are fp8")
 
 
 def moe_settings(cfg: ModelConfig) -> dict:
@@ -80,6 +91,8 @@ class SparseMoeBlock(nn.Module):
         self.gate.weight.requires_grad_(False)
         self.experts = FusedMoE(s["num_experts"], s["top_k"], cfg.hidden_size, s["intermediate"],
                                 s["renormalize"])
+        if fp8.building_fp8():
+            _warn_experts_unquantized()
         self.shared_expert = self.shared_expert_gate = None
         if s["shared_intermediate"]:
             self.shared_expert = SharedExpert(cfg.hidden_size, s["shared_intermediate"])
@@ -129,6 +142,10 @@ class Qwen2MoeForCausalLM(LlamaForCausalLM):
 
     def param_name(self, name: str) -> tuple[str, object]:
         name = name.replace(".block_sparse_moe.", ".mlp.")  # Mixtral
+        if ".experts." in name and name.endswith(("_scale", "_scale_inv")):
+            raise ValueError(f"checkpoint tensor {name!r}: FP8 expert weights are not supported yet; "
+                             "serve the model's bf16 checkpoint (quantization='fp8' then quantizes its "
+                             "attention and dense layers)")
         m = _EXPERT.search(name)
         if m is not None:
             param, part = _PARTS[m.group(2)]

@@ -79,3 +79,15 @@ def test_weights_of_another_expert_layout_are_refused_before_loading(tmp_path):
     assert incompatibility(ModelConfig.from_path(running), running) is None
     reason = incompatibility(ModelConfig.from_path(running), other)
     assert reason is not None and "experts=4" in reason and "same shape" in reason, reason
+
+
+def test_fp8_expert_tensors_are_refused_with_a_reason(tmp_path):
+    from radixfleet.engine.executor.model_runner import build_model
+    from radixfleet.engine.models.model_config import ModelConfig
+    from radixfleet.engine.models.moe import Qwen3MoeForCausalLM
+
+    cfg = ModelConfig.from_path(make_tiny_model("qwen3_moe", str(tmp_path)))
+    model = build_model(Qwen3MoeForCausalLM, cfg, torch.device("cpu"), torch.float32)
+    scale = torch.ones(64, 1)
+    with pytest.raises(ValueError, match="FP8 expert weights are not supported"):
+        model.load_weights([("model.layers.0.mlp.experts.3.up_proj.weight_scale_inv", scale)])
