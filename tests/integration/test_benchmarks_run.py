@@ -112,6 +112,18 @@ def check_routing_quality(lines: list[dict]) -> None:
     assert sum(runs[0]["predictions"].values()) == 4
 
 
+def check_cpu_side_by_side(lines: list[dict]) -> None:
+    """This engine and HF always; vLLM-CPU only where its virtualenv exists (else one skip line)."""
+    skipped = [line for line in lines if "skipped" in line]
+    systems = {"radixfleet", "hf"} | (set() if skipped else {"vllm"})
+    runs = [line for line in lines if "workload" in line and line["system"] != "summary"]
+    assert {line["system"] for line in runs} == systems
+    assert all(line["output_tokens"] == 2 * 4 and line["output_tok_per_s"] > 0 for line in runs), runs
+    (summary,) = [line for line in lines if line["system"] == "summary"]
+    assert summary["workload"] == "2x4" and summary["radixfleet_over_hf"] > 0
+    assert ("radixfleet_over_vllm" in summary) == (not skipped)
+
+
 # script: (its smallest workload, what its JSON lines must say)
 CASES: dict[str, tuple[list[str], Callable[[list[dict]], None]]] = {
     "offline_throughput.py": (["--num-prompts", "2", "--random-input-len", "8", "--random-output-len", "4"],
@@ -119,6 +131,8 @@ CASES: dict[str, tuple[list[str], Callable[[list[dict]], None]]] = {
     "one_batch.py": (["--model-path", "smollm2", "--load-format", "auto", "--batch-size", "1",
                       "--input-len", "8", "--output-len", "2"], check_one_batch),
     "cpu_matmul.py": (["--rows", "1", "--repeats", "1"], check_cpu_matmul),
+    # vLLM-CPU joins where ~/vllm-venv exists (it takes 1-2 minutes to start).
+    "cpu_side_by_side.py": (["--workloads", "2x4", "--rounds", "1", "--input-len", "8"], check_cpu_side_by_side),
     "structured.py": (["--batch", "2", "--tokens", "4", "--rounds", "1"], check_structured),
     "router.py": (["--seconds", "0.4", "--skip-sglang"], check_router),
     "kernel_bench.py": (["--only", "launch"], check_kernel_bench),
