@@ -82,22 +82,18 @@ def worker_vllm(model: str, extra: dict) -> None:
 
 def worker_hf(model: str, extra: dict) -> None:
     import torch
+    from offline_throughput import left_padded  # benchmarks/, this script's folder
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, extra.get("dtype", "float32"))).eval()
     print(MARK + json.dumps({"dtype": str(hf.dtype).removeprefix("torch.")}), flush=True)
 
     def generate(prompts, m):
-        width = max(map(len, prompts))
-        ids = torch.zeros(len(prompts), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):  # left padding, as HF batched generation needs
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
+        ids, mask = left_padded(prompts)
         with torch.no_grad():
             out = hf.generate(ids, attention_mask=mask, max_new_tokens=m, min_new_tokens=m,
                               do_sample=False, pad_token_id=0)
-        return (out.shape[1] - width) * len(prompts)
+        return (out.shape[1] - ids.shape[1]) * len(prompts)
 
     generate([[100 + i for i in range(16)]], 4)
     _serve(generate)

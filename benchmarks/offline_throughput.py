@@ -124,6 +124,18 @@ def _poll(engine, every: float, t0: float, done: threading.Event, samples: list[
         last_t, last_gen = now, gen
 
 
+def left_padded(inputs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids ``[N, longest]`` left-padded with 0, as HF batched generation needs, and
+    their attention mask."""
+    width = max(map(len, inputs))
+    ids = torch.zeros(len(inputs), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, x in enumerate(inputs):
+        ids[i, width - len(x):] = torch.tensor(x)
+        mask[i, width - len(x):] = 1
+    return ids, mask
+
+
 def run_hf(args, inputs, outputs) -> dict:
     from transformers import AutoModelForCausalLM
 
@@ -134,12 +146,7 @@ def run_hf(args, inputs, outputs) -> dict:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(dev)
-    width = max(map(len, inputs))
-    ids = torch.zeros(len(inputs), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, x in enumerate(inputs):  # left padding, as HF batched generation needs
-        ids[i, width - len(x):] = torch.tensor(x)
-        mask[i, width - len(x):] = 1
+    ids, mask = left_padded(inputs)
     new = max(outputs)
     with torch.no_grad():
         model.generate(ids[:1, -16:].to(dev), max_new_tokens=4, do_sample=False)
