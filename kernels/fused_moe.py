@@ -110,18 +110,42 @@ def _route_align_kernel(LOGITS, WEIGHTS, IDS, SORTED, EXPERT_IDS, NUM_POST, RUN,
 
 
 @triton.jit
-def _moe_gemm_kernel(A, B, C, WEIGHTS, SORTED, EXPERT_IDS, NUM_POST,
+def _route_one_token(LOGITS, choice, E: tl.constexpr, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
+                     NUM_BINS: tl.constexpr):
+    """(expert, weight) of the ``choice``-th pick of a token's routing, from its logits [E]:
+    the same arithmetic as ``_route_align_kernel``'s."""
+    cols = tl.arange(0, NUM_BINS)
+    logit = tl.load(LOGITS + cols, mask=cols < E, other=-float("inf")).to(tl.float32)
+    p = tl.where(cols < E, tl.exp(logit - tl.max(logit, 0)), 0.0)
+    total = tl.sum(p, 0)
+    picked = total * 0.0
+    expert = tl.min(cols, 0)  # 0, as an int32 tensor
+    weight = total * 0.0
+    for j in tl.static_range(TOP_K):
+        best = tl.max(p, 0)
+        idx = tl.min(tl.where(p == best, cols, NUM_BINS), 0)
+        picked += best
+        expert = tl.where(choice == j, idx, expert)
+        weight = tl.where(choice == j, best, weight)
+        p = tl.where(cols == idx, -1.0, p)
+    return expert, weight / (picked if RENORMALIZE else total)
+
+
+@triton.jit
+def _moe_gemm_kernel(A, B, C, WEIGHTS, SORTED, EXPERT_IDS, NUM_POST, LOGITS,
                      N, K, num_pairs, max_padded,
                      stride_am, stride_be, stride_bn, stride_bk, stride_cm,
                      A_ROW_DIV: tl.constexpr, MUL_WEIGHT: tl.constexpr, SILU_MUL_A: tl.constexpr,
                      PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, DIRECT: tl.constexpr,
-                     USE_PDL: tl.constexpr):
+                     ROUTE: tl.constexpr, E: tl.constexpr, TOP_K: tl.constexpr,
+                     RENORMALIZE: tl.constexpr, NUM_BINS: tl.constexpr, USE_PDL: tl.constexpr):
     """C[p, :N] = A[p // A_ROW_DIV, :K] @ B[expert(p)].T (× WEIGHTS[p]) for the pairs p of
     each BLOCK_M-row block of SORTED. B: [E, N, K]. SILU_MUL_A: A holds [gate | up] of width
     2K and the operand is silu(gate) * up, rounded as ``kernels/activation.py`` rounds it.
     DIRECT (one token: its k experts are distinct): block p is pair p alone, EXPERT_IDS the
-    routing's ids, no sorted layout."""
+    routing's ids, no sorted layout. ROUTE (with DIRECT): each program routes the token from
+    LOGITS itself, and the programs of column block 0 write EXPERT_IDS and WEIGHTS."""
     pdl_start(USE_PDL)
     pid = tl.program_id(0)
     num_m = tl.cdiv(max_padded, BLOCK_M)
@@ -139,7 +163,14 @@ def _moe_gemm_kernel(A, B, C, WEIGHTS, SORTED, EXPERT_IDS, NUM_POST,
             return
         pairs = tl.load(SORTED + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     valid = pairs < num_pairs
-    expert = tl.load(EXPERT_IDS + pid_m).to(tl.int64)
+    if ROUTE:
+        chosen, weight = _route_one_token(LOGITS, pid_m, E, TOP_K, RENORMALIZE, NUM_BINS)
+        if pid_n == 0:
+            tl.store(EXPERT_IDS + pid_m, chosen)
+            tl.store(WEIGHTS + pid_m, weight)
+        expert = chosen.to(tl.int64)
+    else:
+        expert = tl.load(EXPERT_IDS + pid_m).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = A + (pairs // A_ROW_DIV).to(tl.int64)[:, None] * stride_am + offs_k[None, :]
@@ -239,23 +270,29 @@ def moe_config(tokens: int, num_experts: int, n: int, k: int) -> tuple[int, ...]
 
 def moe_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, sorted_ids, expert_ids, num_post,
              a_row_div: int, config: tuple[int, ...], weights: torch.Tensor | None = None,
-             silu_mul_a: bool = False) -> torch.Tensor:
+             silu_mul_a: bool = False, route: tuple | None = None) -> torch.Tensor:
     """``out[p] = a[p // a_row_div] @ b[expert(p)].T`` (× ``weights[p]``) for every pair;
     with ``silu_mul_a``, ``a`` is ``[gate | up]`` and ``silu(gate) * up`` is multiplied.
-    ``sorted_ids`` None: direct mode, ``expert_ids`` holds each pair's expert."""
+    ``sorted_ids`` None: direct mode, ``expert_ids`` holds each pair's expert. ``route``
+    ``(logits [E], top_k, renormalize, weights_out)`` (direct mode): the kernel routes and
+    writes ``expert_ids`` and ``weights_out``."""
     bm, bn, bk, gm, warps, stages = config
     n, k = b.shape[1], b.shape[2]
     pdl = use_pdl(a)
     direct = sorted_ids is None
     max_padded = out.shape[0] * bm if direct else sorted_ids.numel()
     grid = (triton.cdiv(max_padded, bm) * triton.cdiv(n, bn),)
+    logits, top_k, renormalize, weights_out = route or (expert_ids, 1, False, None)
+    assert route is None or direct, "routing in the GEMM is for one token (direct mode)"
     _moe_gemm_kernel[grid](
-        a, b, out, weights if weights is not None else a, expert_ids if direct else sorted_ids, expert_ids,
-        expert_ids if direct else num_post,
+        a, b, out, weights_out if route else weights if weights is not None else a,
+        expert_ids if direct else sorted_ids, expert_ids, expert_ids if direct else num_post, logits,
         n, k, out.shape[0], max_padded, a.stride(0), b.stride(0), b.stride(1), b.stride(2), out.stride(0),
         A_ROW_DIV=a_row_div, MUL_WEIGHT=weights is not None, SILU_MUL_A=silu_mul_a,
         PRECISION=dot_precision(a.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=1 if direct else gm,
-        DIRECT=direct, USE_PDL=pdl, launch_pdl=pdl, num_warps=warps, num_stages=stages)
+        DIRECT=direct, ROUTE=route is not None, E=logits.numel() if route else 1, TOP_K=top_k,
+        RENORMALIZE=renormalize, NUM_BINS=triton.next_power_of_2(logits.numel()) if route else 1,
+        USE_PDL=pdl, launch_pdl=pdl, num_warps=warps, num_stages=stages)
     return out
 
 
@@ -282,6 +319,23 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
     moe_gemm(gate_up, w2, down, sorted_ids, expert_ids, num_post, 1, config,
              weights=weights.reshape(-1).float().contiguous(), silu_mul_a=True)
     return torch.sum(down.view(T, k, H), dim=1, out=out)
+
+
+def fused_moe_one_token(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, logits: torch.Tensor,
+                        top_k: int, renormalize: bool, config: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Batch-1 decode in three launches: the gate_up GEMM routes the token itself (each of its
+    programs from the ``logits`` [1, E]) and records the choice for the down GEMM, then the
+    sum over the ``k`` experts. → [1, H] in ``x``'s dtype."""
+    E, two_i, H = w13.shape
+    assert x.shape[0] == 1 and logits.shape == (1, E) and logits.is_contiguous()
+    config = config or moe_config(1, E, two_i, H)
+    ids = torch.empty(top_k, dtype=torch.int32, device=x.device)
+    weights = torch.empty(top_k, dtype=torch.float32, device=x.device)
+    gate_up = torch.empty(top_k, two_i, dtype=x.dtype, device=x.device)
+    moe_gemm(x, w13, gate_up, None, ids, None, top_k, config, route=(logits, top_k, renormalize, weights))
+    down = torch.empty(top_k, H, dtype=x.dtype, device=x.device)
+    moe_gemm(gate_up, w2, down, None, ids, None, 1, config, weights=weights, silu_mul_a=True)
+    return down.sum(0, keepdim=True)
 
 
 def route_and_align(logits: torch.Tensor, top_k: int, renormalize: bool, two_i: int, hidden: int):

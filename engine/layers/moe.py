@@ -132,6 +132,8 @@ class FusedMoE(nn.Module):
         if kernels is None:
             weights, ids = select_experts(router_logits, self.top_k, self.renormalize)
             return moe_torch(x, self.w13, self.w2, weights, ids)
+        if x.shape[0] == 1:  # batch-1 decode: routing inside the first GEMM
+            return kernels.fused_moe_one_token(x, self.w13, self.w2, router_logits, self.top_k, self.renormalize)
         # Decode-sized batches route inside the align kernel (one launch, no host sync).
         routed = kernels.route_and_align(router_logits, self.top_k, self.renormalize, *self.w13.shape[1:])
         if routed is None:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 # (tokens, experts, top_k, hidden, intermediate): decode and prefill sizes, k = 1 .. 8, and
 # shapes that are not multiples of the block sizes.
-SHAPES = [(1, 8, 2, 64, 32), (3, 4, 1, 48, 40), (7, 16, 4, 64, 48), (33, 8, 2, 96, 64),
+SHAPES = [(1, 8, 2, 64, 32), (1, 64, 8, 48, 40), (3, 4, 1, 48, 40), (7, 16, 4, 64, 48), (33, 8, 2, 96, 64),
           (64, 32, 8, 64, 32), (200, 6, 3, 80, 72)]
 
 

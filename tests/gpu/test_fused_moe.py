@@ -1,8 +1,9 @@
 """The fused MoE kernels (``kernels/fused_moe.py``) against a per-pair fp32 reference
 (``_moe_reference.py``): several expert counts, top-k 1-8, token counts from 1 to past the
 single-program align limit, experts that receive 0 tokens; the routing in the align kernel
-against torch's softmax/top-k; a decode step captured in a CUDA graph and replayed with
-other routing; and the engine's MoE layer on CUDA against its torch path.
+and in the one-token GEMM against torch's softmax/top-k; the engine's MoE layer captured in
+a CUDA graph (1, 4, 64 tokens) and replayed with other routing; and that layer on CUDA
+against its torch path.
 
 Tolerances: bf16/fp16 relative error (Frobenius) < 2e-2 (each expert output is rounded to
 the model dtype before the weighted sum, as transformers does); fp32 < 1e-5 (ieee dots).
@@ -73,29 +74,43 @@ def test_routing_in_the_align_kernel_matches_torch(shape, renormalize):
     assert rel_err(out, moe_ref(x, w13, w2, weights, ids)) < TOL[torch.bfloat16]
 
 
-def test_decode_step_replays_in_a_cuda_graph_with_new_routing():
-    """Routing, align and both GEMMs captured once; replays with other inputs match eager
-    (no host sync inside: capture would fail)."""
-    T, E, k, H, inter = 4, 64, 8, 512, 256
+@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize("shape", [s for s in SHAPES + BIG if s[0] == 1], ids=str)
+def test_one_token_routed_inside_the_gemm_matches_reference(shape, renormalize):
+    T, E, k, H, inter = shape
+    gen = torch.Generator().manual_seed(5)
+    x, w13, w2, logits = moe_inputs(T, E, k, H, inter, torch.bfloat16, "cuda", gen)
+    logits = logits.float()  # no ties
+    weights, ids = routing_ref(logits, k, renormalize)
+    out = fm.fused_moe_one_token(x, w13, w2, logits, k, renormalize)
+    assert rel_err(out, moe_ref(x, w13, w2, weights, ids)) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("T", [1, 4, 64])
+def test_decode_step_replays_in_a_cuda_graph_with_new_routing(T):
+    """The engine's MoE layer (routing, layout and both GEMMs) captured once; replays with
+    other inputs match eager exactly (no host sync inside: capture would fail)."""
+    from radixfleet.engine.layers.moe import FusedMoE
+
+    E, k, H, inter = 64, 8, 512, 256
     gen = torch.Generator().manual_seed(3)
     x, w13, w2, logits = moe_inputs(T, E, k, H, inter, torch.bfloat16, "cuda", gen)
-
-    def step():
-        weights, ids, config, aligned = fm.route_and_align(logits, k, True, 2 * inter, H)
-        return fm.fused_moe(x, w13, w2, weights, ids, config, aligned)
-
-    step()  # compile outside the graph
+    with torch.device("cuda"):
+        layer = FusedMoE(E, k, H, inter, renormalize=True).to(torch.bfloat16)
+    layer.w13.data.copy_(w13)
+    layer.w2.data.copy_(w2)
+    layer(x, logits)  # compile outside the graph
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = step()
+        out = layer(x, logits)
     for seed in range(3):
         g = torch.Generator().manual_seed(100 + seed)
         new_x, _, _, new_logits = moe_inputs(T, E, k, H, inter, torch.bfloat16, "cuda", g)
         x.copy_(new_x)
         logits.copy_(new_logits)
         graph.replay()
-        torch.testing.assert_close(out, step(), atol=0, rtol=0)
+        torch.testing.assert_close(out, layer(x, logits), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("renormalize", [False, True])
