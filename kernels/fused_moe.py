@@ -17,8 +17,9 @@ with SwiGLU experts (``w13`` ``[E, 2I, H]`` gate rows then up rows, ``w2`` ``[E,
    row scaled by its routing weight → ``[T*k, H]``;
 4. the sum over each token's ``k`` rows → ``[T, H]``.
 
-One token (batch-1 decode) needs no sorting: its ``k`` experts are distinct, the routing
-kernel only routes, and the GEMMs run one block per chosen expert (``DIRECT``).
+One token (batch-1 decode, ``fused_moe_one_token``) needs no sorting: its ``k`` experts are
+distinct, so the GEMMs run one block per chosen expert (``DIRECT``), and the gate_up GEMM's
+programs route the token themselves (``ROUTE``): three launches in all, with the sum.
 
 The triton kernels launch with programmatic dependent launch where ``kernels/pdl.py`` allows.
 
