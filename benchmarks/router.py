@@ -269,9 +269,10 @@ def sglang_router_python() -> Path | None:
         return python
     try:
         CACHE_DIR.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=120)
+        # cwd "/": from the checkout root, its operator/ folder would shadow the standard library.
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=120, cwd="/")
         subprocess.run([python, "-m", "pip", "install", "-q", f"sglang-router=={SGLANG_ROUTER_VERSION}"],
-                       check=True, capture_output=True, timeout=600)
+                       check=True, capture_output=True, timeout=600, cwd="/")
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
         stderr = getattr(e, "stderr", b"") or b""
         emit(bench="sglang_router", skipped=True, reason=f"cannot install sglang-router=={SGLANG_ROUTER_VERSION}: {e} {stderr[-500:].decode(errors='replace')}")

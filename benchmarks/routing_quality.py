@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import importlib.util
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -147,6 +148,7 @@ def main() -> int:
     ap.add_argument("--skip-sglang", action="store_true")
     ap.add_argument("--publisher-overhead", action="store_true")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the engines and routers on the way out
     torch.set_num_threads(1)
     if args.publisher_overhead:
         publisher_overhead()

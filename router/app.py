@@ -22,6 +22,7 @@ from .membership import Membership, membership_routes
 from .metrics import CONTENT_TYPE, RouterMetrics
 from .policies.base import Policy
 from .policies.registry import make_policy
+from .prompt_tokens import fetch_tokenizer
 from .proxy import Proxy, error_response
 from .registry import WorkerRegistry
 from .upstream import Upstream, UpstreamError
@@ -68,8 +69,30 @@ def build_state(config: RouterConfig) -> RouterState:
         members.on_added, members.check_events = subscriber.worker_added, check_endpoint
         registry.on_removed = subscriber.worker_removed
         policy.sync_events = subscriber.drain  # type: ignore[attr-defined]
+        subscriber.on_publisher = _tokenizer_loader(policy, upstream, health_headers)
     return RouterState(config, policy, registry, metrics, upstream, proxy, members,
                        HealthChecker(registry, upstream, health_headers), subscriber)
+
+
+def _tokenizer_loader(policy, upstream: Upstream, headers: dict[str, str]):
+    """Loads the precise policy's tokenizer from the first publishing worker, if it has none."""
+    lock = asyncio.Lock()
+
+    async def get(url: str) -> tuple[int, bytes]:
+        resp = await upstream.send("GET", url, None, headers)
+        return resp.status, resp.content
+
+    async def load(url: str) -> None:
+        async with lock:
+            if policy.tokenizer is not None:
+                return
+            try:
+                policy.tokenizer = await fetch_tokenizer(get, url)
+                log.info("loaded the tokenizer of %s", url)
+            except (UpstreamError, ValueError, OSError) as e:
+                log.warning("no tokenizer from %s (%s): routing by text until one loads", url, e)
+
+    return load
 
 
 async def _evict_forever(state: RouterState) -> None:

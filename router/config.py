@@ -34,8 +34,8 @@ class RouterConfig:
     host: str = _f("127.0.0.1", "Address to listen on.")
     port: int = _f(30000, "Port to listen on.")
     worker_urls: tuple[str, ...] = _f((), "Workers to start with, e.g. http://127.0.0.1:30001.")
-    policy: str = _f("auto", "Routing policy (auto: precise when every worker publishes KV events and "
-                              "tokenizer_path is set, else cache_aware).", choices=POLICY_NAMES)
+    policy: str = _f("auto", "Routing policy (auto: precise when every worker publishes KV events, else "
+                              "cache_aware).", choices=POLICY_NAMES)
     api_key: str = _f("", "If set, every route but /health requires 'Authorization: Bearer KEY'.")
     worker_api_key: str = _f("", "Bearer key the router sends to workers.")
     # cache_aware
@@ -45,7 +45,8 @@ class RouterConfig:
     eviction_interval: float = _f(60.0, "cache_aware: seconds between LRU eviction passes.")
     max_tree_size: int = _f(2**24, "cache_aware: characters kept per worker tree after eviction.")
     # precise (and auto)
-    tokenizer_path: str = _f("", "precise/auto: the model's tokenizer folder (tokenizer.json, chat template).")
+    tokenizer_path: str = _f("", "precise/auto: the model's tokenizer folder (default: fetched from the first "
+                                 "worker that publishes KV events).")
     chat_template: str = _f("", "precise/auto: the engines' --chat-template, if they were given one.")
     load_tokens: int = _f(256, "precise: prompt tokens that one request in flight on a worker is worth in its cost.")
     kv_events_stale_after: float = _f(5.0, "precise: seconds without a KV-event message (heartbeats come every second) "

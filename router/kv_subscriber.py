@@ -19,7 +19,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import zmq
 
@@ -69,6 +69,9 @@ class KVSubscriber:
         self._fetches: dict[str, asyncio.Task] = {}
         self._watchdog: asyncio.Task | None = None
         self._ctx = zmq.Context()
+        # Called with the URL of each publishing worker before it is followed (the app loads
+        # the tokenizer from the first one when it has none).
+        self.on_publisher: Callable[[str], Awaitable[None]] | None = None
 
     def in_sync(self) -> dict[str, bool]:
         now = time.monotonic()
@@ -85,6 +88,8 @@ class KVSubscriber:
                 return
         if endpoint is None or not self.is_member(url) or url in self._socks:
             return
+        if self.on_publisher is not None:
+            await self.on_publisher(url)
         sock = self._ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SUBSCRIBE, kv_events.TOPIC)

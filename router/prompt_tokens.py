@@ -7,13 +7,22 @@ without special tokens) and ``engine/managers/tokenizer_manager.py`` (text: ``en
 Only the ``tokenizers``-backed ``PreTrainedTokenizerFast`` is loaded: no torch in the
 router process (``AutoTokenizer`` would import it through the model config).
 
+Without a tokenizer folder of its own (a router pod has no model), the router fetches the
+tokenizer from the first worker that publishes KV events (engine ``GET /tokenizer_files``,
+``fetch_tokenizer``), so the two cannot disagree.
+
 A request this cannot tokenize (a batch, a malformed body, a template error) gets ``None``
 and is routed without token ids; the engine answers its own errors.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import json
 import logging
+import os
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -74,3 +83,19 @@ class PromptTokenizer:
                              continue_final_message=bool(body.get("continue_final_message")),
                              **(body.get("chat_template_kwargs") or {}))
         return self.tok(prompt, add_special_tokens=False).input_ids
+
+
+async def fetch_tokenizer(get: Callable[[str], Any], url: str) -> PromptTokenizer:
+    """The tokenizer of the engine at ``url`` (``get(path)`` awaits its HTTP answer:
+    ``(status, bytes)``); ValueError when it has none to give."""
+    status, content = await get(url + "/tokenizer_files")
+    if status != 200:
+        raise ValueError(f"{url}/tokenizer_files answered {status}: {content[:200]!r}")
+    answer = json.loads(content)
+    folder = tempfile.mkdtemp(prefix="radixfleet-router-tok-")
+    for name, data in answer["files"].items():
+        if os.path.basename(name) != name:
+            raise ValueError(f"{url} sent a tokenizer file name with a path: {name!r}")
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(base64.b64decode(data))
+    return await asyncio.to_thread(PromptTokenizer, folder, answer.get("chat_template"))

@@ -55,14 +55,15 @@ def start_engines(n: int, model_dir: str, max_total_tokens: int, timeout: float 
     return engines
 
 
-def start_router(policy: str, engines: list[Engine], model_dir: str, *extra: str,
-                 python: str = sys.executable, timeout: float = 60.0) -> tuple[str, subprocess.Popen]:
+def start_router(policy: str, engines: list[Engine], tokenizer_path: str | None, *extra: str,
+                 timeout: float = 60.0) -> tuple[str, subprocess.Popen]:
     """A ``radixfleet router`` process over ``engines``; returns (URL, process) once every
-    worker is registered (and, for precise, its KV events are live)."""
+    worker is registered (and, for precise, its KV events are live). Without
+    ``tokenizer_path`` the router fetches the tokenizer from the engines."""
     port = free_port()
-    cmd = [python, "-m", "radixfleet", "router", "--port", str(port), "--policy", policy,
-           "--worker-urls", *[e.url for e in engines], "--tokenizer-path", model_dir,
-           "--health-check-interval", "2", "--log-level", "warning", *extra]
+    cmd = [sys.executable, "-m", "radixfleet", "router", "--port", str(port), "--policy", policy,
+           "--worker-urls", *[e.url for e in engines], "--health-check-interval", "2", "--log-level", "warning",
+           *(["--tokenizer-path", tokenizer_path] if tokenizer_path else []), *extra]
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout

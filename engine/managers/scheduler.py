@@ -466,9 +466,13 @@ class Scheduler:
             now = time.monotonic()
             self.stats["decode_steps"] += 1
             self._recent = [(t, n) for t, n in self._recent if now - t < 10] + [(now, kept)]
-        self._send([r for r in live if r.finished_reason is not None or
-                    (r.stream and len(r.output_ids) - r.sent_len >= self.config.stream_interval)])
+        finished = [r for r in live if r.finished_reason is not None]
+        self._send([r for r in live if r.finished_reason is None and r.stream
+                    and len(r.output_ids) - r.sent_len >= self.config.stream_interval])
         self._reap(live)
+        # Final answers go out after their KV is in the radix cache (and its KV events are
+        # published): a client's next turn never reaches a router before the event does.
+        self._send(finished)
 
     def _reap(self, batch: list[Req] = ()) -> None:
         """Free finished requests (including aborted ones) and drop them from the batch.

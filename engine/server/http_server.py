@@ -50,6 +50,7 @@ from radixfleet.engine.server.drain import Drain, DrainMiddleware
 from radixfleet.engine.server.embedding_serving import embed, register_embedding_routes
 from radixfleet.engine.server.metrics import CONTENT_TYPE, UNMETERED_RID_PREFIX
 from radixfleet.engine.server.openai_serving import register_openai_routes
+from radixfleet.engine.server.tokenizer_files import tokenizer_files
 from radixfleet.http_auth import BearerKey
 from radixfleet.http_limits import BodyLimit, too_large_message
 
@@ -164,6 +165,18 @@ def _register_native_routes(app: FastAPI, state: ServerState) -> None:
         return {"model_path": engine.model_path,
                 "tokenizer_path": engine.config.tokenizer_path or engine.model_path,
                 "is_generation": not state.tm.is_embedding}
+
+    tokenizer_answer: dict[str, Any] = {}
+
+    @app.get("/tokenizer_files")
+    async def get_tokenizer_files() -> dict:
+        """The tokenizer as files, for routers that tokenize as this engine does."""
+        if not tokenizer_answer:
+            try:
+                tokenizer_answer.update(await asyncio.to_thread(tokenizer_files, state.tm.tokenizer, state.chat_template))
+            except ValueError as e:
+                raise APIError(400, str(e)) from None
+        return tokenizer_answer
 
     @app.get("/get_server_info")
     async def get_server_info() -> dict:

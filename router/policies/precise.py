@@ -20,7 +20,9 @@ the chosen worker holds part of the prompt), ``uncached`` (none holds any), ``ap
 events-scored choice, which the proxy compares with the engine's reported ``cached_tokens``.
 
 ``auto`` (the default ``--policy``) is this policy when the tokenizer is loaded and every
-candidate is in sync, and exactly cache_aware otherwise.
+candidate is in sync, and exactly cache_aware otherwise. Until a tokenizer is loaded
+(``tokenizer_path``, else fetched from the first worker that publishes), requests are
+routed by text, as cache_aware.
 """
 
 from __future__ import annotations
@@ -58,10 +60,8 @@ class PrecisePolicy(Policy):
         self.approx = CacheAwarePolicy(config)
         self.index = KVIndex(config.kv_events_stale_after)
         self.tokenizer: PromptTokenizer | None = None
-        if config.tokenizer_path:
+        if config.tokenizer_path:  # else fetched from the first publishing worker (kv_subscriber.py)
             self.tokenizer = PromptTokenizer(config.tokenizer_path, config.chat_template or None)
-        elif not auto:
-            raise ValueError("invalid router config: policy precise needs tokenizer_path (the model's tokenizer folder)")
         self._decided = self.name
         self._rotation = itertools.count()
         # Applies the KV-event messages already received (kv_subscriber.py); set by the app.

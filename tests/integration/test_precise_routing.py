@@ -39,7 +39,9 @@ def engines(model_dir):
 @pytest.fixture
 def replicas(engines, model_dir):
     flush_all(engines)
-    routers = [start_router("precise", engines, model_dir) for _ in range(3)]
+    # Two replicas fetch the tokenizer from the engines (as a router pod without the model
+    # does), one reads the model's folder.
+    routers = [start_router("precise", engines, path) for path in (None, None, model_dir)]
     yield [url for url, _ in routers]
     stop_all([p for _, p in routers])
 

@@ -42,11 +42,6 @@ def key(ids: list[int], text: str = "") -> PromptKey:
     return k
 
 
-def test_precise_without_a_tokenizer_is_refused():
-    with pytest.raises(ValueError, match="precise needs tokenizer_path"):
-        make_policy(RouterConfig(policy="precise"))
-
-
 def test_worker_holding_the_longest_prefix_wins_and_prediction_is_set(tok):
     p, ws = fleet(tok, 0, 0, 0)
     for w in ws:
