@@ -10,7 +10,10 @@ layout oneDNN's AVX-512 kernels read, instead of on every call. For SmolLM2 at 1
 decode step of 16 requests) the 120 layer matmuls take 29–35 ms instead of 56–65 ms and the
 LM head 6–7.5 ms instead of 19–22 ms on the 2-core development machine
 (``benchmarks/cpu_matmul.py``). ``RADIXFLEET_CPU_PREPACK=0``
-turns it off. Results agree with ``F.linear`` to fp32 rounding (~1e-6 relative).
+turns it off. Results agree with ``F.linear`` to fp32 rounding (~1e-6 relative). bf16
+weights (the CPU default where bf16 is native) are prepacked the same way: oneDNN's
+AVX512_BF16/AMX kernels take half the weight bytes and about half the time of fp32 at a
+decode step's row counts (one thread, 16 rows: the layer matmuls 12 ms instead of 25 ms).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """``residual is None``: return norm(x). Else return (norm(x + residual), x + residual)."""
         if residual is None and x.dim() == 3 and x.is_cuda:
-            # Per-head q/k norms (Qwen3) [T, H, D]: one kernel over T*H rows, not ~7 torch ops.
+            # Per-head norms [T, H, D]: one kernel over T*H rows, not ~7 torch ops.
             return self(x.reshape(-1, x.shape[-1])).view(x.shape)
         ops = fused_ops(x) if x.dim() == 2 and x.stride(-1) == 1 else None
         if ops is not None:
@@ -37,3 +37,13 @@ class RMSNorm(nn.Module):
             return self._norm(x)
         x = x + residual
         return self._norm(x), x
+
+
+def qk_norms(q: torch.Tensor, k: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm):
+    """``(q_norm(q), k_norm(k))`` for per-head norms (Qwen3): q [T, H, D], k [T, KVH, D]; on
+    CUDA one kernel for both (``kernels/qk_norm.py``)."""
+    ops = fused_ops(q) if q.is_cuda else None
+    if (ops is not None and ops.qk_rmsnorm is not None and q_norm.eps == k_norm.eps
+            and q.stride()[1:] == (q.shape[2], 1) and k.stride()[1:] == (k.shape[2], 1)):
+        return ops.qk_rmsnorm(q, k, q_norm.weight, k_norm.weight, q_norm.eps)
+    return q_norm(q), k_norm(k)

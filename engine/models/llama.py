@@ -20,7 +20,7 @@ from radixfleet.engine.layers.linear import (
     QKVParallelLinear,
     RowParallelLinear,
 )
-from radixfleet.engine.layers.norm import RMSNorm
+from radixfleet.engine.layers.norm import RMSNorm, qk_norms
 from radixfleet.engine.layers.rotary import get_rope
 from radixfleet.engine.models.model_config import ModelConfig
 
@@ -50,7 +50,7 @@ class Attention(nn.Module):
         k = k.reshape(t, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = qk_norms(q, k, self.q_norm, self.k_norm)
         backend = batch.attn_backend
         table = self.rotary.fused_table(q, k) if backend.fuses_rope else None
         if table is not None:  # the backend rotates q and k as it stores k/v (one launch)

@@ -167,3 +167,17 @@ def test_rotary_store_kv_equals_rotary_then_store(H, KVH, D, R):
     kb2, vb2 = torch.zeros_like(kb1), torch.zeros_like(vb1)
     rotary_store_kv_(pos, q2, k2, v2, cache, kb2, vb2, loc)
     assert q2.equal(q1) and kb2.equal(kb1) and vb2.equal(vb1)
+
+
+@pytest.mark.parametrize("T,H,KVH,D", [(1, 32, 4, 128), (17, 16, 8, 128), (300, 40, 8, 128)])
+def test_qk_rmsnorm_matches_two_rmsnorms(T, H, KVH, D):
+    """Qwen3's per-head q and k norms in one launch, on views of the qkv output."""
+    from radixfleet.kernels.qk_norm import qk_rmsnorm
+
+    qkv = _rand(T, (H + 2 * KVH) * D, seed=7)
+    q = qkv[:, :H * D].view(T, H, D)
+    k = qkv[:, H * D:(H + KVH) * D].view(T, KVH, D)
+    wq, wk = _rand(D, seed=8), _rand(D, seed=9)
+    qo, ko = qk_rmsnorm(q, k, wq, wk, 1e-6)
+    torch.testing.assert_close(qo, _rmsnorm_ref(q, wq, 1e-6), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(ko, _rmsnorm_ref(k, wk, 1e-6), atol=2e-2, rtol=2e-2)

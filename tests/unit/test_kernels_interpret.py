@@ -308,6 +308,26 @@ def case_window_and_softcap() -> None:
             assert rel_err(out, ref) < 1e-5, ("decode", window, cap, splits, rel_err(out, ref))
 
 
+def case_qk_norm() -> None:
+    """Per-head q and k RMSNorm in one launch, on views of a qkv buffer (rows strided)."""
+    from radixfleet.kernels.qk_norm import qk_rmsnorm
+
+    gen = torch.Generator().manual_seed(8)
+    for T, H, KVH, D in [(1, 4, 2, 16), (5, 6, 1, 24), (3, 8, 8, 32)]:
+        qkv = torch.randn(T, (H + 2 * KVH) * D + 3, generator=gen)  # row stride wider than q|k|v
+        q = qkv[:, :H * D].view(T, H, D)
+        k = qkv[:, H * D:(H + KVH) * D].view(T, KVH, D)
+        wq, wk = torch.randn(D, generator=gen), torch.randn(D, generator=gen)
+        qo, ko = qk_rmsnorm(q, k, wq, wk, 1e-6)
+
+        def ref(x, w):
+            return w * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+        torch.testing.assert_close(qo, ref(q, wq))
+        torch.testing.assert_close(ko, ref(k, wk))
+        assert qo.is_contiguous() and ko.is_contiguous()
+
+
 def case_fused_moe() -> None:
     """Routing + align in one program, the torch align, and both grouped GEMMs, against a
     per-pair reference; experts with 0 tokens, k from 1 to 8."""
