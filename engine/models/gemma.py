@@ -17,6 +17,7 @@ What differs from Llama, as transformers computes it:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -139,4 +140,18 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
 
 
 class Gemma3ForCausalLM(Gemma2ForCausalLM):
+    """Also the language model of ``Gemma3ForConditionalGeneration`` checkpoints (text only:
+    the vision tower and projector are not loaded)."""
+
     gemma3 = True
+    _SKIPPED = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                "model.multi_modal_projector.")
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        def text_only():
+            for name, tensor in weights:
+                if not name.startswith(self._SKIPPED):
+                    # language_model.model.X (older saves) / model.language_model.X (newer)
+                    yield name.removeprefix("language_model.").removeprefix("model.language_model."), tensor
+
+        super().load_weights(text_only())

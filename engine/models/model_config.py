@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from radixfleet.engine.models import attention_layout
+from radixfleet.engine.models.text_config import text_config
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, hf: dict[str, Any]) -> ModelConfig:
+        hf = text_config(hf)  # a multimodal checkpoint served as text: its language model's
         archs = hf.get("architectures") or []
         if not archs:
             raise ValueError("config.json has no 'architectures' entry")

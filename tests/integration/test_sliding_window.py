@@ -104,3 +104,37 @@ def test_gemma_lora_matches_the_merged_model(arch, tmp_path):
     assert out["output_ids"] == ref.tolist()
     got = torch.tensor([v for v, _, _ in out["meta_info"]["output_token_logprobs"]])
     assert (got - lp.gather(1, ref[:, None]).squeeze(1)).abs().max().item() < TOL
+
+
+def test_gemma3_multimodal_checkpoint_serves_its_text_model(tmp_path):
+    """A ``Gemma3ForConditionalGeneration`` folder (as Gemma 3 4B-27B ship): the text model's
+    settings from ``text_config``, its weights from under ``language_model.``, the vision
+    tower skipped; text prompts match transformers' multimodal model."""
+    import transformers
+
+    text = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=8,
+                query_pre_attn_scalar=24, sliding_window_pattern=3, max_position_embeddings=512,
+                rope_scaling={"rope_type": "linear", "factor": 4.0}, pad_token_id=0,
+                eos_token_id=None, bos_token_id=None)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=28, patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       image_token_index=500, boi_token_index=498, eoi_token_index=499)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for p in model.model.language_model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(str(tmp_path))
+    prompt = PROMPTS[3]
+    with torch.no_grad():
+        full = model.generate(torch.tensor([prompt]), max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+        lp = torch.log_softmax(model(full).logits[0].float(), -1)[len(prompt) - 1:-1]
+    ref = full[0, len(prompt):]
+    with Engine(model_path=str(tmp_path), max_total_tokens=2048, skip_tokenizer_init=True) as engine:
+        out = run(engine, [prompt])[0]
+    assert out["output_ids"] == ref.tolist()
+    got = torch.tensor([v for v, _, _ in out["meta_info"]["output_token_logprobs"]])
+    assert (got - lp.gather(1, ref[:, None]).squeeze(1)).abs().max().item() < TOL
