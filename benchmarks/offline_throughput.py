@@ -196,7 +196,9 @@ def main() -> None:
     ours = run_engine(args, inputs, outputs)
     print(json.dumps({**common, **ours}), flush=True)
     if args.moe_torch_reference:
-        os.environ["RADIXFLEET_MOE_TORCH"] = "1"  # read by the engine's scheduler processes
+        from radixfleet import env_vars
+
+        os.environ[env_vars.MOE_TORCH.name] = "1"  # read by the engine's scheduler processes
         args.extra = json.dumps({**json.loads(args.extra or "{}"), "disable_cuda_graph": True})
         ref = run_engine(args, inputs, outputs)
         print(json.dumps({**common, **ref, "system": "radixfleet_moe_torch_loop"}), flush=True)

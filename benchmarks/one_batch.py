@@ -32,6 +32,7 @@ import time
 
 import torch
 
+from radixfleet import env_vars
 from radixfleet.engine.config import EngineConfig
 from radixfleet.engine.executor.forward_batch import ForwardBatch, ForwardMode
 from radixfleet.engine.executor.model_runner import ModelRunner
@@ -183,12 +184,12 @@ def read_roofline(row: dict, read_bytes: float, hbm: float) -> dict:
 def run_moe_torch_reference(runner: ModelRunner, bs: int, in_len: int, out_len: int) -> dict:
     """``run_one`` with the MoE experts looped over in torch and CUDA graphs off."""
     graphs, runner.cuda_graphs = runner.cuda_graphs, None
-    os.environ["RADIXFLEET_MOE_TORCH"] = "1"
+    os.environ[env_vars.MOE_TORCH.name] = "1"
     moe._fused_moe.cache_clear()
     try:
         return run_one(runner, bs, in_len, out_len)
     finally:
-        del os.environ["RADIXFLEET_MOE_TORCH"]
+        del os.environ[env_vars.MOE_TORCH.name]
         moe._fused_moe.cache_clear()
         runner.cuda_graphs = graphs
 
