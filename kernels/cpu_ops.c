@@ -152,6 +152,78 @@ static inline void prefetch_bytes(const void *p, int64_t bytes) {
     for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch((const char *)p + i);
 }
 
+/* Sums of 16 vectors at once: lane i of the result is the sum of the lanes of a[i]. Pairs
+ * are folded by halves (8, 4, 2, 1 lanes): 15 shuffle-adds instead of 16 horizontal sums. */
+static inline vf16 fold8(vf16 a, vf16 b) {
+    return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+         + __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+}
+static inline vf16 fold4(vf16 a, vf16 b) {
+    return __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
+         + __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+}
+static inline vf16 fold2(vf16 a, vf16 b) {
+    return __builtin_shufflevector(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29)
+         + __builtin_shufflevector(a, b, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+}
+static inline vf16 fold1(vf16 a, vf16 b) {
+    return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
+         + __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+static inline vf16 sum16(const vf16 *a) {
+    vf16 b[8], c[4];
+    for (int i = 0; i < 8; i++) b[i] = fold8(a[2 * i], a[2 * i + 1]);
+    for (int i = 0; i < 4; i++) c[i] = fold4(b[2 * i], b[2 * i + 1]);
+    return fold1(fold2(c[0], c[1]), fold2(c[2], c[3]));
+}
+
+#define TB 16  /* tokens per block of the bf16 decode attention */
+
+/* One bf16 decode work item (request b, kv heads g0 .. g0 + per - 1, their nh query heads)
+ * in blocks of TB tokens: the block's K rows are widened to fp32 in kb [TB, per * D], then
+ * each head's TB scores come out of one sum16; V likewise, each head's output held in
+ * registers across the block. D % 16 == 0; qf [nh, D] fp32 queries; of [nh, D] fp32 output
+ * (unnormalised); s [nh, scratch_len] the scores, then the probabilities. */
+static void decode_item_bf16(const float *qf, const bf16 *kv, const int32_t *slot, int n, int64_t tok,
+                             int g0, int per, int G, int D, float scale, float *s, int64_t scratch_len,
+                             float *of, float *kb, float *inv) {
+    const int nh = per * G, pd = per * D;
+    for (int t0 = 0; t0 < n; t0 += TB) {
+        const int cnt = n - t0 < TB ? n - t0 : TB;
+        for (int i = 0; i < cnt; i++) widen(kb + i * pd, kv + slot[t0 + i] * tok + (int64_t)g0 * D, pd, 1);
+        if (cnt < TB) memset(kb + cnt * pd, 0, sizeof(float) * (TB - cnt) * pd);
+        for (int h = 0; h < nh; h++) {
+            const float *qh = qf + h * D, *kh = kb + (h / G) * D;
+            vf16 acc[TB];
+            for (int i = 0; i < TB; i++) {
+                acc[i] = load16(qh) * load16(kh + i * pd);
+                for (int c = 16; c < D; c += 16) acc[i] += load16(qh + c) * load16(kh + i * pd + c);
+            }
+            vf16 sc = sum16(acc) * scale;
+            memcpy(s + h * scratch_len + t0, &sc, sizeof(float) * cnt);
+        }
+    }
+    for (int h = 0; h < nh; h++) {
+        float *sh = s + h * scratch_len, m = -INFINITY;
+        for (int t = 0; t < n; t++) m = sh[t] > m ? sh[t] : m;
+        inv[h] = 1.f / exp_sub_sum(sh, m, n);
+    }
+    memset(of, 0, sizeof(float) * nh * D);
+    for (int t0 = 0; t0 < n; t0 += TB) {
+        const int cnt = n - t0 < TB ? n - t0 : TB;
+        for (int i = 0; i < cnt; i++)
+            widen(kb + i * pd, kv + slot[t0 + i] * tok + (int64_t)(tok / 2) + (int64_t)g0 * D, pd, 1);
+        for (int h = 0; h < nh; h++) {
+            const float *vh = kb + (h / G) * D, *ph = s + h * scratch_len + t0;
+            for (int c = 0; c < D; c += 16) {
+                vf16 o = load16(of + h * D + c);
+                for (int i = 0; i < cnt; i++) o += ph[i] * load16(vh + i * pd + c);
+                store16(of + h * D + c, o);
+            }
+        }
+    }
+}
+
 /* Decode attention straight from the token-slot KV pool (no gather).
  *
  * q       [B, H, D]            one query token per request
@@ -173,6 +245,8 @@ INLINE void decode_attention(const void *q, const void *kv, const int32_t *table
     const int esz = BF ? 2 : 4;
     const int split = B < 8 ? KVH : 1;  /* work items per request */
     const int per = KVH / split;        /* kv heads per work item */
+    /* bf16 in blocks of TB tokens where the block's fp32 K (or V) rows fit 64 KB of stack */
+    const int blocked = BF && D % 16 == 0 && TB * per * D <= 16384;
 #pragma omp parallel for schedule(dynamic, 1)
     for (int w = 0; w < B * split; w++) {
         const int b = w / split, g0 = (w % split) * per, h0 = g0 * G, nh = per * G, n = lens[b];
@@ -183,6 +257,13 @@ INLINE void decode_attention(const void *q, const void *kv, const int32_t *table
         if (BF) widen(qf, (const bf16 *)q + qo, nh * D, 1);
         const float *qb = BF ? qf : (const float *)q + qo;
         float *s = scratch + ((int64_t)b * H + h0) * scratch_len;
+        if (BF && blocked) {
+            float kb[TB * per * D], inv[256];
+            decode_item_bf16(qf, (const bf16 *)kv, slot, n, tok, g0, per, G, D, scale, s, scratch_len, of, kb, inv);
+            for (int h = 0; h < nh; h++)
+                for (int i = 0; i < D; i++) st1(out, qo + h * D + i, of[h * D + i] * inv[h], 1);
+            continue;
+        }
         const int64_t row_bytes = split == 1 ? tok * esz : 0;
         for (int t = 0; t < n; t++) {
             if (t + 2 < n) {
