@@ -23,6 +23,7 @@ and the ratios of this engine's to the others' (median of the per-round ratios).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -137,7 +138,9 @@ class Worker:
         return self._reply()
 
     def close(self) -> None:
-        self.proc.stdin.close()
+        # A worker that already died (its error is on stderr) has no stdin to close.
+        with contextlib.suppress(BrokenPipeError):
+            self.proc.stdin.close()
         try:
             self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
