@@ -9,6 +9,8 @@ the query-length dimension, so SDPA needs no GQA expansion of the keys.
 Sliding windows and soft-capped logits (``AttentionBackend.configure``) are masks and an
 explicit softmax here; the KV cache keeps every token, so the radix cache and chunked
 prefill need nothing special: each query's window is counted from its absolute position.
+A window no shorter than the step's longest context changes nothing and is dropped for the
+step (so such layers keep the C decode kernel and SDPA's causal path).
 """
 
 from __future__ import annotations
@@ -50,7 +52,9 @@ class TorchNativeBackend(AttentionBackend):
     def plan(self, batch: ForwardBatch) -> None:
         self._cpu_decode = None
         self._extend_masks: dict[tuple[int, int | None], torch.Tensor | None] = {}
-        plain = self.logit_cap is None and not any(self.sliding_windows)
+        self._max_len = max(batch.seq_lens_cpu)
+        layers = range(len(self.sliding_windows))
+        plain = self.logit_cap is None and all(self._window(i) is None for i in layers)
         if batch.mode is ForwardMode.DECODE and self.kv_pool.kv_buffers is not None \
                 and cpu_ops.usable(self.kv_pool.kv_buffers[0]):
             # One C call per layer reads K/V straight from the pool (kernels/cpu_ops.c): the
@@ -76,6 +80,11 @@ class TorchNativeBackend(AttentionBackend):
                                         batch.extend_prefix_lens_cpu)
             ]
 
+    def _window(self, layer_id: int) -> int | None:
+        """The layer's window where it matters this step (some context is longer)."""
+        w = self.window(layer_id)
+        return w if w is not None and w < self._max_len else None
+
     def forward(self, q, k, v, layer_id, batch):
         self.kv_pool.store(layer_id, batch.out_cache_loc, k, v)
         if batch.mode is ForwardMode.DECODE:
@@ -83,7 +92,7 @@ class TorchNativeBackend(AttentionBackend):
         return self._extend(q, k, v, layer_id, batch)
 
     def _decode(self, q, layer_id):
-        window = self.window(layer_id)
+        window = self._window(layer_id)
         if self._cpu_decode is not None and window is None and self.logit_cap is None:
             table, rows, lens, max_len = self._cpu_decode
             return cpu_ops.decode_attention(q, self.kv_pool.kv_buffers[layer_id], table, rows, lens,
@@ -109,7 +118,7 @@ class TorchNativeBackend(AttentionBackend):
     def _extend(self, q, k, v, layer_id, batch):
         k_buf, v_buf = self.kv_pool.k_buffers[layer_id], self.kv_pool.v_buffers[layer_id]
         group = self.num_heads // self.num_kv_heads
-        window = self.window(layer_id)
+        window = self._window(layer_id)
         out = torch.empty_like(q)
         start = 0
         for i, (slots, prefix, n) in enumerate(zip(self._extend_slots, batch.extend_prefix_lens_cpu,
