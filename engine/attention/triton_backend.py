@@ -78,6 +78,7 @@ class TritonAttentionBackend(AttentionBackend):
         # Exclusive prefix sum on the device: start of each request's tokens in the packed q.
         self._q_start = torch.cumsum(lens, 0, dtype=torch.int32) - lens.to(torch.int32)
         self._max_extend_len = max(batch.extend_seq_lens_cpu, default=0)
+        self._max_seq_len = max(batch.seq_lens_cpu, default=0)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
                 batch: ForwardBatch, rope=None) -> torch.Tensor:
@@ -91,7 +92,10 @@ class TritonAttentionBackend(AttentionBackend):
                 semaphore=semaphore, window=self.window(layer_id), logit_cap=self.logit_cap,
                 **scales)
         assert self._q_start is not None, "plan() must run before forward()"
+        window = self.window(layer_id)
+        if window is not None and window >= self._max_seq_len:
+            window = None  # covers every context of the step: the unmasked tiles stay unmasked
         return extend_attention(
             q, k_buf, v_buf, batch.req_to_token, batch.req_pool_indices, self._q_start,
             batch.extend_prefix_lens, batch.extend_seq_lens, self._max_extend_len, self.scale,
-            window=self.window(layer_id), logit_cap=self.logit_cap, **scales)
+            window=window, logit_cap=self.logit_cap, **scales)
