@@ -8,7 +8,8 @@ extend index i of request b (absolute position ``prefix_b + i``) sees context sl
 
 Sliding window ``window`` (``None`` = whole context): query position p sees keys
 ``p - window + 1 .. p`` only; the loop starts at the tile holding the block's lowest visible
-key and masks every tile. ``logit_cap`` soft-caps the scaled logits (Gemma 2).
+key, masks the tiles along the window's lower edge and along the diagonal, and runs the
+tiles every row sees whole without masks. ``logit_cap`` soft-caps the scaled logits (Gemma 2).
 
 Grid: (cdiv(max_extend_len, BLOCK_M), B, H); one program computes a BLOCK_M tile of one
 request's queries for one query head, flash-attention style (online softmax, fp32 state).
@@ -85,14 +86,23 @@ def _extend_kernel(
     # Whole tiles below the tile's first query position need no mask: a mask-free loop
     # (which the compiler pipelines), then the causal tiles along the diagonal.
     full_end = (prefix + mblk * BLOCK_M) // BLOCK_N * BLOCK_N
-    if WINDOWED:  # from the tile of the block's lowest visible key, every tile masked
-        full_end = tl.maximum(prefix + mblk * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
-    else:
-        for n0 in range(0, full_end, BLOCK_N):
+    start = 0
+    if WINDOWED:
+        # From the tile of the block's lowest visible key: masked tiles along the window's
+        # lower edge, up to the first tile that every row sees whole (keys >= kv_end - window).
+        start = tl.maximum(prefix + mblk * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
+        edge_end = tl.minimum(tl.cdiv(tl.maximum(kv_end - window, 0), BLOCK_N) * BLOCK_N, full_end)
+        for n0 in range(start, edge_end, BLOCK_N):
             acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, q_pos, row, k_base, v_base, stride_kn,
                                         stride_vn, n0, kv_end, offs_d, d_mask, sm_scale_log2,
-                                        window, cap_log2, BLOCK_N, False, False,
-                                        HEAD_DIM == BLOCK_D, PRECISION, False, SOFTCAP)
+                                        window, cap_log2, BLOCK_N, True, True, HEAD_DIM == BLOCK_D,
+                                        PRECISION, True, SOFTCAP)
+        start = edge_end
+    for n0 in range(start, full_end, BLOCK_N):
+        acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, q_pos, row, k_base, v_base, stride_kn,
+                                    stride_vn, n0, kv_end, offs_d, d_mask, sm_scale_log2,
+                                    window, cap_log2, BLOCK_N, False, False,
+                                    HEAD_DIM == BLOCK_D, PRECISION, False, SOFTCAP)
     for n0 in range(full_end, kv_end, BLOCK_N):
         acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, q_pos, row, k_base, v_base, stride_kn,
                                     stride_vn, n0, kv_end, offs_d, d_mask, sm_scale_log2,

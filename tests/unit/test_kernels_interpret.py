@@ -288,7 +288,8 @@ def case_window_and_softcap() -> None:
     kv = make_paged_kv([p + e for p, e in zip(prefix, ext, strict=True)], KVH, D, torch.float32, "cpu", gen)
     q = torch.randn(sum(ext), H, D, generator=gen) * 3  # large logits: the cap bites
     lens = [p + e for p, e in zip(prefix, ext, strict=True)]
-    for window, cap in [(1, None), (5, None), (20, 2.0), (200, None), (None, 2.0)]:
+    # 50: masked tiles at the window's lower edge, unmasked ones inside it, masked diagonal.
+    for window, cap in [(1, None), (5, None), (20, 2.0), (50, None), (200, None), (None, 2.0)]:
         ref = torch.cat([attention_ref(q[int(s):int(s) + e], kv.k_buf, kv.v_buf, kv.slots(b), p,
                                        D ** -0.5, window, cap)
                          for b, (s, p, e) in enumerate(zip(starts, prefix, ext, strict=True))])
