@@ -50,7 +50,7 @@ def apply_prompt(info: dict[str, Any], texts: list[str] | None, prompt_name: str
     """``texts`` with the chosen (or default) prompt prepended; ValueError for an unknown name
     or a prompt asked for token-id inputs (``texts`` None)."""
     prompts = info.get("prompts") or {}
-    if prompt_name is not None and prompt_name not in prompts:
+    if prompt_name is not None and (not isinstance(prompt_name, str) or prompt_name not in prompts):
         known = ", ".join(sorted(prompts)) or "none"
         raise ValueError(f"prompt_name {prompt_name!r}: this model's prompts are {known}")
     name = prompt_name if prompt_name is not None else info.get("default_prompt_name")
