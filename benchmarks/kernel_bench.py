@@ -17,6 +17,9 @@ saying so (``"skipped"``) and exits 0.
 - gemv: batch-1 projections, cuBLAS vs kernels/gemv.py, and the separate norm / activation
   kernels + projection vs the GEMV with them folded in; rotary_store: rotary + KV store in
   two launches vs one.
+- sliding window (``--only window``; Mistral v0.1's 4096 at the Llama shape): decode at 16k
+  / 32k contexts and a 16k-token extend, windowed against full attention on the same data;
+  decode's bandwidth counts the bytes of the window only.
 - ``--sweep``: decode and extend tile configurations.
 """
 
@@ -169,6 +172,33 @@ def bench_extend(sweep: bool) -> None:
                 q, kk, vv, is_causal=True, enable_gqa=True))
             emit({"bench": "torch_sdpa_causal", "batch": B, "extend": ext, "prefix": 0,
                   "ms": round(ms, 4), "tflop_per_s": round(flops / ms / 1e9, 1)})
+
+
+WINDOW = 4096
+
+
+def bench_window() -> None:
+    for B in (1, 32):
+        for ctx in (16384, 32768):
+            case = DecodeCase(B, ctx)
+            for window in (None, WINDOW):
+                run, splits = case.fn(window=window)
+                ms = bench(run, graph=True) / case.layers
+                tokens = B * min(ctx, window or ctx)
+                need = tokens * KVH * D * 2 * 2 + tokens * 4 + 2 * case.q.numel() * 2
+                emit({"bench": "decode_attention_window", "batch": B, "context": ctx, "window": window,
+                      "num_kv_splits": splits, "us": round(ms * 1e3, 2),
+                      "tb_per_s": round(need / ms / 1e9, 3),
+                      "roofline_frac": round(need / ms / 1e9 / (HBM_ROOFLINE / 1e12), 3)})
+            del case
+            torch.cuda.empty_cache()
+    B, ext = 1, 16384
+    args, _ = _extend_case(B, ext, 0)
+    for window in (None, WINDOW):
+        ms = bench(lambda w=window: extend_attention(*args, window=w))
+        pairs = sum(min(i + 1, window or ext) for i in range(ext))  # visible (query, key) pairs
+        emit({"bench": "extend_attention_window", "batch": B, "extend": ext, "window": window,
+              "ms": round(ms, 4), "tflop_per_s": round(4 * H * D * B * pairs / ms / 1e9, 1)})
 
 
 def bench_small() -> None:
@@ -368,14 +398,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also sweep tile configurations")
     parser.add_argument("--out", help="also append the JSON lines to this file")
-    parser.add_argument("--only", choices=["decode", "extend", "small", "gemv", "gemv_sweep", "rotary_store", "launch"], action="append")
+    parser.add_argument("--only", choices=["decode", "extend", "small", "gemv", "gemv_sweep", "rotary_store",
+                                           "launch", "window"], action="append")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print(json.dumps({"bench": "kernel_bench", "skipped": "needs CUDA: no CUDA GPU visible to torch"}),
               flush=True)
         return
     _out_file = open(args.out, "a") if args.out else None  # noqa: SIM115
-    only = set(args.only or ["decode", "extend", "small", "gemv", "rotary_store", "launch"])
+    only = set(args.only or ["decode", "extend", "small", "gemv", "rotary_store", "launch", "window"])
     torch.manual_seed(0)
     if "decode" in only:
         bench_decode(args.sweep)
@@ -391,6 +422,8 @@ def main() -> None:
         bench_rotary_store()
     if "launch" in only:
         bench_launch()
+    if "window" in only:
+        bench_window()
 
 
 if __name__ == "__main__":
