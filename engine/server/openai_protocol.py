@@ -16,6 +16,9 @@ from radixfleet.engine.sampling.params import MAX_N
 # Accepted for compatibility; they do not change generation.
 IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls",
                             "reasoning_effort", "modalities", "prediction"})
+# SGLang request fields that sglang-router 0.3.2 always sends, accepted at SGLang's defaults
+# (no reasoning parser, no hidden states here): any other value is still a 400.
+DEFAULTED_FIELDS = {"separate_reasoning": True, "stream_reasoning": True, "return_hidden_states": False}
 
 
 class _Strict(BaseModel):
@@ -83,7 +86,9 @@ class _SamplingFields(BaseModel):
     lora_path: str | None = None  # a loaded LoRA adapter's name
 
     def check_extra(self) -> None:
-        unknown = sorted(set(self.model_extra or {}) - IGNORED_FIELDS)
+        extra = self.model_extra or {}
+        unknown = sorted(k for k in set(extra) - IGNORED_FIELDS
+                         if k not in DEFAULTED_FIELDS or extra[k] != DEFAULTED_FIELDS[k])
         if unknown:
             raise InvalidParam(f"unknown parameter(s): {', '.join(unknown)}", unknown[0])
 

@@ -106,3 +106,12 @@ def test_completion_logprobs_shape():
     out = completion_logprobs(FakeTok(), META, 1)
     assert out["tokens"] == ["Hel", "lo"] and out["token_logprobs"] == [-0.1, -0.2]
     assert out["text_offset"] == [0, 3] and out["top_logprobs"] == [{"Hel": -0.1}, {"lo": -0.2}]
+
+
+def test_fields_sglang_router_forwards_are_accepted_at_their_defaults_only():
+    """Regression (issue 23's benchmark): sglang-router 0.3.2 adds separate_reasoning,
+    stream_reasoning and return_hidden_states to every chat request it forwards, and the
+    engine answered 400 "unknown parameter(s)"."""
+    chat(separate_reasoning=True, stream_reasoning=True, return_hidden_states=False)
+    with pytest.raises(InvalidParam, match="return_hidden_states"):
+        chat(return_hidden_states=True)
