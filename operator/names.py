@@ -46,6 +46,7 @@ ENGINE = "engine"
 ROUTER = "router"
 HTTP_PORT_NAME = "http"
 DIST_PORT = 5000  # rank 0's torch.distributed rendezvous port in multi-node TP
+KV_EVENTS_PORT_NAME = "kv-events"  # the engines' ZMQ PUB of KV-cache events (spec.router.kvEventsPort)
 
 
 def selector_labels(spec: InferenceServiceSpec, component: str) -> dict[str, str]:

@@ -186,7 +186,8 @@ async def sync_workers(rt: Runtime, spec: InferenceServiceSpec, pods: list[Pod],
     excluded, restarting = await heal_groups(rt, spec, pods, emit) if spec.multi_node else (set(), [])
     desired = {url: pod for url, pod in ready_workers(spec, pods).items() if url not in excluded}
     routers = router_urls(spec, pods)
-    result = await sync_routers(routers, set(desired), rt.router_memory(spec), await rt.router_clients(spec))
+    result = await sync_routers(routers, set(desired), rt.router_memory(spec), await rt.router_clients(spec),
+                                spec.router.kv_events_port)
     for base in result.restarted:
         emit("Warning", "RouterRestarted", f"router {base} lost its workers (restart?); re-registering {len(desired)}")
     for url in sorted(result.added):

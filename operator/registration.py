@@ -21,6 +21,14 @@ class Plan:
     remove: tuple[str, ...]
 
 
+def events_endpoint(url: str, port: int) -> str | None:
+    """``tcp://<worker host>:<port>`` for worker ``url`` (http://host:port), or None when off."""
+    if not port:
+        return None
+    host = url.split("://", 1)[-1].rsplit(":", 1)[0]
+    return f"tcp://{host}:{port}"
+
+
 def plan(desired: Iterable[str], actual: Iterable[str]) -> Plan:
     desired, actual = set(desired), set(actual)
     return Plan(add=tuple(sorted(desired - actual)), remove=tuple(sorted(actual - desired)))
@@ -47,7 +55,10 @@ async def sync_routers(
     desired: set[str],
     memory: RouterMemory,
     client_for: Callable[[str], RouterClient],
+    kv_events_port: int = 0,
 ) -> SyncResult:
+    """``kv_events_port``: where each engine publishes its KV events (on its pod IP, the
+    worker URL's host), sent along with ``add_worker``; 0: none."""
     result = SyncResult()
     registered: set[str] | None = None
     for base in routers:
@@ -62,7 +73,7 @@ async def sync_routers(
                 await client.remove_worker(url)
                 log.info("router %s: removed worker %s", base, url)
             for url in p.add:
-                await client.add_worker(url)
+                await client.add_worker(url, events_endpoint(url, kv_events_port))
                 log.info("router %s: added worker %s", base, url)
             result.added |= set(p.add)
             result.removed |= set(p.remove)

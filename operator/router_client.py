@@ -37,8 +37,9 @@ class RouterClient:
         resp = await self._call("GET", "/list_workers")
         return set(resp.json().get("urls") or [])
 
-    async def add_worker(self, url: str) -> None:
-        await self._call("POST", "/add_worker", params={"url": url})
+    async def add_worker(self, url: str, kv_events: str | None = None) -> None:
+        """Register ``url``; ``kv_events`` (tcp://host:port) is where it publishes KV events."""
+        await self._call("POST", "/add_worker", params={"url": url, **({"kv_events": kv_events} if kv_events else {})})
 
     async def remove_worker(self, url: str) -> None:
         await self._call("POST", "/remove_worker", params={"url": url})

@@ -20,7 +20,7 @@ from radixfleet.engine.models.hub import REPO_ID_RE
 MAX_NAME_LENGTH = 40  # leaves room for "-engine-<r>-<ordinal>" inside a 63-character label
 NAME_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-ROUTER_POLICIES = ("cache_aware", "round_robin", "random", "power_of_two")
+ROUTER_POLICIES = ("auto", "precise", "cache_aware", "round_robin", "random", "power_of_two")
 AUTOSCALING_METRICS = ("queuedRequests", "kvCacheUsage")
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
 GRACE_MARGIN_SECONDS = 10  # after the drain: the engine's own shutdown (processes, sockets)
@@ -100,7 +100,10 @@ class PodSettings:
 
 @dataclass(frozen=True)
 class RouterSpec:
-    policy: str = "cache_aware"
+    policy: str = "auto"
+    # Engines publish their KV-cache events on this port and every router pod subscribes
+    # (the precise policy, which auto picks once every engine publishes); 0: off.
+    kv_events_port: int = 5557
     cache_threshold: float = 0.5
     balance_abs_threshold: int = 32
     balance_rel_threshold: float = 1.0001
@@ -347,6 +350,7 @@ def _parse_router(raw: Mapping[str, Any]) -> RouterSpec:
     d = RouterSpec()
     return RouterSpec(
         policy=_choice(raw.get("policy", d.policy), "router.policy", ROUTER_POLICIES),
+        kv_events_port=_int(raw.get("kvEventsPort", d.kv_events_port), "router.kvEventsPort", 0, 65535),
         cache_threshold=float(raw.get("cacheThreshold", d.cache_threshold)),
         balance_abs_threshold=_int(raw.get("balanceAbsThreshold", d.balance_abs_threshold), "router.balanceAbsThreshold", 0),
         balance_rel_threshold=float(raw.get("balanceRelThreshold", d.balance_rel_threshold)),

@@ -33,7 +33,8 @@ from .worker import normalize_url
 
 log = logging.getLogger(__name__)
 
-_RETRY_S = 1.0
+_RETRY_S = 1.0  # first retry of a failed snapshot; doubled after each failure up to _RETRY_MAX_S
+_RETRY_MAX_S = 30.0
 
 
 def endpoint_from_info(url: str, info: dict) -> str | None:
@@ -167,15 +168,18 @@ class KVSubscriber:
     async def _snapshot(self, url: str, reason: str, delay: float = 0.0) -> None:
         """Load snapshots until the index is live again (or the worker is gone)."""
         await asyncio.sleep(delay)
+        retry = _RETRY_S
         while url in self._socks:
             try:
                 resp = await self.upstream.send("GET", url + "/kv_events/snapshot", None, self.headers)
-                if resp.status != 200:
+                if resp.status != 200:  # 400: the engine does not publish (kv_events_port 0)
                     raise ValueError(f"HTTP {resp.status}: {resp.content[:200]!r}")
                 snap = Snapshot.from_json(json.loads(resp.content))
             except (UpstreamError, ValueError) as e:
-                log.warning("KV-event snapshot of %s failed (%s); retrying", url, e)
-                await asyncio.sleep(_RETRY_S)
+                (log.warning if retry == _RETRY_S else log.debug)(
+                    "KV-event snapshot of %s failed (%s); retrying, routing it by the approximate tree meanwhile", url, e)
+                await asyncio.sleep(retry)
+                retry = min(2 * retry, _RETRY_MAX_S)
                 continue
             self._drain_one(url)  # what came before the snapshot is buffered, not lost
             self.metrics.resyncs.labels(url, reason).inc()

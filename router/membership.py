@@ -30,6 +30,7 @@ class Membership:
         # with its event endpoint if one was given (kv_subscriber.py).
         self.on_added: Callable[[str, str | None], Awaitable[None]] | None = None
         self.check_events: Callable[[str], str] = lambda endpoint: endpoint
+        self._background: set[asyncio.Task] = set()
 
     async def add(self, raw_url: str | None, events: str | None = None) -> tuple[int, str]:
         """(HTTP status, message) for adding ``raw_url`` (``events``: its KV-event endpoint)."""
@@ -56,8 +57,10 @@ class Membership:
             self.registry.add(url)
         except DuplicateWorker as e:
             return 409, str(e)
-        if self.on_added is not None:
-            await self.on_added(url, events or None)
+        if self.on_added is not None:  # in the background: the answer does not wait for it
+            task = asyncio.create_task(self.on_added(url, events or None))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         return 200, f"Successfully added worker: {url}"
 
     def remove(self, raw_url: str | None) -> tuple[int, str]:

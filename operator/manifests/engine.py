@@ -46,6 +46,8 @@ def engine_args(spec: InferenceServiceSpec, replica: int | None = None, group: s
     args += ["--served-model-name", spec.served_name]
     # SIGTERM (pod deletion, after the preStop sleep) drains requests in flight this long.
     args += ["--drain-timeout", str(spec.disruption.drain_timeout_seconds)]
+    if spec.router.kv_events_port:  # every router pod subscribes (rank 0's scheduler publishes)
+        args += ["--kv-events-port", str(spec.router.kv_events_port), "--kv-events-host", "0.0.0.0"]
     if replica is not None:
         group = group or names.group_name(spec, replica)
         rendezvous = f"{group}-0.{group}"
@@ -56,6 +58,17 @@ def engine_args(spec: InferenceServiceSpec, replica: int | None = None, group: s
         ]
     # With apiKeySecret the engine reads its key from $RADIXFLEET_API_KEY (kept out of argv).
     return args + list(spec.engine_args)
+
+
+def kv_events_ports(spec: InferenceServiceSpec, key: str) -> list[dict[str, Any]]:
+    """The KV-event port entry of a container (``key`` "containerPort") or Service ("port")."""
+    port = spec.router.kv_events_port
+    if not port:
+        return []
+    entry: dict[str, Any] = {"name": names.KV_EVENTS_PORT_NAME, key: port, "protocol": "TCP"}
+    if key == "port":
+        entry["targetPort"] = names.KV_EVENTS_PORT_NAME
+    return [entry]
 
 
 def _env(spec: InferenceServiceSpec, multi_node: bool) -> list[dict[str, Any]]:
@@ -119,6 +132,7 @@ def build_engine_pod_spec(spec: InferenceServiceSpec, replica: int | None = None
     volumes, mounts = _volumes(spec)
     multi = replica is not None
     ports = [{"name": names.HTTP_PORT_NAME, "containerPort": spec.port, "protocol": "TCP"}]
+    ports += kv_events_ports(spec, "containerPort")
     if replica is not None:
         ports.append({"name": "dist", "containerPort": names.DIST_PORT, "protocol": "TCP"})
     container: dict[str, Any] = {
@@ -225,6 +239,7 @@ def build_replica_headless_service(spec: InferenceServiceSpec, replica: int, gro
             "ports": [
                 {"name": names.HTTP_PORT_NAME, "port": spec.port, "targetPort": names.HTTP_PORT_NAME},
                 {"name": "dist", "port": names.DIST_PORT, "targetPort": "dist"},
+                *kv_events_ports(spec, "port"),
             ],
         },
     }
@@ -246,6 +261,7 @@ def build_engine_service(spec: InferenceServiceSpec) -> dict[str, Any]:
         "spec": {
             "clusterIP": "None",
             "selector": selector,
-            "ports": [{"name": names.HTTP_PORT_NAME, "port": spec.port, "targetPort": names.HTTP_PORT_NAME}],
+            "ports": [{"name": names.HTTP_PORT_NAME, "port": spec.port, "targetPort": names.HTTP_PORT_NAME},
+                      *kv_events_ports(spec, "port")],
         },
     }

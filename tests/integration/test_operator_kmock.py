@@ -112,7 +112,8 @@ async def test_single_node_lifecycle(engines, router):
             args = deploy["spec"]["template"]["spec"]["containers"][0]["args"]
             assert args[:3] == ["serve", "--model-path", "smollm2"] and args[args.index("--port") + 1] == str(engine_port)
             rargs = router_deploy["spec"]["template"]["spec"]["containers"][0]["args"]
-            assert rargs[:2] == ["router", "--host"] and rargs[rargs.index("--policy") + 1] == "cache_aware"
+            assert rargs[:2] == ["router", "--host"] and rargs[rargs.index("--policy") + 1] == "auto"
+            assert args[args.index("--kv-events-port") + 1] == "5557"  # every router pod subscribes
 
             # 2. Pods scheduled (not Ready yet): nothing registered. Then Ready: both registered.
             await api.create(f"/api/v1/namespaces/{NS}/pods", pod_manifest("chat-router-x", NS, router_labels("chat"), "127.0.0.1", ready=True))

@@ -80,8 +80,38 @@ def test_single_node_is_one_deployment_with_the_engine_command_line():
     container = deploy["spec"]["template"]["spec"]["containers"][0]
     assert container["command"] == ["radixfleet"]
     assert container["args"] == ["serve", "--model-path", "smollm2", "--host", "0.0.0.0", "--port", "30000", "--tp-size", "1",
-                                 "--served-model-name", "chat", "--drain-timeout", "120"]
+                                 "--served-model-name", "chat", "--drain-timeout", "120",
+                                 "--kv-events-port", "5557", "--kv-events-host", "0.0.0.0"]
     assert not by_kind(manifests, "StatefulSet")
+
+
+@pytest.mark.parametrize("case", ["single-node", "multi-node"])
+def test_kv_event_port_is_wired_from_engines_to_routers(case):
+    """Issue #23: engines publish on spec.router.kvEventsPort (a named container port and a
+    port of every engine Service), routers run auto; kvEventsPort 0 turns it all off."""
+    from radixfleet.operator.registration import events_endpoint
+
+    manifests = children(copy.deepcopy(CASES[case][0]))
+    engine_pods = [m["spec"]["template"]["spec"] for m in manifests if m["kind"] in ("Deployment", "StatefulSet")
+                   and m["metadata"]["name"] != "chat-router"]
+    for pod in engine_pods:
+        (c,) = pod["containers"]
+        assert c["args"][c["args"].index("--kv-events-port") + 1] == "5557"
+        assert {"name": "kv-events", "containerPort": 5557, "protocol": "TCP"} in c["ports"]
+    for svc in by_kind(manifests, "Service"):
+        names = [p["name"] for p in svc["spec"]["ports"]]
+        assert ("kv-events" in names) == (svc["metadata"]["name"] != "chat-router"), svc["metadata"]["name"]
+    (router,) = [m for m in manifests if m["metadata"]["name"] == "chat-router" and m["kind"] == "Deployment"]
+    rargs = router["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert rargs[rargs.index("--policy") + 1] == CASES[case][0]["spec"].get("router", {}).get("policy", "auto")
+    assert events_endpoint("http://10.0.0.7:30000", 5557) == "tcp://10.0.0.7:5557"
+    off = copy.deepcopy(CASES[case][0])
+    off["spec"].setdefault("router", {})["kvEventsPort"] = 0
+    manifests = children(off)
+    assert events_endpoint("http://10.0.0.7:30000", 0) is None
+    for m in manifests:
+        text = str(m)
+        assert "kv-events" not in text, m["metadata"]["name"]
 
 
 def test_startup_probe_allows_a_slow_model_load():
