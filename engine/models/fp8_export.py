@@ -57,9 +57,12 @@ def quantization_config(scheme: str, fmt: str, kv_scales: bool) -> dict[str, Any
 
 
 def export_fp8(src: str, dst: str, scheme: str = "channel", fmt: str = "compressed-tensors",
-               kv_scale: float | None = None) -> list[str]:
+               kv_scale: float | None = None, device: str = "cpu") -> list[str]:
     """Write the FP8 checkpoint of HF folder ``src`` into ``dst``; returns the quantized
-    tensor names. ``ValueError`` for an unknown scheme or format, or a folder without weights."""
+    tensor names. ``ValueError`` for an unknown scheme or format, or a folder without weights.
+    ``device``: where the weights are quantized (a GPU's fp32 -> e4m3 rounding can differ from
+    the CPU's in the last bit; quantize where ``quantization="fp8"`` would run for bit-identical
+    weights)."""
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
     if fmt not in FORMATS:
@@ -80,11 +83,13 @@ def export_fp8(src: str, dst: str, scheme: str = "channel", fmt: str = "compress
             tensors[name] = tensor.contiguous()
             continue
         layers.add(int(m.group(1)))
+        tensor = tensor.to(device)
         if scheme == "channel":
             weight, scale = quantize_rows(tensor)
         else:
             weight, scale = quantize_tensor(tensor)
             scale = scale.reshape(1) if fmt == "compressed-tensors" else scale.reshape(())
+        weight, scale = weight.cpu(), scale.cpu()
         base = name.removesuffix(".weight")
         tensors[name], tensors[base + ".weight_scale"] = weight.contiguous(), scale.float().contiguous()
         quantized.append(name)

@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                      default="compressed-tensors", help="quantization_config layout")
     exp.add_argument("--kv-scale", type=float, default=None,
                      help="also write this KV-cache scale for every layer (self_attn.k_scale / v_scale)")
+    exp.add_argument("--device", default="cpu", help="where to quantize (cuda: bit-identical to "
+                                                     "quantization='fp8' on that GPU)")
     return parser
 
 
@@ -172,7 +174,7 @@ def main(argv: list[str]) -> int:
 
         src = resolve_model_path(args.src)
         try:
-            names = export_fp8(src, args.dst, args.scheme, args.fmt, args.kv_scale)
+            names = export_fp8(src, args.dst, args.scheme, args.fmt, args.kv_scale, args.device)
         except ValueError as e:
             print(f"radixfleet model fp8-export: {e}", file=sys.stderr)
             return 2
