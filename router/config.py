@@ -48,7 +48,8 @@ class RouterConfig:
     tokenizer_path: str = _f("", "precise/auto: the model's tokenizer folder (default: fetched from the first "
                                  "worker that publishes KV events).")
     chat_template: str = _f("", "precise/auto: the engines' --chat-template, if they were given one.")
-    load_tokens: int = _f(256, "precise: prompt tokens that one request in flight on a worker is worth in its cost.")
+    load_tokens: int = _f(32, "precise: prompt tokens that one request in flight on a worker is worth in its cost "
+                              "(beyond the prefill it still owes).")
     kv_events_stale_after: float = _f(5.0, "precise: seconds without a KV-event message (heartbeats come every second) "
                                            "after which a worker is scored by the approximate tree until it resyncs.")
     # fault tolerance

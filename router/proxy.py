@@ -82,6 +82,21 @@ class _Release:
             self._fn()
 
 
+class _Prefill:
+    """The uncached prompt tokens (precise policy's estimate) a worker owes a request until
+    its answer starts: counted in ``worker.pending_prefill`` once, settled once."""
+
+    __slots__ = ("worker", "tokens")
+
+    def __init__(self, worker: Worker, tokens: int) -> None:
+        self.worker, self.tokens = worker, tokens
+        worker.pending_prefill += tokens
+
+    def settle(self) -> None:
+        self.worker.pending_prefill -= self.tokens
+        self.tokens = 0
+
+
 class _RelayResponse(StreamingResponse):
     """A StreamingResponse that closes its upstream even when the client goes away."""
 
@@ -144,8 +159,11 @@ class Proxy:
         start = time.perf_counter()
         self.in_flight += 1
         worker: Worker | None = None
+        prefill: _Prefill | None = None
 
         def release() -> None:
+            if prefill is not None:
+                prefill.settle()
             self.in_flight -= 1
             if worker is not None:
                 worker.in_flight -= 1
@@ -178,15 +196,19 @@ class Proxy:
                 tried.add(worker.url)
                 worker.in_flight += 1
                 worker.breaker.on_dispatch()
+                prefill = _Prefill(worker, getattr(text, "uncached", 0))
                 last = attempt == self.config.max_total_retries
                 try:
                     upstream = await self.upstream.send(method, worker.url + route, body, self.headers, stream=stream)
                 except UpstreamError as e:
+                    prefill.settle()
                     last_error = f"{worker.url}: {e}"
                     self._failed(worker, route, "connect" if e.counts_against_worker else "disconnect",
                                  last_error, e.counts_against_worker)
                     worker = None
                     continue
+                if not stream or upstream.status >= 500:
+                    prefill.settle()
                 if upstream.status >= 500 and not last:
                     upstream.close()
                     last_error = f"{worker.url}: HTTP {upstream.status}"
@@ -199,11 +221,13 @@ class Proxy:
                     try:
                         first = await anext(chunks, b"")
                     except UpstreamError as e:
+                        prefill.settle()
                         upstream.close()
                         last_error = f"{worker.url}: {e} before the first byte"
                         self._failed(worker, route, "stream", last_error, e.counts_against_worker)
                         worker = None
                         continue
+                    prefill.settle()  # the first token is out: its prefill is done
                 self.metrics.requests.labels(route, worker.url, str(upstream.status)).inc()
                 if upstream.status >= 500:  # out of retries: pass the last answer back
                     self.metrics.worker_failures.labels(worker.url, "status_5xx").inc()

@@ -34,6 +34,7 @@ class Worker:
     url: str
     breaker: CircuitBreaker
     in_flight: int = 0
+    pending_prefill: int = 0  # prompt tokens sent to it, not yet cached there, whose answer has not started (precise)
     consecutive_failures: int = 0  # requests and health checks; reaching the limit removes it
     healthy: bool = True  # last health check passed
     removed: bool = field(default=False)

@@ -4,11 +4,13 @@ The router tokenizes the request as the engine will (``prompt_tokens.py``), hash
 blocks (``radixfleet/kv_events.py``) and asks the event-fed index (``kv_index.py``) how many
 leading tokens each worker holds. Cost of sending the request to worker ``w``::
 
-    cost(w) = (prompt_tokens - cached(w)) + load_tokens * in_flight(w)
+    cost(w) = (prompt_tokens - cached(w)) + pending_prefill(w) + load_tokens * in_flight(w)
 
-the prompt tokens ``w`` would have to compute, plus ``load_tokens`` (default 256) for every
-request it is already serving; the cheapest worker wins, ties go to the less loaded, then
-by rotation. ``cached(w)`` comes from the events while ``w`` is in sync; for a worker whose
+the prompt tokens ``w`` would have to compute for this request, plus those it still has to
+compute for the requests this router sent it whose answers have not started (their
+uncached tokens when routed), plus ``load_tokens`` (default 32, about one decode step's
+worth) for every request it is serving: an estimate of the time to the first token, in
+prefill tokens. The cheapest worker wins, ties go to the less loaded, then by rotation. ``cached(w)`` comes from the events while ``w`` is in sync; for a worker whose
 events are late or broken (until it has resynchronised) it is estimated from the
 cache_aware approximate tree: the matched fraction of the request text times
 ``prompt_tokens``. Every request's text also goes into the chosen worker's tree, so the
@@ -49,6 +51,7 @@ class PromptKey(str):
 
     ids: list[int] | None = None
     predicted: int | None = None
+    uncached: int = 0  # prompt tokens the chosen worker must compute (its pending_prefill share)
 
 
 class PrecisePolicy(Policy):
@@ -97,7 +100,7 @@ class PrecisePolicy(Policy):
     def select(self, candidates: Sequence[Worker], text: str) -> tuple[Worker, str]:
         ids = getattr(text, "ids", None)
         if isinstance(text, PromptKey):
-            text.predicted = None
+            text.predicted, text.uncached = None, 0
         urls = [w.url for w in candidates]
         if ids:
             self.sync_events()
@@ -118,8 +121,11 @@ class PrecisePolicy(Policy):
                 chars = tree.match(text) if tree is not None and text else 0
                 cached[w.url] = int(n * chars / len(text)) if text else 0
         best = min(range(len(order)), key=lambda i: (
-            n - cached[order[i].url] + self.load_tokens * order[i].in_flight, order[i].in_flight, i))
+            n - cached[order[i].url] + order[i].pending_prefill + self.load_tokens * order[i].in_flight,
+            order[i].in_flight, i))
         chosen = order[best]
+        if isinstance(text, PromptKey):
+            text.uncached = n - cached[chosen.url]
         if text:
             self.approx._tree_for(chosen.url).insert(text)
         if chosen.url not in matched:

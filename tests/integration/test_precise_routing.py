@@ -15,6 +15,7 @@ import asyncio
 import subprocess
 import sys
 
+import httpx
 import pytest
 from routing_workload import (
     flush_all,
@@ -66,6 +67,8 @@ def test_three_replicas_send_follow_ups_to_the_worker_holding_their_history(repl
     assert sum(metric(u, "radixfleet_router_routing_decisions_total", 'policy="precise"') for u in replicas) == tenants * turns
     for u in replicas:
         assert metric(u, "radixfleet_router_kv_events_in_sync") == 3
+        workers = httpx.get(u + "/workers", timeout=5, trust_env=False).json()["workers"]
+        assert all(w["in_flight"] == 0 and w["pending_prefill"] == 0 for w in workers), workers  # all settled
 
 
 def test_predictions_match_the_engines_under_eviction(replicas):

@@ -54,17 +54,22 @@ def test_worker_holding_the_longest_prefix_wins_and_prediction_is_set(tok):
     assert p.decided_by() == "precise"
 
 
-def test_cost_trades_cached_tokens_against_load(tok):
-    # w0 holds 48 of 65 tokens but serves 1 request: 17 + 256 > 65 + 0 on the idle w1.
+def test_cost_trades_cached_tokens_against_pending_work(tok):
+    # cost = uncached + pending_prefill + load_tokens (32) x in_flight.
     p, ws = fleet(tok, 1, 0)
     holds(p, ws[0].url, PROMPT[:48])
     holds(p, ws[1].url, [])
-    assert p.select(ws, key(PROMPT + [1]))[0] is ws[1]
-    p2, ws2 = fleet(tok, 1, 0, load_tokens=16)  # a request in flight is worth little: follow the cache
+    k = key(PROMPT + [1])
+    chosen, decision = p.select(ws, k)  # w0: 17 + 0 + 32 = 49 < w1: 65
+    assert chosen is ws[0] and decision == "cached" and k.uncached == 17
+    ws[0].pending_prefill = 100  # w0 still has to prefill 100 tokens for others: 149 > 65
+    k = key(PROMPT + [1])
+    chosen, decision = p.select(ws, k)
+    assert chosen is ws[1] and decision == "uncached" and k.uncached == 65 and k.predicted == 0
+    p2, ws2 = fleet(tok, 2, 0, load_tokens=64)  # a request in flight is worth more: 17 + 128 > 65
     holds(p2, ws2[0].url, PROMPT[:48])
     holds(p2, ws2[1].url, [])
-    chosen, decision = p2.select(ws2, key(PROMPT + [1]))
-    assert chosen is ws2[0] and decision == "cached"
+    assert p2.select(ws2, key(PROMPT + [1]))[0] is ws2[1]
 
 
 def test_worker_out_of_sync_is_scored_by_the_approximate_tree(tok):
