@@ -9,6 +9,10 @@ from radixfleet.engine.layers.fused import fused_ops
 
 
 class RMSNorm(nn.Module):
+    # The fused kernels scale by ``weight`` itself; a subclass with other arithmetic (Gemma's
+    # ``1 + weight`` in fp32) sets this False so that ``qk_norms`` calls its ``forward``.
+    fusable = True
+
     def __init__(self, hidden: int, eps: float = 1e-6):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden), requires_grad=False)
@@ -42,7 +46,7 @@ class RMSNorm(nn.Module):
 def qk_norms(q: torch.Tensor, k: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm):
     """``(q_norm(q), k_norm(k))`` for per-head norms (Qwen3): q [T, H, D], k [T, KVH, D]; on
     CUDA one kernel for both (``kernels/qk_norm.py``)."""
-    ops = fused_ops(q) if q.is_cuda else None
+    ops = fused_ops(q) if q.is_cuda and q_norm.fusable and k_norm.fusable else None
     if (ops is not None and ops.qk_rmsnorm is not None and q_norm.eps == k_norm.eps
             and q.stride()[1:] == (q.shape[2], 1) and k.stride()[1:] == (k.shape[2], 1)):
         return ops.qk_rmsnorm(q, k, q_norm.weight, k_norm.weight, q_norm.eps)

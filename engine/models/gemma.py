@@ -37,6 +37,8 @@ from radixfleet.engine.models.model_config import ModelConfig
 class GemmaRMSNorm(RMSNorm):
     """``norm(x) * (1 + weight)`` in fp32, cast back (the checkpoint stores ``weight``)."""
 
+    fusable = False  # not the fused kernels' ``weight * norm(x)``
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
