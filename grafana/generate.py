@@ -142,9 +142,9 @@ def router_dashboard() -> dict[str, Any]:
               description="1 = passing health checks with a closed circuit"),
         panel("Circuit breaker state", [(f"max by (worker) ({R}circuit_breaker_state{{{s}}})", "{{worker}}")], "short", w=8,
               description="0 closed, 1 half-open, 2 open"),
-        panel("Cache-aware hit ratio", [
-            (f'sum(rate({R}cache_aware_decisions_total{{{s}, decision="hit"}}[{RATE}])) / sum(rate({R}cache_aware_decisions_total{{{s}}}[{RATE}]))', "hit ratio"),
-        ], "percentunit", w=8),
+        panel("Cache hit ratio of routing decisions", [
+            (f'sum(rate({R}routing_decisions_total{{{s}, decision=~"hit|cached"}}[{RATE}])) / sum(rate({R}routing_decisions_total{{{s}}}[{RATE}]))', "hit ratio"),
+        ], "percentunit", w=8, description="requests sent where a prefix was (cache_aware: thought to be; precise: reported) cached"),
         panel("Cache-aware decisions", [
             (f"sum by (decision) (rate({R}cache_aware_decisions_total{{{s}}}[{RATE}]))", "{{decision}}"),
         ], "short", w=8),
@@ -156,6 +156,33 @@ def router_dashboard() -> dict[str, Any]:
             (f"sum({R}workers{{{s}}})", "registered"),
             (f"sum by (reason) (increase({R}worker_removals_total{{{s}}}[{RATE}]))", "removed ({{reason}})"),
         ], "short", w=8),
+        # Routing on the engines' KV events (precise; auto picks it when every worker publishes).
+        panel("Routing decisions by policy", [
+            (f"sum by (policy, decision) (rate({R}routing_decisions_total{{{s}}}[{RATE}]))", "{{policy}} {{decision}}"),
+        ], "short", w=8, description="auto delegates to precise or cache_aware per request"),
+        panel("Cached tokens: predicted vs reported", [
+            (f"sum(rate({R}cached_tokens_predicted_total{{{s}}}[{RATE}]))", "predicted"),
+            (f"sum(rate({R}cached_tokens_reported_total{{{s}}}[{RATE}]))", "reported by the engines"),
+        ], "short", w=8, description="precise: prompt tokens/s the KV events said were cached, and what the engines reported"),
+        panel("Predictions against the engines", [
+            (f"sum by (outcome) (rate({R}cached_tokens_predictions_total{{{s}}}[{RATE}]))", "{{outcome}}"),
+        ], "short", w=8, description="exact: predicted cached tokens equal the reported ones, in whole blocks"),
+        panel("KV event lag p90", [
+            (f"histogram_quantile(0.9, sum by (le) (rate({R}kv_event_lag_seconds_bucket{{{s}}}[{RATE}])))", "p90"),
+        ], "s", w=8, description="from an engine publishing a KV-event message to the router receiving it"),
+        panel("Workers with live KV events", [(f"sum by (worker) ({R}kv_events_in_sync{{{s}}})", "{{worker}}")],
+              "bool_yes_no", w=8, description="0: scored by the approximate tree until it resyncs"),
+        panel("KV-event resyncs", [
+            (f"sum by (worker, reason) (increase({R}kv_event_resyncs_total{{{s}}}[{RATE}]))", "{{worker}} {{reason}}"),
+        ], "short", w=8),
+        # Admission control.
+        panel("Admission queue depth", [(f"sum({R}queue_depth{{{s}}})", "waiting")], "short", w=8),
+        panel("Queue waits by outcome", [
+            (f"sum by (outcome) (rate({R}queue_wait_seconds_count{{{s}}}[{RATE}]))", "{{outcome}}"),
+        ], "reqps", w=8, description="admitted after waiting, timed out (408), or the client went away"),
+        panel("Mean wait in the queue", [
+            (f"sum(rate({R}queue_wait_seconds_sum{{{s}}}[{RATE}])) / clamp_min(sum(rate({R}queue_wait_seconds_count{{{s}}}[{RATE}])), 1e-9)", "mean"),
+        ], "s", w=8),
     ]
     return dashboard("radixfleet-router", "radixfleet / Router", panels, False, f"{R}workers")
 

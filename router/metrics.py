@@ -92,6 +92,13 @@ class RouterMetrics:
         self.event_lag: Histogram = made[PREFIX + "kv_event_lag_seconds"]
         self.resyncs: Counter = made[PREFIX + "kv_event_resyncs_total"]
         self.queue_wait: Histogram = made[PREFIX + "queue_wait_seconds"]
+        # Series that exist from the start (at 0), so dashboards show rates before the first event.
+        for outcome in ("admitted", "timeout", "cancelled"):
+            self.queue_wait.labels(outcome)
+        for outcome in ("exact", "over", "under"):
+            self.predictions.labels(outcome)
+        for decision in ("hit", "miss", "imbalanced"):
+            self.decisions.labels(decision)
         self.routing_latency: Histogram = made[PREFIX + "routing_latency_seconds"]  # by the deciding policy
         self.request_duration: Histogram = made[PREFIX + "request_duration_seconds"]
         self.registry.register(_WorkerGauges(workers, tree_sizes, in_sync, queue_depth))

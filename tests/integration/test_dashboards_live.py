@@ -67,7 +67,8 @@ def generated_jobs(engine: str, router: str, folder: Path) -> list[dict]:
 def stack():
     """keyed engine + keyed router + failing peer router + Prometheus; yields their URLs."""
     tmp = Path(tempfile.mkdtemp(prefix="rf-dashboards-"))
-    engine = engine_process("127.0.0.1", free_port(), "smollm2", str(tmp / "engine.log"), "--api-key", API_KEY).start()
+    engine = engine_process("127.0.0.1", free_port(), "smollm2", str(tmp / "engine.log"), "--api-key", API_KEY,
+                            "--kv-events-port", str(free_port())).start()  # the router follows its KV events
     # The failing peer must stay registered until the test removes it through the API (the
     # worker_removals_total{reason="api"} panel); without a high limit its 503s could get it
     # evicted first, depending on where cache_aware sends the traffic.
