@@ -160,3 +160,15 @@ def check_decode_graph_replays(backend: AttentionBackend, ref: AttentionBackend,
         ref.plan(nxt)
         err = rel_err(graph_out, ref.forward(*static, 0, nxt))
         assert err < 1e-2, f"replay {i}: rel err {err:.2e}"
+
+
+def default_model_or_skip() -> str:
+    """The prepared default model's folder (SmolLM2), or skip the test saying why not."""
+    import pytest
+
+    from radixfleet.engine.models.model_prep import prepare_default_model
+
+    try:
+        return str(prepare_default_model())
+    except (FileNotFoundError, ImportError) as e:
+        pytest.skip(f"default model unavailable: {e}")

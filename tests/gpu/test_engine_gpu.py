@@ -22,6 +22,7 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
+from _reference import default_model_or_skip  # noqa: E402
 from helpers import (  # noqa: E402
     hf_teacher_forced_logprobs,
     make_tiny_model,
@@ -176,22 +177,13 @@ def test_batch1_decode_matches_hf(tiny, backend):
     assert diff < 5e-2
 
 
-def _default_model_or_skip() -> str:
-    from radixfleet.engine.models.model_prep import prepare_default_model
-
-    try:
-        return str(prepare_default_model())
-    except (FileNotFoundError, ImportError) as e:
-        pytest.skip(f"default model unavailable: {e}")
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_default_model_bf16_top1_and_logprobs_match_hf(backend):
     """The real weights (SmolLM2-135M-Instruct) on a real text, teacher-forced: top-1 >= 95 %
     of HF bf16's, logprobs of HF's choices within 5e-2."""
     from transformers import AutoTokenizer
 
-    folder = _default_model_or_skip()
+    folder = default_model_or_skip()
     text = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
             "It is named after the engineer Gustave Eiffel, whose company designed and built the tower "
             "from 1887 to 1889. Locally nicknamed the Iron Lady, it was constructed as the centrepiece "
@@ -219,7 +211,7 @@ def test_default_model_bf16_top1_and_logprobs_match_hf(backend):
 
 def test_default_model_backends_agree():
     """The default model (SmolLM2-135M, head dim 64, GQA 3) when it can be prepared here."""
-    folder = _default_model_or_skip()
+    folder = default_model_or_skip()
     outs = {b: greedy(folder, "float32", attention_backend=b, disable_cuda_graph=True)
             for b in ("torch_native", "triton")}
     assert outs["triton"] == outs["torch_native"]

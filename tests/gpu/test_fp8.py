@@ -29,7 +29,7 @@ if torch.cuda.get_device_capability() < (8, 9):
     pytest.skip("fp8 needs compute capability 8.9+ (Ada, Hopper)", allow_module_level=True)
 
 import torch.nn.functional as F  # noqa: E402
-from _reference import attention_ref, make_paged_kv, rel_err  # noqa: E402
+from _reference import attention_ref, default_model_or_skip, make_paged_kv, rel_err  # noqa: E402
 from helpers import make_tiny_model, runner_teacher_forced_logprobs  # noqa: E402
 
 from radixfleet.engine.config import EngineConfig  # noqa: E402
@@ -275,21 +275,12 @@ def test_per_tensor_checkpoint_with_kv_scales(tiny, tmp_path):
 
 
 # ---- the default model's real weights ------------------------------------------------------
-def _default_model_or_skip() -> str:
-    from radixfleet.engine.models.model_prep import prepare_default_model
-
-    try:
-        return str(prepare_default_model())
-    except (FileNotFoundError, ImportError) as e:
-        pytest.skip(f"default model unavailable: {e}")
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_default_model_fp8_accuracy_and_perplexity(backend):
     """SmolLM2-135M-Instruct on the first 1,500 tokens of this README, teacher-forced."""
     from transformers import AutoTokenizer
 
-    folder = _default_model_or_skip()
+    folder = default_model_or_skip()
     ids = AutoTokenizer.from_pretrained(folder).encode(README.read_text())[:1500]
     target = torch.tensor(ids[1:])
 
