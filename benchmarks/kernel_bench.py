@@ -16,7 +16,8 @@ saying so (``"skipped"``) and exits 0.
 - rmsnorm / rotary / silu-and-mul / kv store: achieved bandwidth.
 - gemv: batch-1 projections, cuBLAS vs kernels/gemv.py, and the separate norm / activation
   kernels + projection vs the GEMV with them folded in; rotary_store: rotary + KV store in
-  two launches vs one.
+  two launches vs one. ``--only gemv_sweep`` / ``gemv_fp8_sweep``: every whole-row GEMV
+  block configuration at those shapes, bf16 or fp8 weights (``_rows_config``'s data).
 - sliding window (``--only window``; Mistral v0.1's 4096 at the Llama shape): decode at 16k
   / 32k contexts and a 16k-token extend, windowed against full attention on the same data;
   decode's bandwidth counts the bytes of the window only.
@@ -299,10 +300,12 @@ GEMV_ROWS_CANDIDATES = [
 ]
 
 
-def bench_gemv_sweep() -> None:
+def bench_gemv_sweep(fp8: bool = False) -> None:
     """Every whole-row GEMV configuration (``GEMV_ROWS_CANDIDATES`` whose weight tile stays
     within 128 elements per thread) on what the Llama-3.1-8B decoder layer runs at batch 1,
-    fused prologues included: the data behind ``kernels/gemv.py: _rows_config``."""
+    fused prologues included: the data behind ``kernels/gemv.py: _rows_config``. ``fp8``
+    (``--only gemv_fp8_sweep``): fp8 e4m3 weights with per-row scales (``quantization="fp8"``)."""
+    from radixfleet.engine.layers.fp8 import quantize_rows
     from radixfleet.kernels import gemv as gemv_mod
     from radixfleet.kernels.gemv import (
         PLAIN,
@@ -316,19 +319,35 @@ def bench_gemv_sweep() -> None:
     hidden, res, norm_w = (torch.randn(1, 4096, device="cuda", dtype=DTYPE) for _ in range(3))
     norm_w = norm_w[0]
 
-    def normed(_, w):
-        return gemv_rmsnorm(hidden, res, norm_w, 1e-5, w)
+    # w: a weight, or (fp8 weight, scale)
+    def args(w):
+        return (w[0], None) if fp8 else (w, None)
 
-    cases = {"qkv_proj+rmsnorm": (6144, 4096, RMSNORM, normed), "o_proj": (4096, 4096, PLAIN, gemv),
+    def scale(w):
+        return w[1] if fp8 else None
+
+    def normed(_, w):
+        return gemv_rmsnorm(hidden, res, norm_w, 1e-5, *args(w), w_scale=scale(w))
+
+    def plain(x, w):
+        return gemv(x, *args(w), w_scale=scale(w))
+
+    def silu(x, w):
+        return gemv_silu_mul(x, *args(w), w_scale=scale(w))
+
+    cases = {"qkv_proj+rmsnorm": (6144, 4096, RMSNORM, normed), "o_proj": (4096, 4096, PLAIN, plain),
              "gate_up_proj+rmsnorm": (28672, 4096, RMSNORM, normed),
-             "down_proj+silu_mul": (4096, 14336, SILU_MUL, gemv_silu_mul)}
+             "down_proj+silu_mul": (4096, 14336, SILU_MUL, silu)}
+    elem = 1 if fp8 else 2
     try:
         for name, (n, k, prologue, fn) in cases.items():
-            copies = max(2, -(-ROTATION_BYTES // (n * k * 2)))
+            copies = max(2, -(-ROTATION_BYTES // (n * k * elem)))
             ws = [torch.randn(n, k, device="cuda", dtype=DTYPE) * 0.02 for _ in range(copies)]
+            if fp8:
+                ws = [quantize_rows(w) for w in ws]
             x = torch.randn(1, 2 * k if prologue == SILU_MUL else k, device="cuda", dtype=DTYPE)
             gemv_mod.ROWS_OVERRIDE = None
-            default = gemv_mod._rows_config(n, k, prologue)
+            default = gemv_mod._rows_config(n, k, prologue, fp8)
             block_k = triton.next_power_of_2(k)
             for config in GEMV_ROWS_CANDIDATES:
                 block_n, warps, _ = config
@@ -336,9 +355,9 @@ def bench_gemv_sweep() -> None:
                     continue
                 gemv_mod.ROWS_OVERRIDE = config
                 ms = bench(_rotating(fn, x, ws), graph=True)
-                emit({"bench": "gemv_sweep", "layer": name, "n": n, "k": k, "block_n": block_n,
-                      "warps": warps, "per_sm": config[2], "default": config == default,
-                      "us": round(ms * 1e3, 2), "tb_per_s": round(n * k * 2 / ms / 1e9, 3)})
+                emit({"bench": "gemv_fp8_sweep" if fp8 else "gemv_sweep", "layer": name, "n": n, "k": k,
+                      "block_n": block_n, "warps": warps, "per_sm": config[2], "default": config == default,
+                      "us": round(ms * 1e3, 2), "tb_per_s": round(n * k * elem / ms / 1e9, 3)})
             del ws
     finally:
         gemv_mod.ROWS_OVERRIDE = None
@@ -398,8 +417,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also sweep tile configurations")
     parser.add_argument("--out", help="also append the JSON lines to this file")
-    parser.add_argument("--only", choices=["decode", "extend", "small", "gemv", "gemv_sweep", "rotary_store",
-                                           "launch", "window"], action="append")
+    parser.add_argument("--only", choices=["decode", "extend", "small", "gemv", "gemv_sweep", "gemv_fp8_sweep",
+                                           "rotary_store", "launch", "window"], action="append")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print(json.dumps({"bench": "kernel_bench", "skipped": "needs CUDA: no CUDA GPU visible to torch"}),
@@ -418,6 +437,8 @@ def main() -> None:
         bench_gemv()
     if "gemv_sweep" in only:
         bench_gemv_sweep()
+    if "gemv_fp8_sweep" in only:
+        bench_gemv_sweep(fp8=True)
     if "rotary_store" in only:
         bench_rotary_store()
     if "launch" in only:
