@@ -36,7 +36,8 @@ from .config import POLICY_NAMES
 
 log = logging.getLogger("radixfleet.up")
 
-DEFAULT_WORKER_COMMAND = "{python} -m radixfleet.engine.server.serve --model-path {model_path} --host {host} --port {port}"
+DEFAULT_WORKER_COMMAND = ("{python} -m radixfleet.engine.server.serve --model-path {model_path} --host {host} --port {port}"
+                          " --kv-events-port {kv_events_port}")
 
 
 @dataclass(frozen=True)
@@ -47,10 +48,11 @@ class FleetConfig:
     workers: int = field(default=2, metadata={"help": "Number of engine servers."})
     host: str = field(default="127.0.0.1", metadata={"help": "Address of the router and the engines."})
     port: int = field(default=30000, metadata={"help": "Router port; engines take the next free ports."})
-    policy: str = field(default="cache_aware", metadata={"help": "Routing policy.", "choices": POLICY_NAMES})
+    policy: str = field(default="auto", metadata={"help": "Routing policy (auto: precise on the engines' KV events).",
+                                                  "choices": POLICY_NAMES})
     api_key: str = field(default="", metadata={"help": "API key the router requires (optional)."})
     worker_command: str = field(default=DEFAULT_WORKER_COMMAND, metadata={
-        "help": "Command template of one engine; {python} {model_path} {host} {port} are filled in."})
+        "help": "Command template of one engine; {python} {model_path} {host} {port} {kv_events_port} are filled in."})
     startup_timeout: float = field(default=600.0, metadata={"help": "Seconds each engine may take to become healthy."})
     shutdown_timeout: float = field(default=10.0, metadata={"help": "Seconds between SIGTERM and SIGKILL on shutdown."})
 
@@ -81,10 +83,14 @@ def pick_ports(host: str, first: int, n: int) -> list[int]:
             ports.append(candidate)
         candidate += 1
     while len(ports) < n:
-        with socket.socket() as s:
-            s.bind((host, 0))
-            ports.append(s.getsockname()[1])
+        ports.append(_any_free_port(host))
     return ports
+
+
+def _any_free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def _die_with_parent() -> None:
@@ -151,7 +157,9 @@ class Fleet:
 
     def worker_command(self, port: int) -> list[str]:
         c = self.config
-        return shlex.split(c.worker_command.format(python=sys.executable, model_path=c.model_path, host=c.host, port=port))
+        events = _any_free_port(c.host) if "{kv_events_port}" in c.worker_command else 0
+        return shlex.split(c.worker_command.format(python=sys.executable, model_path=c.model_path, host=c.host, port=port,
+                                                   kv_events_port=events))
 
     def _healthy(self, url: str) -> bool:
         try:
