@@ -121,8 +121,9 @@ static inline void store16(float *p, vf16 v) { memcpy(p, &v, sizeof v); }
 static inline float dot16(const float *a, const float *b, int n) {
     vf16 acc = load16(a) * load16(b);
     for (int i = 16; i < n; i += 16) acc += load16(a + i) * load16(b + i);
-    vf8 lo = __builtin_shufflevector(acc, acc, 0, 1, 2, 3, 4, 5, 6, 7);
-    vf8 hi = __builtin_shufflevector(acc, acc, 8, 9, 10, 11, 12, 13, 14, 15);
+    vf8 lo, hi;
+    memcpy(&lo, &acc, sizeof lo);
+    memcpy(&hi, (const char *)&acc + sizeof lo, sizeof hi);
     return hsum8(lo + hi);
 }
 
@@ -154,21 +155,27 @@ static inline void prefetch_bytes(const void *p, int64_t bytes) {
 
 /* Sums of 16 vectors at once: lane i of the result is the sum of the lanes of a[i]. Pairs
  * are folded by halves (8, 4, 2, 1 lanes): 15 shuffle-adds instead of 16 horizontal sums. */
+#if defined(__clang__) || __GNUC__ >= 12
+#define SHUF16(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else  /* gcc < 12 has only __builtin_shuffle, with the lane indices as a vector */
+typedef int vi16 __attribute__((vector_size(64)));
+#define SHUF16(a, b, ...) __builtin_shuffle(a, b, (vi16){__VA_ARGS__})
+#endif
 static inline vf16 fold8(vf16 a, vf16 b) {
-    return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
-         + __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    return SHUF16(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+         + SHUF16(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
 }
 static inline vf16 fold4(vf16 a, vf16 b) {
-    return __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
-         + __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    return SHUF16(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
+         + SHUF16(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
 }
 static inline vf16 fold2(vf16 a, vf16 b) {
-    return __builtin_shufflevector(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29)
-         + __builtin_shufflevector(a, b, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    return SHUF16(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29)
+         + SHUF16(a, b, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
 }
 static inline vf16 fold1(vf16 a, vf16 b) {
-    return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
-         + __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    return SHUF16(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
+         + SHUF16(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 static inline vf16 sum16(const vf16 *a) {
     vf16 b[8], c[4];
