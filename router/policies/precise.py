@@ -2,24 +2,32 @@
 
 The router tokenizes the request as the engine will (``prompt_tokens.py``), hashes its
 blocks (``radixfleet/kv_events.py``) and asks the event-fed index (``kv_index.py``) how many
-leading tokens each worker holds. Cost of sending the request to worker ``w``::
+leading tokens each worker holds, ``cached(w)``. Then, with ``n`` prompt tokens:
 
-    cost(w) = (prompt_tokens - cached(w)) + pending_prefill(w) + load_tokens * in_flight(w)
+1. load imbalanced (cache_aware's test on requests in flight: ``max - min >
+   balance_abs_threshold`` and ``max > balance_rel_threshold * min``): the least-loaded
+   worker (decision ``imbalanced``);
+2. else, if the worker holding the most holds more than ``cache_threshold * n``: that worker
+   (``cached``; ties by cost);
+3. else the cheapest worker by the cost::
 
-the prompt tokens ``w`` would have to compute for this request, plus those it still has to
-compute for the requests this router sent it whose answers have not started (their
-uncached tokens when routed), plus ``load_tokens`` (default 32, about one decode step's
-worth) for every request it is serving: an estimate of the time to the first token, in
-prefill tokens. The cheapest worker wins, ties go to the less loaded, then by rotation. ``cached(w)`` comes from the events while ``w`` is in sync; for a worker whose
-events are late or broken (until it has resynchronised) it is estimated from the
-cache_aware approximate tree: the matched fraction of the request text times
-``prompt_tokens``. Every request's text also goes into the chosen worker's tree, so the
-fallback is always warm.
+       cost(w) = (n - cached(w)) + pending_prefill(w) + load_tokens * in_flight(w)
 
-Decisions (metric ``routing_decisions_total{policy="precise"}``): ``cached`` (events say
-the chosen worker holds part of the prompt), ``uncached`` (none holds any), ``approximate``
-(the chosen worker was scored by its tree). ``predicted`` on the key is ``cached(w)`` of an
-events-scored choice, which the proxy compares with the engine's reported ``cached_tokens``.
+   the prompt tokens ``w`` would compute for this request, plus those it still owes the
+   requests this router sent it whose answers have not started (their uncached tokens when
+   routed), plus ``load_tokens`` (default 32, about one decode step) per request it serves:
+   an estimate of the time to the first token in prefill tokens (``uncached``). Ties go to
+   the less loaded, then by rotation.
+
+Following a held prefix in step 2 also keeps a conversation's later turns there, which a
+purely greedy cost would trade away for a moment's lower load (measured:
+``benchmarks/routing_quality.py``, README). ``cached(w)`` comes from the events while ``w``
+is in sync; for a worker whose events are late or broken (until it has resynchronised) it
+is estimated from the cache_aware approximate tree: the matched fraction of the request
+text times ``n`` (decision ``approximate`` when such a worker is chosen). Every request's
+text also goes into the chosen worker's tree, so the fallback is always warm. ``predicted``
+on the key is ``cached(w)`` of an events-scored choice, which the proxy compares with the
+engine's reported ``cached_tokens``.
 
 ``auto`` (the default ``--policy``) is this policy when the tokenizer is loaded and every
 candidate is in sync, and exactly cache_aware otherwise. Until a tokenizer is loaded
@@ -60,6 +68,7 @@ class PrecisePolicy(Policy):
     def __init__(self, config: RouterConfig, auto: bool = False) -> None:
         self.auto = auto
         self.load_tokens = config.load_tokens
+        self.cache_threshold = config.cache_threshold
         self.approx = CacheAwarePolicy(config)
         self.index = KVIndex(config.kv_events_stale_after)
         self.tokenizer: PromptTokenizer | None = None
@@ -120,20 +129,23 @@ class PrecisePolicy(Policy):
                 tree = self.approx.trees.get(w.url)
                 chars = tree.match(text) if tree is not None and text else 0
                 cached[w.url] = int(n * chars / len(text)) if text else 0
-        best = min(range(len(order)), key=lambda i: (
-            n - cached[order[i].url] + order[i].pending_prefill + self.load_tokens * order[i].in_flight,
-            order[i].in_flight, i))
+        costs = [n - cached[w.url] + w.pending_prefill + self.load_tokens * w.in_flight for w in order]
+        tie = range(len(order))
+        if len(order) > 1 and self.approx.is_imbalanced([w.in_flight for w in order]):
+            best, rule = min(tie, key=lambda i: (order[i].in_flight, costs[i], i)), "imbalanced"
+        else:
+            best = max(tie, key=lambda i: (cached[order[i].url], -costs[i], -i))
+            rule = "cached"
+            if cached[order[best].url] <= self.cache_threshold * n:
+                best, rule = min(tie, key=lambda i: (costs[i], order[i].in_flight, i)), "uncached"
         chosen = order[best]
         if isinstance(text, PromptKey):
             text.uncached = n - cached[chosen.url]
         if text:
             self.approx._tree_for(chosen.url).insert(text)
-        if chosen.url not in matched:
-            decision = "approximate"
-        else:
-            decision = "cached" if matched[chosen.url] else "uncached"
-            if isinstance(text, PromptKey):
-                text.predicted = matched[chosen.url]
+        decision = rule if chosen.url in matched else "approximate"
+        if chosen.url in matched and isinstance(text, PromptKey):
+            text.predicted = matched[chosen.url]
         return chosen, decision
 
 

@@ -54,22 +54,32 @@ def test_worker_holding_the_longest_prefix_wins_and_prediction_is_set(tok):
     assert p.decided_by() == "precise"
 
 
-def test_cost_trades_cached_tokens_against_pending_work(tok):
-    # cost = uncached + pending_prefill + load_tokens (32) x in_flight.
+def test_held_prefix_is_followed_and_misses_go_to_the_cheapest(tok):
     p, ws = fleet(tok, 1, 0)
     holds(p, ws[0].url, PROMPT[:48])
     holds(p, ws[1].url, [])
+    ws[0].pending_prefill = 100  # busier, but holds 48 of 65 tokens (> cache_threshold 0.5)
     k = key(PROMPT + [1])
-    chosen, decision = p.select(ws, k)  # w0: 17 + 0 + 32 = 49 < w1: 65
-    assert chosen is ws[0] and decision == "cached" and k.uncached == 17
-    ws[0].pending_prefill = 100  # w0 still has to prefill 100 tokens for others: 149 > 65
+    chosen, decision = p.select(ws, k)
+    assert chosen is ws[0] and decision == "cached" and k.uncached == 17 and k.predicted == 48
+    # Held below the threshold: placed by cost = uncached + pending_prefill + 32 x in_flight.
+    holds(p, ws[0].url, PROMPT[:16])  # w0: 49 + 100 + 32 = 181 > w1: 65
     k = key(PROMPT + [1])
     chosen, decision = p.select(ws, k)
     assert chosen is ws[1] and decision == "uncached" and k.uncached == 65 and k.predicted == 0
-    p2, ws2 = fleet(tok, 2, 0, load_tokens=64)  # a request in flight is worth more: 17 + 128 > 65
-    holds(p2, ws2[0].url, PROMPT[:48])
+    ws[0].pending_prefill = 0  # w0: 49 + 0 + 32 = 81 > 65 still; with load_tokens 8: 57 < 65
+    assert p.select(ws, key(PROMPT + [1]))[0] is ws[1]
+    p2, ws2 = fleet(tok, 1, 0, load_tokens=8)
+    holds(p2, ws2[0].url, PROMPT[:16])
     holds(p2, ws2[1].url, [])
-    assert p2.select(ws2, key(PROMPT + [1]))[0] is ws2[1]
+    assert p2.select(ws2, key(PROMPT + [1])) == (ws2[0], "uncached")
+
+
+def test_imbalanced_load_goes_to_the_least_loaded(tok):
+    p, ws = fleet(tok, 40, 0)  # 40 - 0 > balance_abs_threshold 32
+    holds(p, ws[0].url, PROMPT)
+    holds(p, ws[1].url, [])
+    assert p.select(ws, key(PROMPT + [1])) == (ws[1], "imbalanced")
 
 
 def test_worker_out_of_sync_is_scored_by_the_approximate_tree(tok):
