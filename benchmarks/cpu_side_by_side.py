@@ -14,10 +14,15 @@ at its defaults (``Engine(model_path=...)``, plus ``--extra``), vLLM-CPU at its 
 fp32 on one left-padded batch. In each round every workload runs on every system in turn,
 the order rotating by round, with fresh prompts each round (the same for all systems), so the
 systems share the machine's drift; compare the ratios of one run, not tok/s across runs.
+While one system runs, the others' process trees are stopped (SIGSTOP, then SIGCONT): an idle
+vLLM-CPU keeps its threads busy (measured: ~0.5 core while another engine ran), which would
+otherwise slow whichever system it shares the cores with (``--no-pause`` keeps them running).
 
 Prints one JSON line per measurement (``output_tok_per_s``: output tokens over the wall time
-of the one generate call), then per workload the median tok/s of each system over the rounds
-and the ratios of this engine's to the others' (median of the per-round ratios).
+of the one generate call; ``cpu_s``: CPU time the system's processes used meanwhile), then per
+workload the median tok/s of each system over the rounds and the ratios of this engine's to
+the others' (median of the per-round ratios), also per CPU second (``*_per_cpu_s``: less
+sensitive to other load on a shared machine than wall time, but spinning threads count).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import contextlib
 import json
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -137,7 +143,38 @@ class Worker:
         self.proc.stdin.flush()
         return self._reply()
 
+    def _tree(self) -> list:
+        import psutil
+
+        try:
+            procs = [psutil.Process(self.proc.pid)]
+            return procs + procs[0].children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []  # exited: close() reports it
+
+    def _signal(self, sig: int) -> None:
+        for proc in self._tree():
+            with contextlib.suppress(psutil_gone()):
+                proc.send_signal(sig)
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the worker's processes so far (its engine's children too)."""
+        total = 0.0
+        for proc in self._tree():
+            with contextlib.suppress(psutil_gone()):
+                t = proc.cpu_times()
+                total += t.user + t.system
+        return total
+
+    def pause(self) -> None:
+        """Stop the worker's whole process tree (it takes no CPU until ``resume``)."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
     def close(self) -> None:
+        self.resume()
         # A worker that already died (its error is on stderr) has no stdin to close.
         with contextlib.suppress(BrokenPipeError):
             self.proc.stdin.close()
@@ -146,6 +183,12 @@ class Worker:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+def psutil_gone() -> type[Exception]:
+    import psutil
+
+    return psutil.NoSuchProcess
 
 
 def parse_workload(text: str) -> tuple[int, int]:
@@ -191,6 +234,8 @@ def main() -> None:
     p.add_argument("--extra", default="{}", help="JSON dict of extra Engine arguments for this engine")
     p.add_argument("--vllm-extra", default="{}", help="JSON dict of extra vllm.LLM arguments")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--no-pause", action="store_true",
+                   help="leave the other systems running (idle) while one is measured")
     args = p.parse_args()
     if args.worker:
         WORKERS[args.worker](args.model_path, json.loads(args.extra))
@@ -209,19 +254,30 @@ def main() -> None:
             w.wait_ready()
             print(json.dumps({**common, "system": name, **w.info}), flush=True)
         rates: dict[tuple[int, int], dict[str, list[float]]] = {w: {s: [] for s in workers} for w in args.workloads}
+        per_cpu: dict[tuple[int, int], dict[str, list[float]]] = {w: {s: [] for s in workers} for w in args.workloads}
         order = list(workers)
         for rnd in range(args.rounds):
             turn = order[rnd % len(order):] + order[:rnd % len(order)]
             for k, (n, m) in enumerate(args.workloads):
                 prompts = prompts_for(n, args.input_len, vocab, args.seed * 1000 + rnd * 10 + k)
                 for name in turn:
-                    got = workers[name].run(prompts, m)
+                    others = [] if args.no_pause else [w for n, w in workers.items() if n != name]
+                    for w in others:
+                        w.pause()
+                    cpu0 = workers[name].cpu_seconds()
+                    try:
+                        got = workers[name].run(prompts, m)
+                    finally:
+                        for w in others:
+                            w.resume()
+                    cpu = workers[name].cpu_seconds() - cpu0
                     rate = got["output_tokens"] / got["elapsed_s"]
                     rates[(n, m)][name].append(rate)
+                    per_cpu[(n, m)][name].append(got["output_tokens"] / max(cpu, 1e-3))
                     print(json.dumps({**common, "system": name, "workload": f"{n}x{m}", "round": rnd,
                                       "output_tokens": got["output_tokens"],
                                       "elapsed_s": round(got["elapsed_s"], 3),
-                                      "output_tok_per_s": round(rate, 1),
+                                      "output_tok_per_s": round(rate, 1), "cpu_s": round(cpu, 2),
                                       "load_avg_1m": round(os.getloadavg()[0], 2)}), flush=True)
     finally:
         for w in workers.values():
@@ -230,10 +286,13 @@ def main() -> None:
         ours = per["radixfleet"]
         row = {**common, "system": "summary", "workload": f"{n}x{m}", "rounds": args.rounds,
                **{f"{s}_tok_per_s": round(statistics.median(v), 1) for s, v in per.items()}}
+        row.update({f"{s}_tok_per_cpu_s": round(statistics.median(v), 1) for s, v in per_cpu[(n, m)].items()})
         for other in per:
             if other != "radixfleet":
                 row[f"radixfleet_over_{other}"] = round(statistics.median(
                     a / b for a, b in zip(ours, per[other], strict=True)), 3)
+                row[f"radixfleet_over_{other}_per_cpu_s"] = round(statistics.median(
+                    a / b for a, b in zip(per_cpu[(n, m)]["radixfleet"], per_cpu[(n, m)][other], strict=True)), 3)
         print(json.dumps(row), flush=True)
 
 
