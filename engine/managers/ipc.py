@@ -34,5 +34,18 @@ def send(sock: zmq.Socket, obj: Any) -> None:
     sock.send(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
 
 
+# How long closing a socket after its last message waits for that message to leave.
+LAST_MESSAGE_LINGER_MS = 10_000
+
+
+def send_last(sock: zmq.Socket, obj: Any) -> None:
+    """Send ``obj`` and close ``sock`` once it has left (or after LAST_MESSAGE_LINGER_MS).
+    PUSH sockets here have LINGER 0, so closing (or dropping) one right after a send
+    discarded a message still queued: a loaded machine lost a child's "ready" report and the
+    engine waited out its start-up timeout."""
+    send(sock, obj)
+    sock.close(linger=LAST_MESSAGE_LINGER_MS)
+
+
 def recv(sock: zmq.Socket, flags: int = 0) -> Any:
     return pickle.loads(sock.recv(flags))

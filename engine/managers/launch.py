@@ -142,10 +142,9 @@ def _start(role: str, ipc_names, build):
         obj, info = build()
     except Exception as e:  # reported to the parent, which raises it to the user
         logging.getLogger(__name__).exception("%s failed to start", role)
-        ipc.send(ready, {"ready": role, "error": f"{type(e).__name__}: {e}"})
-        time.sleep(0.5)
+        ipc.send_last(ready, {"ready": role, "error": f"{type(e).__name__}: {e}"})
         raise SystemExit(1) from e
-    ipc.send(ready, {"ready": role, "info": info})
+    ipc.send_last(ready, {"ready": role, "info": info})
     return obj
 
 
@@ -200,8 +199,7 @@ def _run_detokenizer(tokenizer_path, trust_remote_code, ipc_names, skip_tokenize
     from radixfleet.engine.managers import ipc
     from radixfleet.engine.managers.detokenizer import run_detokenizer
 
-    ready = ipc.connect_push(zmq.Context.instance(), ipc_names["tokenizer"])
-    ipc.send(ready, {"ready": "detokenizer"})
+    ipc.send_last(ipc.connect_push(zmq.Context.instance(), ipc_names["tokenizer"]), {"ready": "detokenizer"})
     run_detokenizer(tokenizer_path, trust_remote_code, ipc_names, skip_tokenizer_init)
 
 
