@@ -248,6 +248,8 @@ def main() -> None:
     vocab = ModelConfig.from_path(model).vocab_size
     common = {"benchmark": "cpu_side_by_side", "model": args.model_path, "input_len": args.input_len,
               "cpus": os.cpu_count()}
+    # SIGTERM runs the finally below too: stopped workers must be resumed to exit.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     workers = start_workers(args, model)
     try:
         for name, w in workers.items():
