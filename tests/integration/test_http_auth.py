@@ -19,7 +19,8 @@ ROUTES = [("GET", "/health_generate"), ("GET", "/get_model_info"), ("GET", "/get
           ("POST", "/abort_request"), ("GET", "/v1/models"), ("GET", "/v1/models/{model_id}"),
           ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("POST", "/v1/score"),
           ("POST", "/encode"), ("POST", "/v1/embeddings"), ("POST", "/update_weights_from_disk"),
-          ("POST", "/get_weights_by_name"), ("POST", "/load_lora_adapter"), ("POST", "/open_session"), ("POST", "/close_session"), ("POST", "/unload_lora_adapter"), ("GET", "/get_weights_by_name"), ("GET", "/no/such/route")]
+          ("POST", "/get_weights_by_name"), ("POST", "/load_lora_adapter"), ("POST", "/open_session"), ("POST", "/close_session"), ("POST", "/unload_lora_adapter"), ("GET", "/get_weights_by_name"),
+          ("GET", "/tokenizer_files"), ("GET", "/kv_events/snapshot"), ("GET", "/no/such/route")]
 
 
 def app_routes() -> set[tuple[str, str]]:

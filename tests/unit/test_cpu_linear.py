@@ -48,8 +48,20 @@ def test_prepacked_layers_match_f_linear(rows):
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_prepack_skips_non_fp32_weights_and_can_be_turned_off(monkeypatch):
+def test_prepacked_bf16_layers_match_f_linear():
+    """bf16 weights are packed too (the CPU bf16 path, #21), within bf16 rounding of F.linear."""
     model = _model().to(torch.bfloat16)
+    x, h = torch.randn(16, 64, dtype=torch.bfloat16), torch.randn(16, 96, dtype=torch.bfloat16)
+    want = F.linear(h, model["down"].weight).float()
+    assert prepack_cpu_weights(model) == 4
+    assert model["down"].packed is not None
+    torch.testing.assert_close(model["down"](h).float(), want, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(model["head"].logits(x), F.linear(x, model["head"].weight).float(),
+                               rtol=2e-2, atol=2e-2)
+
+
+def test_prepack_skips_other_weights_and_can_be_turned_off(monkeypatch):
+    model = _model().to(torch.float16)
     assert prepack_cpu_weights(model) == 0
     assert all(m.packed is None for m in model.values())
     monkeypatch.setenv("RADIXFLEET_CPU_PREPACK", "0")
