@@ -83,14 +83,14 @@ class TritonAttentionBackend(AttentionBackend):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
                 batch: ForwardBatch, rope=None) -> torch.Tensor:
         q, k_buf, v_buf = self._store_with_kernel(q, k, v, layer_id, batch, rope)
-        scales = dict(k_scale=self.kv_pool.k_scales[layer_id], v_scale=self.kv_pool.v_scales[layer_id])
+        k_scale, v_scale = self.kv_pool.k_scales[layer_id], self.kv_pool.v_scales[layer_id]  # fp8 caches
         if batch.mode is ForwardMode.DECODE:
             mid_o, mid_lse, semaphore = self._decode_scratch
             return decode_attention(
                 q, k_buf, v_buf, batch.req_to_token, batch.req_pool_indices, batch.seq_lens,
                 self.scale, num_kv_splits=self._num_kv_splits, mid_o=mid_o, mid_lse=mid_lse,
                 semaphore=semaphore, window=self.window(layer_id), logit_cap=self.logit_cap,
-                **scales)
+                k_scale=k_scale, v_scale=v_scale)
         assert self._q_start is not None, "plan() must run before forward()"
         window = self.window(layer_id)
         if window is not None and window >= self._max_seq_len:
@@ -98,4 +98,4 @@ class TritonAttentionBackend(AttentionBackend):
         return extend_attention(
             q, k_buf, v_buf, batch.req_to_token, batch.req_pool_indices, self._q_start,
             batch.extend_prefix_lens, batch.extend_seq_lens, self._max_extend_len, self.scale,
-            window=window, logit_cap=self.logit_cap, **scales)
+            window=window, logit_cap=self.logit_cap, k_scale=k_scale, v_scale=v_scale)

@@ -7,12 +7,19 @@ References compute in fp32 over gathered slots: no kernel code, no SDPA.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass
 
+import pytest
 import torch
 
 from radixfleet.engine.attention.base import AttentionBackend
 from radixfleet.engine.executor.forward_batch import ForwardBatch, ForwardMode
+
+HAS_FLASHINFER = importlib.util.find_spec("flashinfer") is not None
+NEEDS_FLASHINFER = pytest.mark.skipif(not HAS_FLASHINFER, reason="needs flashinfer-python")
+# The CUDA attention backends as test parameters (flashinfer skipped, saying why, without it).
+GPU_BACKENDS = ["triton", pytest.param("flashinfer", marks=NEEDS_FLASHINFER)]
 
 
 def attention_ref(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, slots: torch.Tensor,
@@ -164,8 +171,6 @@ def check_decode_graph_replays(backend: AttentionBackend, ref: AttentionBackend,
 
 def default_model_or_skip() -> str:
     """The prepared default model's folder (SmolLM2), or skip the test saying why not."""
-    import pytest
-
     from radixfleet.engine.models.model_prep import prepare_default_model
 
     try:

@@ -6,21 +6,19 @@ transformers' bf16. A ``Qwen2ForCausalLM`` served with ``is_embedding`` and a
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
+from _reference import GPU_BACKENDS  # noqa: E402
 from helpers import make_tiny_model  # noqa: E402
 
 from radixfleet import Engine  # noqa: E402
 
 _gen = torch.Generator().manual_seed(5)
 IDS = [torch.randint(1, 512, (n,), generator=_gen).tolist() for n in (3, 40, 300, 17)]
-HAS_FLASHINFER = importlib.util.find_spec("flashinfer") is not None
 
 
 @pytest.fixture(scope="module", params=["qwen2", "mistral_base"])
@@ -48,8 +46,7 @@ def hf_embeddings(folder: str, dtype: torch.dtype) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("backend", ["triton", pytest.param("flashinfer", marks=pytest.mark.skipif(
-    not HAS_FLASHINFER, reason="needs flashinfer-python"))])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_last_token_embeddings_match_hf_on_cuda(folder, dtype, backend):
     if backend == "flashinfer" and dtype == "float32":
         pytest.skip("flashinfer has no fp32 kernels")

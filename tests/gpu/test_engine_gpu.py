@@ -14,15 +14,13 @@ one JIT pair serves every test here). Backend agreement is asserted where it is 
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from _reference import default_model_or_skip  # noqa: E402
+from _reference import GPU_BACKENDS, HAS_FLASHINFER, default_model_or_skip  # noqa: E402
 from helpers import (  # noqa: E402
     hf_teacher_forced_logprobs,
     make_tiny_model,
@@ -33,9 +31,7 @@ from radixfleet.engine.config import EngineConfig  # noqa: E402
 from radixfleet.engine.engine import Engine  # noqa: E402
 from radixfleet.engine.executor.model_runner import ModelRunner  # noqa: E402
 
-HAS_FLASHINFER = importlib.util.find_spec("flashinfer") is not None
-NEEDS_FLASHINFER = pytest.mark.skipif(not HAS_FLASHINFER, reason="needs flashinfer-python")
-BACKENDS = ["torch_native", "triton", pytest.param("flashinfer", marks=NEEDS_FLASHINFER)]
+BACKENDS = ["torch_native", *GPU_BACKENDS]
 BF16_BACKENDS = ["torch_native", "triton"] + (["flashinfer"] if HAS_FLASHINFER else [])
 NEAR_TIE = 0.1  # top-1 minus top-2 logprob below which bf16 backends may pick differently
 PROMPTS = [[5, 17, 99, 3, 250, 8, 41], list(range(10, 200)), [7] * 33, [300, 301]]
@@ -139,7 +135,7 @@ def test_bf16_backends_agree_up_to_near_ties(tiny):
     print(f"{arch} bf16: {len(ties)} of {len(PROMPTS) * (len(BF16_BACKENDS) - 1)} runs part, all at near-ties")
 
 
-@pytest.mark.parametrize("backend", ["triton", pytest.param("flashinfer", marks=NEEDS_FLASHINFER)])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_cuda_graphs_on_and_off_give_identical_greedy_output(tiny, backend):
     _, folder = tiny
     eager = greedy(folder, attention_backend=backend, disable_cuda_graph=True)
@@ -147,7 +143,7 @@ def test_cuda_graphs_on_and_off_give_identical_greedy_output(tiny, backend):
     assert graphed == eager
 
 
-@pytest.mark.parametrize("backend", ["triton", pytest.param("flashinfer", marks=NEEDS_FLASHINFER)])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_batch1_decode_matches_hf(tiny, backend):
     """One request decodes at batch 1, replayed from a CUDA graph: the GEMVs with the RMSNorms
     and the SiLU-mul folded in, rotary + KV store in one launch and (triton) the one-launch

@@ -17,7 +17,6 @@ online quantization with the same scales.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -29,7 +28,7 @@ if torch.cuda.get_device_capability() < (8, 9):
     pytest.skip("fp8 needs compute capability 8.9+ (Ada, Hopper)", allow_module_level=True)
 
 import torch.nn.functional as F  # noqa: E402
-from _reference import attention_ref, default_model_or_skip, make_paged_kv, rel_err  # noqa: E402
+from _reference import GPU_BACKENDS, attention_ref, default_model_or_skip, make_paged_kv, rel_err  # noqa: E402
 from helpers import make_tiny_model, runner_teacher_forced_logprobs  # noqa: E402
 
 from radixfleet.engine.config import EngineConfig  # noqa: E402
@@ -43,9 +42,7 @@ from radixfleet.kernels.fp8_quant import per_token_quant_fp8  # noqa: E402
 from radixfleet.kernels.gemv import gemv, gemv_rmsnorm, gemv_silu_mul  # noqa: E402
 from radixfleet.kernels.kv_store import store_kv  # noqa: E402
 
-HAS_FLASHINFER = importlib.util.find_spec("flashinfer") is not None
-BACKENDS = ["triton", pytest.param("flashinfer", marks=pytest.mark.skipif(
-    not HAS_FLASHINFER, reason="needs flashinfer-python"))]
+BACKENDS = GPU_BACKENDS
 BF16 = torch.bfloat16
 NEAR_TIE = 0.1
 # mode -> (top-1 agreement with bf16, mean |logprob diff|) on the tiny models; measured on an

@@ -14,8 +14,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
@@ -23,6 +21,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 from _reference import (  # noqa: E402
+    GPU_BACKENDS,
     ReferenceBackend,
     Step,
     attention_ref,
@@ -44,9 +43,7 @@ from radixfleet.engine.memory.kv_pool import KVPool  # noqa: E402
 from radixfleet.kernels.decode_attention import decode_attention  # noqa: E402
 from radixfleet.kernels.extend_attention import extend_attention  # noqa: E402
 
-HAS_FLASHINFER = importlib.util.find_spec("flashinfer") is not None
-NEEDS_FLASHINFER = pytest.mark.skipif(not HAS_FLASHINFER, reason="needs flashinfer-python")
-BACKENDS = ["torch_native", "triton", pytest.param("flashinfer", marks=NEEDS_FLASHINFER)]
+BACKENDS = ["torch_native", *GPU_BACKENDS]
 
 
 # ---- kernels -------------------------------------------------------------------------------
@@ -107,7 +104,7 @@ def _run_step(backends, batch, H, KVH, D, gen):
         assert rel_err(got, want) < 1e-2, f"{batch.mode} layer {layer}: {rel_err(got, want):.2e}"
 
 
-@pytest.mark.parametrize("name", ["triton", pytest.param("flashinfer", marks=NEEDS_FLASHINFER)])
+@pytest.mark.parametrize("name", GPU_BACKENDS)
 @pytest.mark.parametrize("H,KVH", [(32, 8), (8, 8)])
 def test_backend_windows_match_reference(name, H, KVH):
     gen = torch.Generator().manual_seed(3)
@@ -120,7 +117,7 @@ def test_backend_windows_match_reference(name, H, KVH):
         _run_step(backends, step.batch(ForwardMode.DECODE, [1, 1, 1]), H, KVH, D, gen)
 
 
-@pytest.mark.parametrize("name", ["triton", pytest.param("flashinfer", marks=NEEDS_FLASHINFER)])
+@pytest.mark.parametrize("name", GPU_BACKENDS)
 def test_backend_windows_in_cuda_graph_replays(name):
     gen = torch.Generator().manual_seed(4)
     H, KVH, D = 32, 8, 128
