@@ -87,12 +87,13 @@ CPU_PREPACK = _var("RADIXFLEET_CPU_PREPACK", "bool", True,
 CPU_DTYPE = _var("RADIXFLEET_CPU_DTYPE", "str", "auto",
                  "what `dtype=auto` means for generation models on CPU: `auto` (bfloat16 where the CPU "
                  "has native bf16, AVX512_BF16 or AMX; float32 elsewhere), `float32` or `bfloat16`")
-CPU_SPIN = _var("RADIXFLEET_CPU_SPIN", "int", 0,
-                "how many times an engine's OpenMP threads spin between ops before they sleep "
-                "(`GOMP_SPINCOUNT`); `0` (the default): sleep at once (`OMP_WAIT_POLICY=PASSIVE`). On a "
-                "machine the engine has to itself, spinning (e.g. `1000000`) is ~1.3x faster on CPU; with "
-                "other busy processes on its cores it is many times slower. Unused when `OMP_WAIT_POLICY` "
-                "or `GOMP_SPINCOUNT` is set")
+CPU_SPIN = _var("RADIXFLEET_CPU_SPIN", "str", "auto",
+                "how an engine's OpenMP threads wait between ops on CPU: `auto` (the default): they "
+                "spin (`GOMP_SPINCOUNT=1000000`) and a running engine lowers its thread count to the "
+                "cores other processes leave free (spinning threads sharing cores with other work are "
+                "many times slower); a number: that spin count, same guard; `0`: sleep at once "
+                "(`OMP_WAIT_POLICY=PASSIVE`, all threads always). Unused when `OMP_WAIT_POLICY` or "
+                "`GOMP_SPINCOUNT` is set")
 
 # ---- GPU kernels ---------------------------------------------------------------------------
 DISABLE_FUSED_KERNELS = _var("RADIXFLEET_DISABLE_FUSED_KERNELS", "bool", False,

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from radixfleet.engine.executor.cpu_threads import core_guard
 from radixfleet.engine.executor.forward_batch import ForwardBatch, ForwardMode
 from radixfleet.engine.executor.model_runner import ModelRunner
 from radixfleet.engine.layers import distributed as dist
@@ -103,6 +104,7 @@ class TPLeader:
 
 def follow(runner: ModelRunner) -> None:
     """A follower rank's loop: mirror rank 0's forwards and LM-head calls until ``Stop``."""
+    guard = core_guard(runner.device.type)
     while True:
         try:
             msg = dist.broadcast_control()
@@ -110,6 +112,8 @@ def follow(runner: ModelRunner) -> None:
             logger.error("tp rank %d: lost rank 0 (%s); exiting", dist.tp_rank(), str(e).splitlines()[0])
             raise SystemExit(1) from None
         if isinstance(msg, Forward):
+            if guard is not None:
+                guard.tick()
             runner.forward(_rebuild(runner, msg))
         elif isinstance(msg, Logits):
             hidden = torch.empty(msg.shape, dtype=runner.dtype, device=runner.device)

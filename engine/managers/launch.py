@@ -22,27 +22,9 @@ import threading
 import time
 from typing import Any
 
-from radixfleet import env_vars
+from radixfleet.engine.executor.cpu_threads import omp_wait_env
 
 _PARENT_POLL_S = 0.5
-
-
-def omp_wait_env(env: dict[str, str]) -> None:
-    """Set how a child's OpenMP threads wait for the next op (in ``env``, the child's environment).
-
-    By default they sleep at once (PASSIVE). Spinning through a decode step's gaps between ops
-    was 1.2-1.3x faster with the machine nearly to itself (16 requests x 64 tokens: 709-809
-    against 604 tok/s), but as soon as other busy processes compete for the cores (several
-    workers on a laptop, tests beside an engine) every spin count tried, down to 1,000, was
-    slower, up to 20x: RADIXFLEET_CPU_SPIN > 0 opts in. A caller that tunes the wait itself
-    (OMP_WAIT_POLICY or GOMP_SPINCOUNT) is left alone."""
-    if "OMP_WAIT_POLICY" in env or "GOMP_SPINCOUNT" in env:
-        return
-    spin = env_vars.CPU_SPIN.get()
-    if spin > 0:
-        env["GOMP_SPINCOUNT"] = str(spin)
-    else:
-        env["OMP_WAIT_POLICY"] = "PASSIVE"
 
 
 def spawn(role: str, kwargs: dict[str, Any], log_level: str) -> subprocess.Popen:

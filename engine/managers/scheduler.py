@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from radixfleet.engine.config import EngineConfig
+from radixfleet.engine.executor.cpu_threads import core_guard
 from radixfleet.engine.executor.forward_batch import ForwardMode
 from radixfleet.engine.executor.lora import load_adapter, unload_adapter
 from radixfleet.engine.executor.model_runner import ModelRunner
@@ -134,6 +135,7 @@ class Scheduler:
         self.max_running = self.runner.max_running_requests
         choice = config.disable_overlap_schedule
         self.overlap = (self.runner.device.type == "cuda" and dist.tp_size() == 1) if choice is None else not choice
+        self.core_guard = core_guard(self.runner.device.type)  # CPU: threads within the free cores
         self.in_flight: Launched | None = None
         self.waiting: list[Req] = []
         self.running: list[Req] = []
@@ -209,6 +211,8 @@ class Scheduler:
             if self.grammars.pending:
                 self._admit_compiled()
             if self._busy() and not self._stopping:
+                if self.core_guard is not None:
+                    self.core_guard.tick()
                 self.step()
             if self.kv_events is not None:
                 self.kv_events.tick()

@@ -1,32 +1,172 @@
-"""How engine processes' OpenMP threads wait between ops (engine/managers/launch.py)."""
+"""How engine processes' OpenMP threads wait between ops, and how many run
+(engine/executor/cpu_threads.py)."""
 
 from __future__ import annotations
 
-from radixfleet.engine.managers.launch import omp_wait_env
+import subprocess
+import sys
+
+import pytest
+
+from radixfleet.engine.executor.cpu_threads import (
+    AUTO_SPIN_COUNT,
+    CoreGuard,
+    core_guard,
+    omp_wait_env,
+    threads_for,
+    threads_spin,
+)
 
 
-def test_default_sleeps_at_once(monkeypatch):
-    """Robust when other processes share the cores (a spinning thread there waits for one
-    that is not running)."""
+def test_default_spins(monkeypatch):
+    """Fast with the cores to itself; the CoreGuard handles sharing them."""
     monkeypatch.delenv("RADIXFLEET_CPU_SPIN", raising=False)
     env: dict[str, str] = {}
     omp_wait_env(env)
-    assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert env == {"GOMP_SPINCOUNT": str(AUTO_SPIN_COUNT)}
+    assert threads_spin(env)
 
 
-def test_a_spin_count_opts_in(monkeypatch):
-    monkeypatch.setenv("RADIXFLEET_CPU_SPIN", "1000000")
+def test_zero_never_spins(monkeypatch):
+    monkeypatch.setenv("RADIXFLEET_CPU_SPIN", "0")
     env: dict[str, str] = {}
     omp_wait_env(env)
-    assert env == {"GOMP_SPINCOUNT": "1000000"}
+    assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert not threads_spin(env)
+
+
+def test_a_spin_count(monkeypatch):
+    monkeypatch.setenv("RADIXFLEET_CPU_SPIN", "5000")
+    env: dict[str, str] = {}
+    omp_wait_env(env)
+    assert env == {"GOMP_SPINCOUNT": "5000"}
+
+
+@pytest.mark.parametrize("bad", ["fast", "-1", "1e6"])
+def test_a_bad_setting_is_a_clear_error(monkeypatch, bad):
+    monkeypatch.setenv("RADIXFLEET_CPU_SPIN", bad)
+    with pytest.raises(ValueError, match="RADIXFLEET_CPU_SPIN"):
+        omp_wait_env({})
 
 
 def test_the_callers_own_setting_wins(monkeypatch):
-    monkeypatch.setenv("RADIXFLEET_CPU_SPIN", "5000")
+    monkeypatch.setenv("RADIXFLEET_CPU_SPIN", "0")
     for own in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "7"}):
         env = dict(own)
         omp_wait_env(env)
         assert env == own
-    env = {}
-    omp_wait_env(env)
-    assert env == {"GOMP_SPINCOUNT": "5000"}
+        assert threads_spin(env)
+
+
+def test_whether_libgomp_spins():
+    assert threads_spin({})  # libgomp's own default spins 300,000 rounds
+    assert not threads_spin({"OMP_WAIT_POLICY": "passive"})
+    assert not threads_spin({"GOMP_SPINCOUNT": "0", "OMP_WAIT_POLICY": "ACTIVE"})  # the count wins
+    assert threads_spin({"GOMP_SPINCOUNT": "infinite"})
+    assert threads_spin({"GOMP_SPINCOUNT": "10k", "OMP_WAIT_POLICY": "PASSIVE"})
+
+
+@pytest.mark.parametrize("max_threads, cpus, others, want", [
+    (2, 2, 0.0, 2),   # quiet: every thread
+    (2, 2, 0.3, 2),   # light background work leaves the cores
+    (2, 2, 0.67, 1),  # one busy loop, squeezed by our two spinning threads
+    (2, 2, 1.0, 1),   # one busy loop
+    (2, 2, 3.0, 1),   # never fewer than one
+    (4, 8, 1.0, 4),   # fewer threads than free cores: unchanged
+    (8, 8, 2.2, 6),
+    (16, 4, 0.0, 4),  # more threads than cores never helps a spinning pool
+])
+def test_threads_for(max_threads, cpus, others, want):
+    assert threads_for(max_threads, cpus, others) == want
+
+
+def _stat(busy_per_cpu: list[int], extra_cpu_busy: int = 0) -> str:
+    """``/proc/stat`` text: ``busy`` user ticks and 1,000 idle ticks per core, plus a core 99
+    outside the affinity mask."""
+    lines = ["cpu  1 2 3 4 5 6 7 8 0 0"]
+    lines += [f"cpu{i} {b} 0 0 1000 0 0 0 0 0 0" for i, b in enumerate(busy_per_cpu)]
+    lines += [f"cpu99 {extra_cpu_busy} 0 0 1000 0 0 0 0 0 0", "intr 1 2 3", "ctxt 9"]
+    return "\n".join(lines)
+
+
+def test_core_guard_follows_other_processes(monkeypatch):
+    """Two cores, two threads; each half-second window the cores' busy ticks and the engine's
+    own CPU time are fed in, and the guard sets the thread count to what fits."""
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(os, "sysconf", lambda name: 100)  # 100 ticks a second
+    clock, stat, own, set_to = [0.0], [_stat([0, 0])], [0.0], []
+    monkeypatch.setattr("torch.get_num_threads", lambda: 2)
+    guard = CoreGuard(read_stat=lambda: stat[0], own_cpu_s=lambda: own[0],
+                      set_threads=set_to.append, clock=lambda: clock[0])
+
+    def window(busy: list[int], own_s: float, dt: float = 0.5, outside: int = 0) -> None:
+        clock[0] += dt
+        stat[0] = _stat(busy, outside)
+        own[0] += own_s
+        guard.tick()
+
+    guard.tick()  # the first reading
+    a, b = 0, 0
+    # The engine alone keeps both cores busy (100 ticks in 0.5 s): nothing changes.
+    a, b = a + 50, b + 50
+    window([a, b], 1.0)
+    # A busy loop appears: the cores stay full, but a third of it is not ours.
+    a, b = a + 50, b + 50
+    window([a, b], 0.67)
+    assert set_to == [1] and guard.threads == 1
+    # Within the interval nothing is read.
+    clock[0] += 0.1
+    stat[0] = "garbage"
+    guard.tick()
+    # Busy work on a core outside the affinity mask does not count.
+    a, b = a + 50, b + 50
+    window([a, b], 0.5, dt=0.4, outside=10_000)
+    assert set_to == [1]  # the busy loop still holds a core
+    # The busy loop ends: the engine, on one thread, is alone again.
+    a, b = a + 50, b
+    window([a, b], 0.5)
+    assert set_to == [1, 2] and guard.threads == 2
+    # Never above the thread count it started with.
+    a, b = a + 50, b + 50
+    window([a, b], 1.0)
+    assert set_to == [1, 2]
+
+
+def test_core_guard_only_on_cpu_with_spinning_threads(monkeypatch):
+    monkeypatch.setenv("GOMP_SPINCOUNT", "1000")
+    assert core_guard("cuda") is None
+    assert isinstance(core_guard("cpu"), CoreGuard)
+    monkeypatch.setenv("GOMP_SPINCOUNT", "0")
+    assert core_guard("cpu") is None
+
+
+def test_the_thread_count_changes_in_a_running_process():
+    """``torch.set_num_threads`` after the pool has started takes effect for oneDNN's
+    prepacked linears (the engine's CPU matmuls): at 1 thread the process uses at most one
+    core even though libgomp spins; bit-identical results at 1 and 2 threads."""
+    code = """
+import time, torch
+torch.manual_seed(0)
+w = torch.randn(1536, 576, dtype=torch.bfloat16)
+packed = torch.ops.mkldnn._reorder_linear_weight(w)
+x = torch.randn(16, 576, dtype=torch.bfloat16)
+lin = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+torch.set_num_threads(2)
+y2 = [lin() for _ in range(300)][-1]
+torch.set_num_threads(1)
+t, c = time.perf_counter(), time.process_time()
+y1 = [lin() for _ in range(2000)][-1]
+print(torch.equal(y1, y2), (time.process_time() - c) / (time.perf_counter() - t))
+"""
+    import torch
+
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        pytest.skip("no oneDNN linear in this torch build")
+    env = {**__import__("os").environ, "GOMP_SPINCOUNT": "1000000"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    same, cores = out.stdout.split()
+    assert same == "True"
+    assert float(cores) < 1.3  # two spinning threads would read ~2
