@@ -10,8 +10,11 @@ prompt tokens), TTFT p50/p90 (streamed), requests/s and prompt tokens/s, the fol
 affinity (turns answered by the worker of the tenant's previous turn; radixfleet's routers
 name the worker in a header, sglang-router does not), and for precise the fraction of
 requests whose predicted cached tokens equal the reported ones (in whole blocks).
-``--publisher-overhead`` adds one line: the radix cache's insert cost with KV events off
-and on with nobody subscribed.
+``--publisher-overhead`` adds two lines first: the radix cache's insert cost with KV events
+off, on with nobody subscribed and on with a subscriber (``publisher_overhead``); and end to
+end, one engine's prefill throughput on distinct prompts (every request stores new blocks and,
+once the pool is full, evicts) with events off (a fourth engine), on with nobody subscribed and
+on with this process subscribed, in interleaved rounds (``publisher_overhead_e2e``, medians).
 
     python benchmarks/routing_quality.py [--tenants 30 --turns 4 --context-words 150]
         [--skip-sglang] [--policies precise cache_aware] [--replicas 1 3]
@@ -25,20 +28,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib.util
 import json
 import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import httpx
 import torch
+import zmq
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))  # the workload and fleet helpers are the tests' own
 from routing_workload import (  # noqa: E402
+    context,
     flush_all,
     metric,
     run_conversations,
@@ -49,6 +57,7 @@ from routing_workload import (  # noqa: E402
 )
 from server_process import default_model_dir, free_port, wait_ok  # noqa: E402
 
+from radixfleet import kv_events  # noqa: E402
 from radixfleet.engine.memory.allocator import TokenSlotAllocator  # noqa: E402
 from radixfleet.engine.memory.radix_cache import RadixCache  # noqa: E402
 
@@ -90,6 +99,10 @@ def run(name: str, routers: list[tuple[str, subprocess.Popen]], engines, args) -
         records, elapsed = asyncio.run(run_conversations(urls, args.tenants, args.turns, args.context_words,
                                                          args.concurrency, args.max_tokens))
         line = {"bench": "routing_quality", "router": name, "replicas": len(urls), **summarize(records, elapsed)}
+        if args.records:
+            with open(args.records, "a") as f:
+                for r in records:
+                    f.write(json.dumps({"router": name, "replicas": len(urls), **dataclasses.asdict(r)}) + "\n")
         if name == "radixfleet_precise":
             outcomes = {o: n - before[o] for o, n in predictions(urls).items()}
             line["prediction_exact_fraction"] = round(outcomes["exact"] / max(sum(outcomes.values()), 1), 4)
@@ -107,7 +120,8 @@ def predictions(urls: list[str]) -> dict[str, float]:
 
 
 def publisher_overhead(inserts: int = 2000, tokens: int = 512) -> None:
-    """Radix-cache inserts with KV events off, and on with nobody subscribed (µs per insert)."""
+    """Radix-cache inserts with KV events off, on with nobody subscribed, and on with a
+    subscriber (µs per insert)."""
     from radixfleet.engine.managers.kv_publisher import KVEventPublisher
 
     def measure(events) -> float:
@@ -125,14 +139,104 @@ def publisher_overhead(inserts: int = 2000, tokens: int = 512) -> None:
             alloc.free(slots[:prefix])
         return took / inserts * 1e6
 
-    publisher = KVEventPublisher("127.0.0.1", free_port(), 16)
+    port = free_port()
+    publisher = KVEventPublisher("127.0.0.1", port, 16)
+    ctx = zmq.Context()
     try:
         off = statistics.median(measure(None) for _ in range(3))
+        idle = statistics.median(measure(publisher) for _ in range(3))
+        idle_messages = publisher.seq
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.SUBSCRIBE, kv_events.TOPIC)
+        sub.setsockopt(zmq.RCVHWM, 0)  # keep every message (the subscriber reads them afterwards)
+        sub.connect(f"tcp://127.0.0.1:{port}")
+        deadline, empty = time.monotonic() + 10, RadixCache(TokenSlotAllocator(2, 1), 1, events=publisher)
+        while not publisher.active and time.monotonic() < deadline:
+            publisher.tick(empty)
+            time.sleep(0.01)
+        assert publisher.active, "the subscription did not reach the publisher"
         on = statistics.median(measure(publisher) for _ in range(3))
     finally:
         publisher.close()
+        ctx.destroy(linger=0)
     emit(bench="publisher_overhead", tokens_per_insert=tokens, inserts=inserts, events_off_us=round(off, 1),
-         events_on_no_subscriber_us=round(on, 1), added_us_per_insert=round(on - off, 1), messages=publisher.seq)
+         events_on_no_subscriber_us=round(idle, 1), events_on_subscribed_us=round(on, 1),
+         added_us_no_subscriber=round(idle - off, 1), added_us_subscribed=round(on - off, 1),
+         messages_no_subscriber=idle_messages, messages_subscribed=publisher.seq - idle_messages)
+
+
+def publisher_overhead_e2e(events_on, events_off, prompts: int, rounds: int, words: int) -> None:
+    """One engine's throughput on distinct prompts (``max_tokens`` 1, 2 at a time): events
+    off (``events_off``), on with nobody subscribed and on with a subscriber (``events_on``,
+    before any router follows it); configurations interleaved, order rotated each round."""
+    serial = iter(range(10**9))
+
+    async def load(url: str) -> float:
+        gate = asyncio.Semaphore(2)
+        tokens = 0
+
+        async def one(c: httpx.AsyncClient) -> None:
+            nonlocal tokens
+            body = {"model": "default", "prompt": context(10**6 + next(serial), words), "max_tokens": 1,
+                    "temperature": 0}
+            async with gate:
+                resp = await c.post(url + "/v1/completions", json=body)
+            assert resp.status_code == 200, resp.text
+            tokens += resp.json()["usage"]["prompt_tokens"]
+
+        start = time.perf_counter()
+        async with httpx.AsyncClient(timeout=600, trust_env=False) as c:
+            await asyncio.gather(*(one(c) for _ in range(prompts)))
+        return tokens / (time.perf_counter() - start)
+
+    ctx = zmq.Context()
+    received = [0]
+
+    def subscribed(url: str) -> float:
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.SUBSCRIBE, kv_events.TOPIC)
+        sub.connect(f"tcp://127.0.0.1:{events_on.events_port}")
+        stop = threading.Event()
+
+        def drain() -> None:  # a subscriber that keeps up, as a router's does
+            while not stop.is_set():
+                if sub.poll(50):
+                    sub.recv_multipart()
+                    received[0] += 1
+
+        reader = threading.Thread(target=drain)
+        reader.start()
+        try:
+            deadline = time.monotonic() + 10
+            while received[0] == 0 and time.monotonic() < deadline:  # the heartbeat sent on activation
+                time.sleep(0.01)
+            assert received[0], "no KV event reached the subscriber"
+            return asyncio.run(load(url))
+        finally:
+            stop.set()
+            reader.join()
+            sub.close(linger=0)
+            time.sleep(0.5)  # the engine sees the subscriber leave before the next measurement
+
+    runs: dict[str, tuple] = {"events_off": (lambda u: asyncio.run(load(u)), events_off.url),
+                              "events_on_no_subscriber": (lambda u: asyncio.run(load(u)), events_on.url),
+                              "events_on_subscribed": (subscribed, events_on.url)}
+    tok_s: dict[str, list[float]] = {name: [] for name in runs}
+    try:
+        asyncio.run(load(events_off.url)), asyncio.run(load(events_on.url))  # warm-up
+        names = list(runs)
+        for r in range(rounds):
+            for name in names[r % 3:] + names[:r % 3]:
+                fn, url = runs[name]
+                tok_s[name].append(fn(url))
+    finally:
+        ctx.destroy(linger=0)
+    med = {name: statistics.median(v) for name, v in tok_s.items()}
+    emit(bench="publisher_overhead_e2e", prompts=prompts, rounds=rounds,
+         **{f"{name}_prompt_tok_per_s": round(v, 1) for name, v in med.items()},
+         no_subscriber_vs_off=round(med["events_on_no_subscriber"] / med["events_off"], 3),
+         subscribed_vs_off=round(med["events_on_subscribed"] / med["events_off"], 3),
+         spread={name: [round(x, 1) for x in v] for name, v in tok_s.items()}, messages_received=received[0])
 
 
 def main() -> int:
@@ -147,6 +251,10 @@ def main() -> int:
     ap.add_argument("--replicas", type=int, nargs="+", default=[1, 3])
     ap.add_argument("--skip-sglang", action="store_true")
     ap.add_argument("--publisher-overhead", action="store_true")
+    ap.add_argument("--overhead-prompts", type=int, default=16, help="prompts per end-to-end overhead measurement")
+    ap.add_argument("--overhead-rounds", type=int, default=3)
+    ap.add_argument("--records", help="append every request's record (tenant, turn, worker, cached tokens, TTFT) "
+                                      "to this JSON-lines file")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the engines and routers on the way out
     torch.set_num_threads(1)
@@ -155,9 +263,17 @@ def main() -> int:
     model_dir = default_model_dir()
     sglang = None if args.skip_sglang or "sglang" not in args.policies else sglang_python()
     engines = start_engines(3, model_dir, args.kv_pool)
-    emit(bench="setup", engines=3, kv_pool=args.kv_pool, tenants=args.tenants, turns=args.turns,
-         context_words=args.context_words, concurrency=args.concurrency, sglang_router=sglang is not None)
     try:
+        if args.publisher_overhead:
+            quiet = start_engines(1, model_dir, args.kv_pool, kv_events=False)
+            try:
+                publisher_overhead_e2e(engines[0], quiet[0], args.overhead_prompts, args.overhead_rounds,
+                                       args.context_words)
+            finally:
+                stop_all([e.proc for e in quiet])
+            flush_all(engines)
+        emit(bench="setup", engines=3, kv_pool=args.kv_pool, tenants=args.tenants, turns=args.turns,
+             context_words=args.context_words, concurrency=args.concurrency, sglang_router=sglang is not None)
         for replicas in args.replicas:
             for policy in args.policies:
                 if policy == "sglang":

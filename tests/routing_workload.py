@@ -36,12 +36,14 @@ class Engine:
     proc: subprocess.Popen
 
 
-def start_engines(n: int, model_dir: str, max_total_tokens: int, timeout: float = 240.0) -> list[Engine]:
-    """``n`` ``radixfleet serve`` processes with KV events on, one CPU thread each."""
+def start_engines(n: int, model_dir: str, max_total_tokens: int, timeout: float = 240.0,
+                  kv_events: bool = True) -> list[Engine]:
+    """``n`` ``radixfleet serve`` processes with KV events on (``events_port`` 0 if not), one
+    CPU thread each."""
     engines = []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     for _ in range(n):
-        port, events = free_port(), free_port()
+        port, events = free_port(), free_port() if kv_events else 0
         cmd = [sys.executable, "-m", "radixfleet.engine.server.serve", "--model-path", model_dir,
                "--host", "127.0.0.1", "--port", str(port), "--max-total-tokens", str(max_total_tokens),
                "--random-seed", "0", "--kv-events-port", str(events)]

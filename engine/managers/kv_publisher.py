@@ -1,13 +1,20 @@
-"""Publishes the radix cache's block changes over ZMQ PUB (``radixfleet/kv_events.py`` has the
+"""Publishes the radix cache's block changes over ZMQ (``radixfleet/kv_events.py`` has the
 hashing and the message format) and answers snapshot requests.
 
 Lives in the scheduler process (TP rank 0 only), next to the radix cache whose operations
 call ``publish``; everything runs on the scheduler's thread, so ``seq`` and the tree agree
 when a snapshot is taken. Sends never block: when the send queue is full (a stalled
 subscriber) the message is dropped, and subscribers see the gap in ``seq`` and resync from a
-snapshot. With nobody subscribed ZMQ discards each message at once; what remains is hashing
-the new blocks once per cache insert (``benchmarks/routing_quality.py --publisher-overhead``
-measures it).
+snapshot.
+
+Nobody subscribed, nothing done: the socket is an XPUB, which reports the first subscription
+to a topic and the departure of its last subscriber. While nobody subscribes, ``active`` is
+False and the radix cache neither hashes nor publishes (``radix_cache.py``), and ``seq``
+stands still. When a subscriber arrives, the whole tree is hashed once (``hash_all``), ``seq``
+skips one and a heartbeat goes out at once: a subscriber that held state from before (it
+was disconnected meanwhile) sees the gap and resyncs; a new one starts from a snapshot
+anyway. A snapshot asked for while nobody subscribes hashes the tree first, so it is always
+right. ``benchmarks/routing_quality.py --publisher-overhead`` measures the cost.
 """
 
 from __future__ import annotations
@@ -36,8 +43,11 @@ class KVEventPublisher:
         self.engine_id = uuid.uuid4().hex
         self.seq = 0
         self.dropped = 0
+        self.active = False  # someone subscribes (the radix cache hashes and publishes only then)
+        self.activations = 0
+        self._topics: set[bytes] = set()
         self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.PUB)
+        self._sock = self._ctx.socket(zmq.XPUB)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.SNDHWM, _SEND_HWM)
         try:
@@ -52,15 +62,44 @@ class KVEventPublisher:
         self.seq += 1
         self._send(events)
 
-    def tick(self) -> None:
-        """Heartbeat (the current ``seq``, no events) when nothing was sent for a while."""
-        if time.monotonic() - self._last_send >= HEARTBEAT_INTERVAL_S:
+    def tick(self, cache: RadixCache) -> None:
+        """Take subscription changes; heartbeat (the current ``seq``, no events) when
+        nothing was sent for a while and someone listens."""
+        self._poll_subscriptions(cache)
+        if self.active and time.monotonic() - self._last_send >= HEARTBEAT_INTERVAL_S:
             self._send([])
 
     def snapshot(self, cache: RadixCache) -> dict:
         """Every resident block as of the last message sent."""
+        self._poll_subscriptions(cache)  # a subscriber asking for it has usually subscribed by now
+        if not self.active:
+            cache.hash_all()
         return kv_events.Snapshot(self.engine_id, self.seq, self.block_size, self.seed,
                                   cache.resident_blocks()).to_json()
+
+    def _poll_subscriptions(self, cache: RadixCache) -> None:
+        # XPUB hands up b"\x01" + topic for a topic's first subscriber, b"\x00" + topic when
+        # its last one leaves (unsubscribes or disconnects).
+        while self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            try:
+                msg = self._sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if msg[:1] == b"\x01":
+                self._topics.add(msg[1:])
+            elif msg[:1] == b"\x00":
+                self._topics.discard(msg[1:])
+        listening = bool(self._topics)
+        if listening and not self.active:
+            blocks = cache.hash_all()
+            self.active = True
+            self.activations += 1
+            self.seq += 1  # the gap: what changed while nobody listened was never published
+            self._send([])
+            logger.info("KV events: a subscriber arrived; %d resident blocks hashed", blocks)
+        elif self.active and not listening:
+            self.active = False
+            logger.info("KV events: no subscriber left; hashing stops")
 
     def close(self) -> None:
         self._sock.close()

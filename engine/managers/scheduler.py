@@ -215,7 +215,7 @@ class Scheduler:
                     self.core_guard.tick()
                 self.step()
             if self.kv_events is not None:
-                self.kv_events.tick()
+                self.kv_events.tick(self.kv.cache)
         if self.kv_events is not None:
             self.kv_events.close()
 

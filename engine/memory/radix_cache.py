@@ -6,11 +6,14 @@ Invariants:
 - ``lock_ref > 0`` on a node (and, by construction, on all its ancestors) while a running
   request uses that path: locked nodes are never evicted.
 - ``evictable_size`` counts slots in unlocked nodes, ``protected_size`` in locked ones.
-- With KV events on (``events``), a node's ``blocks`` are the hashes of the event blocks
-  (``radixfleet/kv_events.py``) whose last token lies in it: blocks ``start // B`` to
-  ``(start + len(key)) // B - 1`` of its path, ``start`` being the path length above it.
-  Creating a node publishes them as stored, evicting it as removed, a flush as cleared;
-  splitting a node moves blocks between its halves and publishes nothing.
+- With KV events on (``events``) and someone subscribed (``events.active``), a node's
+  ``blocks`` are the hashes of the event blocks (``radixfleet/kv_events.py``) whose last
+  token lies in it: blocks ``start // B`` to ``(start + len(key)) // B - 1`` of its path,
+  ``start`` being the path length above it. Creating a node publishes them as stored,
+  evicting it as removed, a flush as cleared; splitting a node moves blocks between its
+  halves and publishes nothing. While nobody subscribes nothing is hashed or published (new
+  nodes have no ``blocks``); ``hash_all`` restores the invariant for the whole tree when a
+  subscriber arrives or a snapshot is asked for.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class BlockEventSink(Protocol):
 
     block_size: int
     seed: int
+    active: bool  # someone subscribes: hash and publish; else the cache skips both
 
     def publish(self, events: list[dict]) -> None: ...
 
@@ -142,7 +146,7 @@ class RadixCache:
                 new = TreeNode(key=list(key), value=value.clone(), parent=node, last_access=now, start=prefix)
                 node.children[self._child_key(key)] = new
                 self.evictable_size += len(key)
-                if self.events is not None:
+                if self.events is not None and self.events.active:
                     self._publish_stored(new, full)
                 return prefix
             child.last_access = now
@@ -186,7 +190,7 @@ class RadixCache:
             del parent.children[self._child_key(leaf.key)]
             if parent is not self.root and not parent.children and parent.lock_ref == 0:
                 heapq.heappush(leaves, parent)
-        if gone and self.events is not None:
+        if gone and self.events is not None and self.events.active:
             self.events.publish([kv_events.removed(gone)])
         return freed
 
@@ -197,13 +201,32 @@ class RadixCache:
         for node in self._nodes():
             self.allocator.free(node.value)
         self.reset()
-        if self.events is not None:
+        if self.events is not None and self.events.active:
             self.events.publish([kv_events.cleared()])
         return True
 
     def resident_blocks(self) -> list[int]:
-        """Every event block hash the tree holds (for a KV-events snapshot)."""
+        """Every event block hash the tree holds (for a KV-events snapshot; current while
+        ``events.active``, else after ``hash_all``)."""
         return [h for node in self._nodes() for h in node.blocks]
+
+    def hash_all(self) -> int:
+        """Recompute every node's ``blocks`` from the root (nodes created while nobody
+        subscribed have none); returns the number of blocks. One blake2b per resident block."""
+        assert self.events is not None, "hash_all needs KV events on"
+        b, total = self.events.block_size, 0
+        # (node, the path's tokens above it after its last whole block, that block's hash)
+        stack = [(child, [], self.events.seed) for child in self.root.children.values()]
+        while stack:
+            node, carry, parent = stack.pop()
+            assert len(carry) == node.start % b
+            data = carry + node.key
+            full = len(data) // b
+            node.blocks = kv_events.chain_hashes(data, b, 0, full, parent)
+            total += full
+            tail = node.blocks[-1] if node.blocks else parent
+            stack.extend((child, data[full * b:], tail) for child in node.children.values())
+        return total
 
     def _publish_stored(self, node: TreeNode, path: list[int]) -> None:
         """Hash and publish the blocks whose last token lies in the new leaf ``node``

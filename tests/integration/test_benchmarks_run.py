@@ -103,8 +103,14 @@ def check_moe_kernel(lines: list[dict]) -> None:
 
 
 def check_routing_quality(lines: list[dict]) -> None:
-    overhead, setup, *runs = lines
-    assert overhead["bench"] == "publisher_overhead" and has(overhead, "events_off_us", "events_on_no_subscriber_us")
+    overhead, e2e, setup, *runs = lines
+    assert overhead["bench"] == "publisher_overhead" and has(overhead, "events_off_us", "events_on_no_subscriber_us",
+                                                             "events_on_subscribed_us")
+    # Nobody subscribed: nothing hashed or sent; subscribed: one message per cache change.
+    assert overhead["messages_no_subscriber"] == 0 and overhead["messages_subscribed"] > 0
+    assert e2e["bench"] == "publisher_overhead_e2e" and e2e["messages_received"] > 0
+    assert has(e2e, "events_off_prompt_tok_per_s", "events_on_no_subscriber_prompt_tok_per_s",
+               "events_on_subscribed_prompt_tok_per_s")
     assert setup["bench"] == "setup" and setup["sglang_router"] is False
     assert [(r["router"], r["replicas"], r["requests"]) for r in runs] == [
         ("radixfleet_precise", 1, 4), ("radixfleet_round_robin", 1, 4)]
@@ -143,7 +149,8 @@ CASES: dict[str, tuple[list[str], Callable[[list[dict]], None]]] = {
     # Not tiny: this run is the CI soak (~45 s; the documented full run is 2000 requests).
     # 3 engines (~20 s to start on 2 cores), 2 tenants x 2 turns per router.
     "routing_quality.py": (["--tenants", "2", "--turns", "2", "--context-words", "20", "--policies", "precise",
-                            "round_robin", "--replicas", "1", "--skip-sglang", "--publisher-overhead"],
+                            "round_robin", "--replicas", "1", "--skip-sglang", "--publisher-overhead",
+                            "--overhead-prompts", "2", "--overhead-rounds", "1"],
                            check_routing_quality),
     "soak.py": (["--requests", "300"], check_soak),
 }

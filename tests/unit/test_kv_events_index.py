@@ -25,6 +25,7 @@ class Sink:
 
     def __init__(self, engine: str = "e1", block_size: int = B) -> None:
         self.engine, self.block_size, self.seed, self.seq = engine, block_size, kv_events.SEED, 0
+        self.active = True  # a subscriber listens (the cache hashes and publishes)
         self.sent: list[EventBatch] = []
 
     def publish(self, events: list[dict]) -> None:

@@ -1,0 +1,129 @@
+"""The engine's KV-event publisher over real ZMQ sockets: nothing is hashed or sent while
+nobody subscribes, and a subscriber that arrives later (the first one, or one that was away
+meanwhile) still ends up with exactly what the radix cache holds, through the snapshot and the
+gap that marks the time nobody listened."""
+
+from __future__ import annotations
+
+import time
+
+import zmq
+from server_process import free_port
+
+from radixfleet import kv_events
+from radixfleet.engine.managers.kv_publisher import KVEventPublisher
+from radixfleet.engine.memory.allocator import TokenSlotAllocator
+from radixfleet.engine.memory.radix_cache import RadixCache
+from radixfleet.kv_events import EventBatch, Snapshot
+from radixfleet.router.kv_index import KVIndex
+
+B = 4
+
+
+def insert(alloc, cache, tokens) -> None:
+    if alloc.available < len(tokens):
+        cache.evict(len(tokens) - alloc.available)
+    slots = alloc.alloc(len(tokens))
+    alloc.free(slots[:cache.insert(tokens, slots)])
+
+
+def expected_blocks(cache: RadixCache) -> set[int]:
+    """The blocks of every cached path, hashed from scratch with the documented recipe."""
+    out: set[int] = set()
+    stack = [(n, []) for n in cache.root.children.values()]
+    while stack:
+        node, above = stack.pop()
+        path = above + node.key
+        out.update(kv_events.prefix_hashes(path, B))
+        stack.extend((c, path) for c in node.children.values())
+    return out
+
+
+def subscriber(port: int, ctx: zmq.Context) -> zmq.Socket:
+    sock = ctx.socket(zmq.SUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SUBSCRIBE, kv_events.TOPIC)
+    sock.connect(f"tcp://127.0.0.1:{port}")
+    return sock
+
+
+def until(cond, publisher: KVEventPublisher, cache: RadixCache, timeout: float = 5.0) -> None:
+    """Run the scheduler's tick until ``cond()`` (subscriptions travel asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        publisher.tick(cache)
+        time.sleep(0.01)
+
+
+def received(sock: zmq.Socket) -> list[EventBatch]:
+    out = []
+    while sock.poll(200):
+        out.append(EventBatch.decode(sock.recv_multipart()[1]))
+    return out
+
+
+def test_no_subscriber_no_hashing_then_late_and_returning_subscribers_resync():
+    port, ctx = free_port(), zmq.Context()
+    publisher = KVEventPublisher("127.0.0.1", port, B)
+    alloc = TokenSlotAllocator(120, 1)
+    cache = RadixCache(alloc, 1, events=publisher)
+    try:
+        # Nobody listens: the cache hashes nothing, and seq stands still.
+        for t in range(6):
+            insert(alloc, cache, [t] * 10 + [t + 1] * 7)
+            publisher.tick(cache)
+        assert not publisher.active and publisher.seq == 0
+        assert all(not n.blocks for n in cache._nodes())
+
+        # A subscriber arrives: the whole tree is hashed once; it loads a snapshot and follows.
+        sub = subscriber(port, ctx)
+        until(lambda: publisher.active, publisher, cache)
+        index = KVIndex()
+        index.add_worker("w")
+        for batch in received(sub):
+            assert index.on_message("w", batch) is None  # buffered until the snapshot
+        assert index.on_snapshot("w", Snapshot.from_json(publisher.snapshot(cache))) is None
+        assert index.workers["w"].blocks == expected_blocks(cache) != set()
+        for t in range(6, 12):  # KV pressure: stores and removals
+            insert(alloc, cache, [t] * 10 + [t + 1] * 7)
+        reasons = [index.on_message("w", b) for b in received(sub)]
+        assert reasons and set(reasons) == {None}
+        assert index.workers["w"].blocks == expected_blocks(cache)
+
+        # It goes away: hashing stops. Meanwhile the cache changes.
+        sub.close()
+        until(lambda: not publisher.active, publisher, cache)
+        seq = publisher.seq
+        for t in range(12, 16):
+            insert(alloc, cache, [t] * 10 + [t + 1] * 7)
+        assert publisher.seq == seq
+
+        # It comes back holding its old state: the gap tells it to resync, and it is right again.
+        sub = subscriber(port, ctx)
+        until(lambda: publisher.active, publisher, cache)
+        reasons = [index.on_message("w", b) for b in received(sub)]
+        assert reasons == ["gap"]
+        assert index.on_snapshot("w", Snapshot.from_json(publisher.snapshot(cache))) is None
+        assert index.workers["w"].blocks == expected_blocks(cache)
+        prompt = [15] * 10 + [16] * 7 + [99]
+        assert index.matched_tokens(["w"], prompt)["w"] == 16
+        sub.close()
+    finally:
+        publisher.close()
+        ctx.destroy(linger=0)  # closes the subscriber too, also after a failure
+
+
+def test_snapshot_asked_while_nobody_subscribes_is_complete():
+    port = free_port()
+    publisher = KVEventPublisher("127.0.0.1", port, B)
+    alloc = TokenSlotAllocator(200, 1)
+    cache = RadixCache(alloc, 1, events=publisher)
+    try:
+        for t in range(8):
+            insert(alloc, cache, [1] * 9 + [t] * (5 + t))  # a shared 9-token prefix, split mid-block
+        snap = Snapshot.from_json(publisher.snapshot(cache))
+        assert not publisher.active and snap.seq == 0
+        assert set(snap.blocks) == expected_blocks(cache) and len(snap.blocks) == len(set(snap.blocks))
+    finally:
+        publisher.close()
