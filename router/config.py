@@ -50,6 +50,9 @@ class RouterConfig:
     chat_template: str = _f("", "precise/auto: the engines' --chat-template, if they were given one.")
     load_tokens: int = _f(32, "precise: prompt tokens that one request in flight on a worker is worth in its cost "
                               "(beyond the prefill it still owes).")
+    uncached_weight: float = _f(2.0, "precise: weight of the prompt tokens a worker must compute for this request in "
+                                     "its cost (1: this request's wait only; 2: also the work it adds in front of "
+                                     "the worker's next requests).")
     kv_events_stale_after: float = _f(5.0, "precise: seconds without a KV-event message (heartbeats come every second) "
                                            "after which a worker is scored by the approximate tree until it resyncs.")
     # fault tolerance
@@ -83,6 +86,7 @@ class RouterConfig:
             (self.eviction_interval > 0, "eviction_interval must be > 0 seconds"),
             (self.max_tree_size > 0, "max_tree_size must be > 0 characters"),
             (self.load_tokens >= 0, "load_tokens must be >= 0"),
+            (self.uncached_weight >= 1.0, f"uncached_weight must be >= 1, got {self.uncached_weight}"),
             (self.kv_events_stale_after > 0, "kv_events_stale_after must be > 0 seconds"),
             (self.max_worker_retries >= 1, "max_worker_retries must be >= 1"),
             (self.max_total_retries >= 0, "max_total_retries must be >= 0"),

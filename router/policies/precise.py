@@ -11,13 +11,19 @@ leading tokens each worker holds, ``cached(w)``. Then, with ``n`` prompt tokens:
    (``cached``; ties by cost);
 3. else the cheapest worker by the cost::
 
-       cost(w) = (n - cached(w)) + pending_prefill(w) + load_tokens * in_flight(w)
+       cost(w) = uncached_weight * (n - cached(w)) + pending_prefill(w) + load_tokens * in_flight(w)
 
    the prompt tokens ``w`` would compute for this request, plus those it still owes the
    requests this router sent it whose answers have not started (their uncached tokens when
    routed), plus ``load_tokens`` (default 32, about one decode step) per request it serves:
-   an estimate of the time to the first token in prefill tokens (``uncached``). Ties go to
-   the less loaded, then by rotation.
+   an estimate of the time to the first token in prefill tokens (``uncached``). The tokens
+   this request must compute count twice by default (``uncached_weight`` 2): once as its own
+   wait, once as the work it puts in front of the worker's next requests. With weight 1 the
+   cost is this request's wait alone, and it moves a partly cached prompt to a worker that
+   holds none of it whenever that worker's queue is shorter by more than the held part: the
+   held part is then computed a second time and held twice, which costs the whole fleet
+   compute and KV space (measured under eviction: README). Ties go to the less loaded, then
+   by rotation.
 
 Following a held prefix in step 2 also keeps a conversation's later turns there, which a
 purely greedy cost would trade away for a moment's lower load (measured:
@@ -68,6 +74,7 @@ class PrecisePolicy(Policy):
     def __init__(self, config: RouterConfig, auto: bool = False) -> None:
         self.auto = auto
         self.load_tokens = config.load_tokens
+        self.uncached_weight = config.uncached_weight
         self.cache_threshold = config.cache_threshold
         self.approx = CacheAwarePolicy(config)
         self.index = KVIndex(config.kv_events_stale_after)
@@ -129,7 +136,8 @@ class PrecisePolicy(Policy):
                 tree = self.approx.trees.get(w.url)
                 chars = tree.match(text) if tree is not None and text else 0
                 cached[w.url] = int(n * chars / len(text)) if text else 0
-        costs = [n - cached[w.url] + w.pending_prefill + self.load_tokens * w.in_flight for w in order]
+        costs = [self.uncached_weight * (n - cached[w.url]) + w.pending_prefill + self.load_tokens * w.in_flight
+                 for w in order]
         tie = range(len(order))
         if len(order) > 1 and self.approx.is_imbalanced([w.in_flight for w in order]):
             best, rule = min(tie, key=lambda i: (order[i].in_flight, costs[i], i)), "imbalanced"

@@ -62,17 +62,36 @@ def test_held_prefix_is_followed_and_misses_go_to_the_cheapest(tok):
     k = key(PROMPT + [1])
     chosen, decision = p.select(ws, k)
     assert chosen is ws[0] and decision == "cached" and k.uncached == 17 and k.predicted == 48
-    # Held below the threshold: placed by cost = uncached + pending_prefill + 32 x in_flight.
-    holds(p, ws[0].url, PROMPT[:16])  # w0: 49 + 100 + 32 = 181 > w1: 65
+    # Held below the threshold: placed by cost = 2 x uncached + pending_prefill + 32 x in_flight.
+    holds(p, ws[0].url, PROMPT[:16])  # w0: 2 x 49 + 100 + 32 = 230 > w1: 2 x 65 = 130
     k = key(PROMPT + [1])
     chosen, decision = p.select(ws, k)
     assert chosen is ws[1] and decision == "uncached" and k.uncached == 65 and k.predicted == 0
-    ws[0].pending_prefill = 0  # w0: 49 + 0 + 32 = 81 > 65 still; with load_tokens 8: 57 < 65
+    # w0 less busy: 98 + 40 + 32 = 170 > 130 still; with load_tokens 8: 146 > 130; and with
+    # pending 0: 98 + 8 = 106 < 130, the held 16 tokens win.
+    ws[0].pending_prefill = 40
     assert p.select(ws, key(PROMPT + [1]))[0] is ws[1]
     p2, ws2 = fleet(tok, 1, 0, load_tokens=8)
     holds(p2, ws2[0].url, PROMPT[:16])
     holds(p2, ws2[1].url, [])
+    ws2[0].pending_prefill = 40
+    assert p2.select(ws2, key(PROMPT + [1]))[0] is ws2[1]
+    ws2[0].pending_prefill = 0
     assert p2.select(ws2, key(PROMPT + [1])) == (ws2[0], "uncached")
+
+
+def test_uncached_weight_keeps_a_partly_held_prompt_where_it_is(tok):
+    """Weight 1 (this request's wait alone) moves a prompt whose worker holds 16 of its 65
+    tokens as soon as another is 16 tokens less busy, computing and holding those 16 twice;
+    the default weight 2 moves it only for a wait longer by twice that."""
+    for weight, moved in ((1.0, True), (2.0, False)):
+        p, ws = fleet(tok, 0, 0, uncached_weight=weight)
+        holds(p, ws[0].url, PROMPT[:16])
+        holds(p, ws[1].url, [])
+        ws[0].pending_prefill = 24  # w0: 49w + 24, w1: 65w
+        assert (p.select(ws, key(PROMPT + [1]))[0] is ws[1]) is moved
+    with pytest.raises(ValueError, match="uncached_weight"):
+        RouterConfig(uncached_weight=0.5)
 
 
 def test_imbalanced_load_goes_to_the_least_loaded(tok):
