@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 
@@ -96,10 +97,13 @@ def _own_cpu_s() -> float:
 class CoreGuard:
     """Keeps a running engine's thread count within the cores other processes leave free.
 
-    ``tick()`` is called before each step; at most every ``interval_s`` it measures the busy
-    time of this process's cores minus this process's own CPU time over the last interval,
-    and sets ``torch.set_num_threads`` to what fits (``threads_for``), up to the thread count
-    it started with."""
+    A sampler thread (``start``) measures every ``interval_s`` the busy time of this
+    process's cores minus this process's own CPU time, and works out how many threads fit
+    (``threads_for``, up to the count it started with); ``tick()``, called on the engine's
+    loop thread before each step, applies it with ``torch.set_num_threads`` (OpenMP's thread
+    count belongs to the thread that sets it). Sampling also while the engine is idle keeps
+    each reading to the last interval: a window spanning an idle spell would charge the engine
+    for whatever ran meanwhile."""
 
     def __init__(self, interval_s: float = GUARD_INTERVAL_S,
                  read_stat: Callable[[], str] = _read_proc_stat,
@@ -109,32 +113,47 @@ class CoreGuard:
         import torch
 
         self.cpus = set(os.sched_getaffinity(0))
-        self.max_threads = self.threads = torch.get_num_threads()
+        self.max_threads = self.threads = self.target = torch.get_num_threads()
+        self.others_busy = 0.0
         self.interval_s = interval_s
         self._read_stat, self._own_cpu_s, self._clock = read_stat, own_cpu_s, clock
         self._set_threads = set_threads or torch.set_num_threads
         self._tick_s = 1.0 / os.sysconf("SC_CLK_TCK")
         self._last: tuple[float, int, float] | None = None
+        self._stopped = threading.Event()
+
+    def sample(self) -> None:
+        """One reading; from the second on, ``target`` is what fits over the last interval."""
+        now, busy, own = self._clock(), _busy_ticks(self.cpus, self._read_stat()), self._own_cpu_s()
+        if self._last is not None and now > self._last[0]:
+            then, busy0, own0 = self._last
+            self.others_busy = ((busy - busy0) * self._tick_s - (own - own0)) / (now - then)
+            self.target = threads_for(self.max_threads, len(self.cpus), self.others_busy)
+        self._last = (now, busy, own)
 
     def tick(self) -> None:
-        now = self._clock()
-        if self._last is not None and now - self._last[0] < self.interval_s:
-            return
-        busy, own = _busy_ticks(self.cpus, self._read_stat()), self._own_cpu_s()
-        if self._last is not None:
-            then, busy0, own0 = self._last
-            others = ((busy - busy0) * self._tick_s - (own - own0)) / (now - then)
-            target = threads_for(self.max_threads, len(self.cpus), others)
-            if target != self.threads:
-                logger.info("CPU threads %d -> %d (other processes keep %.1f of %d cores busy)",
-                            self.threads, target, others, len(self.cpus))
-                self._set_threads(target)
-                self.threads = target
-        self._last = (now, busy, own)
+        target = self.target
+        if target != self.threads:
+            logger.info("CPU threads %d -> %d (other processes keep %.1f of %d cores busy)",
+                        self.threads, target, self.others_busy, len(self.cpus))
+            self._set_threads(target)
+            self.threads = target
+
+    def start(self) -> CoreGuard:
+        def loop() -> None:
+            while not self._stopped.is_set():
+                self.sample()
+                self._stopped.wait(self.interval_s)
+
+        threading.Thread(target=loop, name="core-guard", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stopped.set()
 
 
 def core_guard(device_type: str) -> CoreGuard | None:
     """A ``CoreGuard`` for an engine on CPU whose OpenMP threads spin, else ``None``."""
     if device_type != "cpu" or not threads_spin(os.environ) or not os.path.exists("/proc/stat"):
         return None
-    return CoreGuard()
+    return CoreGuard().start()

@@ -90,8 +90,8 @@ def _stat(busy_per_cpu: list[int], extra_cpu_busy: int = 0) -> str:
 
 
 def test_core_guard_follows_other_processes(monkeypatch):
-    """Two cores, two threads; each half-second window the cores' busy ticks and the engine's
-    own CPU time are fed in, and the guard sets the thread count to what fits."""
+    """Two cores, two threads; each half-second reading feeds in the cores' busy ticks and the
+    engine's own CPU time, and the next tick sets the thread count to what fits."""
     import os
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
@@ -100,44 +100,80 @@ def test_core_guard_follows_other_processes(monkeypatch):
     monkeypatch.setattr("torch.get_num_threads", lambda: 2)
     guard = CoreGuard(read_stat=lambda: stat[0], own_cpu_s=lambda: own[0],
                       set_threads=set_to.append, clock=lambda: clock[0])
+    busy = [0, 0]
 
-    def window(busy: list[int], own_s: float, dt: float = 0.5, outside: int = 0) -> None:
-        clock[0] += dt
+    def window(add: list[int], own_s: float, outside: int = 0) -> None:
+        clock[0] += 0.5
+        busy[:] = [b + a for b, a in zip(busy, add, strict=True)]
         stat[0] = _stat(busy, outside)
         own[0] += own_s
-        guard.tick()
+        guard.sample()
 
-    guard.tick()  # the first reading
-    a, b = 0, 0
-    # The engine alone keeps both cores busy (100 ticks in 0.5 s): nothing changes.
-    a, b = a + 50, b + 50
-    window([a, b], 1.0)
-    # A busy loop appears: the cores stay full, but a third of it is not ours.
-    a, b = a + 50, b + 50
-    window([a, b], 0.67)
-    assert set_to == [1] and guard.threads == 1
-    # Within the interval nothing is read.
-    clock[0] += 0.1
-    stat[0] = "garbage"
+    guard.sample()  # the first reading
     guard.tick()
+    # The engine alone keeps both cores busy (100 ticks in 0.5 s): nothing changes.
+    window([50, 50], 1.0)
+    guard.tick()
+    assert set_to == []
+    # A busy loop appears: the cores stay full, but a third of it is not ours.
+    window([50, 50], 0.67)
+    assert set_to == []  # applied by the loop thread's next tick, not by the sampler
+    guard.tick()
+    assert set_to == [1] and guard.threads == 1
+    guard.tick()
+    assert set_to == [1]
     # Busy work on a core outside the affinity mask does not count.
-    a, b = a + 50, b + 50
-    window([a, b], 0.5, dt=0.4, outside=10_000)
+    window([50, 50], 0.5, outside=10_000)
+    guard.tick()
     assert set_to == [1]  # the busy loop still holds a core
     # The busy loop ends: the engine, on one thread, is alone again.
-    a, b = a + 50, b
-    window([a, b], 0.5)
+    window([50, 0], 0.5)
+    guard.tick()
     assert set_to == [1, 2] and guard.threads == 2
+    # An idle engine next to a busy loop: the loop's core counts (the sampler reads on).
+    window([50, 0], 0.0)
+    guard.tick()
+    assert set_to == [1, 2, 1]
     # Never above the thread count it started with.
-    a, b = a + 50, b + 50
-    window([a, b], 1.0)
-    assert set_to == [1, 2]
+    window([0, 0], 0.0)
+    window([50, 50], 1.0)
+    guard.tick()
+    assert set_to == [1, 2, 1, 2]
+
+
+def test_core_guard_samples_while_the_engine_idles(monkeypatch):
+    """The sampler thread reads on its own: a busy loop that starts beside an idle engine is
+    seen before the engine's next step, and applied by that step's tick."""
+    import os
+    import time
+
+    monkeypatch.setattr("torch.get_num_threads", lambda: 2)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(os, "sysconf", lambda name: 100)
+    reads = [0]
+
+    def read_stat() -> str:  # each reading: half a second later, core 1 50 ticks busier
+        reads[0] += 1
+        return _stat([0, 50 * reads[0]])
+
+    set_to: list[int] = []
+    guard = CoreGuard(interval_s=0.01, read_stat=read_stat, own_cpu_s=lambda: 0.0,
+                      set_threads=set_to.append, clock=lambda: 0.5 * reads[0]).start()
+    deadline = time.monotonic() + 10
+    while guard.target != 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    guard.stop()
+    assert guard.target == 1 and set_to == []
+    guard.tick()
+    assert set_to == [1]
 
 
 def test_core_guard_only_on_cpu_with_spinning_threads(monkeypatch):
     monkeypatch.setenv("GOMP_SPINCOUNT", "1000")
     assert core_guard("cuda") is None
-    assert isinstance(core_guard("cpu"), CoreGuard)
+    guard = core_guard("cpu")
+    assert isinstance(guard, CoreGuard)
+    guard.stop()
     monkeypatch.setenv("GOMP_SPINCOUNT", "0")
     assert core_guard("cpu") is None
 
