@@ -10,7 +10,7 @@ one thread, beside the busy loop, made 482 tok/s.
 
 So by default (``RADIXFLEET_CPU_SPIN=auto``) the engine's children spin, and a running engine
 keeps its thread count within the cores that other processes leave free (``CoreGuard``,
-measured from ``/proc/stat`` every half second). libgomp reads its wait policy once, when it is
+measured from ``/proc/stat`` five times a second). libgomp reads its wait policy once, when it is
 loaded, so the policy is set in the children's environment (``omp_wait_env``); the thread count
 is what changes at run time. Thread counts do not change results: oneDNN and MKL linears gave
 bit-identical outputs at 1 and 2 threads, and the C kernels split work by row.
@@ -30,7 +30,7 @@ from radixfleet import env_vars
 logger = logging.getLogger(__name__)
 
 AUTO_SPIN_COUNT = 1_000_000  # ~10 ms of pause rounds: covers a decode step's gaps, not idle time
-GUARD_INTERVAL_S = 0.5
+GUARD_INTERVAL_S = 0.2  # /proc/stat counts 100 ticks a second: 20 a core per reading
 
 
 def spin_setting() -> int | None:
@@ -66,11 +66,15 @@ def threads_spin(env: Mapping[str, str]) -> bool:
     return env.get("OMP_WAIT_POLICY", "").strip().upper() != "PASSIVE"
 
 
-def threads_for(max_threads: int, cpus: int, others_busy: float) -> int:
+def threads_for(max_threads: int, cpus: int, others_busy: float, current: int) -> int:
     """How many threads fit on ``cpus`` cores when other processes keep ``others_busy`` cores
-    busy: a core counts as taken once it is more than half busy. At least one thread."""
+    busy, for a pool of ``current``: a core more than half busy is taken; a core is taken back
+    once it is 80 % free (the margin keeps a reading's noise from flapping the count). At least
+    one thread, at most ``max_threads``."""
     free = cpus - max(others_busy, 0.0)
-    return max(1, min(max_threads, math.floor(free + 0.5)))
+    down, up = math.floor(free + 0.5), math.floor(free + 0.2)
+    target = down if down < current else max(current, up)
+    return max(1, min(max_threads, target))
 
 
 def _busy_ticks(cpus: set[int], stat: str) -> int:
@@ -97,7 +101,7 @@ def _own_cpu_s() -> float:
 class CoreGuard:
     """Keeps a running engine's thread count within the cores other processes leave free.
 
-    A sampler thread (``start``) measures every ``interval_s`` the busy time of this
+    A sampler thread (``start``) measures every ``interval_s`` (0.2 s) the busy time of this
     process's cores minus this process's own CPU time, and works out how many threads fit
     (``threads_for``, up to the count it started with); ``tick()``, called on the engine's
     loop thread before each step, applies it with ``torch.set_num_threads`` (OpenMP's thread
@@ -128,7 +132,7 @@ class CoreGuard:
         if self._last is not None and now > self._last[0]:
             then, busy0, own0 = self._last
             self.others_busy = ((busy - busy0) * self._tick_s - (own - own0)) / (now - then)
-            self.target = threads_for(self.max_threads, len(self.cpus), self.others_busy)
+            self.target = threads_for(self.max_threads, len(self.cpus), self.others_busy, self.threads)
         self._last = (now, busy, own)
 
     def tick(self) -> None:

@@ -66,18 +66,22 @@ def test_whether_libgomp_spins():
     assert threads_spin({"GOMP_SPINCOUNT": "10k", "OMP_WAIT_POLICY": "PASSIVE"})
 
 
-@pytest.mark.parametrize("max_threads, cpus, others, want", [
-    (2, 2, 0.0, 2),   # quiet: every thread
-    (2, 2, 0.3, 2),   # light background work leaves the cores
-    (2, 2, 0.67, 1),  # one busy loop, squeezed by our two spinning threads
-    (2, 2, 1.0, 1),   # one busy loop
-    (2, 2, 3.0, 1),   # never fewer than one
-    (4, 8, 1.0, 4),   # fewer threads than free cores: unchanged
-    (8, 8, 2.2, 6),
-    (16, 4, 0.0, 4),  # more threads than cores never helps a spinning pool
+@pytest.mark.parametrize("max_threads, cpus, others, current, want", [
+    (2, 2, 0.0, 2, 2),   # quiet: every thread
+    (2, 2, 0.3, 2, 2),   # light background work leaves the cores
+    (2, 2, 0.67, 2, 1),  # one busy loop, squeezed by our two spinning threads
+    (2, 2, 1.0, 1, 1),   # one busy loop
+    (2, 2, 3.0, 2, 1),   # never fewer than one
+    (2, 2, 0.4, 1, 1),   # a core is taken back only once it is 80 % free...
+    (2, 2, 0.15, 1, 2),  # ...
+    (4, 8, 1.0, 4, 4),   # fewer threads than free cores: unchanged
+    (8, 8, 2.2, 8, 6),
+    (8, 8, 2.5, 5, 5),
+    (8, 8, 2.5, 8, 6),
+    (16, 4, 0.0, 16, 4),  # more threads than cores never helps a spinning pool
 ])
-def test_threads_for(max_threads, cpus, others, want):
-    assert threads_for(max_threads, cpus, others) == want
+def test_threads_for(max_threads, cpus, others, current, want):
+    assert threads_for(max_threads, cpus, others, current) == want
 
 
 def _stat(busy_per_cpu: list[int], extra_cpu_busy: int = 0) -> str:
