@@ -32,7 +32,10 @@ radix-cache operation that changed its resident blocks::
 
 ``seq`` counts messages with events from 1 per engine process (``ID`` is new at every
 start); a heartbeat (``"events": []``, about once a second) repeats the last ``seq`` without
-advancing it, so a subscriber sees a lost message at the next heartbeat at the latest. A
+advancing it, so a subscriber sees a lost message at the next heartbeat at the latest. While
+nobody subscribes the engine publishes nothing and ``seq`` stands still; when a subscriber
+arrives ``seq`` skips one and a heartbeat carries it at once, so a subscriber that kept state
+from before sees a gap (``engine/managers/kv_publisher.py``). A
 snapshot (engine ``GET /kv_events/snapshot``) is ``{"engine", "seq", "block_size", "seed",
 "blocks": [H, ...]}``: every resident block as of message ``seq``; a subscriber that starts
 late or sees a gap in ``seq`` loads it and applies only the messages after ``seq``.
