@@ -198,7 +198,9 @@ class Scheduler:
                 "req_rows_free": self.kv.table.available,
                 "cache_hit_ratio": self.stats["cached_tokens"] / prompt,
                 "generation_throughput": sum(n for _, n in recent) / span if span else 0.0,
-                "new_token_ratio": self.new_token_ratio, **self.stats}
+                "new_token_ratio": self.new_token_ratio,
+                "cpu_threads": torch.get_num_threads(),  # on CPU: within the free cores (CoreGuard)
+                **self.stats}
 
     # ---- loop ------------------------------------------------------------------------------
     def event_loop(self) -> None:
