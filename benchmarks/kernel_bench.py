@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import math
 import time
@@ -339,6 +340,7 @@ def bench_gemv_sweep(fp8: bool = False) -> None:
              "gate_up_proj+rmsnorm": (28672, 4096, RMSNORM, normed),
              "down_proj+silu_mul": (4096, 14336, SILU_MUL, silu)}
     elem = 1 if fp8 else 2
+    saved_packed = gemv_mod.FP8_PACKED
     try:
         for name, (n, k, prologue, fn) in cases.items():
             copies = max(2, -(-ROTATION_BYTES // (n * k * elem)))
@@ -349,18 +351,19 @@ def bench_gemv_sweep(fp8: bool = False) -> None:
             gemv_mod.ROWS_OVERRIDE = None
             default = gemv_mod._rows_config(n, k, prologue, fp8)
             block_k = triton.next_power_of_2(k)
-            for config in GEMV_ROWS_CANDIDATES:
+            for config, packed in itertools.product(GEMV_ROWS_CANDIDATES, (True, False) if fp8 else (None,)):
                 block_n, warps, _ = config
                 if block_n * block_k > 128 * 32 * warps:
                     continue
-                gemv_mod.ROWS_OVERRIDE = config
+                gemv_mod.ROWS_OVERRIDE, gemv_mod.FP8_PACKED = config, packed
                 ms = bench(_rotating(fn, x, ws), graph=True)
                 emit({"bench": "gemv_fp8_sweep" if fp8 else "gemv_sweep", "layer": name, "n": n, "k": k,
                       "block_n": block_n, "warps": warps, "per_sm": config[2], "default": config == default,
+                      **({"f16_pairs": packed} if fp8 else {}),
                       "us": round(ms * 1e3, 2), "tb_per_s": round(n * k * elem / ms / 1e9, 3)})
             del ws
     finally:
-        gemv_mod.ROWS_OVERRIDE = None
+        gemv_mod.ROWS_OVERRIDE, gemv_mod.FP8_PACKED = None, saved_packed
 
 
 def bench_rotary_store() -> None:

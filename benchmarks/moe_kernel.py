@@ -107,11 +107,43 @@ def bench_tokens(T: int, w13: torch.Tensor, w2: torch.Tensor, k: int, tune: bool
            "read_mb": round(read / 1e6, 2), "fused_ms": round(fused_ms, 4),
            "fused_tb_per_s": round(read / fused_ms / 1e9, 3), "torch_loop_ms": round(loop_ms, 4),
            "speedup_over_torch_loop": round(loop_ms / fused_ms, 2)}
+    if T == 1:  # batch-1 decode: the one-token GEMM and the two GEMVs (the engine's default)
+        from radixfleet.kernels import moe_gemv
+
+        def gemm1():
+            return fm.fused_moe_one_token(x, w13, w2, logits, k, True)
+
+        def gemv1():
+            return moe_gemv.moe_one_token(x, w13, w2, logits, k, True)
+
+        for name, fn in (("one_token_gemm", gemm1), ("one_token_gemv", gemv1)):
+            ms = timed_ms(fn)
+            row[f"{name}_ms"], row[f"{name}_tb_per_s"] = round(ms, 4), round(read / ms / 1e9, 3)
+        if tune:
+            row["gemv_configs"] = tune_gemv(gemv1, moe_gemv)
     if tune:
         best = min(((timed_ms(lambda c=c: fused(c), reps=10), c) for c in candidates() if _runs(fused, c)),
                    key=lambda t: t[0])
         row["tuned_ms"], row["tuned_config"] = round(best[0], 4), list(best[1])
     return row
+
+
+def tune_gemv(fn, module) -> dict:
+    """Best (rows per program, warps) of each one-token GEMV kernel, the other kept as is."""
+    best = {}
+    for name in ("GATE_UP_CONFIG", "DOWN_CONFIG"):
+        saved, times = getattr(module, name), []
+        for config in itertools.product((1, 2, 4, 8), (2, 4, 8)):
+            setattr(module, name, config)
+            try:
+                times.append((timed_ms(fn, reps=20), config))
+            except Exception as e:  # too many registers for the row block
+                if "resource" not in str(e).lower():
+                    raise
+        setattr(module, name, saved)
+        ms, config = min(times)
+        best[name] = {"config": list(config), "ms": round(ms, 4)}
+    return best
 
 
 def _runs(fn, config) -> bool:

@@ -59,6 +59,9 @@ _CONFIGS = [
 # "N,K,PROLOGUE" -> [BLOCK_N, warps, per SM] (tuning for other GPUs); see _rows_config.
 ROWS_TABLE = env_vars.GEMV_ROWS_TABLE.get()
 ROWS_OVERRIDE: tuple[int, int, int] | None = None  # set by tests and the sweep
+# The packed fp8 path (``_fp8_dot8``): True or None, wherever it runs (compute capability
+# 8.9+); False, never. Off by default until it has been checked and measured on a GPU.
+FP8_PACKED: bool | None = False
 # Largest power-of-two K the whole-row kernel holds in registers; above it, the K-loop kernel.
 ROWS_MAX_K = env_vars.GEMV_ROWS_MAX_K.get()
 
@@ -156,31 +159,83 @@ def _rows_config(n: int, k: int, prologue: int, fp8: bool = False) -> tuple[int,
     return (2, 4, 8)
 
 
+# Eight e4m3 weights (one int64 word) times eight x values (two int64 words of four f16):
+# two weights convert to an f16 pair in one instruction, the four products add up as f16
+# pairs, and only the two halves convert to fp32. Converting every byte to fp32 instead costs
+# about twice the instructions per byte, which bounded the fp8 GEMV below the bandwidth.
+# x is scaled to |x| <= 1 first, so a pair sum stays within 4 x 448 (f16's range is 65504).
+_FP8_DOT8_ASM = tl.constexpr("""{
+.reg .b16 w0, w1, w2, w3; .reg .b32 h0, h1, h2, h3, x0, x1, x2, x3, p; .reg .f16 lo, hi;
+.reg .f32 f0, f1;
+mov.b64 {w0, w1, w2, w3}, $1;
+mov.b64 {x0, x1}, $2;
+mov.b64 {x2, x3}, $3;
+cvt.rn.f16x2.e4m3x2 h0, w0;
+cvt.rn.f16x2.e4m3x2 h1, w1;
+cvt.rn.f16x2.e4m3x2 h2, w2;
+cvt.rn.f16x2.e4m3x2 h3, w3;
+mul.rn.f16x2 p, h0, x0;
+fma.rn.f16x2 p, h1, x1, p;
+fma.rn.f16x2 p, h2, x2, p;
+fma.rn.f16x2 p, h3, x3, p;
+mov.b32 {lo, hi}, p;
+cvt.f32.f16 f0, lo;
+cvt.f32.f16 f1, hi;
+add.f32 $0, f0, f1;
+}""")
+
+
+@triton.jit
+def _fp8_dot8(w, xa, xb):
+    """Per int64 word of ``w`` (8 e4m3): the fp32 dot with the 8 f16 in ``xa`` (4) and ``xb`` (4)."""
+    return tl.inline_asm_elementwise(_FP8_DOT8_ASM, "=r,l,l,l", [w, xa, xb], dtype=tl.float32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def _pack_x_f16(x, BLOCK_K: tl.constexpr):
+    """fp32 ``x`` [BLOCK_K] → (words 0, 2, 4, ... and 1, 3, 5, ... of ``x / amax`` as f16, four
+    per int64; ``amax``), laid out to match 8 fp8 weights per int64 word."""
+    amax = tl.max(tl.abs(x), 0)
+    amax = tl.where(amax > 0, amax, 1.0)
+    bits = (x / amax).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int64) & 0xFFFF
+    shift = tl.arange(0, 4).to(tl.int64) * 16
+    words = tl.sum(tl.reshape(bits, [BLOCK_K // 4, 4]) << shift[None, :], axis=1)  # disjoint bits
+    xa, xb = tl.split(tl.reshape(words, [BLOCK_K // 8, 2]))
+    return xa, xb, amax
+
+
 @triton.jit
 def _gemv_rows_kernel(X, RES, NORM_W, W, W_SCALE, B, OUT, NEW_RES, N, K, stride_w, eps,
                       PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                       HAS_W_SCALE: tl.constexpr,
                       USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, LINE_ELEMS: tl.constexpr,
-                      BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PER_SM: tl.constexpr):
+                      BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PER_SM: tl.constexpr,
+                      FP8_PACKED: tl.constexpr = False):
     """K <= BLOCK_K: each program makes x once (one load of it, the prologue run once), then
     takes whole row blocks ``pid, pid + G, ...`` (G programs), loading the next block's
     weight before reducing this one's. Under PDL the first block's weight is loaded before
     waiting for the previous kernel (the weight does not depend on it), and with ``PREFETCH``
-    the program's other blocks are requested into L2 then too."""
+    the program's other blocks are requested into L2 then too.
+
+    ``FP8_PACKED``: ``W`` is the fp8 weight viewed as int64 (8 e4m3 per word, ``stride_w`` in
+    words); see ``_fp8_dot8``."""
     pid = tl.program_id(0)
     step = tl.num_programs(0)
     n_blocks = tl.cdiv(N, BLOCK_N)
     cols = tl.arange(0, BLOCK_K)
-    col_ok = cols < K
+    WORDS: tl.constexpr = BLOCK_K // 8 if FP8_PACKED else BLOCK_K
+    wcols = tl.arange(0, WORDS)
+    wcol_ok = wcols < (K // 8 if FP8_PACKED else K)
     lane = tl.arange(0, BLOCK_N)
     rows = pid * BLOCK_N + lane
-    w = tl.load(W + rows.to(tl.int64)[:, None] * stride_w + cols[None, :],
-                mask=(rows < N)[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first")
+    w = tl.load(W + rows.to(tl.int64)[:, None] * stride_w + wcols[None, :],
+                mask=(rows < N)[:, None] & wcol_ok[None, :], other=0.0, eviction_policy="evict_first")
     if USE_PDL:  # see kernels/pdl.py
         gdc_launch_dependents()
         if PREFETCH:
-            lines = tl.arange(0, BLOCK_K // LINE_ELEMS) * LINE_ELEMS
-            lines = tl.where(lines < K, lines, 0)
+            lines = tl.arange(0, WORDS // LINE_ELEMS) * LINE_ELEMS
+            lines = tl.where(lines < (K // 8 if FP8_PACKED else K), lines, 0)
             for block in range(pid + step, n_blocks, step):
                 ahead = tl.minimum(block * BLOCK_N + lane, N - 1).to(tl.int64)
                 prefetch_l2(W + ahead[:, None] * stride_w + lines[None, :])
@@ -189,19 +244,39 @@ def _gemv_rows_kernel(X, RES, NORM_W, W, W_SCALE, B, OUT, NEW_RES, N, K, stride_
     scale = 1.0
     if PROLOGUE == 1:
         scale = 1.0 / tl.sqrt(tl.sum(sq, 0) / K + eps)
+    if FP8_PACKED:
+        xa, xb, amax = _pack_x_f16(x, BLOCK_K)
+        scale = scale * amax
     for block in range(pid, n_blocks, step):
         rows = block * BLOCK_N + lane
         nxt = rows + step * BLOCK_N
-        w_next = tl.load(W + nxt.to(tl.int64)[:, None] * stride_w + cols[None, :],
-                         mask=(nxt < N)[:, None] & col_ok[None, :], other=0.0,
+        w_next = tl.load(W + nxt.to(tl.int64)[:, None] * stride_w + wcols[None, :],
+                         mask=(nxt < N)[:, None] & wcol_ok[None, :], other=0.0,
                          eviction_policy="evict_first")
-        y = tl.sum(w.to(tl.float32) * x[None, :], axis=1) * scale
+        if FP8_PACKED:
+            y = tl.sum(_fp8_dot8(w, xa[None, :], xb[None, :]), axis=1) * scale
+        else:
+            y = tl.sum(w.to(tl.float32) * x[None, :], axis=1) * scale
         if HAS_W_SCALE:
             y *= tl.load(W_SCALE + rows, mask=rows < N, other=0.0)
         if HAS_BIAS:
             y += tl.load(B + rows, mask=rows < N, other=0.0).to(tl.float32)
         tl.store(OUT + rows, y.to(OUT.dtype.element_ty), mask=rows < N)
         w = w_next
+
+
+def _fp8_packed(device: torch.device) -> bool:
+    """Whether fp8 weights take the packed f16 path (``_fp8_dot8``: PTX for compute capability
+    8.9+, so never under triton's interpreter)."""
+    if FP8_PACKED is False:
+        return False
+    return device.type == "cuda" and _cuda_capability(device.index if device.index is not None
+                                                      else torch.cuda.current_device()) >= (8, 9)
+
+
+@functools.cache
+def _cuda_capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -238,9 +313,15 @@ def _launch(x, weight, bias, prologue, k, residual=None, norm_weight=None, new_r
         programs = blocks = triton.cdiv(n, block_n)
         if per_sm:  # as many programs as fit, then fewer so that each takes as many blocks
             programs = triton.cdiv(blocks, triton.cdiv(blocks, min(blocks, _sm_count(x.device) * per_sm)))
+        packed = (is_fp8 and k % 8 == 0 and weight.stride(0) % 8 == 0 and weight.storage_offset() % 8 == 0
+                  and _fp8_packed(x.device))
+        if packed:  # 8 weights per int64 word; 16 words per 128-byte line
+            words = weight.view(torch.int64)
+            args = (*args[:3], words, *args[4:10], words.stride(0), eps)
+            line_elems, block_k = 16, max(block_k, 128)
         _gemv_rows_kernel[(programs,)](
             *args, PREFETCH=prefetch, LINE_ELEMS=line_elems, BLOCK_K=max(block_k, line_elems),
-            BLOCK_N=block_n, PER_SM=per_sm, num_warps=warps, **flags)
+            BLOCK_N=block_n, PER_SM=per_sm, FP8_PACKED=packed, num_warps=warps, **flags)
         return out
     _gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
         *args, PREFETCH_LINES=triton.next_power_of_2(triton.cdiv(k, line_elems)) if prefetch else 0,

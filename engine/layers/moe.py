@@ -132,8 +132,13 @@ class FusedMoE(nn.Module):
         if kernels is None:
             weights, ids = select_experts(router_logits, self.top_k, self.renormalize)
             return moe_torch(x, self.w13, self.w2, weights, ids)
-        if x.shape[0] == 1:  # batch-1 decode: routing inside the first GEMM
-            return kernels.fused_moe_one_token(x, self.w13, self.w2, router_logits, self.top_k, self.renormalize)
+        if x.shape[0] == 1:  # batch-1 decode: two GEMVs, or the GEMM that routes inside
+            from radixfleet.kernels import moe_gemv
+
+            one_token = kernels.fused_moe_one_token
+            if env_vars.MOE_ONE_TOKEN_GEMV.get() and moe_gemv.fits(self.w13.shape[2], self.inter):
+                one_token = moe_gemv.moe_one_token
+            return one_token(x, self.w13, self.w2, router_logits, self.top_k, self.renormalize)
         # Decode-sized batches route inside the align kernel (one launch, no host sync).
         routed = kernels.route_and_align(router_logits, self.top_k, self.renormalize, *self.w13.shape[1:])
         if routed is None:

@@ -36,6 +36,7 @@ from radixfleet.engine.engine import Engine  # noqa: E402
 from radixfleet.engine.executor.model_runner import ModelRunner  # noqa: E402
 from radixfleet.engine.layers.fp8 import FP8, dequantize, fp8_matmul, quantize_rows  # noqa: E402
 from radixfleet.engine.models.fp8_export import export_fp8  # noqa: E402
+from radixfleet.kernels import gemv as gemv_module  # noqa: E402
 from radixfleet.kernels.decode_attention import decode_attention  # noqa: E402
 from radixfleet.kernels.extend_attention import extend_attention  # noqa: E402
 from radixfleet.kernels.fp8_quant import per_token_quant_fp8  # noqa: E402
@@ -128,8 +129,12 @@ def test_fp8_matmul_scaled_mm_matches_dequantized_reference(m):
     assert rel_err(out, x.float() @ w.T + bias.float()) < 6e-2
 
 
-@pytest.mark.parametrize("n,k", [(1024, 4096), (333, 1000), (64, 20000)])
-def test_fp8_gemv_with_each_prologue(n, k):
+@pytest.mark.parametrize("packed", [True, False], ids=["f16-pairs", "fp32"])
+@pytest.mark.parametrize("n,k", [(1024, 4096), (333, 1000), (64, 20000), (4096, 14336)])
+def test_fp8_gemv_with_each_prologue(n, k, packed, monkeypatch):
+    """Both fp8 GEMV paths (the packed f16-pair dot, and fp8 → fp32 per byte) against torch;
+    k = 1000 has a partial last row block, k = 20000 takes the K-loop kernel."""
+    monkeypatch.setattr(gemv_module, "FP8_PACKED", packed)
     gen = torch.Generator().manual_seed(4)
     wq, ws = quantize_rows(torch.randn(n, k, generator=gen).cuda() * 0.05)
     w = dequantize(wq, ws, torch.float32)

@@ -21,6 +21,7 @@ from _moe_reference import SHAPES, moe_inputs, moe_ref, routing_ref  # noqa: E40
 from _reference import rel_err  # noqa: E402
 
 from radixfleet.kernels import fused_moe as fm  # noqa: E402
+from radixfleet.kernels import moe_gemv  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 # Adds Qwen3-30B-A3B's expert shape (128 experts of 768, top 8, hidden 2048) at decode and
@@ -74,15 +75,19 @@ def test_routing_in_the_align_kernel_matches_torch(shape, renormalize):
     assert rel_err(out, moe_ref(x, w13, w2, weights, ids)) < TOL[torch.bfloat16]
 
 
+@pytest.mark.parametrize("impl", ["gemm", "gemv"])
 @pytest.mark.parametrize("renormalize", [False, True])
-@pytest.mark.parametrize("shape", [s for s in SHAPES + BIG if s[0] == 1], ids=str)
-def test_one_token_routed_inside_the_gemm_matches_reference(shape, renormalize):
+@pytest.mark.parametrize("shape", [s for s in SHAPES + BIG if s[0] == 1] + [(1, 8, 2, 4096, 14336)], ids=str)
+def test_one_token_routed_inside_the_kernels_matches_reference(shape, renormalize, impl):
+    """Batch-1 decode: the GEMM that routes inside, and the two GEMVs (``kernels/moe_gemv.py``;
+    also Mixtral 8x7B's expert shape)."""
     T, E, k, H, inter = shape
     gen = torch.Generator().manual_seed(5)
     x, w13, w2, logits = moe_inputs(T, E, k, H, inter, torch.bfloat16, "cuda", gen)
     logits = logits.float()  # no ties
     weights, ids = routing_ref(logits, k, renormalize)
-    out = fm.fused_moe_one_token(x, w13, w2, logits, k, renormalize)
+    one_token = fm.fused_moe_one_token if impl == "gemm" else moe_gemv.moe_one_token
+    out = one_token(x, w13, w2, logits, k, renormalize)
     assert rel_err(out, moe_ref(x, w13, w2, weights, ids)) < TOL[torch.bfloat16]
 
 

@@ -336,6 +336,7 @@ def case_fused_moe() -> None:
     from _reference import rel_err
 
     from radixfleet.kernels import fused_moe as fm
+    from radixfleet.kernels import moe_gemv
 
     gen = torch.Generator().manual_seed(6)
     for T, E, k, H, inter in SHAPES:
@@ -360,8 +361,10 @@ def case_fused_moe() -> None:
             assert torch.equal(expert_ids[:blocks], again[1][:blocks])
             assert sorted(sorted_ids[:n][sorted_ids[:n] < T * k].tolist()) == list(range(T * k))
             ref = moe_ref(x, w13, w2, w, ids)
-            if T == 1:  # batch-1 decode: the first GEMM routes
+            if T == 1:  # batch-1 decode: the first GEMM routes; or the two GEMVs
                 out = fm.fused_moe_one_token(x, w13, w2, logits, k, renorm)
+                assert rel_err(out, ref) < 1e-5, (T, E, k, rel_err(out, ref))
+                out = moe_gemv.moe_one_token(x, w13, w2, logits, k, renorm)
                 assert rel_err(out, ref) < 1e-5, (T, E, k, rel_err(out, ref))
             # the routing's block sizes with its layout; other ones (and a layout of their own) once
             for cfg in (config, (16, 32, 16, 2, 4, 1))[:1 + renorm]:
