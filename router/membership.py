@@ -83,7 +83,8 @@ class Membership:
 
     def describe(self) -> list[dict]:
         return [
-            {"url": w.url, "in_flight": w.in_flight, "pending_prefill": w.pending_prefill, "healthy": w.healthy,
+            {"url": w.url, "in_flight": w.in_flight, "pending_prefill": w.pending_prefill,
+             "prompts_in_flight": len(w.prompts_in_flight), "healthy": w.healthy,
              "circuit": w.breaker.state.name.lower(), "consecutive_failures": w.consecutive_failures}
             for w in self.registry.workers()
         ]

@@ -84,17 +84,24 @@ class _Release:
 
 class _Prefill:
     """The uncached prompt tokens (precise policy's estimate) a worker owes a request until
-    its answer starts: counted in ``worker.pending_prefill`` once, settled once."""
+    its answer starts: counted in ``worker.pending_prefill`` once, settled once; and the
+    request's prompt ids in ``worker.prompts_in_flight`` until the request is done."""
 
     __slots__ = ("worker", "tokens")
 
-    def __init__(self, worker: Worker, tokens: int) -> None:
+    def __init__(self, worker: Worker, tokens: int, ids: Sequence[int] | None = None) -> None:
         self.worker, self.tokens = worker, tokens
         worker.pending_prefill += tokens
+        if ids:
+            worker.prompts_in_flight[id(self)] = ids
 
     def settle(self) -> None:
         self.worker.pending_prefill -= self.tokens
         self.tokens = 0
+
+    def done(self) -> None:
+        self.settle()
+        self.worker.prompts_in_flight.pop(id(self), None)
 
 
 class _RelayResponse(StreamingResponse):
@@ -163,7 +170,7 @@ class Proxy:
 
         def release() -> None:
             if prefill is not None:
-                prefill.settle()
+                prefill.done()
             self.in_flight -= 1
             if worker is not None:
                 worker.in_flight -= 1
@@ -196,12 +203,12 @@ class Proxy:
                 tried.add(worker.url)
                 worker.in_flight += 1
                 worker.breaker.on_dispatch()
-                prefill = _Prefill(worker, getattr(text, "uncached", 0))
+                prefill = _Prefill(worker, getattr(text, "uncached", 0), getattr(text, "ids", None))
                 last = attempt == self.config.max_total_retries
                 try:
                     upstream = await self.upstream.send(method, worker.url + route, body, self.headers, stream=stream)
                 except UpstreamError as e:
-                    prefill.settle()
+                    prefill.done()
                     last_error = f"{worker.url}: {e}"
                     self._failed(worker, route, "connect" if e.counts_against_worker else "disconnect",
                                  last_error, e.counts_against_worker)
@@ -210,6 +217,7 @@ class Proxy:
                 if not stream or upstream.status >= 500:
                     prefill.settle()
                 if upstream.status >= 500 and not last:
+                    prefill.done()
                     upstream.close()
                     last_error = f"{worker.url}: HTTP {upstream.status}"
                     self._failed(worker, route, "status_5xx", last_error, True)
@@ -221,7 +229,7 @@ class Proxy:
                     try:
                         first = await anext(chunks, b"")
                     except UpstreamError as e:
-                        prefill.settle()
+                        prefill.done()
                         upstream.close()
                         last_error = f"{worker.url}: {e} before the first byte"
                         self._failed(worker, route, "stream", last_error, e.counts_against_worker)

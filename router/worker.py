@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import httpx
@@ -35,6 +36,9 @@ class Worker:
     breaker: CircuitBreaker
     in_flight: int = 0
     pending_prefill: int = 0  # prompt tokens sent to it, not yet cached there, whose answer has not started (precise)
+    # Token ids of the requests this router sent it that have not finished (precise): the engine
+    # caches a prompt when its request ends, so these prefixes are about to be held there.
+    prompts_in_flight: dict[int, Sequence[int]] = field(default_factory=dict)
     consecutive_failures: int = 0  # requests and health checks; reaching the limit removes it
     healthy: bool = True  # last health check passed
     removed: bool = field(default=False)

@@ -7,18 +7,26 @@ leading tokens each worker holds, ``cached(w)``. Then, with ``n`` prompt tokens:
 1. load imbalanced (cache_aware's test on requests in flight: ``max - min >
    balance_abs_threshold`` and ``max > balance_rel_threshold * min``): the least-loaded
    worker (decision ``imbalanced``);
-2. else, if the worker holding the most holds more than ``cache_threshold * n``: that worker
-   (``cached``; ties by cost);
+2. else, if the worker holding the most, ``ahead(w)``, holds more than ``cache_threshold *
+   n``: that worker (``cached``; ties by cost). ``ahead(w)`` is ``cached(w)`` or, if longer,
+   the prefix ``w`` is about to hold: the longest (whole blocks) that the request shares with
+   one this router sent ``w`` and that has not finished. The engine caches a prompt when its
+   request ends, so a request that arrives meanwhile is told nothing is held: without this,
+   requests on one new context sent at once go one to each worker, and each worker computes
+   and holds a copy (measured: ``--workload shared-context``, README);
 3. else the cheapest worker by the cost::
 
-       cost(w) = uncached_weight * (n - cached(w)) + pending_prefill(w) + load_tokens * in_flight(w)
+       cost(w) = (n - cached(w)) + (uncached_weight - 1) * (n - ahead(w))
+                 + pending_prefill(w) + load_tokens * in_flight(w)
 
    the prompt tokens ``w`` would compute for this request, plus those it still owes the
    requests this router sent it whose answers have not started (their uncached tokens when
    routed), plus ``load_tokens`` (default 32, about one decode step) per request it serves:
    an estimate of the time to the first token in prefill tokens (``uncached``). The tokens
    this request must compute count twice by default (``uncached_weight`` 2): once as its own
-   wait, once as the work it puts in front of the worker's next requests. With weight 1 the
+   wait, once as the work it puts in front of the worker's next requests and the copy it
+   adds to the fleet's caches (the second term, which a worker about to hold the prefix
+   does not pay). With weight 1 the
    cost is this request's wait alone, and it moves a partly cached prompt to a worker that
    holds none of it whenever that worker's queue is shorter by more than the held part: the
    held part is then computed a second time and held twice, which costs the whole fleet
@@ -136,15 +144,19 @@ class PrecisePolicy(Policy):
                 tree = self.approx.trees.get(w.url)
                 chars = tree.match(text) if tree is not None and text else 0
                 cached[w.url] = int(n * chars / len(text)) if text else 0
-        costs = [self.uncached_weight * (n - cached[w.url]) + w.pending_prefill + self.load_tokens * w.in_flight
+        # What each worker holds or is about to hold: a request this router sent it that has
+        # not finished leaves its prompt in the cache when it does.
+        ahead = {w.url: max(cached[w.url], self._in_flight_prefix(w, ids)) for w in order}
+        extra = self.uncached_weight - 1
+        costs = [(n - cached[w.url]) + extra * (n - ahead[w.url]) + w.pending_prefill + self.load_tokens * w.in_flight
                  for w in order]
         tie = range(len(order))
         if len(order) > 1 and self.approx.is_imbalanced([w.in_flight for w in order]):
             best, rule = min(tie, key=lambda i: (order[i].in_flight, costs[i], i)), "imbalanced"
         else:
-            best = max(tie, key=lambda i: (cached[order[i].url], -costs[i], -i))
+            best = max(tie, key=lambda i: (ahead[order[i].url], -costs[i], -i))
             rule = "cached"
-            if cached[order[best].url] <= self.cache_threshold * n:
+            if ahead[order[best].url] <= self.cache_threshold * n:
                 best, rule = min(tie, key=lambda i: (costs[i], order[i].in_flight, i)), "uncached"
         chosen = order[best]
         if isinstance(text, PromptKey):
@@ -155,6 +167,25 @@ class PrecisePolicy(Policy):
         if chosen.url in matched and isinstance(text, PromptKey):
             text.predicted = matched[chosen.url]
         return chosen, decision
+
+
+    def _in_flight_prefix(self, worker: Worker, ids: Sequence[int]) -> int:
+        """The longest prefix of ``ids`` (whole blocks, never the last token) that a request
+        in flight on ``worker`` shares."""
+        if not worker.prompts_in_flight:
+            return 0
+        state = self.index.workers.get(worker.url)
+        block = state.block_size if state is not None else 1
+        usable = len(ids) - 1
+        best = 0
+        for other in worker.prompts_in_flight.values():
+            n = 0
+            for a, b in zip(ids, other[:usable], strict=False):
+                if a != b:
+                    break
+                n += 1
+            best = max(best, min(n, usable))
+        return best - best % block
 
 
 def make_auto(config: RouterConfig) -> PrecisePolicy:

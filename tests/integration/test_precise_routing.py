@@ -68,7 +68,7 @@ def test_three_replicas_send_follow_ups_to_the_worker_holding_their_history(repl
     for u in replicas:
         assert metric(u, "radixfleet_router_kv_events_in_sync") == 3
         workers = httpx.get(u + "/workers", timeout=5, trust_env=False).json()["workers"]
-        assert all(w["in_flight"] == 0 and w["pending_prefill"] == 0 for w in workers), workers  # all settled
+        assert all(w["in_flight"] == w["pending_prefill"] == w["prompts_in_flight"] == 0 for w in workers), workers
 
 
 def test_predictions_match_the_engines_under_eviction(replicas):

@@ -94,6 +94,30 @@ def test_uncached_weight_keeps_a_partly_held_prompt_where_it_is(tok):
         RouterConfig(uncached_weight=0.5)
 
 
+def test_requests_on_a_new_prefix_sent_at_once_follow_the_first(tok):
+    """The engine caches a prompt when its request ends: a request sharing the prefix of one
+    still in flight on w is told w holds nothing, yet sending it elsewhere makes a second copy.
+    It follows the first (ahead), while predicted and uncached stay what the events say."""
+    p, ws = fleet(tok, 0, 0, 0)
+    for w in ws:
+        holds(p, w.url, [])
+    first = key(PROMPT + [1])
+    a, decision = p.select(ws, first)
+    assert decision == "uncached"
+    a.in_flight, a.pending_prefill, a.prompts_in_flight[1] = 1, first.uncached, first.ids  # as the proxy does
+    second = key(PROMPT + [2])
+    chosen, decision = p.select(ws, second)
+    assert (chosen, decision) == (a, "cached") and second.predicted == 0 and second.uncached == 65
+    # Shared below cache_threshold (16 of 65 tokens): placed by cost, and a is cheaper than an
+    # idle worker only by the second term it does not pay: 65 + 49 + 65 + 32 = 211 > 2 x 65.
+    a.prompts_in_flight[1] = PROMPT[:16] + [7] * 49
+    assert p.select(ws, key(PROMPT + [3]))[0] is not a
+    # Once the first is done and its prefix evicted (no event says a holds it): nothing ahead.
+    a.prompts_in_flight.clear()
+    a.in_flight = a.pending_prefill = 0
+    assert p.select(ws, key(PROMPT + [4]))[1] == "uncached"
+
+
 def test_imbalanced_load_goes_to_the_least_loaded(tok):
     p, ws = fleet(tok, 40, 0)  # 40 - 0 > balance_abs_threshold 32
     holds(p, ws[0].url, PROMPT)
