@@ -34,9 +34,12 @@ def routing_ref(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[to
 
 
 def moe_inputs(tokens: int, experts: int, top_k: int, hidden: int, inter: int, dtype: torch.dtype,
-               device: str, gen: torch.Generator):
+               device: str, gen: torch.Generator, logits_dtype: torch.dtype | None = None):
     """``(x, w13, w2, logits)``; the router never picks the last expert (and, with more than
-    ``top_k + 1`` experts, the first), so some experts receive 0 tokens."""
+    ``top_k + 1`` experts, the first), so some experts receive 0 tokens. ``logits_dtype``
+    (default ``dtype``): fp32 logits have no ties, where bf16 ones tie often enough that two
+    correct top-k implementations pick different experts (torch's order among ties is
+    unspecified on CUDA)."""
     def rand(*shape, std=1.0):
         return (torch.randn(*shape, generator=gen) * std).to(dtype=dtype, device=device)
 
@@ -47,4 +50,4 @@ def moe_inputs(tokens: int, experts: int, top_k: int, hidden: int, inter: int, d
     logits[:, -1] = -1e4
     if experts > top_k + 1:
         logits[:, 0] = -1e4
-    return x, w13, w2, logits.to(dtype=dtype, device=device)
+    return x, w13, w2, logits.to(dtype=logits_dtype or dtype, device=device)

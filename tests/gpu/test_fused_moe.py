@@ -54,8 +54,7 @@ def test_fused_moe_matches_reference(shape, dtype):
 def test_routing_in_the_align_kernel_matches_torch(shape, renormalize):
     T, E, k, H, inter = shape
     gen = torch.Generator().manual_seed(7)
-    x, w13, w2, logits = moe_inputs(T, E, k, H, inter, torch.bfloat16, "cuda", gen)
-    logits = logits.float()  # bf16 logits tie often: torch and the kernel may order ties differently
+    x, w13, w2, logits = moe_inputs(T, E, k, H, inter, torch.bfloat16, "cuda", gen, torch.float32)
     want_w, want_ids = routing_ref(logits, k, renormalize)
     weights, ids, config, aligned = fm.route_and_align(logits, k, renormalize, 2 * inter, H)
     assert torch.equal(ids.long(), want_ids)
@@ -83,8 +82,7 @@ def test_one_token_routed_inside_the_kernels_matches_reference(shape, renormaliz
     also Mixtral 8x7B's expert shape)."""
     T, E, k, H, inter = shape
     gen = torch.Generator().manual_seed(5)
-    x, w13, w2, logits = moe_inputs(T, E, k, H, inter, torch.bfloat16, "cuda", gen)
-    logits = logits.float()  # no ties
+    x, w13, w2, logits = moe_inputs(T, E, k, H, inter, torch.bfloat16, "cuda", gen, torch.float32)
     weights, ids = routing_ref(logits, k, renormalize)
     one_token = fm.fused_moe_one_token if impl == "gemm" else moe_gemv.moe_one_token
     out = one_token(x, w13, w2, logits, k, renormalize)
@@ -127,8 +125,7 @@ def test_moe_layer_on_cuda_matches_its_torch_path(renormalize):
         layer = FusedMoE(E, k, H, inter, renormalize).to(torch.bfloat16)
     gen = torch.Generator().manual_seed(11)
     for T in (1, 9, 300):
-        x, w13, w2, logits = moe_inputs(T, E, k, H, inter, torch.bfloat16, "cuda", gen)
-        logits = logits.float()  # no ties (bf16 ties may pick either expert)
+        x, w13, w2, logits = moe_inputs(T, E, k, H, inter, torch.bfloat16, "cuda", gen, torch.float32)
         layer.w13.data.copy_(w13)
         layer.w2.data.copy_(w2)
         weights, ids = select_experts(logits, k, renormalize)
