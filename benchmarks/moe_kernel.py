@@ -116,7 +116,15 @@ def bench_tokens(T: int, w13: torch.Tensor, w2: torch.Tensor, k: int, tune: bool
         def gemv1():
             return moe_gemv.moe_one_token(x, w13, w2, logits, k, True)
 
-        for name, fn in (("one_token_gemm", gemm1), ("one_token_gemv", gemv1)):
+        def gemv1_routed():
+            saved, moe_gemv.ROUTE_SEPARATELY = moe_gemv.ROUTE_SEPARATELY, True
+            try:
+                return gemv1()
+            finally:
+                moe_gemv.ROUTE_SEPARATELY = saved
+
+        for name, fn in (("one_token_gemm", gemm1), ("one_token_gemv", gemv1),
+                         ("one_token_gemv_routed_first", gemv1_routed)):
             ms = timed_ms(fn)
             row[f"{name}_ms"], row[f"{name}_tb_per_s"] = round(ms, 4), round(read / ms / 1e9, 3)
         if tune:

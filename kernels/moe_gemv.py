@@ -32,21 +32,51 @@ MAX_WIDTH = 16384  # widest hidden or intermediate size held as one row in regis
 # (rows per program, warps) per kernel; from benchmarks/moe_kernel.py's one-token sweep.
 GATE_UP_CONFIG = (2, 4)
 DOWN_CONFIG = (4, 4)
+# Route in a one-warp kernel first (the GEMV programs then load their expert id) instead of in
+# every gate_up program; both measured by benchmarks/moe_kernel.py --tune.
+ROUTE_SEPARATELY = False
+
+
+@triton.jit
+def _route_kernel(LOGITS, IDS, WEIGHTS, E: tl.constexpr, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
+                  NUM_BINS: tl.constexpr, K_POW2: tl.constexpr, USE_PDL: tl.constexpr):
+    """One program: the token's top ``TOP_K`` experts and routing weights, picked as
+    ``fused_moe._route_one_token`` picks them (softmax, lowest index among equal maxima)."""
+    pdl_start(USE_PDL)
+    cols = tl.arange(0, NUM_BINS)
+    picks = tl.arange(0, K_POW2)
+    logit = tl.load(LOGITS + cols, mask=cols < E, other=-float("inf")).to(tl.float32)
+    p = tl.where(cols < E, tl.exp(logit - tl.max(logit, 0)), 0.0)
+    total = tl.sum(p, 0)
+    w = tl.zeros([K_POW2], dtype=tl.float32)
+    chosen = tl.zeros([K_POW2], dtype=tl.int32)
+    for j in tl.static_range(TOP_K):
+        best = tl.max(p, 0)
+        idx = tl.min(tl.where(p == best, cols, NUM_BINS), 0)
+        w = tl.where(picks == j, best, w)
+        chosen = tl.where(picks == j, idx, chosen)
+        p = tl.where(cols == idx, -1.0, p)
+    w = w / (tl.sum(w, 0) if RENORMALIZE else total)
+    tl.store(IDS + picks, chosen, mask=picks < TOP_K)
+    tl.store(WEIGHTS + picks, w, mask=picks < TOP_K)
 
 
 @triton.jit
 def _gate_up_kernel(X, W13, LOGITS, ACT, IDS, WEIGHTS, INTER, H, stride_we, stride_wn,
                     E: tl.constexpr, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
                     NUM_BINS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
-                    USE_PDL: tl.constexpr):
+                    ROUTED: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_start(USE_PDL)
     pid = tl.program_id(0)
     blocks = tl.cdiv(INTER, BLOCK_N)
     choice, block = pid // blocks, pid % blocks
-    expert, weight = _route_one_token(LOGITS, choice, E, TOP_K, RENORMALIZE, NUM_BINS)
-    if block == 0:
-        tl.store(IDS + choice, expert)
-        tl.store(WEIGHTS + choice, weight)
+    if ROUTED:  # _route_kernel ran first
+        expert = tl.load(IDS + choice)
+    else:
+        expert, weight = _route_one_token(LOGITS, choice, E, TOP_K, RENORMALIZE, NUM_BINS)
+        if block == 0:
+            tl.store(IDS + choice, expert)
+            tl.store(WEIGHTS + choice, weight)
     cols = tl.arange(0, BLOCK_H)
     col_ok = cols < H
     rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -103,11 +133,16 @@ def moe_one_token(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, logits: 
     act = torch.empty(top_k, inter, dtype=x.dtype, device=dev)
     out = torch.empty(1, H, dtype=x.dtype, device=dev)
     pdl = use_pdl(x)
+    bins = triton.next_power_of_2(E)
+    routed = ROUTE_SEPARATELY
+    if routed:
+        _route_kernel[(1,)](logits, ids, weights, E=E, TOP_K=top_k, RENORMALIZE=renormalize, NUM_BINS=bins,
+                            K_POW2=triton.next_power_of_2(top_k), USE_PDL=pdl, launch_pdl=pdl, num_warps=1)
     block_n, warps = GATE_UP_CONFIG
     _gate_up_kernel[(top_k * triton.cdiv(inter, block_n),)](
         x, w13, logits, act, ids, weights, inter, H, w13.stride(0), w13.stride(1),
-        E=E, TOP_K=top_k, RENORMALIZE=renormalize, NUM_BINS=triton.next_power_of_2(E),
-        BLOCK_N=block_n, BLOCK_H=triton.next_power_of_2(H), USE_PDL=pdl, launch_pdl=pdl, num_warps=warps)
+        E=E, TOP_K=top_k, RENORMALIZE=renormalize, NUM_BINS=bins, BLOCK_N=block_n,
+        BLOCK_H=triton.next_power_of_2(H), ROUTED=routed, USE_PDL=pdl, launch_pdl=pdl, num_warps=warps)
     block_n, warps = DOWN_CONFIG
     _down_kernel[(triton.cdiv(H, block_n),)](
         act, w2, ids, weights, out, H, inter, w2.stride(0), w2.stride(1),
