@@ -4,7 +4,11 @@ CPU engines whose KV pools are small enough to evict (default 2048 tokens each).
 
 The workload (``tests/routing_workload.py``): ``--tenants`` conversations, each with a long
 context of its own and ``--turns`` questions, resending the history every turn, interleaved
-at ``--concurrency``; requests go to the replicas in turn. Engine caches are flushed between
+at ``--concurrency``; requests go to the replicas in turn. ``--workload shared-context``
+(or both: ``--workload conversations shared-context``, against the same engines) gives each tenant a long shared context (``--context-words`` 400, about 770 tokens)
+and ``--questions`` independent requests ``context + question``, ``--burst`` of a tenant's
+at once, tenants shuffled per round with a fixed seed (the same order for every router), so
+that under load one tenant's context is computed and held on more than one worker. Engine caches are flushed between
 runs. Prints one JSON line per run: cached-token ratio (engine-reported ``cached_tokens`` /
 prompt tokens), TTFT p50/p90 (streamed), requests/s and prompt tokens/s, the follow-up
 affinity (turns answered by the worker of the tenant's previous turn; radixfleet's routers
@@ -17,6 +21,7 @@ once the pool is full, evicts) with events off (a fourth engine), on with nobody
 on with this process subscribed, in interleaved rounds (``publisher_overhead_e2e``, medians).
 
     python benchmarks/routing_quality.py [--tenants 30 --turns 4 --context-words 150]
+        [--workload shared-context --questions 6 --burst 3 --context-words 400]
         [--skip-sglang] [--policies precise cache_aware] [--replicas 1 3]
 
 sglang-router 0.3.2 runs from its own venv (``benchmarks/router.py`` installs it under
@@ -50,6 +55,7 @@ from routing_workload import (  # noqa: E402
     flush_all,
     metric,
     run_conversations,
+    run_shared_context,
     start_engines,
     start_router,
     stop_all,
@@ -89,20 +95,27 @@ def start_sglang(python: Path, engines, timeout: float = 60.0) -> tuple[str, sub
     return url, proc
 
 
-def run(name: str, routers: list[tuple[str, subprocess.Popen]], engines, args) -> None:
+def run(name: str, routers: list[tuple[str, subprocess.Popen]], engines, args, workload: str) -> None:
     urls = [u for u, _ in routers]
+    words = args.context_words or (400 if workload == "shared-context" else 150)
     try:
         # One warm-up request per engine (first-call costs), then the measured run.
         asyncio.run(run_conversations(urls[:1], 1, 1, 10, 1))
         flush_all(engines)
         before = predictions(urls)
-        records, elapsed = asyncio.run(run_conversations(urls, args.tenants, args.turns, args.context_words,
-                                                         args.concurrency, args.max_tokens))
-        line = {"bench": "routing_quality", "router": name, "replicas": len(urls), **summarize(records, elapsed)}
+        if workload == "shared-context":
+            records, elapsed = asyncio.run(run_shared_context(urls, args.tenants, args.questions, words,
+                                                              args.concurrency, args.burst, args.max_tokens))
+        else:
+            records, elapsed = asyncio.run(run_conversations(urls, args.tenants, args.turns, words,
+                                                             args.concurrency, args.max_tokens))
+        line = {"bench": "routing_quality", "workload": workload, "router": name, "replicas": len(urls),
+                **summarize(records, elapsed)}
         if args.records:
             with open(args.records, "a") as f:
                 for r in records:
-                    f.write(json.dumps({"router": name, "replicas": len(urls), **dataclasses.asdict(r)}) + "\n")
+                    f.write(json.dumps({"workload": workload, "router": name, "replicas": len(urls),
+                                        **dataclasses.asdict(r)}) + "\n")
         if name == "radixfleet_precise":
             outcomes = {o: n - before[o] for o, n in predictions(urls).items()}
             line["prediction_exact_fraction"] = round(outcomes["exact"] / max(sum(outcomes.values()), 1), 4)
@@ -243,7 +256,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tenants", type=int, default=30)
     ap.add_argument("--turns", type=int, default=4)
-    ap.add_argument("--context-words", type=int, default=150)
+    ap.add_argument("--workload", nargs="+", choices=["conversations", "shared-context"], default=["conversations"],
+                    help="one or both, each run against the same engines")
+    ap.add_argument("--context-words", type=int, help="words of each tenant's context (default 150; shared-context 400)")
+    ap.add_argument("--questions", type=int, default=6, help="shared-context: questions per tenant")
+    ap.add_argument("--burst", type=int, default=3, help="shared-context: a tenant's questions sent at once")
     ap.add_argument("--concurrency", type=int, default=6)
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--kv-pool", type=int, default=2048, help="KV-cache tokens per engine")
@@ -268,21 +285,23 @@ def main() -> int:
             quiet = start_engines(1, model_dir, args.kv_pool, kv_events=False)
             try:
                 publisher_overhead_e2e(engines[0], quiet[0], args.overhead_prompts, args.overhead_rounds,
-                                       args.context_words)
+                                       args.context_words or 150)
             finally:
                 stop_all([e.proc for e in quiet])
             flush_all(engines)
-        emit(bench="setup", engines=3, kv_pool=args.kv_pool, tenants=args.tenants, turns=args.turns,
-             context_words=args.context_words, concurrency=args.concurrency, sglang_router=sglang is not None)
-        for replicas in args.replicas:
-            for policy in args.policies:
-                if policy == "sglang":
-                    if sglang is not None:
-                        run("sglang_router_cache_aware", [start_sglang(sglang, engines) for _ in range(replicas)],
-                            engines, args)
-                    continue
-                routers = [start_router(policy, engines, model_dir) for _ in range(replicas)]
-                run(f"radixfleet_{policy}", routers, engines, args)
+        emit(bench="setup", engines=3, kv_pool=args.kv_pool, workloads=args.workload, tenants=args.tenants,
+             turns=args.turns, questions=args.questions, burst=args.burst, context_words=args.context_words,
+             concurrency=args.concurrency, sglang_router=sglang is not None)
+        for workload in args.workload:
+            for replicas in args.replicas:
+                for policy in args.policies:
+                    if policy == "sglang":
+                        if sglang is not None:
+                            run("sglang_router_cache_aware", [start_sglang(sglang, engines) for _ in range(replicas)],
+                                engines, args, workload)
+                        continue
+                    routers = [start_router(policy, engines, model_dir) for _ in range(replicas)]
+                    run(f"radixfleet_{policy}", routers, engines, args, workload)
     finally:
         stop_all([e.proc for e in engines])
     return 0

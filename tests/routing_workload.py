@@ -3,8 +3,9 @@ events: the fleet and the workload of ``tests/integration/test_precise_routing.p
 ``benchmarks/routing_quality.py``.
 
 Each tenant has a long context of its own (a system prompt) and asks ``turns`` questions in
-one conversation, each turn resending the whole history (context, questions, answers);
-tenants run interleaved, ``concurrency`` requests at a time, and each request goes to one of
+one conversation, each turn resending the whole history (context, questions, answers)
+(``run_conversations``), or asks independent questions on that context, several at once
+(``run_shared_context``); tenants run interleaved, ``concurrency`` requests at a time, and each request goes to one of
 the router replicas in turn. Per request the record keeps the worker that answered (the
 router's ``x-radixfleet-worker`` header; ``""`` for a router that does not send it), the
 engine's reported ``cached_tokens``, prompt tokens, time to first token and latency.
@@ -175,6 +176,44 @@ async def run_conversations(router_urls: list[str], tenants: int, turns: int, co
     return records, time.perf_counter() - start
 
 
+def shared_context_order(tenants: int, questions: int, burst: int, seed: int = 0) -> list[tuple[int, int]]:
+    """The arrival order of the shared-context workload, (tenant, question) pairs: each
+    tenant's questions in bursts of ``burst`` consecutive requests; round ``r`` holds burst
+    ``r`` of every tenant, tenants shuffled per round (``random.Random(seed)``)."""
+    rng = random.Random(seed)
+    order: list[tuple[int, int]] = []
+    for first in range(0, questions, burst):
+        for t in rng.sample(range(tenants), tenants):
+            order.extend((t, q) for q in range(first, min(first + burst, questions)))
+    return order
+
+
+async def run_shared_context(router_urls: list[str], tenants: int, questions: int, context_words: int,
+                             concurrency: int, burst: int, max_tokens: int = 8,
+                             seed: int = 0) -> tuple[list[Record], float]:
+    """Tenants with a long shared context (a document in the system prompt) each asking
+    ``questions`` independent questions, ``context + question``, not a conversation. The
+    requests start in ``shared_context_order`` as ``concurrency`` slots free up, so a
+    tenant's burst is in flight at once and tenants interleave; request ``i`` of the order
+    goes to replica ``i % len(router_urls)``. Returns the records and the wall time."""
+    order = shared_context_order(tenants, questions, burst, seed)
+    records: list[Record] = []
+    queue = iter(enumerate(order))
+
+    async def slot(c: httpx.AsyncClient) -> None:
+        for i, (t, q) in queue:
+            messages = [{"role": "system", "content": context(t, context_words)},
+                        {"role": "user", "content": f"Question {q}: which word comes after note {7 * q + t}?"}]
+            _, rec = await _turn(c, router_urls[i % len(router_urls)], messages, max_tokens)
+            rec.tenant, rec.turn = t, q
+            records.append(rec)
+
+    start = time.perf_counter()
+    async with httpx.AsyncClient(timeout=600, trust_env=False) as c:
+        await asyncio.gather(*(slot(c) for _ in range(concurrency)))
+    return records, time.perf_counter() - start
+
+
 def summarize(records: list[Record], elapsed: float) -> dict:
     """Cached-token ratio, TTFT p50/p90, throughput, and the follow-up affinity: the fraction
     of turns after the first that went to the worker that answered the tenant's previous turn."""
@@ -194,5 +233,7 @@ def summarize(records: list[Record], elapsed: float) -> dict:
         "req_per_s": round(len(records) / elapsed, 3),
         "prompt_tok_per_s": round(prompt / elapsed, 1),
         "follow_up_affinity": round(sum(a == b for a, b in follow) / len(follow), 4) if follow and follow[0][0] else None,
+        "workers_per_tenant": round(statistics.mean(len({r.worker for r in rs}) for rs in by_tenant.values()), 2)
+        if records and records[0].worker else None,
         "seconds": round(elapsed, 1),
     }

@@ -112,10 +112,12 @@ def check_routing_quality(lines: list[dict]) -> None:
     assert has(e2e, "events_off_prompt_tok_per_s", "events_on_no_subscriber_prompt_tok_per_s",
                "events_on_subscribed_prompt_tok_per_s")
     assert setup["bench"] == "setup" and setup["sglang_router"] is False
-    assert [(r["router"], r["replicas"], r["requests"]) for r in runs] == [
-        ("radixfleet_precise", 1, 4), ("radixfleet_round_robin", 1, 4)]
+    assert [(r["workload"], r["router"], r["replicas"], r["requests"]) for r in runs] == [
+        (w, p, 1, 4) for w in ("conversations", "shared-context") for p in ("radixfleet_precise", "radixfleet_round_robin")]
     assert all(has(r, "cached_token_ratio", "ttft_p50_s", "ttft_p90_s", "req_per_s", "follow_up_affinity") for r in runs)
-    assert sum(runs[0]["predictions"].values()) == 4
+    assert sum(runs[0]["predictions"].values()) == 4 and sum(runs[2]["predictions"].values()) == 4
+    # 2 tenants x 2 questions sent at once: each tenant's requests reached 1 or 2 workers.
+    assert all(1 <= r["workers_per_tenant"] <= 2 for r in runs[2:])
 
 
 def check_cpu_side_by_side(lines: list[dict]) -> None:
@@ -150,7 +152,8 @@ CASES: dict[str, tuple[list[str], Callable[[list[dict]], None]]] = {
     # 3 engines (~20 s to start on 2 cores), 2 tenants x 2 turns per router.
     "routing_quality.py": (["--tenants", "2", "--turns", "2", "--context-words", "20", "--policies", "precise",
                             "round_robin", "--replicas", "1", "--skip-sglang", "--publisher-overhead",
-                            "--overhead-prompts", "2", "--overhead-rounds", "1"],
+                            "--overhead-prompts", "2", "--overhead-rounds", "1", "--workload", "conversations",
+                            "shared-context", "--questions", "2", "--burst", "2"],
                            check_routing_quality),
     "soak.py": (["--requests", "300"], check_soak),
 }
