@@ -299,28 +299,27 @@ def _launch(x, weight, bias, prologue, k, residual=None, norm_weight=None, new_r
     assert w_scale is None or (w_scale.numel() == n and w_scale.dtype == torch.float32)
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     pdl = use_pdl(x)
+    block_k = triton.next_power_of_2(k)
+    rows = block_k <= ROWS_MAX_K
+    packed = (rows and is_fp8 and k % 8 == 0 and weight.stride(0) % 8 == 0
+              and weight.storage_offset() % 8 == 0 and _fp8_packed(x.device))
+    w = weight.view(torch.int64) if packed else weight  # packed: 8 e4m3 per word
     args = (x, residual if residual is not None else x, norm_weight if norm_weight is not None else x,
-            weight, w_scale if w_scale is not None else x, bias if bias is not None else x, out,
-            new_residual if new_residual is not None else x, n, k, weight.stride(0), eps)
+            w, w_scale if w_scale is not None else x, bias if bias is not None else x, out,
+            new_residual if new_residual is not None else x, n, k, w.stride(0), eps)
     flags = dict(PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
                  HAS_W_SCALE=is_fp8, USE_PDL=pdl, launch_pdl=pdl)
-    line_elems = 128 // weight.element_size()
+    line_elems = 128 // w.element_size()  # of w per 128-byte line
     # Prefetch only weights that fit in L2 beside everything else (H100/H200: 50 MB).
     prefetch = pdl and weight.numel() * weight.element_size() <= _PREFETCH_MAX_BYTES
-    block_k = triton.next_power_of_2(k)
-    if block_k <= ROWS_MAX_K:
+    if rows:
         block_n, warps, per_sm = _rows_config(n, k, prologue, is_fp8)
         programs = blocks = triton.cdiv(n, block_n)
         if per_sm:  # as many programs as fit, then fewer so that each takes as many blocks
             programs = triton.cdiv(blocks, triton.cdiv(blocks, min(blocks, _sm_count(x.device) * per_sm)))
-        packed = (is_fp8 and k % 8 == 0 and weight.stride(0) % 8 == 0 and weight.storage_offset() % 8 == 0
-                  and _fp8_packed(x.device))
-        if packed:  # 8 weights per int64 word; 16 words per 128-byte line
-            words = weight.view(torch.int64)
-            args = (*args[:3], words, *args[4:10], words.stride(0), eps)
-            line_elems, block_k = 16, max(block_k, 128)
         _gemv_rows_kernel[(programs,)](
-            *args, PREFETCH=prefetch, LINE_ELEMS=line_elems, BLOCK_K=max(block_k, line_elems),
+            *args, PREFETCH=prefetch, LINE_ELEMS=line_elems,
+            BLOCK_K=max(block_k, 128 // weight.element_size()),  # at least one line of weights
             BLOCK_N=block_n, PER_SM=per_sm, FP8_PACKED=packed, num_warps=warps, **flags)
         return out
     _gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](

@@ -25,40 +25,16 @@ import torch
 import triton
 import triton.language as tl
 
-from radixfleet.kernels.fused_moe import _route_one_token
+from radixfleet.kernels.fused_moe import _route_align, _route_one_token
 from radixfleet.kernels.pdl import pdl_start, use_pdl
 
 MAX_WIDTH = 16384  # widest hidden or intermediate size held as one row in registers
 # (rows per program, warps) per kernel; from benchmarks/moe_kernel.py's one-token sweep.
 GATE_UP_CONFIG = (2, 4)
 DOWN_CONFIG = (4, 4)
-# Route in a one-warp kernel first (the GEMV programs then load their expert id) instead of in
-# every gate_up program; both measured by benchmarks/moe_kernel.py --tune.
+# Route first, in fused_moe's one-program routing kernel (the GEMV programs then load their
+# expert id), instead of in every gate_up program; benchmarks/moe_kernel.py times both.
 ROUTE_SEPARATELY = False
-
-
-@triton.jit
-def _route_kernel(LOGITS, IDS, WEIGHTS, E: tl.constexpr, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
-                  NUM_BINS: tl.constexpr, K_POW2: tl.constexpr, USE_PDL: tl.constexpr):
-    """One program: the token's top ``TOP_K`` experts and routing weights, picked as
-    ``fused_moe._route_one_token`` picks them (softmax, lowest index among equal maxima)."""
-    pdl_start(USE_PDL)
-    cols = tl.arange(0, NUM_BINS)
-    picks = tl.arange(0, K_POW2)
-    logit = tl.load(LOGITS + cols, mask=cols < E, other=-float("inf")).to(tl.float32)
-    p = tl.where(cols < E, tl.exp(logit - tl.max(logit, 0)), 0.0)
-    total = tl.sum(p, 0)
-    w = tl.zeros([K_POW2], dtype=tl.float32)
-    chosen = tl.zeros([K_POW2], dtype=tl.int32)
-    for j in tl.static_range(TOP_K):
-        best = tl.max(p, 0)
-        idx = tl.min(tl.where(p == best, cols, NUM_BINS), 0)
-        w = tl.where(picks == j, best, w)
-        chosen = tl.where(picks == j, idx, chosen)
-        p = tl.where(cols == idx, -1.0, p)
-    w = w / (tl.sum(w, 0) if RENORMALIZE else total)
-    tl.store(IDS + picks, chosen, mask=picks < TOP_K)
-    tl.store(WEIGHTS + picks, w, mask=picks < TOP_K)
 
 
 @triton.jit
@@ -70,7 +46,7 @@ def _gate_up_kernel(X, W13, LOGITS, ACT, IDS, WEIGHTS, INTER, H, stride_we, stri
     pid = tl.program_id(0)
     blocks = tl.cdiv(INTER, BLOCK_N)
     choice, block = pid // blocks, pid % blocks
-    if ROUTED:  # _route_kernel ran first
+    if ROUTED:  # fused_moe._route_align ran first
         expert = tl.load(IDS + choice)
     else:
         expert, weight = _route_one_token(LOGITS, choice, E, TOP_K, RENORMALIZE, NUM_BINS)
@@ -136,8 +112,7 @@ def moe_one_token(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, logits: 
     bins = triton.next_power_of_2(E)
     routed = ROUTE_SEPARATELY
     if routed:
-        _route_kernel[(1,)](logits, ids, weights, E=E, TOP_K=top_k, RENORMALIZE=renormalize, NUM_BINS=bins,
-                            K_POW2=triton.next_power_of_2(top_k), USE_PDL=pdl, launch_pdl=pdl, num_warps=1)
+        _route_align(ids.view(1, top_k), E, 1, logits, weights.view(1, top_k), renormalize, align=False)
     block_n, warps = GATE_UP_CONFIG
     _gate_up_kernel[(top_k * triton.cdiv(inter, block_n),)](
         x, w13, logits, act, ids, weights, inter, H, w13.stride(0), w13.stride(1),

@@ -93,6 +93,16 @@ def _fused_moe():
     return fused_moe
 
 
+@functools.cache
+def _moe_gemv():
+    """``kernels/moe_gemv`` for one token (batch-1 decode), or None where it is switched off."""
+    if not env_vars.MOE_ONE_TOKEN_GEMV.get():
+        return None
+    from radixfleet.kernels import moe_gemv
+
+    return moe_gemv
+
+
 class FusedMoE(nn.Module):
     """The experts of one layer and their routing. ``forward`` returns this rank's partial
     sum (not reduced)."""
@@ -133,11 +143,10 @@ class FusedMoE(nn.Module):
             weights, ids = select_experts(router_logits, self.top_k, self.renormalize)
             return moe_torch(x, self.w13, self.w2, weights, ids)
         if x.shape[0] == 1:  # batch-1 decode: two GEMVs, or the GEMM that routes inside
-            from radixfleet.kernels import moe_gemv
-
+            gemv = _moe_gemv()
             one_token = kernels.fused_moe_one_token
-            if env_vars.MOE_ONE_TOKEN_GEMV.get() and moe_gemv.fits(self.w13.shape[2], self.inter):
-                one_token = moe_gemv.moe_one_token
+            if gemv is not None and gemv.fits(self.w13.shape[2], self.inter):
+                one_token = gemv.moe_one_token
             return one_token(x, self.w13, self.w2, router_logits, self.top_k, self.renormalize)
         # Decode-sized batches route inside the align kernel (one launch, no host sync).
         routed = kernels.route_and_align(router_logits, self.top_k, self.renormalize, *self.w13.shape[1:])
