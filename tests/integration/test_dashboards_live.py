@@ -111,17 +111,21 @@ def drive_traffic(urls: dict[str, str]) -> None:
         for text in ("Zebras run", "Quantum foam is"):
             resp = c.post(f"{router}/generate", json={"text": text, "sampling_params": {"max_new_tokens": 3, "temperature": 0}})
             assert resp.status_code == 200, resp.text
-        # Two waves of concurrent chats sharing a long system prompt (cache-aware and radix-cache
-        # hits; the engine batches them), one streamed per wave (inter-token latency).
-        system = "You are a concise assistant. Answer in one short sentence. " * 4
         for wave in range(2):
-            bodies = [{"model": "smollm2", "max_tokens": 4, "temperature": 0,
-                       "messages": [{"role": "system", "content": system}, {"role": "user", "content": f"Question {wave}-{i}: name a colour."}]}
-                      for i in range(3)]
-            list(pool.map(lambda ib: _chat(c, router, ib[1], stream=ib[0] == 1), enumerate(bodies)))
+            chat_wave(c, pool, router, wave)
             time.sleep(2.5)  # let Prometheus scrape between waves so rates are non-zero
         # What the operator does on scale-down (worker_removals_total{reason="api"}).
         assert c.post(f"{router}/remove_worker", params={"url": urls["broken"]}).status_code == 200
+
+
+def chat_wave(client: httpx.Client, pool: ThreadPoolExecutor, router: str, wave: int) -> None:
+    """Concurrent chats sharing a long system prompt (cache-aware and radix-cache hits; the
+    engine batches them), one of them streamed (inter-token latency)."""
+    system = "You are a concise assistant. Answer in one short sentence. " * 4
+    bodies = [{"model": "smollm2", "max_tokens": 4, "temperature": 0,
+               "messages": [{"role": "system", "content": system}, {"role": "user", "content": f"Question {wave}-{i}: name a colour."}]}
+              for i in range(3)]
+    list(pool.map(lambda ib: _chat(client, router, ib[1], stream=ib[0] == 1), enumerate(bodies)))
 
 
 def label_values(prom: str, definition: str, chosen: dict[str, str]) -> list[str]:
@@ -134,10 +138,7 @@ def label_values(prom: str, definition: str, chosen: dict[str, str]) -> list[str
     return sorted({s[label.strip()] for s in resp["data"] if label.strip() in s})
 
 
-def test_every_panel_query_returns_data(stack):
-    drive_traffic(stack)
-    time.sleep(3)
-    prom = stack["prometheus"]
+def panels_without_data(prom: str) -> list[str]:
     failures = []
     for name in NAMES:
         dashboard = json.loads((ROOT / "grafana" / f"{name}.json").read_text())
@@ -158,6 +159,23 @@ def test_every_panel_query_returns_data(stack):
                 finite = [s for s in result if not math.isnan(float(s["value"][1]))]
                 if not finite:
                     failures.append(f"{name} / {panel['title']}: {expr} -> {result}")
+    return failures
+
+
+def test_every_panel_query_returns_data(stack):
+    drive_traffic(stack)
+    # A rate needs two successful scrapes that see the counter move. On a loaded 2-core CI
+    # machine a 1 s scrape can time out while the engine computes, so a panel whose counter
+    # moved only between missed scrapes shows nothing yet (NaN = 0/0): keep the traffic
+    # coming, a wave every few seconds, until every panel has data or a minute has passed.
+    deadline = time.monotonic() + 60
+    with httpx.Client(timeout=120, trust_env=False, headers=AUTH) as c, ThreadPoolExecutor(4) as pool:
+        for wave in range(2, 1000):
+            time.sleep(3)
+            failures = panels_without_data(stack["prometheus"])
+            if not failures or time.monotonic() > deadline:
+                break
+            chat_wave(c, pool, stack["router"], wave)
     assert not failures, "queries without data:\n" + "\n".join(failures)
 
 
