@@ -53,6 +53,10 @@ class RouterConfig:
     uncached_weight: float = _f(2.0, "precise: weight of the prompt tokens a worker must compute for this request in "
                                      "its cost (1: this request's wait only; 2: also the work it adds in front of "
                                      "the worker's next requests).")
+    placement_tolerance: float = _f(1.0, "precise: a new prefix (no worker holds more of it than another) goes, among the "
+                                         "workers whose cost is within this many times its tokens of the cheapest, to the first "
+                                         "in its rendezvous-hash order, so that router replicas place it alike.")
+    placement_blocks: int = _f(4, "precise: KV blocks of a new prompt (past what some worker holds) hashed to place it.")
     kv_events_stale_after: float = _f(5.0, "precise: seconds without a KV-event message (heartbeats come every second) "
                                            "after which a worker is scored by the approximate tree until it resyncs.")
     # fault tolerance
@@ -86,6 +90,8 @@ class RouterConfig:
             (self.eviction_interval > 0, "eviction_interval must be > 0 seconds"),
             (self.max_tree_size > 0, "max_tree_size must be > 0 characters"),
             (self.load_tokens >= 0, "load_tokens must be >= 0"),
+            (self.placement_tolerance >= 0.0, f"placement_tolerance must be >= 0, got {self.placement_tolerance}"),
+            (self.placement_blocks >= 1, f"placement_blocks must be >= 1, got {self.placement_blocks}"),
             (self.uncached_weight >= 1.0, f"uncached_weight must be >= 1, got {self.uncached_weight}"),
             (self.kv_events_stale_after > 0, "kv_events_stale_after must be > 0 seconds"),
             (self.max_worker_retries >= 1, "max_worker_retries must be >= 1"),

@@ -130,6 +130,13 @@ class KVIndex:
         return reason
 
     # ---- queries ----------------------------------------------------------------------------
+    def resident_tokens(self, url: str) -> int | None:
+        """Tokens (whole blocks) that the worker's cache holds, or None while it is not in sync."""
+        if not self.in_sync(url):
+            return None
+        w = self.workers[url]
+        return len(w.blocks) * w.block_size
+
     def matched_tokens(self, urls: Sequence[str], token_ids: Sequence[int]) -> dict[str, int]:
         """For each in-sync worker of ``urls``: how many leading tokens of ``token_ids`` it
         holds, in whole blocks (the last token never counts: the engine always computes it)."""

@@ -31,7 +31,10 @@ leading tokens each worker holds, ``cached(w)``. Then, with ``n`` prompt tokens:
    holds none of it whenever that worker's queue is shorter by more than the held part: the
    held part is then computed a second time and held twice, which costs the whole fleet
    compute and KV space (measured under eviction: README). Ties go to the less loaded, then
-   by rotation.
+   by rotation. A new prefix, one that no worker holds more of than another, is placed
+   instead by ``_place``: the first worker in the rendezvous-hash order of its first blocks
+   among those near the cheapest and not holding far more than the emptiest, so that router
+   replicas, which see the same events but each only its own load, place it alike.
 
 Following a held prefix in step 2 also keeps a conversation's later turns there, which a
 purely greedy cost would trade away for a moment's lower load (measured:
@@ -51,10 +54,13 @@ routed by text, as cache_aware.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from radixfleet import kv_events
 
 from ..config import RouterConfig
 from ..kv_index import KVIndex
@@ -84,6 +90,8 @@ class PrecisePolicy(Policy):
         self.load_tokens = config.load_tokens
         self.uncached_weight = config.uncached_weight
         self.cache_threshold = config.cache_threshold
+        self.placement_tolerance = config.placement_tolerance
+        self.placement_blocks = config.placement_blocks
         self.approx = CacheAwarePolicy(config)
         self.index = KVIndex(config.kv_events_stale_after)
         self.tokenizer: PromptTokenizer | None = None
@@ -157,7 +165,11 @@ class PrecisePolicy(Policy):
             best = max(tie, key=lambda i: (ahead[order[i].url], -costs[i], -i))
             rule = "cached"
             if ahead[order[best].url] <= self.cache_threshold * n:
-                best, rule = min(tie, key=lambda i: (costs[i], order[i].in_flight, i)), "uncached"
+                rule = "uncached"
+                if max(ahead.values()) == min(ahead.values()):  # a new prefix: no one holds more
+                    best = self._place(order, costs, ids, ahead[order[0].url])
+                else:
+                    best = min(tie, key=lambda i: (costs[i], order[i].in_flight, i))
         chosen = order[best]
         if isinstance(text, PromptKey):
             text.uncached = n - cached[chosen.url]
@@ -167,6 +179,39 @@ class PrecisePolicy(Policy):
         if chosen.url in matched and isinstance(text, PromptKey):
             text.predicted = matched[chosen.url]
         return chosen, decision
+
+    def _place(self, order: Sequence[Worker], costs: list[float], ids: Sequence[int], held: int) -> int:
+        """Where a new prefix goes (the index into ``order``), one that no worker holds more of
+        than the others (``held`` tokens each): among the workers within
+        ``placement_tolerance * n`` of the cheapest cost, and among those within ``max(n,
+        10 %)`` of the fewest resident tokens by the events, the first in the rendezvous order
+        of the prompt's placement key (its first blocks past ``held``). Replicas see the same
+        events and hash the same key, and the tolerance absorbs the load each sees only its
+        own share of, so the requests on a new prefix sent at once through different replicas
+        go to one worker; the cheapest by each replica's cost would send them to several."""
+        n = len(ids)
+        floor = min(costs)
+        near = [i for i in range(len(order)) if costs[i] <= floor + self.placement_tolerance * n]
+        resident = {i: self.index.resident_tokens(order[i].url) for i in near}
+        known = [r for r in resident.values() if r is not None]
+        if known:
+            limit = min(known) + max(n, 0.1 * max(known))
+            near = [i for i in near if resident[i] is None or resident[i] <= limit]
+        key = self._placement_key(order, ids, held)
+        if key is None or len(near) == 1:
+            return min(near, key=lambda i: (costs[i], order[i].in_flight, i))
+        return max(near, key=lambda i: _rendezvous(key, order[i].url))
+
+    def _placement_key(self, order: Sequence[Worker], ids: Sequence[int], held: int) -> bytes | None:
+        """The hash of the prompt's first ``placement_blocks`` blocks past the ``held`` prefix
+        (so that a system prompt every worker holds does not send every tenant to one
+        worker), or of all its full blocks if fewer; None without a full block."""
+        state = next((self.index.workers[w.url] for w in order if w.url in self.index.workers), None)
+        block, seed = (state.block_size, state.seed) if state else (kv_events.DEFAULT_BLOCK_SIZE, kv_events.SEED)
+        blocks = min(held // block + self.placement_blocks, (len(ids) - 1) // block)
+        if blocks < 1:
+            return None
+        return kv_events.prefix_hashes(ids[:blocks * block], block, seed)[-1].to_bytes(8, "little")
 
     def _in_flight_prefix(self, worker: Worker, ids: Sequence[int]) -> int:
         """The longest prefix of ``ids`` (whole blocks, never the last token) that a request
@@ -193,6 +238,12 @@ def _shared_prefix(a: list[int], b: Sequence[int]) -> int:
         else:
             hi = mid - 1
     return lo
+
+
+def _rendezvous(key: bytes, url: str) -> int:
+    """Highest-random-weight hashing: every replica ranks the workers for ``key`` alike, and
+    removing a worker moves only the keys it ranked first."""
+    return int.from_bytes(hashlib.blake2b(key + url.encode(), digest_size=8).digest(), "little")
 
 
 def make_auto(config: RouterConfig) -> PrecisePolicy:

@@ -153,3 +153,44 @@ def test_auto_is_cache_aware_unless_every_worker_is_in_sync(tok):
     # A request it could not tokenize is routed by text.
     p.select(ws, PromptKey("plain text"))
     assert p.decided_by() == "cache_aware"
+
+
+def test_replicas_place_a_new_prefix_on_one_worker_despite_different_loads(tok):
+    """Three router replicas see the same events but only their own requests in flight. A
+    new prefix sent through each at once goes to one worker (rendezvous order of its first
+    blocks among the near-cheapest), where the cheapest by each replica's own cost would
+    differ; different prefixes still spread over the workers."""
+    replicas = [fleet(tok, 0, 0, 0) for _ in range(3)]
+    for i, (p, ws) in enumerate(replicas):
+        for w in ws:
+            holds(p, w.url, [])
+        ws[i].pending_prefill = 40  # each replica sees its own share of the load on a different worker
+    for tenant in range(12):
+        prompt = [tenant] * 16 + PROMPT  # the tenant's own first block
+        chosen = {p.select(ws, key(prompt + [1]))[0].url for p, ws in replicas}
+        assert len(chosen) == 1, (tenant, chosen)
+    first_choice = {replicas[0][0].select(replicas[0][1], key([t] * 16 + PROMPT + [1]))[0].url for t in range(12)}
+    assert len(first_choice) == 3
+    # A worker busier than the cheapest by more than placement_tolerance x n is not a candidate.
+    p, ws = replicas[0]
+    ws[0].pending_prefill, ws[1].pending_prefill = 0, 0
+    ws[2].pending_prefill = 200  # > 1.0 x 81 tokens
+    assert all(p.select(ws, key([t] * 16 + PROMPT + [1]))[0] is not ws[2] for t in range(12))
+
+
+def test_a_new_prefix_avoids_workers_holding_far_more_than_the_emptiest(tok):
+    """Placement also balances what the caches hold (by the events): a worker holding more
+    than max(n, 10 %) tokens beyond the emptiest takes no new prefix."""
+    p, ws = fleet(tok, 0, 0, 0)
+    holds(p, ws[0].url, list(range(2000, 2000 + 16 * 40)))  # 640 tokens of someone else's
+    holds(p, ws[1].url, list(range(3000, 3000 + 16 * 4)))   # 64
+    holds(p, ws[2].url, [])
+    picks = {p.select(ws, key([t] * 16 + PROMPT + [1]))[0].url for t in range(12)}
+    assert picks == {ws[1].url, ws[2].url}
+
+
+def test_placement_settings_are_validated():
+    with pytest.raises(ValueError, match="placement_tolerance"):
+        RouterConfig(placement_tolerance=-1)
+    with pytest.raises(ValueError, match="placement_blocks"):
+        RouterConfig(placement_blocks=0)
