@@ -69,7 +69,8 @@ class FakeRunner:
     """The ModelRunner interface the Scheduler uses, on the CPU. Hidden states are [N, 1]:
     the next token of each position's context; ``compute_logits`` makes it the argmax."""
 
-    def __init__(self, max_total_tokens: int, max_running_requests: int, context_len: int = CONTEXT_LEN):
+    def __init__(self, max_total_tokens: int, max_running_requests: int, context_len: int = CONTEXT_LEN,
+                 page_size: int = 1):
         self.device = torch.device("cpu")
         self.dtype = torch.float32
         self.model_config = ModelConfig.from_dict({
@@ -79,9 +80,9 @@ class FakeRunner:
         self.context_len = context_len
         self.max_total_tokens = max_total_tokens
         self.max_running_requests = max_running_requests
-        self.allocator = TokenSlotAllocator(max_total_tokens + 1)  # slot 0: padding
+        self.allocator = TokenSlotAllocator(max_total_tokens + page_size, page_size)  # page 0: padding
         self.req_table = ReqToTokenTable(max_running_requests + 1, context_len + 1, self.device)
-        self.kv = torch.full((max_total_tokens + 1,), -1, dtype=torch.int64)  # token id per slot
+        self.kv = torch.full((max_total_tokens + page_size,), -1, dtype=torch.int64)  # token id per slot
         self.lora = None
         self.attn_backend = None
 
@@ -140,7 +141,7 @@ class SchedulerHarness:
 
     def __init__(self, overlap: bool, max_total_tokens: int = 4096, max_running_requests: int = 8,
                  **config):
-        self.runner = FakeRunner(max_total_tokens, max_running_requests)
+        self.runner = FakeRunner(max_total_tokens, max_running_requests, page_size=config.get("page_size", 1))
         self.events: list[Launch | Sent] = []
         self.io = RecordingIO(self.events)
         model_path = resolve_model_path("smollm2")  # its tokenizer, for stop strings

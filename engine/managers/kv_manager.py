@@ -32,6 +32,10 @@ class KVManager:
         """Slots that can be had now: free ones plus evictable cached ones."""
         return self.allocator.available + self.cache.evictable_size
 
+    def decode_slots(self, reqs: list[Req]) -> int:
+        """Slots a decode step of ``reqs`` takes: a new page for each whose last page is full."""
+        return self.page_size * sum(r.kv_len % self.page_size == 0 for r in reqs)
+
     def match(self, req: Req):
         # Keep at least one token to compute, so the step yields logits for sampling. A
         # request on a LoRA adapter matches nothing: the tree holds the base model's KV.

@@ -378,17 +378,17 @@ class Scheduler:
 
     def _decode_batch(self) -> list[Req]:
         reqs = self._decodable()
-        if self.in_flight is not None and (self.kv.free_tokens < len(reqs) or
+        if self.in_flight is not None and (self.kv.free_tokens < self.kv.decode_slots(reqs) or
                                            any(r.pending and needs_host_state(r) for r in reqs)):
             self._sync()
             reqs = self._decodable()
         if not reqs:  # every pending token is its request's last
             return []
-        if self.kv.free_tokens < len(reqs):
+        if self.kv.free_tokens < self.kv.decode_slots(reqs):
             assert self.in_flight is None, "retraction needs every output complete"
-            while len(self.running) > 1 and self.kv.free_tokens < len(self.running):
+            while len(self.running) > 1 and self.kv.free_tokens < self.kv.decode_slots(self.running):
                 self._retract(self.running.pop())
-            if self.kv.free_tokens < len(self.running):
+            if self.kv.free_tokens < self.kv.decode_slots(self.running):
                 # A lone request that outgrew the whole KV pool cannot continue.
                 self.running[0].finish("length", message="the KV cache is full")
                 self._send(self.running)

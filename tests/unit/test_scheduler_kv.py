@@ -46,6 +46,23 @@ def test_retraction_requeues_the_newest_with_their_output_and_they_finish_the_sa
 
 
 @BOTH
+@pytest.mark.parametrize("radix_cache", [True, False], ids=["cache", "no_cache"])
+def test_decode_under_pressure_with_pages_retracts_instead_of_failing(overlap, radix_cache):
+    """Regression: with page_size > 1 a decode step counted one slot per request, but a
+    request whose last page is full takes a whole new page; with 100 slots in pages of 4 the
+    step found fewer than it had counted and the scheduler failed ("decode slots were
+    checked above") instead of retracting."""
+    h = SchedulerHarness(overlap=overlap, max_total_tokens=100, page_size=4, disable_radix_cache=not radix_cache)
+    for i in range(6):
+        h.submit(f"r{i}", prompt(i), stream=True, max_new_tokens=24, ignore_eos=True)
+    h.run()
+    for i in range(6):
+        assert h.tokens(f"r{i}") == reference(prompt(i), 24, stop_ids=())
+    assert h.scheduler.stats["retractions"] > 0
+    h.assert_all_free()
+
+
+@BOTH
 def test_a_lone_request_that_outgrows_the_whole_pool_finishes_by_length(overlap):
     # 40 slots: the 10 prompt tokens and 30 outputs; the 31st output is sampled but has no
     # slot for its KV, so no 32nd can be computed.
