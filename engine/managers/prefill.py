@@ -6,6 +6,12 @@ Accounting (checked once per candidate, in ``PrefillAdder.add``):
 - KV: admitting needs its new tokens plus a reserve for the decode tokens it and the
   running requests will still produce (``remaining × new_token_ratio``), all within the
   slots that are free or evictable now.
+
+In-batch prefix sharing: a waiting request whose prompt shares at least ``IN_BATCH_SHARE_MIN``
+tokens beyond its cached prefix with what a request admitted to this batch computes waits
+for the next step, where the radix cache holds them (``KVManager.cache_computed``), instead
+of computing them a second time. It waits at most once, and only behind a request in the
+batch, so a deferral never leaves a batch empty.
 """
 
 from __future__ import annotations
@@ -20,6 +26,9 @@ from radixfleet.engine.managers.request import Req
 _LPM_MAX_QUEUE = 128
 # Reserve at most this many future decode tokens per request.
 _RESERVE_CLIP = 4096
+# Defer a request that shares at least this many uncached tokens with one in the batch
+# (SGLang's in-batch prefix threshold): fewer cost less to compute twice than a step's wait.
+IN_BATCH_SHARE_MIN = 32
 
 
 def _order_fcfs(waiting: list[Req], kv: KVManager) -> list[Req]:
@@ -53,6 +62,8 @@ class PrefillAdder:
         self.kv_budget = kv.free_tokens - sum(decode_reserve(r, new_token_ratio) for r in running)
         self.nothing_running = not running
         self.batch: list[Req] = []
+        # What each batch member will have computed after this step (for in-batch sharing).
+        self._computed: list[list[int]] = []
 
     def add(self, req: Req, continuing: bool = False) -> bool:
         """Try to put ``req`` in the batch; False means stop adding (budget exhausted).
@@ -68,6 +79,9 @@ class PrefillAdder:
             return False
         if not continuing:
             prefix = len(self.kv.match(req).indices)
+            if not req.deferred and self._shares_with_batch(req, prefix):
+                req.deferred = True  # admitted next step, with the prefix cached
+                return True
             need = len(req.fill_ids) - prefix
             must_fit = need + decode_reserve(req, self.ratio)
             alone = self.nothing_running and not self.batch
@@ -91,4 +105,21 @@ class PrefillAdder:
         self.chunk_budget -= n
         self.kv_budget -= n if continuing else n + decode_reserve(req, self.ratio)
         self.batch.append(req)
+        if not req.lora_id and not self.kv.cache.disabled:
+            end = req.kv_len + n
+            self._computed.append(req.fill_ids[:end - end % self.kv.page_size])
         return n == todo
+
+    def _shares_with_batch(self, req: Req, prefix: int) -> bool:
+        """Whether ``req``'s reusable prompt shares ``IN_BATCH_SHARE_MIN`` tokens past its
+        cached ``prefix`` (pages included) with what a batch member computes this step."""
+        if req.lora_id or self.kv.cache.disabled or not self._computed:
+            return False
+        page = self.kv.page_size
+        end = -(-(prefix + IN_BATCH_SHARE_MIN) // page) * page
+        if end > req.max_prefix_len:
+            return False
+        ids = req.fill_ids
+        # The part past the cached prefix first: it tells most pairs apart in a few tokens.
+        return any(len(other) >= end and other[prefix:end] == ids[prefix:end] and other[:prefix] == ids[:prefix]
+                   for other in self._computed)

@@ -42,6 +42,7 @@ class Req:
     sent_len: int = 0  # output tokens already sent to the detokenizer
     first_scheduled_time: float | None = None
     retractions: int = 0
+    deferred: bool = False  # once waited a step for a batch member's prefix (prefill.py)
     # Sampling extras (engine/sampling/): logprobs / hidden states asked for, the
     # xgrammar matcher, a custom logit processor.
     outputs: ReqOutputs | None = None

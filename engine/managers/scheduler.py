@@ -125,7 +125,7 @@ class Scheduler:
                                               config.kv_events_block_size)
         cache = RadixCache(self.runner.allocator, config.page_size, disabled=config.disable_radix_cache,
                            events=self.kv_events)
-        self.kv = KVManager(self.runner.allocator, self.runner.req_table, cache)
+        self.kv = KVManager(self.runner.allocator, self.runner.req_table, cache, repoint_rows=dist.tp_size() == 1)
         self.stop_checker = StopChecker(config, model_path, self.runner.model_config)
         self.order = SCHEDULE_POLICIES[config.schedule_policy]
         chunk = config.chunked_prefill_size
@@ -417,13 +417,13 @@ class Scheduler:
         and advance their state by the launched step."""
         hidden, rows = self.executor.forward(reqs, mode)
         now = time.monotonic()
-        if mode is ForwardMode.EXTEND:
-            self.stats["extend_steps"] += 1
         for r in reqs:
-            r.kv_len += r.extend_len
-            r.extend_len = 0
+            r.kv_len, r.extend_len = r.kv_len + r.extend_len, 0
             if r.first_scheduled_time is None:
                 r.first_scheduled_time = now
+        if mode is ForwardMode.EXTEND:
+            self.stats["extend_steps"] += 1
+            self.kv.cache_computed(reqs)  # requests admitted from the next step on reuse them
         launched = Launched(reqs, mode, [], [])
         keep = []  # batch indices of the requests that get a token
         for i, r in enumerate(reqs):

@@ -85,8 +85,10 @@ class RadixCache:
 
     def _match_len(self, a: list[int], b: list[int]) -> int:
         n = min(len(a), len(b))
+        if a[:n] == b[:n]:  # the common case (a whole node matches), compared in C
+            return n - n % self.page_size
         i = 0
-        while i < n and a[i] == b[i]:
+        while a[i] == b[i]:
             i += 1
         return i - i % self.page_size
 
