@@ -2,8 +2,9 @@
 
 Sends ``--num-prompts`` streaming requests, arriving as a Poisson process at
 ``--request-rate`` (``inf``: all at once) and/or capped at ``--max-concurrency`` in flight,
-and prints one JSON line: TTFT, ITL, TPOT and E2E latency (mean/p50/p99, ms) and request and
-token throughput.
+and prints one JSON line: TTFT, ITL, TPOT and E2E latency (mean/p50/p90/p99, ms), request and
+token throughput, and the prompt tokens the server reported as cached
+(``total_cached_tokens``) and so computed (``prefill_tokens_computed``).
 
 Prompts: ``random`` (random token ids; exact lengths with the native backend) or
 ``shared-prefix`` (``--gsp-num-groups`` system prompts, each shared by
@@ -27,6 +28,10 @@ load average 2.5-4 from other jobs: figures are noisy, +-30%):
 
 The offline ``Engine.generate`` on the same 16x64 batch gave 119-141 output tok/s in the
 same conditions (the server's HTTP/SSE layer and the client share the 2 cores).
+
+Requests on one new context sent at once (README, prefill-time caching):
+``--dataset-name shared-prefix --gsp-num-groups 1 --gsp-prompts-per-group 8
+--gsp-system-prompt-len 800 --gsp-question-len 16 --gsp-output-len 16 --flush-cache``.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ class Result:
     ok: bool
     prompt_len: int = 0
     output_len: int = 0
+    cached: int = 0  # prompt tokens the server reported reused from its prefix cache
     ttft: float = 0.0
     e2e: float = 0.0
     itl: list[float] = field(default_factory=list)
@@ -142,6 +148,8 @@ async def send(client: httpx.AsyncClient, args, p: Prompt) -> Result:
                 if chunk.get("usage"):  # OpenAI backends: the server's own token counts
                     tokens = max(tokens, chunk["usage"]["completion_tokens"])
                     res.prompt_len = chunk["usage"]["prompt_tokens"]
+                    res.cached = (chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+                res.cached = (chunk.get("meta_info") or {}).get("cached_tokens", res.cached)
                 n = _tokens_in(args, chunk)
                 if not n:
                     continue
@@ -169,6 +177,8 @@ async def run(args, prompts: list[Prompt]) -> tuple[list[Result], float]:
             warm = await send(client, args, Prompt(p.input_ids, p.text, min(p.output_len, 4)))
             if not warm.ok:
                 raise SystemExit(f"warm-up request failed: {warm.error}")
+        if args.flush_cache:  # after the warm-up, which would otherwise cache a shared prefix
+            (await client.post("/flush_cache")).raise_for_status()
         sem = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
         rng = np.random.default_rng(args.seed)
 
@@ -190,10 +200,10 @@ async def run(args, prompts: list[Prompt]) -> tuple[list[Result], float]:
 
 def _stats(values: list[float], scale: float = 1000.0) -> dict:
     if not values:
-        return {"mean": None, "p50": None, "p99": None}
+        return {"mean": None, "p50": None, "p90": None, "p99": None}
     a = np.asarray(values) * scale
-    return {"mean": round(float(a.mean()), 2), "p50": round(float(np.percentile(a, 50)), 2),
-            "p99": round(float(np.percentile(a, 99)), 2)}
+    return {"mean": round(float(a.mean()), 2),
+            **{f"p{q}": round(float(np.percentile(a, q)), 2) for q in (50, 90, 99)}}
 
 
 def summarize(args, results: list[Result], duration: float) -> dict:
@@ -208,6 +218,9 @@ def summarize(args, results: list[Result], duration: float) -> dict:
         "max_concurrency": args.max_concurrency, "completed": len(ok), "failed": len(results) - len(ok),
         "duration_s": round(duration, 3),
         "total_input_tokens": in_tokens, "total_output_tokens": out_tokens,
+        # Prompt tokens the server computed: those it did not report as cached.
+        "total_cached_tokens": sum(r.cached for r in ok),
+        "prefill_tokens_computed": in_tokens - sum(r.cached for r in ok),
         "request_throughput": round(len(ok) / duration, 3),
         "input_throughput": round(in_tokens / duration, 2),
         "output_throughput": round(out_tokens / duration, 2),
@@ -247,7 +260,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--request-rate", type=float, default=float("inf"), help="requests per second (Poisson)")
     p.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight")
     p.add_argument("--warmup-requests", type=int, default=1)
-    p.add_argument("--flush-cache", action="store_true", help="POST /flush_cache before the run")
+    p.add_argument("--flush-cache", action="store_true",
+                   help="POST /flush_cache after the warm-up, before the measured requests")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--output-file", default=None, help="also append the JSON line to this file")
     args = p.parse_args(argv)
@@ -266,8 +280,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.model is None:
         args.model = httpx.get(args.base_url + "/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
     prompts = DATASETS[args.dataset_name](tok, args, random.Random(args.seed))
-    if args.flush_cache:
-        httpx.post(args.base_url + "/flush_cache", headers=headers, timeout=30)
     results, duration = asyncio.run(run(args, prompts))
     line = json.dumps(summarize(args, results, duration))
     print(line, flush=True)
