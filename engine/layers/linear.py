@@ -66,8 +66,12 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
-    """oneDNN's prepacked copy of an fp32 or bf16 CPU weight; None for any other weight."""
+    """oneDNN's prepacked copy of an fp32 or bf16 CPU weight; None for any other weight, and
+    for bf16 on a CPU without oneDNN's bf16 support (AVX-512 BW/VL/DQ or AVX-NE-CONVERT):
+    oneDNN refuses to pack it there, and ``F.linear`` computes it."""
     if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    if weight.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return None
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
 
