@@ -37,7 +37,8 @@ class Worker:
     in_flight: int = 0
     pending_prefill: int = 0  # prompt tokens sent to it, not yet cached there, whose answer has not started (precise)
     # Token ids of the requests this router sent it that have not finished (precise): the engine
-    # caches a prompt when its request ends, so these prefixes are about to be held there.
+    # caches a prompt once prefilled, before any event can say so, so these prefixes are held
+    # there or about to be.
     prompts_in_flight: dict[int, Sequence[int]] = field(default_factory=dict)
     consecutive_failures: int = 0  # requests and health checks; reaching the limit removes it
     healthy: bool = True  # last health check passed

@@ -10,14 +10,14 @@ leading tokens each worker holds, ``cached(w)``. Then, with ``n`` prompt tokens:
 2. else, if the worker holding the most, ``ahead(w)``, holds more than ``cache_threshold *
    n``: that worker (``cached``; ties by cost). ``ahead(w)`` is ``cached(w)`` or, if longer,
    the prefix ``w`` is about to hold: the longest (whole blocks) that the request shares with
-   one this router sent ``w`` and that has not finished. The engine caches a prompt when its
-   request ends, so a request that arrives meanwhile is told nothing is held: without this,
-   requests on one new context sent at once go one to each worker, and each worker computes
-   and holds a copy (measured: ``--workload shared-context``, README);
+   one this router sent ``w`` and that has not finished. The engine caches a prompt once it
+   is prefilled, and a request sharing it that arrives meanwhile waits a step for it; no
+   event says so until then: without this, requests on one new context sent at once go one
+   to each worker, and each worker computes and holds a copy (measured: ``--workload
+   shared-context``, README);
 3. else the cheapest worker by the cost::
 
-       cost(w) = (n - cached(w)) + (uncached_weight - 1) * (n - ahead(w))
-                 + pending_prefill(w) + load_tokens * in_flight(w)
+       cost(w) = uncached_weight * (n - ahead(w)) + pending_prefill(w) + load_tokens * in_flight(w)
 
    the prompt tokens ``w`` would compute for this request, plus those it still owes the
    requests this router sent it whose answers have not started (their uncached tokens when
@@ -25,8 +25,7 @@ leading tokens each worker holds, ``cached(w)``. Then, with ``n`` prompt tokens:
    an estimate of the time to the first token in prefill tokens (``uncached``). The tokens
    this request must compute count twice by default (``uncached_weight`` 2): once as its own
    wait, once as the work it puts in front of the worker's next requests and the copy it
-   adds to the fleet's caches (the second term, which a worker about to hold the prefix
-   does not pay). With weight 1 the
+   adds to the fleet's caches. With weight 1 the
    cost is this request's wait alone, and it moves a partly cached prompt to a worker that
    holds none of it whenever that worker's queue is shorter by more than the held part: the
    held part is then computed a second time and held twice, which costs the whole fleet
@@ -43,7 +42,7 @@ is in sync; for a worker whose events are late or broken (until it has resynchro
 is estimated from the cache_aware approximate tree: the matched fraction of the request
 text times ``n`` (decision ``approximate`` when such a worker is chosen). Every request's
 text also goes into the chosen worker's tree, so the fallback is always warm. ``predicted``
-on the key is ``cached(w)`` of an events-scored choice, which the proxy compares with the
+on the key is ``ahead(w)`` of an events-scored choice, which the proxy compares with the
 engine's reported ``cached_tokens``.
 
 ``auto`` (the default ``--policy``) is this policy when the tokenizer is loaded and every
@@ -155,8 +154,7 @@ class PrecisePolicy(Policy):
         # What each worker holds or is about to hold: a request this router sent it that has
         # not finished leaves its prompt in the cache when it does.
         ahead = {w.url: max(cached[w.url], self._in_flight_prefix(w, ids)) for w in order}
-        extra = self.uncached_weight - 1
-        costs = [(n - cached[w.url]) + extra * (n - ahead[w.url]) + w.pending_prefill + self.load_tokens * w.in_flight
+        costs = [self.uncached_weight * (n - ahead[w.url]) + w.pending_prefill + self.load_tokens * w.in_flight
                  for w in order]
         tie = range(len(order))
         if len(order) > 1 and self.approx.is_imbalanced([w.in_flight for w in order]):
@@ -172,12 +170,12 @@ class PrecisePolicy(Policy):
                     best = min(tie, key=lambda i: (costs[i], order[i].in_flight, i))
         chosen = order[best]
         if isinstance(text, PromptKey):
-            text.uncached = n - cached[chosen.url]
+            text.uncached = n - ahead[chosen.url]
         if text:
             self.approx._tree_for(chosen.url).insert(text)
         decision = rule if chosen.url in matched else "approximate"
         if chosen.url in matched and isinstance(text, PromptKey):
-            text.predicted = matched[chosen.url]
+            text.predicted = ahead[chosen.url]
         return chosen, decision
 
     def _place(self, order: Sequence[Worker], costs: list[float], ids: Sequence[int], held: int) -> int:

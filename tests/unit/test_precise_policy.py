@@ -95,9 +95,10 @@ def test_uncached_weight_keeps_a_partly_held_prompt_where_it_is(tok):
 
 
 def test_requests_on_a_new_prefix_sent_at_once_follow_the_first(tok):
-    """The engine caches a prompt when its request ends: a request sharing the prefix of one
-    still in flight on w is told w holds nothing, yet sending it elsewhere makes a second copy.
-    It follows the first (ahead), while predicted and uncached stay what the events say."""
+    """No event says w holds the prefix of a request still in flight there until the engine
+    has prefilled it, yet sending a request sharing it elsewhere makes a second copy. It
+    follows the first (ahead), and is predicted to find the shared prefix cached there: the
+    engine caches a prompt once prefilled and holds back a request sharing it for that step."""
     p, ws = fleet(tok, 0, 0, 0)
     for w in ws:
         holds(p, w.url, [])
@@ -107,9 +108,9 @@ def test_requests_on_a_new_prefix_sent_at_once_follow_the_first(tok):
     a.in_flight, a.pending_prefill, a.prompts_in_flight[1] = 1, first.uncached, first.ids  # as the proxy does
     second = key(PROMPT + [2])
     chosen, decision = p.select(ws, second)
-    assert (chosen, decision) == (a, "cached") and second.predicted == 0 and second.uncached == 65
+    assert (chosen, decision) == (a, "cached") and second.predicted == 64 and second.uncached == 1
     # Shared below cache_threshold (16 of 65 tokens): placed by cost, and a is cheaper than an
-    # idle worker only by the second term it does not pay: 65 + 49 + 65 + 32 = 211 > 2 x 65.
+    # idle worker only by the held part: 2 x 49 + 65 + 32 = 195 > 2 x 65.
     a.prompts_in_flight[1] = PROMPT[:16] + [7] * 49
     assert p.select(ws, key(PROMPT + [3]))[0] is not a
     # Once the first is done and its prefix evicted (no event says a holds it): nothing ahead.
