@@ -299,6 +299,8 @@ GEMV_ROWS_CANDIDATES = [
     (1, 4, 8), (2, 4, 4), (2, 4, 8), (2, 8, 2), (2, 8, 4), (4, 8, 2), (1, 8, 4), (4, 4, 4),
     (1, 8, 1), (1, 8, 2), (1, 16, 1), (1, 16, 2), (2, 16, 1), (2, 8, 1), (4, 16, 1),
 ]
+# fp8 weights are one byte: twice the rows in the same registers keep as many bytes in flight.
+GEMV_FP8_EXTRA_CANDIDATES = [(4, 8, 4), (4, 4, 8), (8, 8, 1), (8, 8, 2), (8, 4, 4), (8, 16, 1), (4, 16, 2)]
 
 
 def bench_gemv_sweep(fp8: bool = False) -> None:
@@ -351,7 +353,8 @@ def bench_gemv_sweep(fp8: bool = False) -> None:
             gemv_mod.ROWS_OVERRIDE = None
             default = gemv_mod._rows_config(n, k, prologue, fp8)
             block_k = triton.next_power_of_2(k)
-            for config, packed in itertools.product(GEMV_ROWS_CANDIDATES, (True, False) if fp8 else (None,)):
+            candidates = GEMV_ROWS_CANDIDATES + (GEMV_FP8_EXTRA_CANDIDATES if fp8 else [])
+            for config, packed in itertools.product(candidates, (True, False) if fp8 else (None,)):
                 block_n, warps, _ = config
                 if block_n * block_k > 128 * 32 * warps:
                     continue

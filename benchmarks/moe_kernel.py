@@ -6,6 +6,13 @@ chosen) and the activations. CUDA only.
     python benchmarks/moe_kernel.py                        # Qwen3-30B-A3B's experts, bf16
     python benchmarks/moe_kernel.py --experts 8 --top-k 2 --hidden 4096 --inter 14336  # Mixtral
     python benchmarks/moe_kernel.py --tune                 # also search block sizes per token count
+    python benchmarks/moe_kernel.py --one-token-graph      # batch-1 variants as a decode step runs them
+
+``--one-token-graph``: one token through ``--layers`` distinct layers' experts (so that the
+weights come from HBM, not L2), captured in a CUDA graph and replayed, for each one-token
+variant (the grouped GEMM; the two GEMVs with routing inside or first, one expert's rows or
+all ``k`` per program) and each block configuration: microseconds per layer and the
+bandwidth on the ``k`` experts' bytes. Eager timings of one call measure the launches.
 
 Prints one JSON line per token count (routing included: router logits → output). With
 ``--tune``, each line also has the best block sizes found, and a last line holds them as a
@@ -56,6 +63,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 128, 512, 2048, 8192])
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--tune", action="store_true")
+    p.add_argument("--one-token-graph", action="store_true", help="only the CUDA-graph one-token sweep")
+    p.add_argument("--layers", type=int, default=8, help="distinct layers in the one-token graph")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print(json.dumps({"bench": "moe_kernel", "skipped": "needs CUDA: no CUDA GPU visible to torch"}))
@@ -63,6 +72,9 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     E, k, H, inter = args.experts, args.top_k, args.hidden, args.inter
     gen = torch.Generator(device="cuda").manual_seed(0)
+    if args.one_token_graph:
+        one_token_graph(E, k, H, inter, dtype, args.layers, gen)
+        return
     w13 = torch.randn(E, 2 * inter, H, device="cuda", dtype=dtype, generator=gen) * H ** -0.5
     w2 = torch.randn(E, H, inter, device="cuda", dtype=dtype, generator=gen) * inter ** -0.5
     table = []
@@ -134,6 +146,82 @@ def bench_tokens(T: int, w13: torch.Tensor, w2: torch.Tensor, k: int, tune: bool
                    key=lambda t: t[0])
         row["tuned_ms"], row["tuned_config"] = round(best[0], 4), list(best[1])
     return row
+
+
+def graph_us(fn, reps: int = 20) -> float:
+    """Median microseconds of one replay of ``fn`` captured in a CUDA graph."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return timed_ms(graph.replay, reps) * 1e3
+
+
+def one_token_graph(E: int, k: int, H: int, inter: int, dtype, layers: int, gen) -> None:
+    """See the module docstring (``--one-token-graph``)."""
+    from radixfleet.kernels import fused_moe as fm
+    from radixfleet.kernels import moe_gemv
+
+    device = torch.cuda.get_device_name()
+    ws = [(torch.randn(E, 2 * inter, H, device="cuda", dtype=dtype, generator=gen) * H ** -0.5,
+           torch.randn(E, H, inter, device="cuda", dtype=dtype, generator=gen) * inter ** -0.5)
+          for _ in range(layers)]
+    xs = [torch.randn(1, H, device="cuda", dtype=dtype, generator=gen) for _ in range(layers)]
+    logits = [torch.randn(1, E, device="cuda", dtype=dtype, generator=gen) for _ in range(layers)]
+    read = k * (ws[0][0][0].numel() + ws[0][1][0].numel()) * ws[0][0].element_size()
+
+    def step(one_token):
+        def run():
+            for (w13, w2), x, lg in zip(ws, xs, logits):
+                one_token(x, w13, w2, lg, k, True)
+        return run
+
+    def emit(variant, config, us_total):
+        us = us_total / layers
+        print(json.dumps({"bench": "moe_one_token_graph", "device": device, "experts": E, "top_k": k,
+                          "hidden": H, "inter": inter, "layers": layers, "variant": variant,
+                          "config": config, "us_per_layer": round(us, 2),
+                          "tb_per_s": round(read / us / 1e6, 3)}), flush=True)
+        return us
+
+    emit("gemm", None, graph_us(step(fm.fused_moe_one_token)))
+    names = ("ROUTE_SEPARATELY", "ALL_K", "GATE_UP_CONFIG", "DOWN_CONFIG", "GATE_UP_ALL_CONFIG", "DOWN_ALL_CONFIG")
+    saved = {n: getattr(moe_gemv, n) for n in names}
+    best = {}
+    try:
+        for all_k in (False, True):
+            for routed in (False, True):
+                up_name, down_name = ("GATE_UP_ALL_CONFIG", "DOWN_ALL_CONFIG") if all_k else ("GATE_UP_CONFIG", "DOWN_CONFIG")
+                moe_gemv.ALL_K, moe_gemv.ROUTE_SEPARATELY = all_k, routed
+                variant = ("all_k" if all_k else "per_expert") + ("_routed_first" if routed else "")
+                rows_options = (1, 2) if all_k else (1, 2, 4, 8)
+                # the gate_up config with the down one fixed, then the down one with the best gate_up
+                for name in (up_name, down_name):
+                    times = []
+                    for config in itertools.product(rows_options, (4, 8, 16) if all_k else (2, 4, 8)):
+                        setattr(moe_gemv, name, config)
+                        if all_k and not moe_gemv.all_k_fits(k, H, inter):
+                            continue
+                        try:
+                            us = graph_us(step(moe_gemv.moe_one_token))
+                        except Exception as e:  # too many registers for the tile
+                            if "resource" not in str(e).lower():
+                                raise
+                            continue
+                        times.append((emit(variant, {up_name: list(getattr(moe_gemv, up_name)),
+                                                     down_name: list(getattr(moe_gemv, down_name))}, us),
+                                      config))
+                    setattr(moe_gemv, name, min(times)[1])
+                best[variant] = {"us_per_layer": round(min(times)[0], 2), up_name: list(getattr(moe_gemv, up_name)),
+                                 down_name: list(getattr(moe_gemv, down_name))}
+                setattr(moe_gemv, up_name, saved[up_name])
+                setattr(moe_gemv, down_name, saved[down_name])
+    finally:
+        for n, v in saved.items():
+            setattr(moe_gemv, n, v)
+    print(json.dumps({"bench": "moe_one_token_graph_best", "device": device, "read_mb_per_layer": round(read / 1e6, 2),
+                      **best}), flush=True)
 
 
 def tune_gemv(fn, module) -> dict:
