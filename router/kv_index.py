@@ -137,24 +137,34 @@ class KVIndex:
         w = self.workers[url]
         return len(w.blocks) * w.block_size
 
-    def matched_tokens(self, urls: Sequence[str], token_ids: Sequence[int]) -> dict[str, int]:
+    def matched_tokens(self, urls: Sequence[str], token_ids: Sequence[int],
+                       hashes: dict[tuple[int, int], list[int]] | None = None) -> dict[str, int]:
         """For each in-sync worker of ``urls``: how many leading tokens of ``token_ids`` it
-        holds, in whole blocks (the last token never counts: the engine always computes it)."""
-        usable = token_ids[: max(len(token_ids) - 1, 0)]
-        hashes: dict[tuple[int, int], list[int]] = {}
+        holds, in whole blocks (the last token never counts: the engine always computes it).
+        ``hashes``: the block hashes of ``token_ids`` already computed, by ``(block_size,
+        seed)`` (``block_hashes``); those computed here are added to it for the caller."""
+        hashes = {} if hashes is None else hashes
         now = time.monotonic()
         out = {}
         for url in urls:
             if not self.in_sync(url, now):
                 continue
             w = self.workers[url]
-            key = (w.block_size, w.seed)
-            if key not in hashes:
-                hashes[key] = kv_events.prefix_hashes(usable, w.block_size, w.seed)
             n = 0
-            for h in hashes[key]:
+            for h in block_hashes(token_ids, w.block_size, w.seed, hashes):
                 if h not in w.blocks:
                     break
                 n += 1
             out[url] = n * w.block_size
         return out
+
+
+def block_hashes(token_ids: Sequence[int], block_size: int, seed: int,
+                 computed: dict[tuple[int, int], list[int]]) -> list[int]:
+    """The hashes of the full blocks of ``token_ids`` but its last token (which the engine
+    always computes, so no block holding it is ever matched), taken from ``computed`` or
+    hashed once and kept there."""
+    key = (block_size, seed)
+    if key not in computed:
+        computed[key] = kv_events.prefix_hashes(token_ids[: max(len(token_ids) - 1, 0)], block_size, seed)
+    return computed[key]

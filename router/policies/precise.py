@@ -62,7 +62,7 @@ from typing import Any
 from radixfleet import kv_events
 
 from ..config import RouterConfig
-from ..kv_index import KVIndex
+from ..kv_index import KVIndex, block_hashes
 from ..prompt_tokens import PromptTokenizer
 from ..worker import Worker
 from .base import Policy
@@ -135,7 +135,8 @@ class PrecisePolicy(Policy):
         urls = [w.url for w in candidates]
         if ids:
             self.sync_events()
-        matched = self.index.matched_tokens(urls, ids) if ids else {}
+        hashes: dict[tuple[int, int], list[int]] = {}  # the prompt's block hashes, hashed once
+        matched = self.index.matched_tokens(urls, ids, hashes) if ids else {}
         if not ids or (self.auto and len(matched) < len(candidates)):
             self._decided = self.approx.name
             return self.approx.select(candidates, text)
@@ -165,7 +166,7 @@ class PrecisePolicy(Policy):
             if ahead[order[best].url] <= self.cache_threshold * n:
                 rule = "uncached"
                 if max(ahead.values()) == min(ahead.values()):  # a new prefix: no one holds more
-                    best = self._place(order, costs, ids, ahead[order[0].url])
+                    best = self._place(order, costs, ids, ahead[order[0].url], hashes)
                 else:
                     best = min(tie, key=lambda i: (costs[i], order[i].in_flight, i))
         chosen = order[best]
@@ -178,7 +179,8 @@ class PrecisePolicy(Policy):
             text.predicted = ahead[chosen.url]
         return chosen, decision
 
-    def _place(self, order: Sequence[Worker], costs: list[float], ids: Sequence[int], held: int) -> int:
+    def _place(self, order: Sequence[Worker], costs: list[float], ids: Sequence[int], held: int,
+               hashes: dict[tuple[int, int], list[int]]) -> int:
         """Where a new prefix goes (the index into ``order``), one that no worker holds more of
         than the others (``held`` tokens each): among the workers within
         ``placement_tolerance * n`` of the cheapest cost, and among those within ``max(n,
@@ -195,21 +197,24 @@ class PrecisePolicy(Policy):
         if known:
             limit = min(known) + max(n, 0.1 * max(known))
             near = [i for i in near if resident[i] is None or resident[i] <= limit]
-        key = self._placement_key(order, ids, held)
+        key = self._placement_key(order, ids, held, hashes)
         if key is None or len(near) == 1:
             return min(near, key=lambda i: (costs[i], order[i].in_flight, i))
         return max(near, key=lambda i: _rendezvous(key, order[i].url))
 
-    def _placement_key(self, order: Sequence[Worker], ids: Sequence[int], held: int) -> bytes | None:
+    def _placement_key(self, order: Sequence[Worker], ids: Sequence[int], held: int,
+                       hashes: dict[tuple[int, int], list[int]]) -> bytes | None:
         """The hash of the prompt's first ``placement_blocks`` blocks past the ``held`` prefix
         (so that a system prompt every worker holds does not send every tenant to one
-        worker), or of all its full blocks if fewer; None without a full block."""
+        worker), or of all its full blocks but the last token's if fewer; None without one.
+        ``hashes``: the prompt's block hashes that ``matched_tokens`` computed (reused)."""
         state = next((self.index.workers[w.url] for w in order if w.url in self.index.workers), None)
         block, seed = (state.block_size, state.seed) if state else (kv_events.DEFAULT_BLOCK_SIZE, kv_events.SEED)
-        blocks = min(held // block + self.placement_blocks, (len(ids) - 1) // block)
+        chain = block_hashes(ids, block, seed, hashes)
+        blocks = min(held // block + self.placement_blocks, len(chain))
         if blocks < 1:
             return None
-        return kv_events.prefix_hashes(ids[:blocks * block], block, seed)[-1].to_bytes(8, "little")
+        return chain[blocks - 1].to_bytes(8, "little")
 
     def _in_flight_prefix(self, worker: Worker, ids: Sequence[int]) -> int:
         """The longest prefix of ``ids`` (whole blocks, never the last token) that a request

@@ -15,7 +15,7 @@ from radixfleet import kv_events
 from radixfleet.engine.memory.allocator import TokenSlotAllocator
 from radixfleet.engine.memory.radix_cache import RadixCache
 from radixfleet.kv_events import EventBatch, Snapshot
-from radixfleet.router.kv_index import KVIndex
+from radixfleet.router.kv_index import KVIndex, block_hashes
 
 B = 4
 
@@ -201,3 +201,22 @@ def test_events_off_cache_publishes_nothing_and_keeps_no_blocks():
     cache = RadixCache(alloc, 1)
     insert(alloc, cache, [1] * 20)
     assert cache.resident_blocks() == []
+
+
+def test_matched_tokens_hashes_a_prompt_once_and_hands_the_hashes_back():
+    """The precise policy's placement key reuses the block hashes ``matched_tokens``
+    computed; a dict filled by one call serves the next unchanged."""
+    index = KVIndex()
+    for url in ("a", "b"):
+        index.add_worker(url)
+    index.on_snapshot("a", Snapshot("e", 0, 4, kv_events.SEED, kv_events.prefix_hashes(list(range(12)), 4)))
+    index.on_snapshot("b", Snapshot("e", 0, 4, kv_events.SEED, []))
+    prompt = list(range(20))
+    hashes: dict[tuple[int, int], list[int]] = {}
+    assert index.matched_tokens(["a", "b"], prompt, hashes) == {"a": 12, "b": 0}
+    # Every full block but the one holding the last token: 19 tokens, 4 blocks.
+    assert hashes == {(4, kv_events.SEED): kv_events.prefix_hashes(prompt[:19], 4)}
+    assert block_hashes(prompt, 4, kv_events.SEED, hashes) is hashes[(4, kv_events.SEED)]
+    # Given hashes are used as they are: those of another prompt match what that one holds.
+    other = {(4, kv_events.SEED): kv_events.prefix_hashes(list(range(8)) + [99] * 8, 4)}
+    assert index.matched_tokens(["a"], prompt, other) == {"a": 8}

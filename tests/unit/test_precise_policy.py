@@ -190,6 +190,22 @@ def test_a_new_prefix_avoids_workers_holding_far_more_than_the_emptiest(tok):
     assert picks == {ws[1].url, ws[2].url}
 
 
+def test_placement_key_is_the_hash_of_the_first_blocks_past_the_held_prefix(tok):
+    """The key a new prefix is placed by: the chained hash of its first placement_blocks
+    blocks past what every worker holds (all its full blocks but the last token's if fewer),
+    taken from the hashes the index lookup computed for the same request."""
+    p, ws = fleet(tok, 0, 0, placement_blocks=2)
+    for w in ws:
+        holds(p, w.url, [])
+    ids = PROMPT + [1]  # 65 tokens: 4 full blocks before the last token
+    full = kv_events.prefix_hashes(PROMPT, 16)
+    hashes: dict[tuple[int, int], list[int]] = {}
+    p.index.matched_tokens([w.url for w in ws], ids, hashes)
+    for held, block in ((0, 1), (16, 2), (32, 3), (48, 3)):
+        assert p._placement_key(ws, ids, held, hashes) == full[block].to_bytes(8, "little"), held
+    assert p._placement_key(ws, PROMPT[:16], 0, {}) is None  # the one block holds the last token
+
+
 def test_placement_settings_are_validated():
     with pytest.raises(ValueError, match="placement_tolerance"):
         RouterConfig(placement_tolerance=-1)
