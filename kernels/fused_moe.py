@@ -111,8 +111,8 @@ def _route_align_kernel(LOGITS, WEIGHTS, IDS, SORTED, EXPERT_IDS, NUM_POST, RUN,
 
 
 @triton.jit
-def _route_one_token(LOGITS, choice, E: tl.constexpr, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
-                     NUM_BINS: tl.constexpr):
+def route_one_token(LOGITS, choice, E: tl.constexpr, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
+                    NUM_BINS: tl.constexpr):
     """(expert, weight) of the ``choice``-th pick of a token's routing, from its logits [E]:
     the same arithmetic as ``_route_align_kernel``'s."""
     cols = tl.arange(0, NUM_BINS)
@@ -165,7 +165,7 @@ def _moe_gemm_kernel(A, B, C, WEIGHTS, SORTED, EXPERT_IDS, NUM_POST, LOGITS,
         pairs = tl.load(SORTED + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     valid = pairs < num_pairs
     if ROUTE:
-        chosen, weight = _route_one_token(LOGITS, pid_m, E, TOP_K, RENORMALIZE, NUM_BINS)
+        chosen, weight = route_one_token(LOGITS, pid_m, E, TOP_K, RENORMALIZE, NUM_BINS)
         if pid_n == 0:
             tl.store(EXPERT_IDS + pid_m, chosen)
             tl.store(WEIGHTS + pid_m, weight)
@@ -200,8 +200,8 @@ def max_padded_rows(pairs: int, num_experts: int, block_m: int) -> int:
     return pairs + min(pairs, num_experts) * (block_m - 1)
 
 
-def _route_align(ids: torch.Tensor, num_experts: int, block_m: int, logits: torch.Tensor | None = None,
-                 weights: torch.Tensor | None = None, renormalize: bool = False, align: bool = True):
+def route_align(ids: torch.Tensor, num_experts: int, block_m: int, logits: torch.Tensor | None = None,
+                weights: torch.Tensor | None = None, renormalize: bool = False, align: bool = True):
     """One launch of ``_route_align_kernel``: with ``logits``, fill ``ids``/``weights`` [T, k]
     from them; with ``align``, return the sorted layout (else None)."""
     pairs, dev = ids.numel(), ids.device
@@ -229,7 +229,7 @@ def moe_align(ids: torch.Tensor, num_experts: int, block_m: int):
     torch ops (neither syncs with the host)."""
     pairs, dev = ids.numel(), ids.device
     if pairs <= ALIGN_MAX_PAIRS:
-        return _route_align(ids, num_experts, block_m)
+        return route_align(ids, num_experts, block_m)
     max_padded = triton.cdiv(max_padded_rows(pairs, num_experts, block_m), block_m) * block_m
     flat = ids.reshape(-1).long()
     counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
@@ -350,5 +350,5 @@ def route_and_align(logits: torch.Tensor, top_k: int, renormalize: bool, two_i: 
     config = moe_config(T, E, two_i, hidden)
     ids = torch.empty(T, top_k, dtype=torch.int32, device=logits.device)
     weights = torch.empty(T, top_k, dtype=torch.float32, device=logits.device)
-    aligned = _route_align(ids, E, config[0], logits, weights, renormalize, align=T > 1)
+    aligned = route_align(ids, E, config[0], logits, weights, renormalize, align=T > 1)
     return weights, ids, config, aligned

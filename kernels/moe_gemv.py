@@ -4,7 +4,7 @@ those experts' bytes over the bandwidth, and a GEMM tile padded to 16 rows for o
 (``fused_moe_one_token``) spends its loads through shared memory for nothing.
 
 1. ``_gate_up_kernel``: program ``(j, row block)`` routes the token from the router logits
-   (the ``j``-th choice, ``fused_moe._route_one_token``), reads the block's gate rows and the
+   (the ``j``-th choice, ``fused_moe.route_one_token``), reads the block's gate rows and the
    matching up rows of that expert against ``x`` held whole in registers, and writes
    ``silu(gate) * up`` for those rows (rounded as the GEMM path rounds: gate and up to the
    model dtype, SiLU to the model dtype, the product to the model dtype). The programs of
@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from radixfleet.kernels.fused_moe import _route_align, _route_one_token
+from radixfleet.kernels.fused_moe import route_align, route_one_token
 from radixfleet.kernels.pdl import pdl_start, use_pdl
 
 MAX_WIDTH = 16384  # widest hidden or intermediate size held as one row in registers
@@ -58,10 +58,10 @@ def _gate_up_kernel(X, W13, LOGITS, ACT, IDS, WEIGHTS, INTER, H, stride_we, stri
     pid = tl.program_id(0)
     blocks = tl.cdiv(INTER, BLOCK_N)
     choice, block = pid // blocks, pid % blocks
-    if ROUTED:  # fused_moe._route_align ran first
+    if ROUTED:  # fused_moe.route_align ran first
         expert = tl.load(IDS + choice)
     else:
-        expert, weight = _route_one_token(LOGITS, choice, E, TOP_K, RENORMALIZE, NUM_BINS)
+        expert, weight = route_one_token(LOGITS, choice, E, TOP_K, RENORMALIZE, NUM_BINS)
         if block == 0:
             tl.store(IDS + choice, expert)
             tl.store(WEIGHTS + choice, weight)
@@ -86,7 +86,7 @@ def _gate_up_kernel(X, W13, LOGITS, ACT, IDS, WEIGHTS, INTER, H, stride_we, stri
 def _route_all(LOGITS, E: tl.constexpr, TOP_K: tl.constexpr, K_POW2: tl.constexpr,
                RENORMALIZE: tl.constexpr, NUM_BINS: tl.constexpr):
     """(experts [K_POW2] int32, weights [K_POW2] fp32) of a token's top ``TOP_K`` choices from
-    its logits [E]: ``fused_moe._route_one_token``'s arithmetic, every choice at once (slots
+    its logits [E]: ``fused_moe.route_one_token``'s arithmetic, every choice at once (slots
     past ``TOP_K`` hold expert 0 with weight 0)."""
     cols = tl.arange(0, NUM_BINS)
     slots = tl.arange(0, K_POW2)
@@ -211,7 +211,7 @@ def moe_one_token(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, logits: 
     bins = triton.next_power_of_2(E)
     routed = ROUTE_SEPARATELY
     if routed:
-        _route_align(ids.view(1, top_k), E, 1, logits, weights.view(1, top_k), renormalize, align=False)
+        route_align(ids.view(1, top_k), E, 1, logits, weights.view(1, top_k), renormalize, align=False)
     if ALL_K and all_k_fits(top_k, H, inter):
         k_pow2 = triton.next_power_of_2(top_k)
         block_n, warps = GATE_UP_ALL_CONFIG
