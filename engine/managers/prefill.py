@@ -62,8 +62,9 @@ class PrefillAdder:
         self.kv_budget = kv.free_tokens - sum(decode_reserve(r, new_token_ratio) for r in running)
         self.nothing_running = not running
         self.batch: list[Req] = []
-        # What each batch member will have computed after this step (for in-batch sharing).
-        self._computed: list[list[int]] = []
+        # Each batch member's prompt and how many of its tokens (whole pages) it will have
+        # computed after this step, for in-batch sharing (a reference, not a copy).
+        self._computed: list[tuple[list[int], int]] = []
 
     def add(self, req: Req, continuing: bool = False) -> bool:
         """Try to put ``req`` in the batch; False means stop adding (budget exhausted).
@@ -107,7 +108,7 @@ class PrefillAdder:
         self.batch.append(req)
         if not req.lora_id and not self.kv.cache.disabled:
             end = req.kv_len + n
-            self._computed.append(req.fill_ids[:end - end % self.kv.page_size])
+            self._computed.append((req.fill_ids, end - end % self.kv.page_size))
         return n == todo
 
     def _shares_with_batch(self, req: Req, prefix: int) -> bool:
@@ -121,5 +122,5 @@ class PrefillAdder:
             return False
         ids = req.fill_ids
         # The part past the cached prefix first: it tells most pairs apart in a few tokens.
-        return any(len(other) >= end and other[prefix:end] == ids[prefix:end] and other[:prefix] == ids[:prefix]
-                   for other in self._computed)
+        return any(computed >= end and other[prefix:end] == ids[prefix:end] and other[:prefix] == ids[:prefix]
+                   for other, computed in self._computed)
