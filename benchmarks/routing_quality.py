@@ -14,6 +14,9 @@ prompt tokens), TTFT p50/p90 (streamed), requests/s and prompt tokens/s, the fol
 affinity (turns answered by the worker of the tenant's previous turn; radixfleet's routers
 name the worker in a header, sglang-router does not), and for precise the fraction of
 requests whose predicted cached tokens equal the reported ones (in whole blocks).
+``--restart-routers-after K`` restarts the routers once K requests have finished (fresh
+processes take every later request, as after a deploy or a crash): a restarted cache_aware
+router has an empty approximate tree, a precise one loads the engines' snapshots.
 ``--publisher-overhead`` adds two lines first: the radix cache's insert cost with KV events
 off, on with nobody subscribed and on with a subscriber (``publisher_overhead``); and end to
 end, one engine's prefill throughput on distinct prompts (every request stores new blocks and,
@@ -22,7 +25,7 @@ on with this process subscribed, in interleaved rounds (``publisher_overhead_e2e
 
     python benchmarks/routing_quality.py [--tenants 30 --turns 4 --context-words 150]
         [--workload shared-context --questions 6 --burst 3 --context-words 400]
-        [--skip-sglang] [--policies precise cache_aware] [--replicas 1 3]
+        [--skip-sglang] [--policies precise cache_aware] [--replicas 1 3] [--restart-routers-after K]
 
 sglang-router 0.3.2 runs from its own venv (``benchmarks/router.py`` installs it under
 ``$RADIXFLEET_BENCH_CACHE``). Everything shares the machine's cores: compare only figures
@@ -42,6 +45,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -95,29 +99,55 @@ def start_sglang(python: Path, engines, timeout: float = 60.0) -> tuple[str, sub
     return url, proc
 
 
-def run(name: str, routers: list[tuple[str, subprocess.Popen]], engines, args, workload: str) -> None:
+def run(name: str, start: Callable[[], list[tuple[str, subprocess.Popen]]], engines, args, workload: str) -> None:
+    """One measured run of the workload through the routers ``start()`` returns. With
+    ``--restart-routers-after K``, once K requests have finished, a fresh set of routers is
+    started and takes every later request (a rolling restart: the old ones finish what they
+    hold, then idle until the run ends)."""
+    routers = start()
     urls = [u for u, _ in routers]
+    replicas = len(urls)
     words = args.context_words or (400 if workload == "shared-context" else 150)
+    swaps: list[asyncio.Task] = []
+
+    def on_record(count: int) -> None:
+        if count == args.restart_routers_after:
+            async def swap() -> None:
+                fresh = await asyncio.to_thread(start)
+                routers.extend(fresh)
+                urls[:] = [u for u, _ in fresh]
+            swaps.append(asyncio.get_running_loop().create_task(swap()))
+
+    async def measured(workload_run):
+        records, elapsed = await workload_run
+        for task in swaps:
+            await task  # surface a failed restart
+        return records, elapsed
+
     try:
         # One warm-up request per engine (first-call costs), then the measured run.
         asyncio.run(run_conversations(urls[:1], 1, 1, 10, 1))
         flush_all(engines)
         before = predictions(urls)
         if workload == "shared-context":
-            records, elapsed = asyncio.run(run_shared_context(urls, args.tenants, args.questions, words,
-                                                              args.concurrency, args.burst, args.max_tokens))
+            records, elapsed = asyncio.run(measured(run_shared_context(
+                urls, args.tenants, args.questions, words, args.concurrency, args.burst, args.max_tokens,
+                on_record=on_record)))
         else:
-            records, elapsed = asyncio.run(run_conversations(urls, args.tenants, args.turns, words,
-                                                             args.concurrency, args.max_tokens))
-        line = {"bench": "routing_quality", "workload": workload, "router": name, "replicas": len(urls),
+            records, elapsed = asyncio.run(measured(run_conversations(
+                urls, args.tenants, args.turns, words, args.concurrency, args.max_tokens, on_record=on_record)))
+        urls = [u for u, _ in routers]  # every router that served, for the counters
+        line = {"bench": "routing_quality", "workload": workload, "router": name, "replicas": replicas,
                 **summarize(records, elapsed)}
+        if args.restart_routers_after:
+            line["routers_restarted_after"] = args.restart_routers_after
         if args.records:
             with open(args.records, "a") as f:
                 for r in records:
-                    f.write(json.dumps({"workload": workload, "router": name, "replicas": len(urls),
+                    f.write(json.dumps({"workload": workload, "router": name, "replicas": replicas,
                                         **dataclasses.asdict(r)}) + "\n")
         if name == "radixfleet_precise":
-            outcomes = {o: n - before[o] for o, n in predictions(urls).items()}
+            outcomes = {o: n - before.get(o, 0) for o, n in predictions(urls).items()}
             line["prediction_exact_fraction"] = round(outcomes["exact"] / max(sum(outcomes.values()), 1), 4)
             line["predictions"] = outcomes
             line["resyncs"] = sum(metric(u, "radixfleet_router_kv_event_resyncs_total") for u in urls)
@@ -270,6 +300,9 @@ def main() -> int:
     ap.add_argument("--publisher-overhead", action="store_true")
     ap.add_argument("--overhead-prompts", type=int, default=16, help="prompts per end-to-end overhead measurement")
     ap.add_argument("--overhead-rounds", type=int, default=3)
+    ap.add_argument("--restart-routers-after", type=int, default=0, metavar="K",
+                    help="once K requests have finished, start fresh routers and send every later request "
+                         "to them (a rolling restart of the router; 0: never)")
     ap.add_argument("--records", help="append every request's record (tenant, turn, worker, cached tokens, TTFT) "
                                       "to this JSON-lines file")
     args = ap.parse_args()
@@ -297,11 +330,13 @@ def main() -> int:
                 for policy in args.policies:
                     if policy == "sglang":
                         if sglang is not None:
-                            run("sglang_router_cache_aware", [start_sglang(sglang, engines) for _ in range(replicas)],
+                            run("sglang_router_cache_aware",
+                                lambda n=replicas: [start_sglang(sglang, engines) for _ in range(n)],
                                 engines, args, workload)
                         continue
-                    routers = [start_router(policy, engines, model_dir) for _ in range(replicas)]
-                    run(f"radixfleet_{policy}", routers, engines, args, workload)
+                    run(f"radixfleet_{policy}",
+                        lambda p=policy, n=replicas: [start_router(p, engines, model_dir) for _ in range(n)],
+                        engines, args, workload)
     finally:
         stop_all([e.proc for e in engines])
     return 0

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 Selector = Callable[[Sequence[Worker], str], tuple[Worker, str]]
 
 WORKER_HEADER = "x-radixfleet-worker"  # on every proxied answer: the worker that gave it
+# On an answer routed precisely by the events: the cached prompt tokens predicted (whole blocks).
+PREDICTED_HEADER = "x-radixfleet-predicted-cached-tokens"
 _CACHED_TOKENS = re.compile(rb'"cached_tokens"\s*:\s*(\d+)')
 
 
@@ -249,15 +251,18 @@ class Proxy:
                 else:
                     self.registry.record_success(worker)
                 predicted = getattr(text, "predicted", None)
+                headers = {WORKER_HEADER: worker.url}
+                if predicted is not None:
+                    headers[PREDICTED_HEADER] = str(predicted)
                 if stream:
                     relay = self._relay(first, chunks, upstream, worker, releaser, predicted)
-                    response = _RelayResponse(upstream, relay, releaser, {WORKER_HEADER: worker.url})
+                    response = _RelayResponse(upstream, relay, releaser, headers)
                     releaser = None  # the response owns the release now
                     return response
                 if predicted is not None and upstream.status == 200:
                     self._compare_cached(worker, predicted, upstream.content)
                 return Response(upstream.content, status_code=upstream.status, media_type=upstream.content_type,
-                                headers={WORKER_HEADER: worker.url})
+                                headers=headers)
             return self._reject(route, 502, "retries_exhausted",
                                 f"All {len(tried)} tried workers failed after {self.config.max_total_retries} retries; last error: {last_error}")
         finally:

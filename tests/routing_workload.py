@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
@@ -125,6 +126,7 @@ class Record:
     cached_tokens: int
     ttft: float
     latency: float
+    predicted: int | None = None  # a precise router's predicted cached tokens (its header), else None
 
 
 async def _turn(c: httpx.AsyncClient, url: str, messages: list[dict], max_tokens: int) -> tuple[str, Record]:
@@ -136,6 +138,7 @@ async def _turn(c: httpx.AsyncClient, url: str, messages: list[dict], max_tokens
         if resp.status_code != 200:
             raise AssertionError(f"{resp.status_code}: {(await resp.aread())[:300]!r}")
         worker = resp.headers.get("x-radixfleet-worker", "")
+        predicted = resp.headers.get("x-radixfleet-predicted-cached-tokens")
         async for line in resp.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -149,12 +152,16 @@ async def _turn(c: httpx.AsyncClient, url: str, messages: list[dict], max_tokens
     latency = time.perf_counter() - start
     cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
     return "".join(text), Record(-1, -1, worker, usage.get("prompt_tokens", 0), cached,
-                                 latency if ttft is None else ttft, latency)
+                                 latency if ttft is None else ttft, latency,
+                                 None if predicted is None else int(predicted))
 
 
 async def run_conversations(router_urls: list[str], tenants: int, turns: int, context_words: int,
-                            concurrency: int, max_tokens: int = 8) -> tuple[list[Record], float]:
-    """Every tenant's conversation, interleaved; returns the records and the wall time."""
+                            concurrency: int, max_tokens: int = 8,
+                            on_record: Callable[[int], None] | None = None) -> tuple[list[Record], float]:
+    """Every tenant's conversation, interleaved; returns the records and the wall time.
+    ``router_urls`` is read at each request (``on_record``, called with the number of
+    records so far after each one, may change it in place)."""
     gate = asyncio.Semaphore(concurrency)
     records: list[Record] = []
     counter = iter(range(10**9))
@@ -168,6 +175,8 @@ async def run_conversations(router_urls: list[str], tenants: int, turns: int, co
                 answer, rec = await _turn(c, url, messages, max_tokens)
             rec.tenant, rec.turn = t, k
             records.append(rec)
+            if on_record is not None:
+                on_record(len(records))
             messages.append({"role": "assistant", "content": answer})
 
     start = time.perf_counter()
@@ -189,13 +198,14 @@ def shared_context_order(tenants: int, questions: int, burst: int, seed: int = 0
 
 
 async def run_shared_context(router_urls: list[str], tenants: int, questions: int, context_words: int,
-                             concurrency: int, burst: int, max_tokens: int = 8,
-                             seed: int = 0) -> tuple[list[Record], float]:
+                             concurrency: int, burst: int, max_tokens: int = 8, seed: int = 0,
+                             on_record: Callable[[int], None] | None = None) -> tuple[list[Record], float]:
     """Tenants with a long shared context (a document in the system prompt) each asking
     ``questions`` independent questions, ``context + question``, not a conversation. The
     requests start in ``shared_context_order`` as ``concurrency`` slots free up, so a
     tenant's burst is in flight at once and tenants interleave; request ``i`` of the order
-    goes to replica ``i % len(router_urls)``. Returns the records and the wall time."""
+    goes to replica ``i % len(router_urls)`` (read at each request: ``on_record``, as in
+    ``run_conversations``, may change the list). Returns the records and the wall time."""
     order = shared_context_order(tenants, questions, burst, seed)
     records: list[Record] = []
     queue = iter(enumerate(order))
@@ -207,6 +217,8 @@ async def run_shared_context(router_urls: list[str], tenants: int, questions: in
             _, rec = await _turn(c, router_urls[i % len(router_urls)], messages, max_tokens)
             rec.tenant, rec.turn = t, q
             records.append(rec)
+            if on_record is not None:
+                on_record(len(records))
 
     start = time.perf_counter()
     async with httpx.AsyncClient(timeout=600, trust_env=False) as c:

@@ -64,6 +64,9 @@ def test_three_replicas_send_follow_ups_to_the_worker_holding_their_history(repl
     outcomes = predictions(replicas)
     assert sum(outcomes.values()) == tenants * turns, outcomes  # every request was scored by events
     assert outcomes["exact"] >= 0.95 * tenants * turns, outcomes
+    # Each answer carries its prediction (x-radixfleet-predicted-cached-tokens), in whole blocks.
+    assert all(r.predicted is not None and r.predicted % 16 == 0 for r in records), records
+    assert sum(r.predicted == r.cached_tokens // 16 * 16 for r in records) == outcomes["exact"], records
     assert sum(metric(u, "radixfleet_router_routing_decisions_total", 'policy="precise"') for u in replicas) == tenants * turns
     for u in replicas:
         assert metric(u, "radixfleet_router_kv_events_in_sync") == 3
