@@ -300,12 +300,13 @@ GEMV_ROWS_CANDIDATES = [
     (1, 8, 1), (1, 8, 2), (1, 16, 1), (1, 16, 2), (2, 16, 1), (2, 8, 1), (4, 16, 1),
 ]
 # fp8 weights are one byte: twice the rows in the same registers keep as many bytes in flight.
-GEMV_FP8_EXTRA_CANDIDATES = [(4, 8, 4), (4, 4, 8), (8, 8, 1), (8, 8, 2), (8, 4, 4), (8, 16, 1), (4, 16, 2)]
+GEMV_FP8_EXTRA_CANDIDATES = [(4, 8, 4), (4, 4, 8), (8, 8, 1), (8, 8, 2), (8, 4, 4), (8, 16, 1), (4, 16, 2),
+                             (4, 8, 1), (4, 8, 2), (2, 16, 2)]
 
 
-def bench_gemv_sweep(fp8: bool = False) -> None:
+def bench_gemv_sweep(fp8: bool = False, layers: list[str] | None = None) -> None:
     """Every whole-row GEMV configuration (``GEMV_ROWS_CANDIDATES`` whose weight tile stays
-    within 128 elements per thread) on what the Llama-3.1-8B decoder layer runs at batch 1,
+    within 128 elements per thread, 256 for fp8) on what the Llama-3.1-8B decoder layer runs at batch 1,
     fused prologues included: the data behind ``kernels/gemv.py: _rows_config``. ``fp8``
     (``--only gemv_fp8_sweep``): fp8 e4m3 weights with per-row scales (``quantization="fp8"``)."""
     from radixfleet.engine.layers.fp8 import quantize_rows
@@ -345,6 +346,8 @@ def bench_gemv_sweep(fp8: bool = False) -> None:
     saved_packed = gemv_mod.FP8_PACKED
     try:
         for name, (n, k, prologue, fn) in cases.items():
+            if layers and name.split("+")[0] not in layers:
+                continue
             copies = max(2, -(-ROTATION_BYTES // (n * k * elem)))
             ws = [torch.randn(n, k, device="cuda", dtype=DTYPE) * 0.02 for _ in range(copies)]
             if fp8:
@@ -356,7 +359,7 @@ def bench_gemv_sweep(fp8: bool = False) -> None:
             candidates = GEMV_ROWS_CANDIDATES + (GEMV_FP8_EXTRA_CANDIDATES if fp8 else [])
             for config, packed in itertools.product(candidates, (True, False) if fp8 else (None,)):
                 block_n, warps, _ = config
-                if block_n * block_k > 128 * 32 * warps:
+                if block_n * block_k > (256 if fp8 else 128) * 32 * warps:  # elements per thread
                     continue
                 gemv_mod.ROWS_OVERRIDE, gemv_mod.FP8_PACKED = config, packed
                 ms = bench(_rotating(fn, x, ws), graph=True)
@@ -423,6 +426,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also sweep tile configurations")
     parser.add_argument("--out", help="also append the JSON lines to this file")
+    parser.add_argument("--gemv-layers", nargs="+", help="the GEMV sweeps: only these layers (qkv_proj, "
+                        "o_proj, gate_up_proj, down_proj)")
     parser.add_argument("--only", choices=["decode", "extend", "small", "gemv", "gemv_sweep", "gemv_fp8_sweep",
                                            "rotary_store", "launch", "window"], action="append")
     args = parser.parse_args()
@@ -442,9 +447,9 @@ def main() -> None:
     if "gemv" in only:
         bench_gemv()
     if "gemv_sweep" in only:
-        bench_gemv_sweep()
+        bench_gemv_sweep(layers=args.gemv_layers)
     if "gemv_fp8_sweep" in only:
-        bench_gemv_sweep(fp8=True)
+        bench_gemv_sweep(fp8=True, layers=args.gemv_layers)
     if "rotary_store" in only:
         bench_rotary_store()
     if "launch" in only:

@@ -10,8 +10,8 @@ chosen) and the activations. CUDA only.
 
 ``--one-token-graph``: one token through ``--layers`` distinct layers' experts (so that the
 weights come from HBM, not L2), captured in a CUDA graph and replayed, for each one-token
-variant (the grouped GEMM; the two GEMVs with routing inside or first, one expert's rows or
-all ``k`` per program) and each block configuration: microseconds per layer and the
+variant (the grouped GEMM; the two GEMVs with routing inside the gate_up programs or first)
+and each block configuration: microseconds per layer and the
 bandwidth on the ``k`` experts' bytes. Eager timings of one call measure the launches.
 
 Prints one JSON line per token count (routing included: router logits → output). With
@@ -125,15 +125,16 @@ def bench_tokens(T: int, w13: torch.Tensor, w2: torch.Tensor, k: int, tune: bool
         def gemm1():
             return fm.fused_moe_one_token(x, w13, w2, logits, k, True)
 
-        def gemv1():
-            return moe_gemv.moe_one_token(x, w13, w2, logits, k, True)
+        def gemv(routed: bool):
+            def run():
+                saved, moe_gemv.ROUTE_SEPARATELY = moe_gemv.ROUTE_SEPARATELY, routed
+                try:
+                    return moe_gemv.moe_one_token(x, w13, w2, logits, k, True)
+                finally:
+                    moe_gemv.ROUTE_SEPARATELY = saved
+            return run
 
-        def gemv1_routed():
-            saved, moe_gemv.ROUTE_SEPARATELY = moe_gemv.ROUTE_SEPARATELY, True
-            try:
-                return gemv1()
-            finally:
-                moe_gemv.ROUTE_SEPARATELY = saved
+        gemv1, gemv1_routed = gemv(False), gemv(True)
 
         for name, fn in (("one_token_gemm", gemm1), ("one_token_gemv", gemv1),
                          ("one_token_gemv_routed_first", gemv1_routed)):
@@ -186,37 +187,32 @@ def one_token_graph(E: int, k: int, H: int, inter: int, dtype, layers: int, gen)
         return us
 
     emit("gemm", None, graph_us(step(fm.fused_moe_one_token)))
-    names = ("ROUTE_SEPARATELY", "ALL_K", "GATE_UP_CONFIG", "DOWN_CONFIG", "GATE_UP_ALL_CONFIG", "DOWN_ALL_CONFIG")
+    names = ("ROUTE_SEPARATELY", "GATE_UP_CONFIG", "DOWN_CONFIG")
     saved = {n: getattr(moe_gemv, n) for n in names}
     best = {}
     try:
-        for all_k in (False, True):
-            for routed in (False, True):
-                up_name, down_name = ("GATE_UP_ALL_CONFIG", "DOWN_ALL_CONFIG") if all_k else ("GATE_UP_CONFIG", "DOWN_CONFIG")
-                moe_gemv.ALL_K, moe_gemv.ROUTE_SEPARATELY = all_k, routed
-                variant = ("all_k" if all_k else "per_expert") + ("_routed_first" if routed else "")
-                rows_options = (1, 2) if all_k else (1, 2, 4, 8)
-                # the gate_up config with the down one fixed, then the down one with the best gate_up
-                for name in (up_name, down_name):
-                    times = []
-                    for config in itertools.product(rows_options, (4, 8, 16) if all_k else (2, 4, 8)):
-                        setattr(moe_gemv, name, config)
-                        if all_k and not moe_gemv.all_k_fits(k, H, inter):
-                            continue
-                        try:
-                            us = graph_us(step(moe_gemv.moe_one_token))
-                        except Exception as e:  # too many registers for the tile
-                            if "resource" not in str(e).lower():
-                                raise
-                            continue
-                        times.append((emit(variant, {up_name: list(getattr(moe_gemv, up_name)),
-                                                     down_name: list(getattr(moe_gemv, down_name))}, us),
-                                      config))
-                    setattr(moe_gemv, name, min(times)[1])
-                best[variant] = {"us_per_layer": round(min(times)[0], 2), up_name: list(getattr(moe_gemv, up_name)),
-                                 down_name: list(getattr(moe_gemv, down_name))}
-                setattr(moe_gemv, up_name, saved[up_name])
-                setattr(moe_gemv, down_name, saved[down_name])
+        for routed in (False, True):
+            moe_gemv.ROUTE_SEPARATELY = routed
+            variant = "gemv_routed_first" if routed else "gemv"
+            # the gate_up config with the down one as it is, then the down one with the best gate_up
+            for name in ("GATE_UP_CONFIG", "DOWN_CONFIG"):
+                times = []
+                for config in itertools.product((1, 2, 4, 8), (2, 4, 8)):
+                    setattr(moe_gemv, name, config)
+                    try:
+                        us = graph_us(step(moe_gemv.moe_one_token))
+                    except Exception as e:  # too many registers for the row block
+                        if "resource" not in str(e).lower():
+                            raise
+                        continue
+                    config_now = {"GATE_UP_CONFIG": list(moe_gemv.GATE_UP_CONFIG),
+                                  "DOWN_CONFIG": list(moe_gemv.DOWN_CONFIG)}
+                    times.append((emit(variant, config_now, us), config))
+                setattr(moe_gemv, name, min(times)[1])
+            best[variant] = {"us_per_layer": round(min(times)[0], 2), "GATE_UP_CONFIG": list(moe_gemv.GATE_UP_CONFIG),
+                             "DOWN_CONFIG": list(moe_gemv.DOWN_CONFIG)}
+            for n in ("GATE_UP_CONFIG", "DOWN_CONFIG"):
+                setattr(moe_gemv, n, saved[n])
     finally:
         for n, v in saved.items():
             setattr(moe_gemv, n, v)

@@ -13,11 +13,6 @@ those experts' bytes over the bandwidth, and a GEMM tile padded to 16 rows for o
    projection against that expert's activation row and sums them weighted, in fp32: the
    layer's output, with no separate sum over the experts.
 
-``ALL_K`` (the default where ``all_k_fits`` allows): each program takes its row block of
-all ``k`` chosen experts at once, as one ``[k, rows, width]`` tile, so a program keeps ``k``
-times the bytes in flight and the grid is ``k`` times smaller; routing happens once per
-program for all ``k`` choices.
-
 Both launch with programmatic dependent launch where ``kernels/pdl.py`` allows. The expert a
 program reads depends on the routing, so neither may load weights before its wait.
 Experts up to ``MAX_WIDTH`` wide on both sides run here (Qwen3-30B-A3B, Qwen2-MoE, Mixtral);
@@ -34,19 +29,15 @@ from radixfleet.kernels.fused_moe import route_align, route_one_token
 from radixfleet.kernels.pdl import pdl_start, use_pdl
 
 MAX_WIDTH = 16384  # widest hidden or intermediate size held as one row in registers
-# (rows per program, warps) per kernel; from benchmarks/moe_kernel.py's one-token sweep.
-GATE_UP_CONFIG = (2, 4)
-DOWN_CONFIG = (4, 4)
-# Route first, in fused_moe's one-program routing kernel (the GEMV programs then load their
-# expert id), instead of in every gate_up program; benchmarks/moe_kernel.py times both.
-ROUTE_SEPARATELY = False
-# One [k, rows, width] tile per program (``_gate_up_all_kernel`` / ``_down_all_kernel``)
-# instead of one expert's rows; and its (rows per program, warps) per kernel.
-ALL_K = False
-GATE_UP_ALL_CONFIG = (1, 8)
-DOWN_ALL_CONFIG = (1, 4)
-# Largest [k, rows, width] tile (elements) one program holds.
-_ALL_K_MAX_TILE = 32768
+# (rows per program, warps) per kernel, and whether to route first, in fused_moe's
+# one-program routing kernel (the gate_up programs then load their expert id instead of each
+# routing for itself): the best of ``benchmarks/moe_kernel.py --one-token-graph`` on an H100
+# at Qwen3-30B-A3B's experts (31.6 us per layer, 2.39 TB/s on the 8 experts' 75.5 MB; routing
+# inside the programs 32.2 us; the earlier (2, 4) / (4, 4) blocks 46 us: four down rows
+# per program leave too few programs to keep the loads in flight).
+GATE_UP_CONFIG = (1, 4)
+DOWN_CONFIG = (1, 4)
+ROUTE_SEPARATELY = True
 
 
 @triton.jit
@@ -83,86 +74,6 @@ def _gate_up_kernel(X, W13, LOGITS, ACT, IDS, WEIGHTS, INTER, H, stride_we, stri
 
 
 @triton.jit
-def _route_all(LOGITS, E: tl.constexpr, TOP_K: tl.constexpr, K_POW2: tl.constexpr,
-               RENORMALIZE: tl.constexpr, NUM_BINS: tl.constexpr):
-    """(experts [K_POW2] int32, weights [K_POW2] fp32) of a token's top ``TOP_K`` choices from
-    its logits [E]: ``fused_moe.route_one_token``'s arithmetic, every choice at once (slots
-    past ``TOP_K`` hold expert 0 with weight 0)."""
-    cols = tl.arange(0, NUM_BINS)
-    slots = tl.arange(0, K_POW2)
-    logit = tl.load(LOGITS + cols, mask=cols < E, other=-float("inf")).to(tl.float32)
-    p = tl.where(cols < E, tl.exp(logit - tl.max(logit, 0)), 0.0)
-    total = tl.sum(p, 0)
-    picked = total * 0.0
-    experts = slots * 0
-    weights = slots.to(tl.float32) * 0.0
-    for j in tl.static_range(TOP_K):
-        best = tl.max(p, 0)
-        idx = tl.min(tl.where(p == best, cols, NUM_BINS), 0)
-        picked += best
-        experts = tl.where(slots == j, idx, experts)
-        weights = tl.where(slots == j, best, weights)
-        p = tl.where(cols == idx, -1.0, p)
-    return experts, weights / (picked if RENORMALIZE else total)
-
-
-@triton.jit
-def _gate_up_all_kernel(X, W13, LOGITS, ACT, IDS, WEIGHTS, INTER, H, stride_we, stride_wn,
-                        E: tl.constexpr, TOP_K: tl.constexpr, K_POW2: tl.constexpr,
-                        RENORMALIZE: tl.constexpr, NUM_BINS: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_H: tl.constexpr, ROUTED: tl.constexpr, USE_PDL: tl.constexpr):
-    """Program ``block``: rows ``block * BLOCK_N ...`` of every chosen expert's gate and up."""
-    pdl_start(USE_PDL)
-    block = tl.program_id(0)
-    slots = tl.arange(0, K_POW2)
-    slot_ok = slots < TOP_K
-    if ROUTED:
-        experts = tl.load(IDS + slots, mask=slot_ok, other=0)
-    else:
-        experts, weights = _route_all(LOGITS, E, TOP_K, K_POW2, RENORMALIZE, NUM_BINS)
-        if block == 0:
-            tl.store(IDS + slots, experts, mask=slot_ok)
-            tl.store(WEIGHTS + slots, weights, mask=slot_ok)
-    cols = tl.arange(0, BLOCK_H)
-    rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
-    ok = slot_ok[:, None, None] & (rows < INTER)[None, :, None] & (cols < H)[None, None, :]
-    base = (W13 + experts.to(tl.int64)[:, None, None] * stride_we
-            + rows.to(tl.int64)[None, :, None] * stride_wn + cols[None, None, :])
-    gate_w = tl.load(base, mask=ok, other=0.0, eviction_policy="evict_first")
-    up_w = tl.load(base + INTER * stride_wn, mask=ok, other=0.0, eviction_policy="evict_first")
-    x = tl.load(X + cols, mask=cols < H, other=0.0).to(tl.float32)[None, None, :]
-    dtype = X.dtype.element_ty
-    gate = tl.sum(gate_w.to(tl.float32) * x, axis=2).to(dtype).to(tl.float32)
-    up = tl.sum(up_w.to(tl.float32) * x, axis=2).to(dtype).to(tl.float32)
-    act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-    tl.store(ACT + slots[:, None] * INTER + rows[None, :], (act * up).to(dtype),
-             mask=slot_ok[:, None] & (rows < INTER)[None, :])
-
-
-@triton.jit
-def _down_all_kernel(ACT, W2, IDS, WEIGHTS, OUT, H, INTER, stride_we, stride_wn,
-                     TOP_K: tl.constexpr, K_POW2: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_I: tl.constexpr, USE_PDL: tl.constexpr):
-    """Program ``block``: output rows ``block * BLOCK_N ...``, every chosen expert's down
-    rows read as one tile and summed weighted (fp32)."""
-    pdl_start(USE_PDL)
-    slots = tl.arange(0, K_POW2)
-    slot_ok = slots < TOP_K
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_I)
-    experts = tl.load(IDS + slots, mask=slot_ok, other=0).to(tl.int64)
-    ok = slot_ok[:, None, None] & (rows < H)[None, :, None] & (cols < INTER)[None, None, :]
-    w = tl.load(W2 + experts[:, None, None] * stride_we + rows.to(tl.int64)[None, :, None] * stride_wn
-                + cols[None, None, :], mask=ok, other=0.0, eviction_policy="evict_first")
-    a = tl.load(ACT + slots[:, None] * INTER + cols[None, :],
-                mask=slot_ok[:, None] & (cols < INTER)[None, :], other=0.0).to(tl.float32)
-    part = tl.sum(w.to(tl.float32) * a[:, None, :], axis=2)
-    weights = tl.load(WEIGHTS + slots, mask=slot_ok, other=0.0)
-    acc = tl.sum(part * weights[:, None], axis=0)
-    tl.store(OUT + rows, acc.to(OUT.dtype.element_ty), mask=rows < H)
-
-
-@triton.jit
 def _down_kernel(ACT, W2, IDS, WEIGHTS, OUT, H, INTER, stride_we, stride_wn,
                  TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_start(USE_PDL)
@@ -185,13 +96,6 @@ def fits(hidden: int, intermediate: int) -> bool:
     return max(triton.next_power_of_2(hidden), triton.next_power_of_2(intermediate)) <= MAX_WIDTH
 
 
-def all_k_fits(top_k: int, hidden: int, intermediate: int) -> bool:
-    """Whether the ``ALL_K`` kernels' ``[k, rows, width]`` tiles (at their configs) fit a program."""
-    k = triton.next_power_of_2(top_k)
-    return (k * GATE_UP_ALL_CONFIG[0] * triton.next_power_of_2(hidden) <= _ALL_K_MAX_TILE
-            and k * DOWN_ALL_CONFIG[0] * triton.next_power_of_2(intermediate) <= _ALL_K_MAX_TILE)
-
-
 def moe_one_token(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, logits: torch.Tensor,
                   top_k: int, renormalize: bool) -> torch.Tensor:
     """``x`` [1, H]; ``w13`` [E, 2I, H] (gate rows, then up rows); ``w2`` [E, H, I]; ``logits``
@@ -212,19 +116,6 @@ def moe_one_token(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, logits: 
     routed = ROUTE_SEPARATELY
     if routed:
         route_align(ids.view(1, top_k), E, 1, logits, weights.view(1, top_k), renormalize, align=False)
-    if ALL_K and all_k_fits(top_k, H, inter):
-        k_pow2 = triton.next_power_of_2(top_k)
-        block_n, warps = GATE_UP_ALL_CONFIG
-        _gate_up_all_kernel[(triton.cdiv(inter, block_n),)](
-            x, w13, logits, act, ids, weights, inter, H, w13.stride(0), w13.stride(1),
-            E=E, TOP_K=top_k, K_POW2=k_pow2, RENORMALIZE=renormalize, NUM_BINS=bins, BLOCK_N=block_n,
-            BLOCK_H=triton.next_power_of_2(H), ROUTED=routed, USE_PDL=pdl, launch_pdl=pdl, num_warps=warps)
-        block_n, warps = DOWN_ALL_CONFIG
-        _down_all_kernel[(triton.cdiv(H, block_n),)](
-            act, w2, ids, weights, out, H, inter, w2.stride(0), w2.stride(1),
-            TOP_K=top_k, K_POW2=k_pow2, BLOCK_N=block_n, BLOCK_I=triton.next_power_of_2(inter),
-            USE_PDL=pdl, launch_pdl=pdl, num_warps=warps)
-        return out
     block_n, warps = GATE_UP_CONFIG
     _gate_up_kernel[(top_k * triton.cdiv(inter, block_n),)](
         x, w13, logits, act, ids, weights, inter, H, w13.stride(0), w13.stride(1),

@@ -364,15 +364,13 @@ def case_fused_moe() -> None:
             if T == 1:  # batch-1 decode: the first GEMM routes; or the two GEMVs
                 out = fm.fused_moe_one_token(x, w13, w2, logits, k, renorm)
                 assert rel_err(out, ref) < 1e-5, (T, E, k, rel_err(out, ref))
-                # routing in the gate_up programs or first; one expert's rows per program or all k
-                for separately, all_k in itertools.product((False, True), (False, True)):
-                    saved = moe_gemv.ROUTE_SEPARATELY, moe_gemv.ALL_K
-                    moe_gemv.ROUTE_SEPARATELY, moe_gemv.ALL_K = separately, all_k
+                for separately in (False, True):  # routing in the gate_up programs, or first
+                    saved, moe_gemv.ROUTE_SEPARATELY = moe_gemv.ROUTE_SEPARATELY, separately
                     try:
                         out = moe_gemv.moe_one_token(x, w13, w2, logits, k, renorm)
                     finally:
-                        moe_gemv.ROUTE_SEPARATELY, moe_gemv.ALL_K = saved
-                    assert rel_err(out, ref) < 1e-5, (T, E, k, separately, all_k, rel_err(out, ref))
+                        moe_gemv.ROUTE_SEPARATELY = saved
+                    assert rel_err(out, ref) < 1e-5, (T, E, k, separately, rel_err(out, ref))
             # the routing's block sizes with its layout; other ones (and a layout of their own) once
             for cfg in (config, (16, 32, 16, 2, 4, 1))[:1 + renorm]:
                 out = fm.fused_moe(x, w13, w2, w, ids, cfg, aligned if cfg is config else None)
