@@ -115,6 +115,8 @@ def check_routing_quality(lines: list[dict]) -> None:
     assert [(r["workload"], r["router"], r["replicas"], r["requests"]) for r in runs] == [
         (w, p, 1, 4) for w in ("conversations", "shared-context") for p in ("radixfleet_precise", "radixfleet_round_robin")]
     assert all(has(r, "cached_token_ratio", "ttft_p50_s", "ttft_p90_s", "req_per_s", "follow_up_affinity") for r in runs)
+    # Fresh routers took over after 2 requests; the counters of both sets add up to every request.
+    assert all(r["routers_restarted_after"] == 2 for r in runs)
     assert sum(runs[0]["predictions"].values()) == 4 and sum(runs[2]["predictions"].values()) == 4
     # 2 tenants x 2 questions sent at once: each tenant's requests reached 1 or 2 workers.
     assert all(1 <= r["workers_per_tenant"] <= 2 for r in runs[2:])
@@ -153,7 +155,7 @@ CASES: dict[str, tuple[list[str], Callable[[list[dict]], None]]] = {
     "routing_quality.py": (["--tenants", "2", "--turns", "2", "--context-words", "20", "--policies", "precise",
                             "round_robin", "--replicas", "1", "--skip-sglang", "--publisher-overhead",
                             "--overhead-prompts", "2", "--overhead-rounds", "1", "--workload", "conversations",
-                            "shared-context", "--questions", "2", "--burst", "2"],
+                            "shared-context", "--questions", "2", "--burst", "2", "--restart-routers-after", "2"],
                            check_routing_quality),
     "soak.py": (["--requests", "300"], check_soak),
 }
