@@ -61,8 +61,8 @@ ROWS_TABLE = env_vars.GEMV_ROWS_TABLE.get()
 ROWS_OVERRIDE: tuple[int, int, int] | None = None  # set by tests and the sweep
 # The packed fp8 path (``_fp8_dot8``): True or None, wherever it runs (compute capability
 # 8.9+); False, never. On an H100 it is faster at every Llama-3.1-8B shape's best block
-# (qkv 11.3 vs 14.3 us, o_proj 7.3 vs 9.2, gate_up 40.3 vs 42.5: ``kernel_bench.py --only
-# gemv_fp8_sweep``).
+# (qkv 11.3 vs 14.3 us, o_proj 7.3 vs 9.2, gate_up 40.3 vs 42.5, down 23.2 vs 26.1:
+# ``kernel_bench.py --only gemv_fp8_sweep``).
 FP8_PACKED: bool | None = None
 # Largest power-of-two K the whole-row kernel holds in registers; above it, the K-loop kernel.
 ROWS_MAX_K = env_vars.GEMV_ROWS_MAX_K.get()
@@ -152,7 +152,7 @@ def _rows_config(n: int, k: int, prologue: int, fp8: bool = False) -> tuple[int,
         return tuple(tuned)
     if fp8:  # from an H100 sweep at the Llama-3.1-8B shapes, packed path (kernel_bench.py)
         if triton.next_power_of_2(k) >= 16384:
-            return (2, 16, 1)
+            return (2, 8, 2)  # down_proj 23.2 us, 2.53 TB/s (2, 16, 1: 27.0 us)
         if prologue == RMSNORM:
             return (4, 4, 0) if n <= 8192 else (4, 4, 8)
         return (4, 4, 4)
