@@ -121,6 +121,10 @@ MOE_CONFIGS = _var("RADIXFLEET_MOE_CONFIGS", "json", {},
                    '[[32, [16, 64, 128, 1, 4, 4]], [1e18, [64, 128, 64, 8, 8, 3]]]}` ("E,N,K": '
                    '[[max tokens, [BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages]], ...]; '
                    '`benchmarks/moe_kernel.py --tune` prints one)')
+FUSE_QK_NORM_ROTARY = _var("RADIXFLEET_FUSE_QK_NORM_ROTARY", "bool", False,
+                           "Qwen3's per-head q/k RMSNorms inside the rotary + KV-store kernel "
+                           "(`kernels/rotary.py`, one launch per layer less); off until "
+                           "checked and measured on a GPU")
 MOE_ONE_TOKEN_GEMV = _var("RADIXFLEET_MOE_ONE_TOKEN_GEMV", "bool", True,
                           "batch-1 decode of mixture-of-experts layers as two GEMVs "
                           "(`kernels/moe_gemv.py`); off: the one-token grouped GEMM of "

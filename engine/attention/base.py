@@ -76,7 +76,8 @@ class AttentionBackend(abc.ABC):
                            batch: ForwardBatch, rope: tuple[torch.Tensor, torch.Tensor] | None):
         """The GPU backends' common first step: q/k/v as ``[T, heads, D]`` views, the new
         tokens' k/v written to their slots by one triton launch (``kernels/kv_store.py``), or,
-        with ``rope``, rotary applied to q and k in the same launch (``kernels/rotary.py``).
+        with ``rope``, rotary applied to q and k in the same launch (``kernels/rotary.py``;
+        a third element ``(wq, wk, eps)`` also applies per-head q/k RMSNorms there).
         Returns ``(q, k_buffer, v_buffer)`` of ``layer_id``."""
         from radixfleet.kernels.kv_store import store_kv
         from radixfleet.kernels.rotary import rotary_store_kv_
@@ -90,11 +91,12 @@ class AttentionBackend(abc.ABC):
         if rope is None:
             store_kv(k, v, k_buf, v_buf, batch.out_cache_loc, *scales)
         else:
-            rotary_store_kv_(rope[0], q, k, v, rope[1], k_buf, v_buf, batch.out_cache_loc, *scales)
+            rotary_store_kv_(rope[0], q, k, v, rope[1], k_buf, v_buf, batch.out_cache_loc, *scales,
+                             qk_norm=rope[2] if len(rope) > 2 else None)
         return q, k_buf, v_buf
 
     @abc.abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
                 batch: ForwardBatch) -> torch.Tensor:
         """q ``[T, H, D]``, k/v ``[T, KVH, D]`` → output ``[T, H, D]``; stores k/v first.
-        Backends with ``fuses_rope`` also take ``rope=(positions, cos_sin_table)``."""
+        Backends with ``fuses_rope`` also take ``rope=(positions, cos_sin_table[, qk_norm])``."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from radixfleet import env_vars
 from radixfleet.engine.layers.fused import fused_ops
 
 
@@ -41,6 +42,13 @@ class RMSNorm(nn.Module):
             return self._norm(x)
         x = x + residual
         return self._norm(x), x
+
+
+def fusable_qk_norms(q_norm: RMSNorm, k_norm: RMSNorm, full_rotary: bool) -> bool:
+    """Whether the per-head q/k norms can run inside the rotary + KV-store kernel
+    (``kernels/rotary.py``): plain RMSNorms with one eps, and rotary over the whole head."""
+    return (full_rotary and q_norm.fusable and k_norm.fusable and q_norm.eps == k_norm.eps
+            and env_vars.FUSE_QK_NORM_ROTARY.get())
 
 
 def qk_norms(q: torch.Tensor, k: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm):

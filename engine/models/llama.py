@@ -20,7 +20,7 @@ from radixfleet.engine.layers.linear import (
     QKVParallelLinear,
     RowParallelLinear,
 )
-from radixfleet.engine.layers.norm import RMSNorm, qk_norms
+from radixfleet.engine.layers.norm import RMSNorm, fusable_qk_norms, qk_norms
 from radixfleet.engine.layers.rotary import get_rope
 from radixfleet.engine.models.model_config import ModelConfig
 
@@ -49,12 +49,16 @@ class Attention(nn.Module):
         q = q.reshape(t, self.num_heads, self.head_dim)  # [T, H, D]
         k = k.reshape(t, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = qk_norms(q, k, self.q_norm, self.k_norm)
         backend = batch.attn_backend
         table = self.rotary.fused_table(q, k) if backend.fuses_rope else None
-        if table is not None:  # the backend rotates q and k as it stores k/v (one launch)
-            o = backend.forward(q, k, v, self.layer_id, batch, rope=(positions, table))
+        rope = None if table is None else (positions, table)
+        if self.q_norm is not None:
+            if rope is not None and fusable_qk_norms(self.q_norm, self.k_norm, table.shape[1] == self.head_dim):
+                rope += ((self.q_norm.weight, self.k_norm.weight, self.q_norm.eps),)
+            else:
+                q, k = qk_norms(q, k, self.q_norm, self.k_norm)
+        if rope is not None:  # the backend (norms and) rotates q and k as it stores k/v (one launch)
+            o = backend.forward(q, k, v, self.layer_id, batch, rope=rope)
         else:
             q, k = self.rotary(positions, q, k)
             o = backend.forward(q, k, v, self.layer_id, batch)  # [T, H, D]

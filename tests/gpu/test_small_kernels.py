@@ -169,6 +169,36 @@ def test_rotary_store_kv_equals_rotary_then_store(H, KVH, D, R):
     assert q2.equal(q1) and kb2.equal(kb1) and vb2.equal(vb1)
 
 
+@pytest.mark.parametrize("T,H,KVH,D", [(1, 32, 4, 128), (19, 16, 8, 128), (300, 12, 4, 64)])
+def test_rotary_store_kv_with_qk_norms_equals_norm_kernel_then_rotary(T, H, KVH, D):
+    """Qwen3's per-head q/k norms inside the rotary + KV-store launch give the q and cache rows
+    of ``qk_rmsnorm`` then ``rotary_store_kv_`` (same roundings; the sum of squares may add up
+    in another order, so within one bf16 step)."""
+    from radixfleet.kernels.qk_norm import qk_rmsnorm
+
+    S = 400
+    cache = build_cos_sin_cache(D, 4096, 1000000.0, None, "cuda")
+    qkv = _rand(T, (H + 2 * KVH) * D, seed=21) * 4
+    wq, wk = _rand(D, seed=22), _rand(D, seed=23)
+    pos = torch.randint(0, 4096, (T,), generator=torch.Generator().manual_seed(24)).cuda()
+    loc = torch.randperm(S - 1, generator=torch.Generator().manual_seed(25))[:T].cuda() + 1
+
+    def views(t):
+        return (x.view(T, -1, D) for x in t.split([H * D, KVH * D, KVH * D], -1))
+
+    q1, k1, v1 = views(qkv.clone())
+    q1, k1 = qk_rmsnorm(q1, k1, wq, wk, 1e-6)
+    kb1, vb1 = torch.zeros(S, KVH, D, dtype=BF16, device="cuda"), torch.zeros(S, KVH, D, dtype=BF16, device="cuda")
+    rotary_store_kv_(pos, q1, k1, v1, cache, kb1, vb1, loc)
+    q2, k2, v2 = views(qkv.clone())
+    kb2, vb2 = torch.zeros_like(kb1), torch.zeros_like(vb1)
+    rotary_store_kv_(pos, q2, k2, v2, cache, kb2, vb2, loc, qk_norm=(wq, wk, 1e-6))
+    for ours, ref in ((q2, q1), (kb2[loc], kb1[loc])):
+        torch.testing.assert_close(ours.float(), ref.float(), atol=0.02, rtol=0.01)
+        assert ours.eq(ref).float().mean() > 0.99  # almost every element bit-identical
+    assert vb2.equal(vb1)
+
+
 @pytest.mark.parametrize("T,H,KVH,D", [(1, 32, 4, 128), (17, 16, 8, 128), (300, 40, 8, 128)])
 def test_qk_rmsnorm_matches_two_rmsnorms(T, H, KVH, D):
     """Qwen3's per-head q and k norms in one launch, on views of the qkv output."""

@@ -128,6 +128,18 @@ def case_rotary_store_kv() -> None:
         torch.testing.assert_close(vb[loc], v_ref)
         assert k.equal(k_before), "k itself is left as it was"
         assert int(kb.ne(0).flatten(1).any(1).sum()) == len(loc) == int(vb.ne(0).flatten(1).any(1).sum())
+        if R == D:  # with Qwen3's per-head q/k norms in the same launch: the norm kernel, then this
+            from radixfleet.kernels.qk_norm import qk_rmsnorm
+
+            wq, wk = torch.randn(D, generator=gen), torch.randn(D, generator=gen)
+            q, k, v = (t.view(4, -1, D) for t in qkv.clone().split([H * D, KVH * D, KVH * D], -1))
+            q[:] = torch.randn(q.shape, generator=gen)  # fresh q; k and v as before
+            qn, kn = qk_rmsnorm(q.clone(), k, wq, wk, 1e-6)
+            kb2, vb2 = torch.zeros_like(kb), torch.zeros_like(vb)
+            rotary_store_kv_(pos, q, k, v, cache, kb2, vb2, loc, qk_norm=(wq, wk, 1e-6))
+            torch.testing.assert_close(q, rot(qn), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(kb2[loc], rot(kn), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(vb2[loc], v)
 
 
 def case_kv_indices() -> None:
