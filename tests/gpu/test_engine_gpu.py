@@ -77,9 +77,16 @@ def margin_at(ref_runner: ModelRunner, ids: list[int]) -> float:
     return float(top2[0] - top2[1])
 
 
+@pytest.mark.parametrize("fused_qk_norms", [False, True], ids=["default", "fused-qk-norms"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bf16_top1_and_logprobs_match_hf(tiny, backend):
+def test_bf16_top1_and_logprobs_match_hf(tiny, backend, fused_qk_norms, monkeypatch):
+    """``fused_qk_norms`` (RADIXFLEET_FUSE_QK_NORM_ROTARY=1): Qwen3's per-head q/k norms run in
+    the rotary + KV-store launch (decode-shaped inputs: test_small_kernels)."""
     arch, folder = tiny
+    if fused_qk_norms:
+        if arch not in ("qwen3", "qwen3_moe"):
+            pytest.skip("per-head q/k norms: Qwen3 families only")
+        monkeypatch.setenv("RADIXFLEET_FUSE_QK_NORM_ROTARY", "1")
     ids = torch.randint(0, 512, (300,), generator=torch.Generator().manual_seed(2)).tolist()
     ours = runner_teacher_forced_logprobs(runner(folder, backend, "bfloat16"), ids)
     ref = hf_teacher_forced_logprobs(folder, ids, dtype="bfloat16", device="cuda")
@@ -89,29 +96,8 @@ def test_bf16_top1_and_logprobs_match_hf(tiny, backend):
     top1 = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
     chosen = ref.argmax(-1, keepdim=True)
     diff = (ours.gather(-1, chosen) - ref.gather(-1, chosen)).abs().max().item()
-    print(f"{torch.cuda.get_device_name()} {arch} {backend}: top-1 agreement {top1:.3f}, "
-          f"max logprob diff {diff:.4f}")
-    assert top1 >= 0.95
-    assert diff < 5e-2
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_qk_norms_inside_the_rotary_kernel_match_hf(tiny, backend, monkeypatch):
-    """RADIXFLEET_FUSE_QK_NORM_ROTARY=1: Qwen3's per-head q/k norms run in the rotary + KV-store
-    launch; the same bounds against transformers as with the separate kernels (decode-shaped
-    inputs are checked against them in test_small_kernels)."""
-    arch, folder = tiny
-    if arch not in ("qwen3", "qwen3_moe"):
-        pytest.skip("per-head q/k norms: Qwen3 families only")
-    ids = torch.randint(0, 512, (300,), generator=torch.Generator().manual_seed(2)).tolist()
-    monkeypatch.setenv("RADIXFLEET_FUSE_QK_NORM_ROTARY", "1")
-    ours = runner_teacher_forced_logprobs(runner(folder, backend, "bfloat16"), ids)
-    ref = hf_teacher_forced_logprobs(folder, ids, dtype="bfloat16", device="cuda")
-    top1 = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
-    chosen = ref.argmax(-1, keepdim=True)
-    diff = (ours.gather(-1, chosen) - ref.gather(-1, chosen)).abs().max().item()
-    print(f"{torch.cuda.get_device_name()} {arch} {backend} fused q/k norms: top-1 agreement {top1:.3f}, "
-          f"max logprob diff {diff:.4f}")
+    print(f"{torch.cuda.get_device_name()} {arch} {backend}{' fused q/k norms' * fused_qk_norms}: "
+          f"top-1 agreement {top1:.3f}, max logprob diff {diff:.4f}")
     assert top1 >= 0.95
     assert diff < 5e-2
 
