@@ -38,8 +38,8 @@ class AttentionBackend(abc.ABC):
         self.head_dim = head_dim
         self.scale = scale
 
-    # Whether ``forward`` takes ``rope=(positions, cos_sin_table)`` and rotates q and k itself
-    # as it stores k/v (the GPU backends: ``kernels/rotary.py``'s rotary_store_kv_).
+    # Whether ``forward`` takes ``rope=(positions, cos_sin_table, qk_norm)`` and rotates q and
+    # k itself as it stores k/v (the GPU backends: ``kernels/rotary.py``'s rotary_store_kv_).
     fuses_rope = False
 
     # Per-layer options, set once by ``configure`` after construction: each layer's sliding
@@ -73,11 +73,12 @@ class AttentionBackend(abc.ABC):
         return None
 
     def _store_with_kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
-                           batch: ForwardBatch, rope: tuple[torch.Tensor, torch.Tensor] | None):
+                           batch: ForwardBatch, rope: tuple | None):
         """The GPU backends' common first step: q/k/v as ``[T, heads, D]`` views, the new
         tokens' k/v written to their slots by one triton launch (``kernels/kv_store.py``), or,
-        with ``rope``, rotary applied to q and k in the same launch (``kernels/rotary.py``;
-        a third element ``(wq, wk, eps)`` also applies per-head q/k RMSNorms there).
+        with ``rope = (positions, cos_sin_table, qk_norm)``, rotary applied to q and k in the
+        same launch (``kernels/rotary.py``), after per-head q/k RMSNorms when ``qk_norm`` is
+        ``(wq, wk, eps)`` rather than None.
         Returns ``(q, k_buffer, v_buffer)`` of ``layer_id``."""
         from radixfleet.kernels.kv_store import store_kv
         from radixfleet.kernels.rotary import rotary_store_kv_
@@ -91,12 +92,13 @@ class AttentionBackend(abc.ABC):
         if rope is None:
             store_kv(k, v, k_buf, v_buf, batch.out_cache_loc, *scales)
         else:
-            rotary_store_kv_(rope[0], q, k, v, rope[1], k_buf, v_buf, batch.out_cache_loc, *scales,
-                             qk_norm=rope[2] if len(rope) > 2 else None)
+            positions, table, qk_norm = rope
+            rotary_store_kv_(positions, q, k, v, table, k_buf, v_buf, batch.out_cache_loc, *scales,
+                             qk_norm=qk_norm)
         return q, k_buf, v_buf
 
     @abc.abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
                 batch: ForwardBatch) -> torch.Tensor:
         """q ``[T, H, D]``, k/v ``[T, KVH, D]`` → output ``[T, H, D]``; stores k/v first.
-        Backends with ``fuses_rope`` also take ``rope=(positions, cos_sin_table[, qk_norm])``."""
+        Backends with ``fuses_rope`` also take ``rope=(positions, cos_sin_table, qk_norm)``."""

@@ -51,14 +51,14 @@ class Attention(nn.Module):
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
         backend = batch.attn_backend
         table = self.rotary.fused_table(q, k) if backend.fuses_rope else None
-        rope = None if table is None else (positions, table)
+        qk_norm = None  # (wq, wk, eps) when the norms run inside the backend's rotary launch
         if self.q_norm is not None:
-            if rope is not None and fusable_qk_norms(self.q_norm, self.k_norm, table.shape[1] == self.head_dim):
-                rope += ((self.q_norm.weight, self.k_norm.weight, self.q_norm.eps),)
+            if table is not None and fusable_qk_norms(self.q_norm, self.k_norm, table.shape[1] == self.head_dim):
+                qk_norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
             else:
                 q, k = qk_norms(q, k, self.q_norm, self.k_norm)
-        if rope is not None:  # the backend (norms and) rotates q and k as it stores k/v (one launch)
-            o = backend.forward(q, k, v, self.layer_id, batch, rope=rope)
+        if table is not None:  # the backend (norms and) rotates q and k as it stores k/v (one launch)
+            o = backend.forward(q, k, v, self.layer_id, batch, rope=(positions, table, qk_norm))
         else:
             q, k = self.rotary(positions, q, k)
             o = backend.forward(q, k, v, self.layer_id, batch)  # [T, H, D]
