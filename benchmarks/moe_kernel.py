@@ -5,7 +5,7 @@ chosen) and the activations. CUDA only.
 
     python benchmarks/moe_kernel.py                        # Qwen3-30B-A3B's experts, bf16
     python benchmarks/moe_kernel.py --experts 8 --top-k 2 --hidden 4096 --inter 14336  # Mixtral
-    python benchmarks/moe_kernel.py --tune                 # also search block sizes per token count
+    python benchmarks/moe_kernel.py --tune                 # also search the GEMM block sizes per token count
     python benchmarks/moe_kernel.py --one-token-graph      # batch-1 variants as a decode step runs them
 
 ``--one-token-graph``: one token through ``--layers`` distinct layers' experts (so that the
@@ -15,8 +15,9 @@ and each block configuration: microseconds per layer and the
 bandwidth on the ``k`` experts' bytes. Eager timings of one call measure the launches.
 
 Prints one JSON line per token count (routing included: router logits → output). With
-``--tune``, each line also has the best block sizes found, and a last line holds them as a
-``RADIXFLEET_MOE_CONFIGS`` value for this shape.
+``--tune``, each line also has the best grouped-GEMM block sizes found, and a last line holds
+them as a ``RADIXFLEET_MOE_CONFIGS`` value for this shape (the one-token GEMVs' blocks:
+``--one-token-graph``).
 """
 
 from __future__ import annotations
@@ -140,8 +141,6 @@ def bench_tokens(T: int, w13: torch.Tensor, w2: torch.Tensor, k: int, tune: bool
                          ("one_token_gemv_routed_first", gemv1_routed)):
             ms = timed_ms(fn)
             row[f"{name}_ms"], row[f"{name}_tb_per_s"] = round(ms, 4), round(read / ms / 1e9, 3)
-        if tune:
-            row["gemv_configs"] = tune_gemv(gemv1, moe_gemv)
     if tune:
         best = min(((timed_ms(lambda c=c: fused(c), reps=10), c) for c in candidates() if _runs(fused, c)),
                    key=lambda t: t[0])
@@ -218,24 +217,6 @@ def one_token_graph(E: int, k: int, H: int, inter: int, dtype, layers: int, gen)
             setattr(moe_gemv, n, v)
     print(json.dumps({"bench": "moe_one_token_graph_best", "device": device, "read_mb_per_layer": round(read / 1e6, 2),
                       **best}), flush=True)
-
-
-def tune_gemv(fn, module) -> dict:
-    """Best (rows per program, warps) of each one-token GEMV kernel, the other kept as is."""
-    best = {}
-    for name in ("GATE_UP_CONFIG", "DOWN_CONFIG"):
-        saved, times = getattr(module, name), []
-        for config in itertools.product((1, 2, 4, 8), (2, 4, 8)):
-            setattr(module, name, config)
-            try:
-                times.append((timed_ms(fn, reps=20), config))
-            except Exception as e:  # too many registers for the row block
-                if "resource" not in str(e).lower():
-                    raise
-        setattr(module, name, saved)
-        ms, config = min(times)
-        best[name] = {"config": list(config), "ms": round(ms, 4)}
-    return best
 
 
 def _runs(fn, config) -> bool:
