@@ -131,9 +131,13 @@ class Emulator(kmock.KubernetesEmulator):
     bumped on spec changes, and the core group's discovery saying `groupVersion: v1` (KMock
     says "/v1", which client-go, hence Helm, cannot map).
 
-    `resourceVersion` is set once and never changes: KMock cannot answer kopf's optimistic
-    JSON-patch tests with a 409, so the operator under test runs with kopf's consistency
-    wait off (see `start_operator`)."""
+    Every write also gives the object a new `resourceVersion`, and a JSON patch whose `test`
+    of it fails is refused with 422, as the API server does. kopf relies on both: after its
+    own patch it waits for the watch event carrying that version before it runs change
+    handlers again, so it never re-handles the stale events queued before the patch. (With
+    one version for ever, each of the operator's status writes queued an event that still
+    showed the old last-handled spec, and kopf re-ran the update handler for it, again and
+    again; on a loaded machine the later spec change waited behind that loop.)"""
 
     _counter: int = 0
 
@@ -159,7 +163,7 @@ class Emulator(kmock.KubernetesEmulator):
             meta.setdefault("uid", f"uid-{meta.get('name')}-{self._next()}")
             meta.setdefault("creationTimestamp", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
             meta.setdefault("generation", 1)
-            meta.setdefault("resourceVersion", "1")
+            meta["resourceVersion"] = self._next()
         elif request.action == kmock.action.UPDATE and request.resource is not None:
             key = (request.resource, request.namespace, request.name)
             live = self.objects[key] if key in self.objects and not self.objects[key].deleted else None
@@ -168,7 +172,20 @@ class Emulator(kmock.KubernetesEmulator):
                 if merged != dict(live.get("spec") or {}):
                     meta = data.setdefault("metadata", {})
                     meta["generation"] = int(dict(live.get("metadata") or {}).get("generation") or 1) + 1
+            if live is not None:
+                self._new_version(data, dict(live.get("metadata") or {}).get("resourceVersion"))
         return await super()._handle(request)
+
+    def _new_version(self, patch: Any, current: str | None) -> None:
+        """Give the patched object a new resourceVersion; refuse a JSON patch testing an old one."""
+        if isinstance(patch, dict):
+            patch.setdefault("metadata", {})["resourceVersion"] = self._next()
+        elif isinstance(patch, list):
+            for op in patch:
+                if op.get("op") == "test" and op.get("path") == "/metadata/resourceVersion" and op.get("value") != current:
+                    raise kmock.KubernetesError(status=422, reason="Invalid", message=(
+                        "the object has been modified: the JSON patch's resourceVersion test failed"))
+            patch.append({"op": "replace", "path": "/metadata/resourceVersion", "value": self._next()})
 
 
 @contextlib.asynccontextmanager
@@ -203,7 +220,6 @@ async def start_operator(server: str, **config: Any) -> RunningOperator:
     # Quicker exits than production needs (per-object workers idle 5 s, then 2 s to drain).
     settings.batching.idle_timeout = 0.5
     settings.batching.exit_timeout = 0.5
-    settings.persistence.consistency_timeout = 0  # resourceVersions never move in KMock
 
     def run() -> None:
         asyncio.run(kopf.operator(
