@@ -8,8 +8,18 @@ at ``--concurrency``; requests go to the replicas in turn. ``--workload shared-c
 (or both: ``--workload conversations shared-context``, against the same engines) gives each tenant a long shared context (``--context-words`` 400, about 770 tokens)
 and ``--questions`` independent requests ``context + question``, ``--burst`` of a tenant's
 at once, tenants shuffled per round with a fixed seed (the same order for every router), so
-that under load one tenant's context is computed and held on more than one worker. Engine caches are flushed between
-runs. Prints one JSON line per run: cached-token ratio (engine-reported ``cached_tokens`` /
+that under load one tenant's context is computed and held on more than one worker.
+``--workload hot-tenant`` is shared-context plus one hot tenant (tenant 0, its own context):
+each round opens with a burst of the hot tenant's questions, ``--hot-share`` of all requests
+(0.5: as many as the round's cold ones), then the round's bursts of the ``--tenants`` cold
+tenants, whose contexts under KV pressure evict older ones. With a small
+``--balance-abs-threshold`` (passed to every router, sglang-router's included) the
+imbalance rule spreads the hot burst over several workers, so the hot context is held on
+two or three of them and some of those copies are evicted between rounds; the summary adds
+``hot`` and ``cold`` (those tenants' requests: cached ratio, TTFT, how many recomputed their
+context and how many of those went to a worker that had already answered the same tenant,
+i.e. to an evicted copy).
+Engine caches are flushed between runs. Prints one JSON line per run: cached-token ratio (engine-reported ``cached_tokens`` /
 prompt tokens), TTFT p50/p90 (streamed), requests/s and prompt tokens/s, the follow-up
 affinity (turns answered by the worker of the tenant's previous turn; radixfleet's routers
 name the worker in a header, sglang-router does not), and for precise the fraction of
@@ -25,6 +35,7 @@ on with this process subscribed, in interleaved rounds (``publisher_overhead_e2e
 
     python benchmarks/routing_quality.py [--tenants 30 --turns 4 --context-words 150]
         [--workload shared-context --questions 6 --burst 3 --context-words 400]
+        [--workload hot-tenant --hot-share 0.5 --balance-abs-threshold 2]
         [--skip-sglang] [--policies precise cache_aware] [--replicas 1 3] [--restart-routers-after K]
 
 sglang-router 0.3.2 runs from its own venv (``benchmarks/router.py`` installs it under
@@ -60,6 +71,7 @@ from routing_workload import (  # noqa: E402
     metric,
     run_conversations,
     run_shared_context,
+    shared_context_order,
     start_engines,
     start_router,
     stop_all,
@@ -84,11 +96,11 @@ def sglang_python() -> Path | None:
     return module.sglang_router_python()
 
 
-def start_sglang(python: Path, engines, timeout: float = 60.0) -> tuple[str, subprocess.Popen]:
+def start_sglang(python: Path, engines, *extra: str, timeout: float = 60.0) -> tuple[str, subprocess.Popen]:
     port, prom = free_port(), free_port()
     cmd = [str(python), "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
            "--prometheus-host", "127.0.0.1", "--prometheus-port", str(prom), "--policy", "cache_aware",
-           "--worker-urls", *[e.url for e in engines]]
+           "--worker-urls", *[e.url for e in engines], *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/")
     url = f"http://127.0.0.1:{port}"
     try:
@@ -99,6 +111,56 @@ def start_sglang(python: Path, engines, timeout: float = 60.0) -> tuple[str, sub
     return url, proc
 
 
+def hot_tenant_order(tenants: int, questions: int, burst: int, hot_share: float,
+                     seed: int = 0) -> list[tuple[int, int]]:
+    """The hot-tenant workload's arrival order, (tenant, question) pairs: tenant 0 is hot,
+    tenants 1..``tenants`` are the cold ones of ``shared_context_order``; each round (one
+    burst of every cold tenant) opens with a burst of hot questions, so many that they make
+    ``hot_share`` of the requests (at least one per round)."""
+    if not 0.0 < hot_share < 1.0:
+        raise ValueError(f"hot_share must be in (0, 1), got {hot_share}")
+    cold = [(t + 1, q) for t, q in shared_context_order(tenants, questions, burst, seed)]
+    order: list[tuple[int, int]] = []
+    asked = 0
+    for first in range(0, questions, burst):
+        in_round = cold[first * tenants:min(first + burst, questions) * tenants]
+        hot = max(1, round(hot_share / (1.0 - hot_share) * len(in_round)))
+        order += [(0, q) for q in range(asked, asked + hot)] + in_round
+        asked += hot
+    return order
+
+
+def tenants_summary(records) -> dict:
+    """Some tenants' requests, in the order they finished: how many found less than half their
+    prompt cached (``recomputed``: the context computed again), and of those how many went to
+    a worker that had already answered the same tenant (``on_evicted_copy``: its copy there
+    was evicted, while a router's approximate tree still lists it there); for a precise
+    router, how many of those it predicted (``predicted_miss``: it knew the worker did not
+    hold it, e.g. under the imbalance rule) rather than expected cached (``predicted_hit``).
+    Without worker names (sglang-router) only ``recomputed`` is known."""
+    served: set[tuple[int, str]] = set()
+    recomputed = evicted = predicted_miss = 0
+    for r in records:
+        if r.cached_tokens * 2 < r.prompt_tokens:
+            recomputed += 1
+            if (r.tenant, r.worker) in served:
+                evicted += 1
+                predicted_miss += r.predicted is not None and r.predicted * 2 < r.prompt_tokens
+        served.add((r.tenant, r.worker))
+    ttfts = sorted(r.ttft for r in records)
+    named = bool(records) and bool(records[0].worker)
+    out = {"requests": len(records),
+           "cached_token_ratio": round(sum(r.cached_tokens for r in records) / max(sum(r.prompt_tokens for r in records), 1), 4),
+           "ttft_p50_s": round(statistics.median(ttfts), 4) if ttfts else None,
+           "ttft_p90_s": round(ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))], 4) if ttfts else None,
+           "recomputed": recomputed, "on_evicted_copy": evicted if named else None}
+    if named:
+        out["workers_per_tenant"] = round(len(served) / len({r.tenant for r in records}), 2)
+    if any(r.predicted is not None for r in records):
+        out["predicted_miss"], out["predicted_hit"] = predicted_miss, evicted - predicted_miss
+    return out
+
+
 def run(name: str, start: Callable[[], list[tuple[str, subprocess.Popen]]], engines, args, workload: str) -> None:
     """One measured run of the workload through the routers ``start()`` returns. With
     ``--restart-routers-after K``, once K requests have finished, a fresh set of routers is
@@ -107,7 +169,7 @@ def run(name: str, start: Callable[[], list[tuple[str, subprocess.Popen]]], engi
     routers = start()
     urls = [u for u, _ in routers]
     replicas = len(urls)
-    words = args.context_words or (400 if workload == "shared-context" else 150)
+    words = args.context_words or (150 if workload == "conversations" else 400)
     swaps: list[asyncio.Task] = []
 
     def on_record(count: int) -> None:
@@ -129,10 +191,12 @@ def run(name: str, start: Callable[[], list[tuple[str, subprocess.Popen]]], engi
         asyncio.run(run_conversations(urls[:1], 1, 1, 10, 1))
         flush_all(engines)
         before = predictions(urls)
-        if workload == "shared-context":
+        if workload in ("shared-context", "hot-tenant"):
+            order = (hot_tenant_order(args.tenants, args.questions, args.burst, args.hot_share)
+                     if workload == "hot-tenant" else None)
             records, elapsed = asyncio.run(measured(run_shared_context(
                 urls, args.tenants, args.questions, words, args.concurrency, args.burst, args.max_tokens,
-                on_record=on_record)))
+                on_record=on_record, order=order)))
         else:
             records, elapsed = asyncio.run(measured(run_conversations(
                 urls, args.tenants, args.turns, words, args.concurrency, args.max_tokens, on_record=on_record)))
@@ -141,6 +205,11 @@ def run(name: str, start: Callable[[], list[tuple[str, subprocess.Popen]]], engi
                 **summarize(records, elapsed)}
         if args.restart_routers_after:
             line["routers_restarted_after"] = args.restart_routers_after
+        if workload == "hot-tenant":
+            line["hot"] = tenants_summary([r for r in records if r.tenant == 0])
+            line["cold"] = tenants_summary([r for r in records if r.tenant != 0])
+        if args.balance_abs_threshold is not None:
+            line["balance_abs_threshold"] = args.balance_abs_threshold
         if args.records:
             with open(args.records, "a") as f:
                 for r in records:
@@ -151,6 +220,10 @@ def run(name: str, start: Callable[[], list[tuple[str, subprocess.Popen]]], engi
             line["prediction_exact_fraction"] = round(outcomes["exact"] / max(sum(outcomes.values()), 1), 4)
             line["predictions"] = outcomes
             line["resyncs"] = sum(metric(u, "radixfleet_router_kv_event_resyncs_total") for u in urls)
+            if workload == "hot-tenant":  # start: one per worker and router; stale, gap, restart: scored approximately meanwhile
+                line["resyncs_by_reason"] = {
+                    why: sum(metric(u, "radixfleet_router_kv_event_resyncs_total", f'reason="{why}"') for u in urls)
+                    for why in ("start", "stale", "gap", "restart")}
         emit(**line)
     finally:
         stop_all([p for _, p in routers])
@@ -284,13 +357,18 @@ def publisher_overhead_e2e(events_on, events_off, prompts: int, rounds: int, wor
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tenants", type=int, default=30)
+    ap.add_argument("--tenants", type=int, default=30, help="tenants (hot-tenant: cold ones, besides the hot one)")
     ap.add_argument("--turns", type=int, default=4)
-    ap.add_argument("--workload", nargs="+", choices=["conversations", "shared-context"], default=["conversations"],
-                    help="one or both, each run against the same engines")
+    ap.add_argument("--workload", nargs="+", choices=["conversations", "shared-context", "hot-tenant"],
+                    default=["conversations"], help="one or more, each run against the same engines")
     ap.add_argument("--context-words", type=int, help="words of each tenant's context (default 150; shared-context 400)")
     ap.add_argument("--questions", type=int, default=6, help="shared-context: questions per tenant")
     ap.add_argument("--burst", type=int, default=3, help="shared-context: a tenant's questions sent at once")
+    ap.add_argument("--hot-share", type=float, default=0.5,
+                    help="hot-tenant: the hot tenant's share of the requests, in (0, 1)")
+    ap.add_argument("--balance-abs-threshold", type=int, metavar="N",
+                    help="every router's --balance-abs-threshold (imbalanced when the in-flight spread exceeds N; "
+                         "default: each router's own, 32 radixfleet, 64 sglang-router)")
     ap.add_argument("--concurrency", type=int, default=6)
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--kv-pool", type=int, default=2048, help="KV-cache tokens per engine")
@@ -306,6 +384,11 @@ def main() -> int:
     ap.add_argument("--records", help="append every request's record (tenant, turn, worker, cached tokens, TTFT) "
                                       "to this JSON-lines file")
     args = ap.parse_args()
+    if not 0.0 < args.hot_share < 1.0:
+        ap.error(f"--hot-share must be in (0, 1), got {args.hot_share}")
+    if args.balance_abs_threshold is not None and args.balance_abs_threshold < 0:
+        ap.error(f"--balance-abs-threshold must be >= 0, got {args.balance_abs_threshold}")
+    extra = [] if args.balance_abs_threshold is None else ["--balance-abs-threshold", str(args.balance_abs_threshold)]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the engines and routers on the way out
     torch.set_num_threads(1)
     if args.publisher_overhead:
@@ -324,18 +407,19 @@ def main() -> int:
             flush_all(engines)
         emit(bench="setup", engines=3, kv_pool=args.kv_pool, workloads=args.workload, tenants=args.tenants,
              turns=args.turns, questions=args.questions, burst=args.burst, context_words=args.context_words,
-             concurrency=args.concurrency, sglang_router=sglang is not None)
+             concurrency=args.concurrency, sglang_router=sglang is not None, hot_share=args.hot_share,
+             balance_abs_threshold=args.balance_abs_threshold)
         for workload in args.workload:
             for replicas in args.replicas:
                 for policy in args.policies:
                     if policy == "sglang":
                         if sglang is not None:
                             run("sglang_router_cache_aware",
-                                lambda n=replicas: [start_sglang(sglang, engines) for _ in range(n)],
+                                lambda n=replicas: [start_sglang(sglang, engines, *extra) for _ in range(n)],
                                 engines, args, workload)
                         continue
                     run(f"radixfleet_{policy}",
-                        lambda p=policy, n=replicas: [start_router(p, engines, model_dir) for _ in range(n)],
+                        lambda p=policy, n=replicas: [start_router(p, engines, model_dir, *extra) for _ in range(n)],
                         engines, args, workload)
     finally:
         stop_all([e.proc for e in engines])

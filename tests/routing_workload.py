@@ -199,14 +199,17 @@ def shared_context_order(tenants: int, questions: int, burst: int, seed: int = 0
 
 async def run_shared_context(router_urls: list[str], tenants: int, questions: int, context_words: int,
                              concurrency: int, burst: int, max_tokens: int = 8, seed: int = 0,
-                             on_record: Callable[[int], None] | None = None) -> tuple[list[Record], float]:
+                             on_record: Callable[[int], None] | None = None,
+                             order: list[tuple[int, int]] | None = None) -> tuple[list[Record], float]:
     """Tenants with a long shared context (a document in the system prompt) each asking
     ``questions`` independent questions, ``context + question``, not a conversation. The
     requests start in ``shared_context_order`` as ``concurrency`` slots free up, so a
     tenant's burst is in flight at once and tenants interleave; request ``i`` of the order
     goes to replica ``i % len(router_urls)`` (read at each request: ``on_record``, as in
-    ``run_conversations``, may change the list). Returns the records and the wall time."""
-    order = shared_context_order(tenants, questions, burst, seed)
+    ``run_conversations``, may change the list). ``order``: another arrival order of
+    (tenant, question) pairs instead (``tenants``, ``questions``, ``burst`` and ``seed`` are
+    then unused). Returns the records and the wall time."""
+    order = order if order is not None else shared_context_order(tenants, questions, burst, seed)
     records: list[Record] = []
     queue = iter(enumerate(order))
 

@@ -111,15 +111,19 @@ def check_routing_quality(lines: list[dict]) -> None:
     assert e2e["bench"] == "publisher_overhead_e2e" and e2e["messages_received"] > 0
     assert has(e2e, "events_off_prompt_tok_per_s", "events_on_no_subscriber_prompt_tok_per_s",
                "events_on_subscribed_prompt_tok_per_s")
-    assert setup["bench"] == "setup" and setup["sglang_router"] is False
+    assert setup["bench"] == "setup" and setup["sglang_router"] is False and setup["balance_abs_threshold"] == 2
+    # hot-tenant: one round, the 2 cold tenants' 4 questions and as many (--hot-share 0.5) of the hot one's.
     assert [(r["workload"], r["router"], r["replicas"], r["requests"]) for r in runs] == [
-        (w, p, 1, 4) for w in ("conversations", "shared-context") for p in ("radixfleet_precise", "radixfleet_round_robin")]
+        (w, p, 1, 8 if w == "hot-tenant" else 4) for w in ("conversations", "shared-context", "hot-tenant")
+        for p in ("radixfleet_precise", "radixfleet_round_robin")]
     assert all(has(r, "cached_token_ratio", "ttft_p50_s", "ttft_p90_s", "req_per_s", "follow_up_affinity") for r in runs)
     # Fresh routers took over after 2 requests; the counters of both sets add up to every request.
     assert all(r["routers_restarted_after"] == 2 for r in runs)
     assert sum(runs[0]["predictions"].values()) == 4 and sum(runs[2]["predictions"].values()) == 4
     # 2 tenants x 2 questions sent at once: each tenant's requests reached 1 or 2 workers.
-    assert all(1 <= r["workers_per_tenant"] <= 2 for r in runs[2:])
+    assert all(1 <= r["workers_per_tenant"] <= 2 for r in runs[2:4])
+    assert all(r["hot"]["requests"] == 4 and r["cold"]["requests"] == 4 for r in runs[4:])
+    assert all(0 <= r["hot"]["on_evicted_copy"] <= r["hot"]["recomputed"] <= 4 for r in runs[4:])
 
 
 def check_cpu_side_by_side(lines: list[dict]) -> None:
@@ -155,7 +159,8 @@ CASES: dict[str, tuple[list[str], Callable[[list[dict]], None]]] = {
     "routing_quality.py": (["--tenants", "2", "--turns", "2", "--context-words", "20", "--policies", "precise",
                             "round_robin", "--replicas", "1", "--skip-sglang", "--publisher-overhead",
                             "--overhead-prompts", "2", "--overhead-rounds", "1", "--workload", "conversations",
-                            "shared-context", "--questions", "2", "--burst", "2", "--restart-routers-after", "2"],
+                            "shared-context", "hot-tenant", "--questions", "2", "--burst", "2",
+                            "--restart-routers-after", "2", "--balance-abs-threshold", "2"],
                            check_routing_quality),
     "soak.py": (["--requests", "300"], check_soak),
 }
