@@ -138,6 +138,14 @@ def check_cpu_side_by_side(lines: list[dict]) -> None:
     assert ("radixfleet_over_vllm" in summary) == (not skipped)
 
 
+def check_fp8_accuracy_emulation(lines: list[dict]) -> None:
+    """The noise floor first, then each chosen variant, each an agreement and a perplexity ratio."""
+    names = [line["variant"] for line in lines]
+    assert names[:2] == ["noise-floor fp32 vs bf16", "noise-floor bf16, linears via fp32 matmul"]
+    assert {"kv-e4m3 scale 1 (engine)", "w-channel weight-only"} <= set(names[2:]), names
+    assert all(0 < line["top1"] <= 1 and line["ppl_ratio"] > 0 and line["logprob_diff"] >= 0 for line in lines)
+
+
 # script: (its smallest workload, what its JSON lines must say)
 CASES: dict[str, tuple[list[str], Callable[[list[dict]], None]]] = {
     "offline_throughput.py": (["--num-prompts", "2", "--random-input-len", "8", "--random-output-len", "4"],
@@ -163,6 +171,8 @@ CASES: dict[str, tuple[list[str], Callable[[list[dict]], None]]] = {
                             "--restart-routers-after", "2", "--balance-abs-threshold", "2"],
                            check_routing_quality),
     "soak.py": (["--requests", "300"], check_soak),
+    "fp8_accuracy_emulation.py": (["--tokens", "32", "--only", "kv-e4m3 scale 1", "w-channel weight-only"],
+                                  check_fp8_accuracy_emulation),
 }
 NEEDS_SERVER = {"serving.py"}
 
