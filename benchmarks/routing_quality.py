@@ -136,16 +136,19 @@ def tenants_summary(records) -> dict:
     a worker that had already answered the same tenant (``on_evicted_copy``: its copy there
     was evicted, while a router's approximate tree still lists it there); for a precise
     router, how many of those it predicted (``predicted_miss``: it knew the worker did not
-    hold it, e.g. under the imbalance rule) rather than expected cached (``predicted_hit``).
+    hold it, e.g. under the imbalance rule), expected cached (``predicted_hit``), or routed
+    by the approximate tree, with no prediction (``unpredicted``: that worker's events late).
     Without worker names (sglang-router) only ``recomputed`` is known."""
     served: set[tuple[int, str]] = set()
-    recomputed = evicted = predicted_miss = 0
+    recomputed = evicted = predicted_miss = predicted_hit = 0
     for r in records:
         if r.cached_tokens * 2 < r.prompt_tokens:
             recomputed += 1
             if (r.tenant, r.worker) in served:
                 evicted += 1
-                predicted_miss += r.predicted is not None and r.predicted * 2 < r.prompt_tokens
+                if r.predicted is not None:
+                    predicted_miss += r.predicted * 2 < r.prompt_tokens
+                    predicted_hit += r.predicted * 2 >= r.prompt_tokens
         served.add((r.tenant, r.worker))
     ttfts = sorted(r.ttft for r in records)
     named = bool(records) and bool(records[0].worker)
@@ -157,7 +160,8 @@ def tenants_summary(records) -> dict:
     if named:
         out["workers_per_tenant"] = round(len(served) / len({r.tenant for r in records}), 2)
     if any(r.predicted is not None for r in records):
-        out["predicted_miss"], out["predicted_hit"] = predicted_miss, evicted - predicted_miss
+        out.update(predicted_miss=predicted_miss, predicted_hit=predicted_hit,
+                   unpredicted=evicted - predicted_miss - predicted_hit)
     return out
 
 
