@@ -23,6 +23,13 @@ def parse_config(argv: list[str]) -> RouterConfig:
         raise  # unreachable: parser.error exits
 
 
+# Idle keep-alive connections are kept this long: longer than the clients and proxies in front
+# of the router keep theirs (httpx 5 s, cloud load balancers and nginx 60 s), so that none
+# sends a request on a connection the router is closing at that moment (a reset). uvicorn's
+# default is 5 s.
+KEEP_ALIVE_S = 75
+
+
 def main(argv: list[str]) -> int:
     """Run the router until interrupted; returns the exit code."""
     config = parse_config(argv)
@@ -30,5 +37,5 @@ def main(argv: list[str]) -> int:
     app = build_app(config)
     # loop/http "auto": uvloop and httptools are used when installed, asyncio and h11 otherwise.
     uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level, access_log=False,
-                timeout_graceful_shutdown=5)
+                timeout_keep_alive=KEEP_ALIVE_S, timeout_graceful_shutdown=5)
     return 0

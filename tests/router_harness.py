@@ -15,6 +15,7 @@ import uvicorn
 from server_process import free_port, wait_ok
 
 from radixfleet.router.app import build_app
+from radixfleet.router.cli import KEEP_ALIVE_S
 from radixfleet.router.config import RouterConfig
 
 FAKE_WORKER = Path(__file__).with_name("fake_worker.py")
@@ -71,7 +72,8 @@ class RouterThread:
         self.app = build_app(config)
         self.state = self.app.state.router
         self.server = uvicorn.Server(uvicorn.Config(self.app, host=config.host, port=config.port,
-                                                    log_level="warning", access_log=False))
+                                                    log_level="warning", access_log=False,
+                                                    timeout_keep_alive=KEEP_ALIVE_S))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property

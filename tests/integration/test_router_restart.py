@@ -102,3 +102,27 @@ async def _workers(c: httpx.AsyncClient, base: str) -> list[str]:
         return (await c.get(base + "/list_workers")).json()["urls"]
     except httpx.TransportError:
         return []
+
+
+def test_an_idle_keep_alive_connection_stays_open_past_the_clients_expiry():
+    """A client or proxy sends on a pooled connection idle up to its own expiry (httpx 5 s,
+    load balancers and nginx 60 s); the router must not close it first, or a request sent as
+    it closes is reset (seen as a flaky fuzz failure under load with uvicorn's 5 s default)."""
+    workers = start_fake_workers(1)
+    port = free_port()
+    router = start_router(port, [workers[0].url])
+    try:
+        wait_ok(f"http://127.0.0.1:{port}/health", proc=router)
+        limits = httpx.Limits(keepalive_expiry=60)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", limits=limits, trust_env=False) as c:
+            answers, addr = [], []
+            for pause in (0.0, 6.5):
+                time.sleep(pause)
+                answers.append(c.get("/health"))
+                addr.append(answers[-1].extensions["network_stream"].get_extra_info("client_addr"))
+        assert [a.status_code for a in answers] == [200, 200]
+        assert addr[0] == addr[1], "the router closed an idle keep-alive connection within 6.5 s"
+    finally:
+        router.kill()
+        router.wait()
+        workers[0].kill()
