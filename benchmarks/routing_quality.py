@@ -66,6 +66,7 @@ import zmq
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))  # the workload and fleet helpers are the tests' own
 from routing_workload import (  # noqa: E402
+    cache_and_ttft,
     context,
     flush_all,
     metric,
@@ -150,13 +151,9 @@ def tenants_summary(records) -> dict:
                     predicted_miss += r.predicted * 2 < r.prompt_tokens
                     predicted_hit += r.predicted * 2 >= r.prompt_tokens
         served.add((r.tenant, r.worker))
-    ttfts = sorted(r.ttft for r in records)
     named = bool(records) and bool(records[0].worker)
-    out = {"requests": len(records),
-           "cached_token_ratio": round(sum(r.cached_tokens for r in records) / max(sum(r.prompt_tokens for r in records), 1), 4),
-           "ttft_p50_s": round(statistics.median(ttfts), 4) if ttfts else None,
-           "ttft_p90_s": round(ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))], 4) if ttfts else None,
-           "recomputed": recomputed, "on_evicted_copy": evicted if named else None}
+    cache, ttft = cache_and_ttft(records)
+    out = {**cache, **ttft, "recomputed": recomputed, "on_evicted_copy": evicted if named else None}
     if named:
         out["workers_per_tenant"] = round(len(served) / len({r.tenant for r in records}), 2)
     if any(r.predicted is not None for r in records):
