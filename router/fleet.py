@@ -2,7 +2,9 @@
 
 The router starts with zero workers; each engine is registered through
 ``POST /add_worker?url=`` as soon as its ``/health`` answers 200, and the OpenAI base URL is
-printed once all of them are in. Ctrl-C or SIGTERM stops everything: SIGTERM to each
+printed once all of them are in. An engine that exits, before it is ready or while serving
+(removed from the router then), is started again on its port, up to ``--max-restarts``
+times, and registered again once healthy. Ctrl-C or SIGTERM stops everything: SIGTERM to each
 child's process group, SIGKILL after ``shutdown_timeout``, and a final sweep of any
 descendant still alive, so no process outlives the fleet.
 
@@ -55,10 +57,14 @@ class FleetConfig:
         "help": "Command template of one engine; {python} {model_path} {host} {port} {kv_events_port} are filled in."})
     startup_timeout: float = field(default=600.0, metadata={"help": "Seconds each engine may take to become healthy."})
     shutdown_timeout: float = field(default=10.0, metadata={"help": "Seconds between SIGTERM and SIGKILL on shutdown."})
+    max_restarts: int = field(default=3, metadata={
+        "help": "Times an engine that exits (before or after it was ready) is started again on its port."})
 
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.max_restarts < 0:
+            raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
         if "{port}" not in self.worker_command:
@@ -190,30 +196,41 @@ class Fleet:
             log.error("the router did not start")
             return 1
         log.info("router up at %s with no workers; starting %d engines", self.router_url, c.workers)
-        workers: dict[str, subprocess.Popen] = {}
-        for port in pick_ports(c.host, c.port + 1, c.workers):
-            proc = spawn(self.worker_command(port))
-            self.procs.append(proc)
-            workers[f"http://{c.host}:{port}"] = proc
-        pending = dict(workers)
-        registered: list[str] = []
-        deadline = time.monotonic() + c.startup_timeout
+        ports: dict[str, int] = {f"http://{c.host}:{port}": port for port in pick_ports(c.host, c.port + 1, c.workers)}
+        workers = {url: self._start_engine(port) for url, port in ports.items()}
+        restarts = dict.fromkeys(workers, 0)
+        deadlines = dict.fromkeys(workers, time.monotonic() + c.startup_timeout)
+        pending, registered = set(workers), []
         announced = False
+
+        def exited(url: str, when: str) -> None:
+            """An engine has exited: start it again on its port while restarts are left."""
+            log.error("engine %s exited with code %s %s", url, workers[url].returncode, when)
+            if restarts[url] >= c.max_restarts:
+                log.error("engine %s: no restarts left (--max-restarts %d); giving up on it", url, c.max_restarts)
+                return
+            restarts[url] += 1
+            self.procs.remove(workers[url])  # exited: nothing of it to stop, and its pid may be reused
+            log.warning("engine %s: starting it again (restart %d of %d)", url, restarts[url], c.max_restarts)
+            workers[url] = self._start_engine(ports[url])
+            deadlines[url] = time.monotonic() + c.startup_timeout
+            pending.add(url)
+
         while not self.stop.is_set():
-            for url, proc in list(pending.items()):
-                if proc.poll() is not None:
-                    log.error("engine %s exited with code %s before it was ready", url, proc.returncode)
-                    del pending[url]
+            for url in sorted(pending):
+                if workers[url].poll() is not None:
+                    pending.discard(url)
+                    exited(url, "before it was ready")
                 elif self._healthy(url) and self._register(url):
                     registered.append(url)
-                    del pending[url]
-                elif time.monotonic() > deadline:
+                    pending.discard(url)
+                elif time.monotonic() > deadlines[url]:
                     log.error("engine %s not healthy after %g s; giving up on it", url, c.startup_timeout)
-                    del pending[url]
+                    pending.discard(url)
             for url in [u for u in registered if workers[u].poll() is not None]:
-                log.error("engine %s exited with code %s; the router stops sending it requests",
-                          url, workers[url].returncode)
                 registered.remove(url)
+                self._deregister(url)
+                exited(url, "while serving; removed from the router")
             if router.poll() is not None:
                 log.error("the router exited with code %s", router.returncode)
                 return 1
@@ -225,6 +242,17 @@ class Fleet:
                 announced = True
             self.stop.wait(0.25)
         return 0
+
+    def _start_engine(self, port: int) -> subprocess.Popen:
+        proc = spawn(self.worker_command(port))
+        self.procs.append(proc)
+        return proc
+
+    def _deregister(self, url: str) -> None:
+        try:
+            self.http.post(self.router_url + "/remove_worker", params={"url": url}, headers=self.headers, timeout=10.0)
+        except httpx.TransportError as e:
+            log.warning("remove_worker %s failed: %s", url, e)
 
     def _register(self, url: str) -> bool:
         try:

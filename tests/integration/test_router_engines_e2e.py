@@ -43,18 +43,22 @@ SYSTEM = [f"You are assistant {g}. " + " ".join(f"rule {g}.{i}: answer briefly."
 
 
 @pytest.fixture(scope="module")
-def fleet():
+def fleet(tmp_path_factory):
     port = free_port()
     cmd = [sys.executable, "-m", "radixfleet", "up", "--workers", "2", "--port", str(port)]
     started = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    log_path = tmp_path_factory.mktemp("fleet") / "up.log"
+    with open(log_path, "w") as log_file:  # the fleet's and its engines' logs, shown if a test fails
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         line = ""
         while time.monotonic() - started < START_TIMEOUT_S:
             line = proc.stdout.readline()
             if "OpenAI base URL" in line or (not line and proc.poll() is not None):
                 break
-        assert "OpenAI base URL" in line, f"radixfleet up not ready within {START_TIMEOUT_S} s"
+        assert "radixfleet: 2 worker(s) ready" in line, (
+            f"radixfleet up printed {line!r} within {START_TIMEOUT_S} s; its log ends:\n{log_path.read_text()[-4000:]}")
         yield proc, line.split("OpenAI base URL: ", 1)[1].strip(), time.monotonic() - started
     finally:
         proc.send_signal(signal.SIGTERM)

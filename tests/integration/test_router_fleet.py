@@ -69,3 +69,44 @@ def test_up_stops_with_an_error_when_no_engine_starts():
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=50)
     assert proc.returncode == 1
     assert "exited with code 3" in proc.stderr and "no engine became ready" in proc.stderr
+
+
+@pytest.mark.timeout(90)
+def test_up_starts_an_engine_that_died_again_and_registers_it():
+    port = free_port()
+    proc = start_fleet(port)
+    try:
+        read_url_line(proc)
+        router = f"http://127.0.0.1:{port}"
+        urls = httpx.get(router + "/list_workers", trust_env=False).json()["urls"]
+        victim = next(p for p in psutil.Process(proc.pid).children(recursive=True)
+                      if f"--port {port + 1}" in " ".join(p.cmdline()))
+        victim.kill()
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:  # removed from the router, started again, added back
+            serving = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                       if f"--port {port + 1}" in " ".join(p.cmdline()) and p.pid != victim.pid]
+            listed = httpx.get(router + "/list_workers", trust_env=False).json()["urls"]
+            if serving and sorted(listed) == sorted(urls):
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"worker on port {port + 1} not back: listed {listed}, new process {serving}")
+        answers = {httpx.post(router + "/generate", json={"text": chr(65 + i) * 40}, trust_env=False).json()["text"]
+                   for i in range(8)}  # no shared prefix: spread by load
+        assert f"served by worker-{port + 1}" in answers, answers  # the restarted worker serves again
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+@pytest.mark.timeout(60)
+def test_up_gives_up_on_an_engine_after_its_restarts():
+    port = free_port()
+    cmd = [sys.executable, "-m", "radixfleet", "up", "--workers", "1", "--port", str(port), "--max-restarts", "2",
+           "--worker-command", "{python} -c 'raise SystemExit(3)' {port}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=50)
+    assert proc.returncode == 1
+    assert proc.stderr.count("exited with code 3 before it was ready") == 3, proc.stderr
+    assert "restart 2 of 2" in proc.stderr and "no restarts left" in proc.stderr
+    assert "no engine became ready" in proc.stderr
