@@ -66,6 +66,8 @@ def fleet(tmp_path_factory):
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
+        # Shown by pytest only with a failing test: how the fleet and its engines fared.
+        print(f"radixfleet up's log ends:\n{log_path.read_text()[-6000:]}", file=sys.stderr)
 
 
 def test_up_answers_the_openai_client(fleet):
