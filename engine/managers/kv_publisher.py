@@ -2,8 +2,14 @@
 hashing and the message format) and answers snapshot requests.
 
 Lives in the scheduler process (TP rank 0 only), next to the radix cache whose operations
-call ``publish``; everything runs on the scheduler's thread, so ``seq`` and the tree agree
-when a snapshot is taken. Sends never block: when the send queue is full (a stalled
+call ``publish``; publishing, subscriptions and snapshots run on the scheduler's thread, so
+``seq`` and the tree agree when a snapshot is taken. The heartbeat (the current ``seq``, no
+events, after ``HEARTBEAT_INTERVAL_S`` without a message) comes from a thread of its own, so
+that it goes out during a step too: a prefill of a few thousand tokens on a loaded CPU takes
+seconds, and a heartbeat sent only between steps let subscribers declare the engine stale
+(and resync from a snapshot) while nothing had changed. The step cannot change the tree
+without publishing, and every use of the socket and of ``seq`` holds one lock, so a heartbeat
+never claims a ``seq`` that a batch of events has not gone out with. Sends never block: when the send queue is full (a stalled
 subscriber) the message is dropped, and subscribers see the gap in ``seq`` and resync from a
 snapshot.
 
@@ -20,6 +26,7 @@ right. ``benchmarks/routing_quality.py --publisher-overhead`` measures the cost.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 
@@ -56,18 +63,26 @@ class KVEventPublisher:
             self._sock.close()
             raise ValueError(f"cannot publish KV events on {host}:{port}: {e}") from None
         self._last_send = 0.0
+        self._lock = threading.Lock()  # the socket, ``seq`` and ``_last_send``
+        self._closed = threading.Event()
+        self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="kv-events-heartbeat", daemon=True)
+        self._heartbeat.start()
 
     def publish(self, events: list[dict]) -> None:
         """Send one message of ``events``; it takes the next ``seq``."""
-        self.seq += 1
-        self._send(events)
+        with self._lock:
+            self.seq += 1
+            self._send(events)
 
     def tick(self, cache: RadixCache) -> None:
-        """Take subscription changes; heartbeat (the current ``seq``, no events) when
-        nothing was sent for a while and someone listens."""
+        """Take subscription changes (the scheduler calls this between steps)."""
         self._poll_subscriptions(cache)
-        if self.active and time.monotonic() - self._last_send >= HEARTBEAT_INTERVAL_S:
-            self._send([])
+
+    def _heartbeat_loop(self) -> None:
+        while not self._closed.wait(HEARTBEAT_INTERVAL_S / 4):
+            with self._lock:
+                if self.active and not self._closed.is_set() and time.monotonic() - self._last_send >= HEARTBEAT_INTERVAL_S:
+                    self._send([])
 
     def snapshot(self, cache: RadixCache) -> dict:
         """Every resident block as of the last message sent."""
@@ -80,32 +95,37 @@ class KVEventPublisher:
     def _poll_subscriptions(self, cache: RadixCache) -> None:
         # XPUB hands up b"\x01" + topic for a topic's first subscriber, b"\x00" + topic when
         # its last one leaves (unsubscribes or disconnects).
-        while self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            try:
-                msg = self._sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            if msg[:1] == b"\x01":
-                self._topics.add(msg[1:])
-            elif msg[:1] == b"\x00":
-                self._topics.discard(msg[1:])
+        with self._lock:
+            while self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                try:
+                    msg = self._sock.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if msg[:1] == b"\x01":
+                    self._topics.add(msg[1:])
+                elif msg[:1] == b"\x00":
+                    self._topics.discard(msg[1:])
         listening = bool(self._topics)
         if listening and not self.active:
             blocks = cache.hash_all()
-            self.active = True
-            self.activations += 1
-            self.seq += 1  # the gap: what changed while nobody listened was never published
-            self._send([])
+            with self._lock:
+                self.active = True
+                self.activations += 1
+                self.seq += 1  # the gap: what changed while nobody listened was never published
+                self._send([])
             logger.info("KV events: a subscriber arrived; %d resident blocks hashed", blocks)
         elif self.active and not listening:
             self.active = False
             logger.info("KV events: no subscriber left; hashing stops")
 
     def close(self) -> None:
+        self._closed.set()
+        self._heartbeat.join()
         self._sock.close()
         self._ctx.term()
 
     def _send(self, events: list[dict]) -> None:
+        """With ``_lock`` held."""
         self._last_send = time.monotonic()
         payload = kv_events.EventBatch(self.engine_id, self.seq, time.time(), events).encode()
         try:

@@ -11,7 +11,7 @@ import zmq
 from server_process import free_port
 
 from radixfleet import kv_events
-from radixfleet.engine.managers.kv_publisher import KVEventPublisher
+from radixfleet.engine.managers.kv_publisher import HEARTBEAT_INTERVAL_S, KVEventPublisher
 from radixfleet.engine.memory.allocator import TokenSlotAllocator
 from radixfleet.engine.memory.radix_cache import RadixCache
 from radixfleet.kv_events import EventBatch, Snapshot
@@ -127,3 +127,33 @@ def test_snapshot_asked_while_nobody_subscribes_is_complete():
         assert set(snap.blocks) == expected_blocks(cache) and len(snap.blocks) == len(set(snap.blocks))
     finally:
         publisher.close()
+
+
+def test_heartbeats_go_out_while_the_scheduler_is_inside_a_long_step():
+    """A step of several seconds (a long CPU prefill) must not make the engine look stale: the
+    heartbeat thread keeps saying "still at seq N" while the scheduler thread never ticks, and
+    the events of the step, when it publishes them, follow with N + 1 (no gap)."""
+    port, ctx = free_port(), zmq.Context()
+    publisher = KVEventPublisher("127.0.0.1", port, B)
+    alloc = TokenSlotAllocator(120, 1)
+    cache = RadixCache(alloc, 1, events=publisher)
+    try:
+        sub = subscriber(port, ctx)
+        until(lambda: publisher.active, publisher, cache)
+        received(sub)
+        seq = publisher.seq
+        step_s = 3.5  # no tick meanwhile, as inside one step
+        deadline, beats = time.monotonic() + step_s, []
+        while time.monotonic() < deadline:
+            if sub.poll(100):
+                beats.append((time.monotonic(), EventBatch.decode(sub.recv_multipart()[1])))
+        assert len(beats) >= 3, beats
+        assert all(b.seq == seq and not b.events for _, b in beats)
+        gaps = [later - earlier for (earlier, _), (later, _) in zip(beats, beats[1:])]
+        assert max(gaps) < 2 * HEARTBEAT_INTERVAL_S, gaps
+        insert(alloc, cache, list(range(12)))  # the step ends and publishes what it stored
+        after = received(sub)
+        assert after and after[0].seq == seq + 1 and after[0].events
+    finally:
+        publisher.close()
+        ctx.destroy(linger=0)
