@@ -5,8 +5,10 @@ blocks (``radixfleet/kv_events.py``) and asks the event-fed index (``kv_index.py
 leading tokens each worker holds, ``cached(w)``. Then, with ``n`` prompt tokens:
 
 1. load imbalanced (cache_aware's test on requests in flight: ``max - min >
-   balance_abs_threshold`` and ``max > balance_rel_threshold * min``): the least-loaded
-   worker (decision ``imbalanced``);
+   balance_abs_threshold`` and ``max > balance_rel_threshold * min``): decision
+   ``imbalanced``, the worker holding the most (``ahead(w)``, below) among those with room
+   (fewer than ``balance_abs_threshold`` requests more than the least loaded) if it holds
+   more than ``cache_threshold * n``, else the least-loaded worker (``_rebalance``);
 2. else, if the worker holding the most, ``ahead(w)``, holds more than ``cache_threshold *
    n``: that worker (``cached``; ties by cost). ``ahead(w)`` is ``cached(w)`` or, if longer,
    the prefix ``w`` is about to hold: the longest (whole blocks) that the request shares with
@@ -159,7 +161,7 @@ class PrecisePolicy(Policy):
                  for w in order]
         tie = range(len(order))
         if len(order) > 1 and self.approx.is_imbalanced([w.in_flight for w in order]):
-            best, rule = min(tie, key=lambda i: (order[i].in_flight, costs[i], i)), "imbalanced"
+            best, rule = self._rebalance(order, ahead, costs, n), "imbalanced"
         else:
             best = max(tie, key=lambda i: (ahead[order[i].url], -costs[i], -i))
             rule = "cached"
@@ -178,6 +180,19 @@ class PrecisePolicy(Policy):
         if chosen.url in matched and isinstance(text, PromptKey):
             text.predicted = ahead[chosen.url]
         return chosen, decision
+
+    def _rebalance(self, order: Sequence[Worker], ahead: dict[str, int], costs: list[float], n: int) -> int:
+        """The choice while the load is imbalanced (the index into ``order``): the worker that
+        really holds the most of the prompt among those with room, i.e. fewer than
+        ``balance_abs_threshold`` requests in flight more than the least loaded (one more
+        request leaves them within the threshold), if it holds more than ``cache_threshold *
+        n``; else the least loaded. cache_aware takes the least loaded whatever it holds, which
+        recomputes a hot prefix there while a worker with room still holds it."""
+        lo = min(w.in_flight for w in order)
+        room = [i for i in range(len(order)) if order[i].in_flight < lo + self.approx.balance_abs_threshold]
+        least = min(range(len(order)), key=lambda i: (order[i].in_flight, costs[i], i))
+        holder = max(room or [least], key=lambda i: (ahead[order[i].url], -costs[i], -i))
+        return holder if ahead[order[holder].url] > self.cache_threshold * n else least
 
     def _place(self, order: Sequence[Worker], costs: list[float], ids: Sequence[int], held: int,
                hashes: dict[tuple[int, int], list[int]]) -> int:

@@ -126,6 +126,22 @@ def test_imbalanced_load_goes_to_the_least_loaded(tok):
     assert p.select(ws, key(PROMPT + [1])) == (ws[1], "imbalanced")
 
 
+def test_imbalanced_load_stays_on_a_holder_with_room(tok):
+    """A hot prefix held by a worker that is busier than the least loaded but within the
+    threshold stays there; the worker over the threshold gets nothing more, however much it
+    holds, and a prompt no worker with room holds goes to the least loaded."""
+    p, ws = fleet(tok, 3, 1, 0, balance_abs_threshold=2)  # 3 - 0 > 2: imbalanced
+    holds(p, ws[0].url, PROMPT)
+    holds(p, ws[1].url, PROMPT[:48])
+    holds(p, ws[2].url, [])
+    k = key(PROMPT + [1])
+    assert p.select(ws, k) == (ws[1], "imbalanced") and k.predicted == 48
+    ws[1].in_flight = 2  # no room left: one more would put it 3 ahead of the least loaded
+    assert p.select(ws, key(PROMPT + [2])) == (ws[2], "imbalanced")
+    ws[1].in_flight = 1
+    assert p.select(ws, key(list(range(500, 564)))) == (ws[2], "imbalanced")  # held nowhere
+
+
 def test_worker_out_of_sync_is_scored_by_the_approximate_tree(tok):
     p, ws = fleet(tok, 0, 0)
     holds(p, ws[0].url, [])
