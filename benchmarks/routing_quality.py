@@ -152,8 +152,7 @@ def tenants_summary(records) -> dict:
                     predicted_hit += r.predicted * 2 >= r.prompt_tokens
         served.add((r.tenant, r.worker))
     named = bool(records) and bool(records[0].worker)
-    cache, ttft = cache_and_ttft(records)
-    out = {**cache, **ttft, "recomputed": recomputed, "on_evicted_copy": evicted if named else None}
+    out = {**cache_and_ttft(records), "recomputed": recomputed, "on_evicted_copy": evicted if named else None}
     if named:
         out["workers_per_tenant"] = round(len(served) / len({r.tenant for r in records}), 2)
     if any(r.predicted is not None for r in records):

@@ -229,15 +229,14 @@ async def run_shared_context(router_urls: list[str], tenants: int, questions: in
     return records, time.perf_counter() - start
 
 
-def cache_and_ttft(records: list[Record]) -> tuple[dict, dict]:
-    """({requests, cached_token_ratio}, {ttft_p50_s, ttft_p90_s}) of some records (TTFTs None if none)."""
+def cache_and_ttft(records: list[Record]) -> dict:
+    """requests, cached_token_ratio, ttft_p50_s and ttft_p90_s of some records (TTFTs None if none)."""
     ttfts = sorted(r.ttft for r in records)
     prompt = sum(r.prompt_tokens for r in records)
-    cache = {"requests": len(records),
-             "cached_token_ratio": round(sum(r.cached_tokens for r in records) / max(prompt, 1), 4)}
-    ttft = {"ttft_p50_s": round(statistics.median(ttfts), 4) if ttfts else None,
+    return {"requests": len(records),
+            "cached_token_ratio": round(sum(r.cached_tokens for r in records) / max(prompt, 1), 4),
+            "ttft_p50_s": round(statistics.median(ttfts), 4) if ttfts else None,
             "ttft_p90_s": round(ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))], 4) if ttfts else None}
-    return cache, ttft
 
 
 def summarize(records: list[Record], elapsed: float) -> dict:
@@ -248,12 +247,10 @@ def summarize(records: list[Record], elapsed: float) -> dict:
         by_tenant.setdefault(r.tenant, []).append(r)
     follow = [(prev.worker, r.worker) for rs in by_tenant.values() for prev, r in zip(rs, rs[1:], strict=False)]
     prompt = sum(r.prompt_tokens for r in records)
-    cache, ttft = cache_and_ttft(records)
     return {
-        **cache,
+        **cache_and_ttft(records),
         "cached_tokens": sum(r.cached_tokens for r in records),
         "prompt_tokens": prompt,
-        **ttft,
         "req_per_s": round(len(records) / elapsed, 3),
         "prompt_tok_per_s": round(prompt / elapsed, 1),
         "follow_up_affinity": round(sum(a == b for a, b in follow) / len(follow), 4) if follow and follow[0][0] else None,

@@ -9,9 +9,9 @@ that it goes out during a step too: a prefill of a few thousand tokens on a load
 seconds, and a heartbeat sent only between steps let subscribers declare the engine stale
 (and resync from a snapshot) while nothing had changed. The step cannot change the tree
 without publishing, and every use of the socket and of ``seq`` holds one lock, so a heartbeat
-never claims a ``seq`` that a batch of events has not gone out with. Sends never block: when the send queue is full (a stalled
-subscriber) the message is dropped, and subscribers see the gap in ``seq`` and resync from a
-snapshot.
+never claims a ``seq`` that a batch of events has not gone out with. Sends never block: when
+the send queue is full (a stalled subscriber) the message is dropped, and subscribers see
+the gap in ``seq`` and resync from a snapshot.
 
 Nobody subscribed, nothing done: the socket is an XPUB, which reports the first subscription
 to a topic and the departure of its last subscriber. While nobody subscribes, ``active`` is
@@ -81,7 +81,7 @@ class KVEventPublisher:
     def _heartbeat_loop(self) -> None:
         while not self._closed.wait(HEARTBEAT_INTERVAL_S / 4):
             with self._lock:
-                if self.active and not self._closed.is_set() and time.monotonic() - self._last_send >= HEARTBEAT_INTERVAL_S:
+                if self.active and time.monotonic() - self._last_send >= HEARTBEAT_INTERVAL_S:
                     self._send([])
 
     def snapshot(self, cache: RadixCache) -> dict:
