@@ -29,6 +29,16 @@ radix-cache operation that changed its resident blocks::
     EVENT = {"type": "stored", "hashes": [H, ...], "parent": H | null}
           | {"type": "removed", "hashes": [H, ...]}
           | {"type": "cleared"}
+          | {"type": "queued", "rid": RID, "hashes": [H, ...]}
+          | {"type": "settled", "rids": [RID, ...]}
+
+``queued`` says that a request the engine has just received will hold these blocks once it
+is prefilled (the full blocks of its prompt but the last token); ``settled`` that it no longer
+will: it was prefilled (its blocks were published as ``stored`` by then) or it ended. The
+engine caches a prompt as soon as it is prefilled, and a request sharing it that arrives
+meanwhile waits for it, so a router that sees ``queued`` knows where a prefix is about to be
+held: router replicas learn of each other's requests this way, within the time a request
+takes to reach the engine, rather than when its prefill ends (seconds on a loaded CPU).
 
 ``seq`` counts messages with events from 1 per engine process (``ID`` is new at every
 start); a heartbeat (``"events": []``, about once a second) repeats the last ``seq`` without
@@ -37,7 +47,8 @@ nobody subscribes the engine publishes nothing and ``seq`` stands still; when a 
 arrives ``seq`` skips one and a heartbeat carries it at once, so a subscriber that kept state
 from before sees a gap (``engine/managers/kv_publisher.py``). A
 snapshot (engine ``GET /kv_events/snapshot``) is ``{"engine", "seq", "block_size", "seed",
-"blocks": [H, ...]}``: every resident block as of message ``seq``; a subscriber that starts
+"blocks": [H, ...], "queued": {RID: [H, ...]}}``: every resident block and every queued
+request as of message ``seq``; a subscriber that starts
 late or sees a gap in ``seq`` loads it and applies only the messages after ``seq``.
 """
 
@@ -97,6 +108,17 @@ def cleared() -> dict:
     return {"type": "cleared"}
 
 
+def queued(rid: str, hashes: list[int]) -> dict:
+    return {"type": "queued", "rid": rid, "hashes": hashes}
+
+
+def settled(rids: list[str]) -> dict:
+    return {"type": "settled", "rids": rids}
+
+
+EVENT_TYPES = ("stored", "removed", "cleared", "queued", "settled")
+
+
 @dataclass
 class EventBatch:
     """One published message."""
@@ -118,29 +140,33 @@ class EventBatch:
                 and isinstance(obj.get("events"), list)):
             raise ValueError("not a KV event message")
         for ev in obj["events"]:
-            if not isinstance(ev, dict) or ev.get("type") not in ("stored", "removed", "cleared"):
+            if not isinstance(ev, dict) or ev.get("type") not in EVENT_TYPES:
                 raise ValueError(f"unknown KV event {ev!r}")
         return cls(obj["engine"], obj["seq"], float(obj.get("ts", 0.0)), obj["events"])
 
 
 @dataclass
 class Snapshot:
-    """Every resident block of an engine as of message ``seq``."""
+    """Every resident block and queued request of an engine as of message ``seq``."""
 
     engine: str
     seq: int
     block_size: int
     seed: int
     blocks: list[int]
+    queued: dict[str, list[int]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"engine": self.engine, "seq": self.seq, "block_size": self.block_size, "seed": self.seed,
-                "blocks": self.blocks}
+                "blocks": self.blocks, "queued": self.queued}
 
     @classmethod
     def from_json(cls, obj: Any) -> Snapshot:
         keys = ("engine", "seq", "block_size", "seed", "blocks")
         if not isinstance(obj, dict) or any(k not in obj for k in keys):
             raise ValueError(f"not a KV snapshot (expected keys {', '.join(keys)})")
+        queued = obj.get("queued") or {}  # absent from engines before queued events
+        if not isinstance(queued, dict):
+            raise ValueError("a KV snapshot's queued must map request ids to block hashes")
         return cls(str(obj["engine"]), int(obj["seq"]), int(obj["block_size"]), int(obj["seed"]),
-                   [int(h) for h in obj["blocks"]])
+                   [int(h) for h in obj["blocks"]], {str(r): [int(h) for h in hs] for r, hs in queued.items()})

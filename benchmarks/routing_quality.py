@@ -4,7 +4,11 @@ CPU engines whose KV pools are small enough to evict (default 2048 tokens each).
 
 The workload (``tests/routing_workload.py``): ``--tenants`` conversations, each with a long
 context of its own and ``--turns`` questions, resending the history every turn, interleaved
-at ``--concurrency``; requests go to the replicas in turn. ``--workload shared-context``
+at ``--concurrency``; each request goes to a replica drawn at random (seeded: the same
+draws for every router), as a Kubernetes Service spreads connections; ``--replica-choice
+turn`` sends request ``i`` to replica ``i % R`` instead, as runs before 2026-12-07 did,
+which lines up round_robin routers (each counts its requests from 0) so that ``R``
+consecutive requests, a tenant's burst among them, reach one worker. ``--workload shared-context``
 (or both: ``--workload conversations shared-context``, against the same engines) gives each tenant a long shared context (``--context-words`` 400, about 770 tokens)
 and ``--questions`` independent requests ``context + question``, ``--burst`` of a tenant's
 at once, tenants shuffled per round with a fixed seed (the same order for every router), so
@@ -191,15 +195,17 @@ def run(name: str, start: Callable[[], list[tuple[str, subprocess.Popen]]], engi
         asyncio.run(run_conversations(urls[:1], 1, 1, 10, 1))
         flush_all(engines)
         before = predictions(urls)
+        seed = None if args.replica_choice == "turn" else 0
         if workload in ("shared-context", "hot-tenant"):
             order = (hot_tenant_order(args.tenants, args.questions, args.burst, args.hot_share)
                      if workload == "hot-tenant" else None)
             records, elapsed = asyncio.run(measured(run_shared_context(
                 urls, args.tenants, args.questions, words, args.concurrency, args.burst, args.max_tokens,
-                on_record=on_record, order=order)))
+                on_record=on_record, order=order, replica_seed=seed)))
         else:
             records, elapsed = asyncio.run(measured(run_conversations(
-                urls, args.tenants, args.turns, words, args.concurrency, args.max_tokens, on_record=on_record)))
+                urls, args.tenants, args.turns, words, args.concurrency, args.max_tokens, on_record=on_record,
+                replica_seed=seed)))
         urls = [u for u, _ in routers]  # every router that served, for the counters
         line = {"bench": "routing_quality", "workload": workload, "router": name, "replicas": replicas,
                 **summarize(records, elapsed)}
@@ -374,6 +380,8 @@ def main() -> int:
     ap.add_argument("--kv-pool", type=int, default=2048, help="KV-cache tokens per engine")
     ap.add_argument("--policies", nargs="+", default=["round_robin", "cache_aware", "precise", "sglang"])
     ap.add_argument("--replicas", type=int, nargs="+", default=[1, 3])
+    ap.add_argument("--replica-choice", choices=["random", "turn"], default="random",
+                    help="which router replica takes each request: drawn at random (seeded), or in turn")
     ap.add_argument("--skip-sglang", action="store_true")
     ap.add_argument("--publisher-overhead", action="store_true")
     ap.add_argument("--overhead-prompts", type=int, default=16, help="prompts per end-to-end overhead measurement")
@@ -408,7 +416,7 @@ def main() -> int:
         emit(bench="setup", engines=3, kv_pool=args.kv_pool, workloads=args.workload, tenants=args.tenants,
              turns=args.turns, questions=args.questions, burst=args.burst, context_words=args.context_words,
              concurrency=args.concurrency, sglang_router=sglang is not None, hot_share=args.hot_share,
-             balance_abs_threshold=args.balance_abs_threshold)
+             balance_abs_threshold=args.balance_abs_threshold, replica_choice=args.replica_choice)
         for workload in args.workload:
             for replicas in args.replicas:
                 for policy in args.policies:

@@ -1,8 +1,9 @@
 """What each worker's radix cache really holds, rebuilt from its KV events.
 
 One ``WorkerBlocks`` per publishing worker: the set of its resident block hashes
-(``radixfleet/kv_events.py``), the engine identity and ``seq`` they are current to, and a
-sync state:
+(``radixfleet/kv_events.py``), the requests it has received and not yet prefilled with
+their blocks (``queued``: what it is about to hold), the engine identity and ``seq`` they
+are current to, and a sync state:
 
 - ``syncing``: waiting for a snapshot; messages that arrive meanwhile are buffered, and
   those after the snapshot's ``seq`` are replayed onto it;
@@ -21,6 +22,7 @@ Event-loop thread only: no locks.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -39,6 +41,8 @@ class WorkerBlocks:
     block_size: int = kv_events.DEFAULT_BLOCK_SIZE
     seed: int = kv_events.SEED
     blocks: set[int] = field(default_factory=set)
+    queued: dict[str, list[int]] = field(default_factory=dict)  # rid -> its prompt's blocks
+    queued_blocks: Counter = field(default_factory=Counter)  # block -> queued requests with it
     last_message: float = 0.0  # monotonic time of the last message (or snapshot)
     buffered: list[EventBatch] = field(default_factory=list)
     resyncs: int = 0
@@ -50,9 +54,28 @@ class WorkerBlocks:
                 self.blocks.update(ev["hashes"])
             elif kind == "removed":
                 self.blocks.difference_update(ev["hashes"])
-            else:
+            elif kind == "cleared":
                 self.blocks.clear()
+            elif kind == "queued":
+                self.settle([ev["rid"]])
+                self.queued[ev["rid"]] = ev["hashes"]
+                self.queued_blocks.update(ev["hashes"])
+            elif kind == "settled":
+                self.settle(ev["rids"])
         self.seq = batch.seq
+
+    def settle(self, rids: Sequence[str]) -> None:
+        for rid in rids:
+            hashes = self.queued.pop(rid, None)
+            if hashes:
+                self.queued_blocks.subtract(hashes)
+                for h in hashes:
+                    if self.queued_blocks[h] <= 0:
+                        del self.queued_blocks[h]
+
+    def load_queued(self, queued: dict[str, list[int]]) -> None:
+        self.queued = dict(queued)
+        self.queued_blocks = Counter(h for hashes in queued.values() for h in hashes)
 
 
 class KVIndex:
@@ -103,6 +126,7 @@ class KVIndex:
             return None
         w.engine, w.seq, w.block_size, w.seed = snap.engine, snap.seq, snap.block_size, snap.seed
         w.blocks = set(snap.blocks)
+        w.load_queued(snap.queued)
         w.last_message = time.monotonic() if now is None else now
         pending, w.buffered = sorted((b for b in w.buffered if b.seq > snap.seq or b.engine != snap.engine),
                                      key=lambda b: b.seq), []
@@ -131,18 +155,24 @@ class KVIndex:
 
     # ---- queries ----------------------------------------------------------------------------
     def resident_tokens(self, url: str) -> int | None:
-        """Tokens (whole blocks) that the worker's cache holds, or None while it is not in sync."""
+        """Tokens (whole blocks) that the worker's cache holds or is about to hold (its queued
+        requests' blocks), or None while it is not in sync."""
         if not self.in_sync(url):
             return None
         w = self.workers[url]
-        return len(w.blocks) * w.block_size
+        coming = sum(1 for h in w.queued_blocks if h not in w.blocks)
+        return (len(w.blocks) + coming) * w.block_size
 
     def matched_tokens(self, urls: Sequence[str], token_ids: Sequence[int],
-                       hashes: dict[tuple[int, int], list[int]] | None = None) -> dict[str, int]:
+                       hashes: dict[tuple[int, int], list[int]] | None = None,
+                       queued: bool = False) -> dict[str, int]:
         """For each in-sync worker of ``urls``: how many leading tokens of ``token_ids`` it
-        holds, in whole blocks (the last token never counts: the engine always computes it).
-        ``hashes``: the block hashes of ``token_ids`` already computed, by ``(block_size,
-        seed)`` (``block_hashes``); those computed here are added to it for the caller."""
+        holds, in whole blocks (the last token never counts: the engine always computes it);
+        with ``queued``, or is about to hold: a block that a queued request's prompt has counts
+        too (hashes are chained, so one queued prompt that shares the first ``k`` blocks holds
+        them all). ``hashes``: the block hashes of ``token_ids`` already computed, by
+        ``(block_size, seed)`` (``block_hashes``); those computed here are added to it for
+        the caller."""
         hashes = {} if hashes is None else hashes
         now = time.monotonic()
         out = {}
@@ -151,8 +181,9 @@ class KVIndex:
                 continue
             w = self.workers[url]
             n = 0
+            coming = w.queued_blocks if queued else ()
             for h in block_hashes(token_ids, w.block_size, w.seed, hashes):
-                if h not in w.blocks:
+                if h not in w.blocks and h not in coming:
                     break
                 n += 1
             out[url] = n * w.block_size

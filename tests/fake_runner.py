@@ -14,6 +14,7 @@ launched (``Launch``) and what it sent to the detokenizer (``Sent``).
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ import torch
 from radixfleet.engine.config import EngineConfig
 from radixfleet.engine.executor.forward_batch import ForwardBatch, ForwardMode
 from radixfleet.engine.managers.io_struct import BatchTokenOut, TokenizedGenerateReq
+from radixfleet.engine.managers.kv_publisher import ReportArrivals
 from radixfleet.engine.managers.scheduler import Scheduler
 from radixfleet.engine.managers.scheduler_io import QueueSchedulerIO
 from radixfleet.engine.memory.allocator import TokenSlotAllocator
@@ -158,6 +160,7 @@ class SchedulerHarness:
 
         self.scheduler.executor.forward = record_launch
         self._arrivals = itertools.count(1)
+        self._submitted = 0
 
     def submit(self, rid: str, prompt: Sequence[int], stream: bool = False, **params) -> None:
         """Queue a greedy request (``params``: sampling parameters); it arrives after the
@@ -165,9 +168,16 @@ class SchedulerHarness:
         sampling = SamplingParams.from_dict({"temperature": 0, **params})
         self.io.inbox.put(TokenizedGenerateReq(rid, list(prompt), sampling, stream=stream,
                                                arrival_time=float(next(self._arrivals))))
+        self._submitted += 1
 
     def step(self) -> None:
         """One event-loop iteration: take new messages, then launch / process a step."""
+        io = self.scheduler.io
+        if isinstance(io, ReportArrivals):  # KV events on: a reader thread hands requests on
+            deadline = time.monotonic() + 5
+            while io.received < self._submitted:
+                assert time.monotonic() < deadline, "the arrivals thread did not hand the requests on"
+                time.sleep(0.001)
         self.scheduler._recv(block=False)
         if self.scheduler._busy():
             self.scheduler.step()

@@ -6,7 +6,11 @@ Each tenant has a long context of its own (a system prompt) and asks ``turns`` q
 one conversation, each turn resending the whole history (context, questions, answers)
 (``run_conversations``), or asks independent questions on that context, several at once
 (``run_shared_context``); tenants run interleaved, ``concurrency`` requests at a time, and each request goes to one of
-the router replicas in turn. Per request the record keeps the worker that answered (the
+the router replicas: in turn, or (``replica_seed``) one drawn at random with that seed, as
+a Kubernetes Service spreads connections. In turn, the requests ``i`` go to replica ``i %
+R``, and round_robin routers, each counting its own requests from 0, then send requests
+``i`` to worker ``i // R % W`` alike: ``R`` consecutive requests, a tenant's burst among
+them, reach one worker, which no deployment does. Per request the record keeps the worker that answered (the
 router's ``x-radixfleet-worker`` header; ``""`` for a router that does not send it), the
 engine's reported ``cached_tokens``, prompt tokens, time to first token and latency.
 """
@@ -127,6 +131,7 @@ class Record:
     ttft: float
     latency: float
     predicted: int | None = None  # a precise router's predicted cached tokens (its header), else None
+    sent: float = 0.0  # time.perf_counter() when the request was sent
 
 
 async def _turn(c: httpx.AsyncClient, url: str, messages: list[dict], max_tokens: int) -> tuple[str, Record]:
@@ -153,25 +158,41 @@ async def _turn(c: httpx.AsyncClient, url: str, messages: list[dict], max_tokens
     cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
     return "".join(text), Record(-1, -1, worker, usage.get("prompt_tokens", 0), cached,
                                  latency if ttft is None else ttft, latency,
-                                 None if predicted is None else int(predicted))
+                                 None if predicted is None else int(predicted), start)
+
+
+def replica_picker(replica_seed: int | None) -> Callable[[int, int], int]:
+    """``pick(i, replicas)``: the replica of request ``i``, in turn or (a seed) at random."""
+    if replica_seed is None:
+        return lambda i, replicas: i % replicas
+    rng = random.Random(replica_seed)
+    draws: list[float] = []
+
+    def pick(i: int, replicas: int) -> int:
+        while len(draws) <= i:
+            draws.append(rng.random())
+        return int(draws[i] * replicas)
+    return pick
 
 
 async def run_conversations(router_urls: list[str], tenants: int, turns: int, context_words: int,
                             concurrency: int, max_tokens: int = 8,
-                            on_record: Callable[[int], None] | None = None) -> tuple[list[Record], float]:
+                            on_record: Callable[[int], None] | None = None,
+                            replica_seed: int | None = None) -> tuple[list[Record], float]:
     """Every tenant's conversation, interleaved; returns the records and the wall time.
     ``router_urls`` is read at each request (``on_record``, called with the number of
     records so far after each one, may change it in place)."""
     gate = asyncio.Semaphore(concurrency)
     records: list[Record] = []
     counter = iter(range(10**9))
+    pick = replica_picker(replica_seed)
 
     async def tenant(t: int, c: httpx.AsyncClient) -> None:
         messages = [{"role": "system", "content": context(t, context_words)}]
         for k in range(turns):
             messages.append({"role": "user", "content": f"Question {k}: which word comes after note {3 * k + t}?"})
             async with gate:
-                url = router_urls[next(counter) % len(router_urls)]
+                url = router_urls[pick(next(counter), len(router_urls))]
                 answer, rec = await _turn(c, url, messages, max_tokens)
             rec.tenant, rec.turn = t, k
             records.append(rec)
@@ -200,24 +221,26 @@ def shared_context_order(tenants: int, questions: int, burst: int, seed: int = 0
 async def run_shared_context(router_urls: list[str], tenants: int, questions: int, context_words: int,
                              concurrency: int, burst: int, max_tokens: int = 8, seed: int = 0,
                              on_record: Callable[[int], None] | None = None,
-                             order: list[tuple[int, int]] | None = None) -> tuple[list[Record], float]:
+                             order: list[tuple[int, int]] | None = None,
+                             replica_seed: int | None = None) -> tuple[list[Record], float]:
     """Tenants with a long shared context (a document in the system prompt) each asking
     ``questions`` independent questions, ``context + question``, not a conversation. The
     requests start in ``shared_context_order`` as ``concurrency`` slots free up, so a
     tenant's burst is in flight at once and tenants interleave; request ``i`` of the order
-    goes to replica ``i % len(router_urls)`` (read at each request: ``on_record``, as in
-    ``run_conversations``, may change the list). ``order``: another arrival order of
+    goes to replica ``i % len(router_urls)``, or one drawn with ``replica_seed`` (read at each
+    request: ``on_record``, as in ``run_conversations``, may change the list). ``order``: another arrival order of
     (tenant, question) pairs instead (``tenants``, ``questions``, ``burst`` and ``seed`` are
     then unused). Returns the records and the wall time."""
     order = order if order is not None else shared_context_order(tenants, questions, burst, seed)
     records: list[Record] = []
     queue = iter(enumerate(order))
+    pick = replica_picker(replica_seed)
 
     async def slot(c: httpx.AsyncClient) -> None:
         for i, (t, q) in queue:
             messages = [{"role": "system", "content": context(t, context_words)},
                         {"role": "user", "content": f"Question {q}: which word comes after note {7 * q + t}?"}]
-            _, rec = await _turn(c, router_urls[i % len(router_urls)], messages, max_tokens)
+            _, rec = await _turn(c, router_urls[pick(i, len(router_urls))], messages, max_tokens)
             rec.tenant, rec.turn = t, q
             records.append(rec)
             if on_record is not None:

@@ -21,14 +21,21 @@ skips one and a heartbeat goes out at once: a subscriber that held state from be
 was disconnected meanwhile) sees the gap and resyncs; a new one starts from a snapshot
 anyway. A snapshot asked for while nobody subscribes hashes the tree first, so it is always
 right. ``benchmarks/routing_quality.py --publisher-overhead`` measures the cost.
+
+Requests too: the scheduler reports each request it receives (``queued``) and each one that
+was prefilled or ended (``settled``); the publisher keeps the queued ones (their token ids,
+hashed only while someone subscribes or a snapshot asks) so that a snapshot lists them and a
+subscriber that arrives late knows what is about to be held.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable, Sequence
 
 import zmq
 
@@ -53,6 +60,8 @@ class KVEventPublisher:
         self.active = False  # someone subscribes (the radix cache hashes and publishes only then)
         self.activations = 0
         self._topics: set[bytes] = set()
+        # rid -> [prompt token ids, their block hashes or None until hashed]
+        self._queued: dict[str, list] = {}
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.XPUB)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -74,6 +83,30 @@ class KVEventPublisher:
             self.seq += 1
             self._send(events)
 
+    def queued(self, rid: str, token_ids: Sequence[int]) -> None:
+        """A request that has just reached the scheduler process; its prompt will be held once
+        prefilled. Any thread (``ReportArrivals``' reader)."""
+        with self._lock:
+            entry = self._queued[rid] = [token_ids, None]
+            if self.active:
+                self.seq += 1
+                self._send([kv_events.queued(rid, self._hashes(entry))])
+
+    def settled(self, rids: Iterable[str]) -> None:
+        """Requests prefilled (their blocks were published as stored) or ended; unknown or
+        already settled ones are skipped."""
+        with self._lock:
+            gone = [rid for rid in rids if self._queued.pop(rid, None) is not None]
+            if gone and self.active:
+                self.seq += 1
+                self._send([kv_events.settled(gone)])
+
+    def _hashes(self, entry: list) -> list[int]:
+        if entry[1] is None:
+            ids = entry[0]
+            entry[1] = kv_events.prefix_hashes(ids[:max(len(ids) - 1, 0)], self.block_size, self.seed)
+        return entry[1]
+
     def tick(self, cache: RadixCache) -> None:
         """Take subscription changes (the scheduler calls this between steps)."""
         self._poll_subscriptions(cache)
@@ -85,12 +118,14 @@ class KVEventPublisher:
                     self._send([])
 
     def snapshot(self, cache: RadixCache) -> dict:
-        """Every resident block as of the last message sent."""
+        """Every resident block and queued request as of the last message sent."""
         self._poll_subscriptions(cache)  # a subscriber asking for it has usually subscribed by now
         if not self.active:
             cache.hash_all()
-        return kv_events.Snapshot(self.engine_id, self.seq, self.block_size, self.seed,
-                                  cache.resident_blocks()).to_json()
+        with self._lock:  # the arrivals thread adds queued requests, each with a seq
+            seq, queued = self.seq, {rid: self._hashes(entry) for rid, entry in self._queued.items()}
+        return kv_events.Snapshot(self.engine_id, seq, self.block_size, self.seed,
+                                  cache.resident_blocks(), queued).to_json()
 
     def _poll_subscriptions(self, cache: RadixCache) -> None:
         # XPUB hands up b"\x01" + topic for a topic's first subscriber, b"\x00" + topic when
@@ -134,3 +169,59 @@ class KVEventPublisher:
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 1000 == 0:
                 logger.warning("KV event subscribers are not keeping up: %d messages dropped", self.dropped)
+
+
+class ReportArrivals:
+    """The scheduler's channels (``scheduler_io.SchedulerIO``) with a reader thread in front
+    of ``recv``: each generate request is reported queued (``KVEventPublisher.queued``) as it
+    reaches the scheduler process, then handed to the scheduler when it next reads. The
+    scheduler reads only between steps, and one CPU prefill step takes seconds under load:
+    reported then, a request would tell the routers nothing they did not learn from its
+    ``stored`` blocks soon after. Only this thread reads the inner channel."""
+
+    def __init__(self, io, publisher: KVEventPublisher, is_request: Callable[[object], bool]) -> None:
+        self._io = io
+        self._publisher = publisher
+        self._is_request = is_request
+        self._inbox: queue.Queue = queue.Queue()
+        self.received = 0  # messages handed on to the scheduler so far
+        self._closed = threading.Event()
+        self._reader = threading.Thread(target=self._read, name="kv-events-arrivals", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while not self._closed.is_set():
+            try:
+                msg = self._io.recv(100)
+                if msg is not None and self._is_request(msg):
+                    self._publisher.queued(msg.rid, msg.input_ids)
+            except BaseException as e:  # handed to the scheduler thread, which raises it
+                self._inbox.put(_ReaderFailed(e))
+                return
+            if msg is not None:
+                self._inbox.put(msg)
+                self.received += 1
+
+    def recv(self, timeout_ms: int):
+        try:
+            msg = self._inbox.get(timeout=timeout_ms / 1000) if timeout_ms else self._inbox.get_nowait()
+        except queue.Empty:
+            return None
+        if isinstance(msg, _ReaderFailed):
+            raise msg.error
+        return msg
+
+    def to_detokenizer(self, msg) -> None:
+        self._io.to_detokenizer(msg)
+
+    def to_tokenizer(self, msg) -> None:
+        self._io.to_tokenizer(msg)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._reader.join()
+
+
+class _ReaderFailed:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error

@@ -66,7 +66,7 @@ from radixfleet.engine.managers.io_struct import (
     UpdateWeightsFromDiskReq,
 )
 from radixfleet.engine.managers.kv_manager import KVManager
-from radixfleet.engine.managers.kv_publisher import KVEventPublisher
+from radixfleet.engine.managers.kv_publisher import KVEventPublisher, ReportArrivals
 from radixfleet.engine.managers.prefill import SCHEDULE_POLICIES, PrefillAdder
 from radixfleet.engine.managers.request import Req
 from radixfleet.engine.managers.request_validation import validate_request
@@ -123,6 +123,8 @@ class Scheduler:
         if config.kv_events_port and not config.disable_radix_cache:
             self.kv_events = KVEventPublisher(config.kv_events_host, config.kv_events_port,
                                               config.kv_events_block_size)
+            # Requests are reported queued as they arrive, not when the scheduler next reads.
+            self.io = ReportArrivals(io, self.kv_events, lambda m: isinstance(m, TokenizedGenerateReq))
         cache = RadixCache(self.runner.allocator, config.page_size, disabled=config.disable_radix_cache,
                            events=self.kv_events)
         self.kv = KVManager(self.runner.allocator, self.runner.req_table, cache, repoint_rows=dist.tp_size() == 1)
@@ -219,6 +221,7 @@ class Scheduler:
             if self.kv_events is not None:
                 self.kv_events.tick(self.kv.cache)
         if self.kv_events is not None:
+            self.io.close()
             self.kv_events.close()
 
     def _busy(self) -> bool:
@@ -235,6 +238,8 @@ class Scheduler:
         error = validate_request(msg, self.runner, self.config, self.generation_defaults)
         if error:
             self.io.to_tokenizer(ReqError(msg.rid, error))
+            if self.kv_events is not None:
+                self.kv_events.settled([msg.rid])
             return
         opts = msg.options
         req = Req(msg.rid, list(msg.input_ids), msg.sampling_params,
@@ -256,6 +261,8 @@ class Scheduler:
         self.waiting.extend(ready)
         for req, message in failed:
             self.io.to_tokenizer(ReqError(req.rid, message))
+        if failed and self.kv_events is not None:
+            self.kv_events.settled(req.rid for req, _ in failed)
 
     # ---- control calls -------------------------------------------------------------------
     def _flush_cache(self, msg: FlushCacheReq) -> None:
@@ -424,6 +431,8 @@ class Scheduler:
         if mode is ForwardMode.EXTEND:
             self.stats["extend_steps"] += 1
             self.kv.cache_computed(reqs)  # requests admitted from the next step on reuse them
+            if self.kv_events is not None:  # their prompts are now held (published as stored)
+                self.kv_events.settled(r.rid for r in reqs if r.kv_len >= len(r.input_ids))
         launched = Launched(reqs, mode, [], [])
         keep = []  # batch indices of the requests that get a token
         for i, r in enumerate(reqs):
@@ -517,6 +526,8 @@ class Scheduler:
         for r in reqs:
             r.sent_len = len(r.output_ids)
         self.io.to_detokenizer(out)
+        if self.kv_events is not None:  # ended before its prefill (aborted, rejected): never held
+            self.kv_events.settled(r.rid for r in reqs if r.finished_reason is not None)
 
     @staticmethod
     def _meta(r: Req) -> dict:

@@ -12,11 +12,13 @@ leading tokens each worker holds, ``cached(w)``. Then, with ``n`` prompt tokens:
 2. else, if the worker holding the most, ``ahead(w)``, holds more than ``cache_threshold *
    n``: that worker (``cached``; ties by cost). ``ahead(w)`` is ``cached(w)`` or, if longer,
    the prefix ``w`` is about to hold: the longest (whole blocks) that the request shares with
-   one this router sent ``w`` and that has not finished. The engine caches a prompt once it
-   is prefilled, and a request sharing it that arrives meanwhile waits a step for it; no
-   event says so until then: without this, requests on one new context sent at once go one
-   to each worker, and each worker computes and holds a copy (measured: ``--workload
-   shared-context``, README);
+   a request ``w`` has received and not yet prefilled (its ``queued`` events, which every
+   replica sees) or with one this router sent ``w`` and that has not finished (known at
+   once, before the request reaches ``w``). The engine caches a prompt once it is
+   prefilled, and a request sharing it that arrives meanwhile waits a step for it: without
+   this, requests on one new context sent at once go one to each worker, and each worker
+   computes and holds a copy (measured: ``--workload shared-context``, README); and a router
+   replica that did not send the first would predict none of it cached;
 3. else the cheapest worker by the cost::
 
        cost(w) = uncached_weight * (n - ahead(w)) + pending_prefill(w) + load_tokens * in_flight(w)
@@ -138,7 +140,7 @@ class PrecisePolicy(Policy):
         if ids:
             self.sync_events()
         hashes: dict[tuple[int, int], list[int]] = {}  # the prompt's block hashes, hashed once
-        matched = self.index.matched_tokens(urls, ids, hashes) if ids else {}
+        matched = self.index.matched_tokens(urls, ids, hashes, queued=True) if ids else {}
         if not ids or (self.auto and len(matched) < len(candidates)):
             self._decided = self.approx.name
             return self.approx.select(candidates, text)
@@ -154,8 +156,9 @@ class PrecisePolicy(Policy):
                 tree = self.approx.trees.get(w.url)
                 chars = tree.match(text) if tree is not None and text else 0
                 cached[w.url] = int(n * chars / len(text)) if text else 0
-        # What each worker holds or is about to hold: a request this router sent it that has
-        # not finished leaves its prompt in the cache when it does.
+        # What each worker holds or is about to hold (``matched`` counts its queued requests'
+        # blocks): a request this router sent it that has not finished leaves its prompt in
+        # the cache when it is prefilled, and the worker may not have reported it queued yet.
         ahead = {w.url: max(cached[w.url], self._in_flight_prefix(w, ids)) for w in order}
         costs = [self.uncached_weight * (n - ahead[w.url]) + w.pending_prefill + self.load_tokens * w.in_flight
                  for w in order]

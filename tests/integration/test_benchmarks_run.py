@@ -112,6 +112,7 @@ def check_routing_quality(lines: list[dict]) -> None:
     assert has(e2e, "events_off_prompt_tok_per_s", "events_on_no_subscriber_prompt_tok_per_s",
                "events_on_subscribed_prompt_tok_per_s")
     assert setup["bench"] == "setup" and setup["sglang_router"] is False and setup["balance_abs_threshold"] == 2
+    assert setup["replica_choice"] == "random"
     # hot-tenant: one round, the 2 cold tenants' 4 questions and as many (--hot-share 0.5) of the hot one's.
     assert [(r["workload"], r["router"], r["replicas"], r["requests"]) for r in runs] == [
         (w, p, 1, 8 if w == "hot-tenant" else 4) for w in ("conversations", "shared-context", "hot-tenant")

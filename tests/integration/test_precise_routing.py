@@ -18,6 +18,8 @@ import sys
 import httpx
 import pytest
 from routing_workload import (
+    _turn,
+    context,
     flush_all,
     metric,
     run_conversations,
@@ -85,6 +87,30 @@ def test_predictions_match_the_engines_under_eviction(replicas):
     outcomes = predictions(replicas)
     assert sum(outcomes.values()) == tenants * turns, outcomes
     assert outcomes["exact"] >= 0.95 * tenants * turns, outcomes
+
+
+def test_a_burst_through_three_replicas_is_predicted_from_the_engines_queued_events(replicas):
+    """One tenant's three questions on a new ~600-token context, sent 0.15 s apart, each
+    through another replica: the 2nd and 3rd arrive while the 1st is still being prefilled,
+    so no ``stored`` event says anything yet and the replicas that route them never saw the
+    1st. The engine's ``queued`` event tells them: all three go to one worker, and the
+    replicas predict exactly what the engine reports, the context cached for the 2nd and 3rd
+    (the engine holds them back a step for the 1st's prefill)."""
+    system = {"role": "system", "content": context(7, 300)}
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=120, trust_env=False) as c:
+            async def one(i):
+                await asyncio.sleep(0.15 * i)
+                return (await _turn(c, replicas[i], [system, {"role": "user", "content": f"Question {i}?"}], 4))[1]
+            return await asyncio.gather(*(one(i) for i in range(3)))
+
+    records = asyncio.run(burst())
+    assert len({r.worker for r in records}) == 1, records
+    assert records[0].cached_tokens < 16 and all(r.cached_tokens >= 512 for r in records[1:]), records
+    assert [r.predicted for r in records] == [r.cached_tokens // 16 * 16 for r in records], records
+    assert predictions(replicas)["exact"] == 3
+    assert metric(replicas[1], "radixfleet_router_routing_decisions_total", 'decision="cached"') == 1
 
 
 def test_a_flushed_worker_is_followed(engines, replicas):

@@ -7,13 +7,21 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import zmq
 from server_process import free_port
 
 from radixfleet import kv_events
-from radixfleet.engine.managers.kv_publisher import HEARTBEAT_INTERVAL_S, KVEventPublisher
+from radixfleet.engine.managers.io_struct import TokenizedGenerateReq
+from radixfleet.engine.managers.kv_publisher import (
+    HEARTBEAT_INTERVAL_S,
+    KVEventPublisher,
+    ReportArrivals,
+)
+from radixfleet.engine.managers.scheduler_io import QueueSchedulerIO
 from radixfleet.engine.memory.allocator import TokenSlotAllocator
 from radixfleet.engine.memory.radix_cache import RadixCache
+from radixfleet.engine.sampling.params import SamplingParams
 from radixfleet.kv_events import EventBatch, Snapshot
 from radixfleet.router.kv_index import KVIndex
 
@@ -155,5 +163,83 @@ def test_heartbeats_go_out_while_the_scheduler_is_inside_a_long_step():
         after = received(sub)
         assert after and after[0].seq == seq + 1 and after[0].events
     finally:
+        publisher.close()
+        ctx.destroy(linger=0)
+
+
+def test_queued_requests_reach_subscribers_and_snapshots():
+    """A request the scheduler reports queued is published with its prompt's blocks (the full
+    blocks but the last token), and settled when the scheduler says so; one queued while
+    nobody listened is in the snapshot a late subscriber loads, and a router index fed this
+    way counts the queued blocks only when asked for what the worker is about to hold."""
+    port, ctx = free_port(), zmq.Context()
+    publisher = KVEventPublisher("127.0.0.1", port, B)
+    alloc = TokenSlotAllocator(120, 1)
+    cache = RadixCache(alloc, 1, events=publisher)
+    early, late = [5] * 12 + [6], [7] * 9
+    try:
+        publisher.queued("early", early)  # nobody listens: kept, not hashed, nothing sent
+        assert publisher.seq == 0 and publisher._queued["early"][1] is None
+        sub = subscriber(port, ctx)
+        until(lambda: publisher.active, publisher, cache)
+        index = KVIndex()
+        index.add_worker("w")
+        for batch in received(sub):
+            index.on_message("w", batch)
+        assert index.on_snapshot("w", Snapshot.from_json(publisher.snapshot(cache))) is None
+        assert index.workers["w"].queued == {"early": kv_events.prefix_hashes(early[:-1], B)}
+        publisher.queued("late", late)
+        publisher.settled(["early", "unknown"])
+        publisher.settled(["early"])  # settled twice (prefilled, then finished): sent once
+        batches = received(sub)
+        assert [b.events for b in batches] == [[kv_events.queued("late", kv_events.prefix_hashes(late[:-1], B))],
+                                                [kv_events.settled(["early"])]]
+        for batch in batches:
+            assert index.on_message("w", batch) is None
+        assert index.matched_tokens(["w"], late + [1], queued=True) == {"w": 8}
+        assert index.matched_tokens(["w"], late + [1]) == {"w": 0}
+        assert index.matched_tokens(["w"], early, queued=True) == {"w": 0}
+        assert index.resident_tokens("w") == 8  # what it is about to hold counts for placement
+        publisher.settled(["late"])
+        for batch in received(sub):
+            index.on_message("w", batch)
+        assert index.matched_tokens(["w"], late + [1], queued=True) == {"w": 0} and not index.workers["w"].queued
+    finally:
+        publisher.close()
+        ctx.destroy(linger=0)
+
+
+def test_a_request_is_reported_queued_while_the_scheduler_is_inside_a_step():
+    """The scheduler reads its requests only between steps (seconds apart during a long CPU
+    prefill); ``ReportArrivals`` reports each one queued as it reaches the process, and hands
+    it on unchanged. A failure reading the channel reaches the scheduler thread."""
+    port, ctx = free_port(), zmq.Context()
+    publisher = KVEventPublisher("127.0.0.1", port, B)
+    cache = RadixCache(TokenSlotAllocator(120, 1), 1, events=publisher)
+    inner = QueueSchedulerIO()
+    io = ReportArrivals(inner, publisher, lambda m: isinstance(m, TokenizedGenerateReq))
+    try:
+        sub = subscriber(port, ctx)
+        until(lambda: publisher.active, publisher, cache)
+        received(sub)
+        prompt = list(range(30))
+        request = TokenizedGenerateReq("r", prompt, SamplingParams())
+        inner.inbox.put(request)
+        inner.inbox.put("control call")  # not a request: handed on, not reported
+        start = time.monotonic()
+        assert sub.poll(2000), "no queued event while the scheduler was not reading"
+        batch = EventBatch.decode(sub.recv_multipart()[1])
+        assert time.monotonic() - start < 1.0
+        assert batch.events == [kv_events.queued("r", kv_events.prefix_hashes(prompt[:-1], B))]
+        assert io.recv(1000) is request and io.recv(1000) == "control call" and io.recv(0) is None
+        assert [b.events for b in received(sub) if b.events] == []
+
+        def broken(timeout_ms):
+            raise RuntimeError("channel broke")
+        inner.recv = broken
+        with pytest.raises(RuntimeError, match="channel broke"):
+            io.recv(2000)
+    finally:
+        io.close()
         publisher.close()
         ctx.destroy(linger=0)

@@ -227,3 +227,40 @@ def test_placement_settings_are_validated():
         RouterConfig(placement_tolerance=-1)
     with pytest.raises(ValueError, match="placement_blocks"):
         RouterConfig(placement_blocks=0)
+
+
+def test_a_replica_sees_another_replicas_request_through_its_queued_event(tok):
+    """Replica A sends a request on a new prefix to worker w; replica B, which did not send it,
+    learns of it from w's ``queued`` event and sends a request sharing the prefix to w too,
+    predicting it cached there (the engine holds the second back one step for the first's
+    prefill); once w reports the first settled and its blocks stored, the prediction stands
+    on the stored blocks, and a settled request that left nothing behind predicts nothing."""
+    (a, ws_a), (b, ws_b) = fleet(tok, 0, 0, 0), fleet(tok, 0, 0, 0)
+    for p, ws in ((a, ws_a), (b, ws_b)):
+        for w in ws:
+            holds(p, w.url, [])
+    first = key(PROMPT + [1])
+    w = a.select(ws_a, first)[0].url
+    queued = kv_events.EventBatch("e", 1, 0.0, [kv_events.queued("r1", kv_events.prefix_hashes(PROMPT, 16))])
+    other = next(u.url for u in ws_b if u.url != w)
+    ws_b[[u.url for u in ws_b].index(w)].pending_prefill = 80  # B sees its own load on w only
+    second = key(PROMPT + [2])
+    b.select(ws_b, second)
+    assert second.predicted == 0  # without the event, B knows of nothing ahead anywhere
+    b.index.on_message(w, queued)
+    assert b.index.matched_tokens([w, other], second.ids) == {w: 0, other: 0}  # held: nothing yet
+    second = key(PROMPT + [2])
+    chosen, decision = b.select(ws_b, second)
+    assert (chosen.url, decision, second.predicted, second.uncached) == (w, "cached", 64, 1)
+    stored = kv_events.EventBatch("e", 2, 0.0, [kv_events.stored(kv_events.prefix_hashes(PROMPT, 16), None),
+                                                kv_events.settled(["r1"])])
+    b.index.on_message(w, stored)
+    assert not b.index.workers[w].queued and not b.index.workers[w].queued_blocks
+    third = key(PROMPT + [3])
+    assert b.select(ws_b, third)[0].url == w and third.predicted == 64
+    # Queued then settled without a prefill (aborted): nothing is about to be held.
+    other_prompt = [9] * 48 + [1]
+    b.index.on_message(w, kv_events.EventBatch("e", 3, 0.0, [kv_events.queued("r2", kv_events.prefix_hashes(other_prompt[:-1], 16))]))
+    assert b.index.matched_tokens([w], other_prompt, queued=True)[w] == 48
+    b.index.on_message(w, kv_events.EventBatch("e", 4, 0.0, [kv_events.settled(["r2"])]))
+    assert b.index.matched_tokens([w], other_prompt, queued=True)[w] == 0

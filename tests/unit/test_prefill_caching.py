@@ -154,7 +154,9 @@ def test_abort_after_prefill_caching_frees_everything(overlap):
 
 
 def test_the_prompt_is_published_as_stored_at_its_prefill():
-    """KV events: a router learns of a prompt's blocks while its request still decodes."""
+    """KV events: a router learns of a prompt's blocks while its request still decodes, and
+    before that, of the request itself: queued (its prompt's blocks but the last token's)
+    when it arrives, settled once its blocks are stored."""
     port, ctx = free_port(), zmq.Context()
     h = SchedulerHarness(overlap=False, kv_events_port=port, kv_events_block_size=8)
     s = h.scheduler
@@ -167,13 +169,22 @@ def test_the_prompt_is_published_as_stored_at_its_prefill():
         h.submit("a", ask(0), max_new_tokens=30, ignore_eos=True)
         h.step()
         assert h.finish("a") is None
-        stored = []
+        events = []
         while sub.poll(500):
-            batch = kv_events.EventBatch.decode(sub.recv_multipart()[1])
-            stored += [b for e in batch.events if e["type"] == "stored" for b in e["hashes"]]
+            events += kv_events.EventBatch.decode(sub.recv_multipart()[1]).events
+        stored = [b for e in events if e["type"] == "stored" for b in e["hashes"]]
         assert stored == kv_events.prefix_hashes(ask(0), 8)  # 43 tokens: 5 whole blocks
+        kinds = [e["type"] for e in events]
+        assert kinds[0] == "queued" and kinds[-1] == "settled" and set(kinds[1:-1]) == {"stored"}, kinds
+        assert events[0] == kv_events.queued("a", kv_events.prefix_hashes(ask(0)[:-1], 8))
+        assert events[-1] == kv_events.settled(["a"])
         h.run()
+        later = []
+        while sub.poll(300):
+            later += kv_events.EventBatch.decode(sub.recv_multipart()[1]).events
+        assert {e["type"] for e in later} <= {"stored"}, later  # finishing settles nothing more
     finally:
+        s.io.close()
         s.kv_events.close()
         ctx.destroy(linger=0)
 
