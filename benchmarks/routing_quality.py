@@ -165,6 +165,25 @@ def tenants_summary(records) -> dict:
     return out
 
 
+def predictions_apart(records, window: float = 0.05) -> dict:
+    """Predicted against reported cached tokens (in whole blocks, as the router counts them),
+    split by whether another request of the same tenant was sent within ``window`` seconds
+    (``together``; with several replicas, one routed before the other's ``queued`` event can
+    reach it) or not (``apart``): exact requests and all requests of each."""
+    out = {"together": [0, 0], "apart": [0, 0]}
+    by_tenant: dict[int, list[float]] = {}
+    for r in records:
+        by_tenant.setdefault(r.tenant, []).append(r.sent)
+    for r in records:
+        if r.predicted is None:
+            continue
+        close = sum(abs(t - r.sent) <= window for t in by_tenant[r.tenant]) > 1
+        kind = out["together" if close else "apart"]
+        kind[0] += r.predicted == r.cached_tokens // 16 * 16
+        kind[1] += 1
+    return {k: {"exact": e, "requests": n} for k, (e, n) in out.items()}
+
+
 def run(name: str, start: Callable[[], list[tuple[str, subprocess.Popen]]], engines, args, workload: str) -> None:
     """One measured run of the workload through the routers ``start()`` returns. With
     ``--restart-routers-after K``, once K requests have finished, a fresh set of routers is
@@ -225,6 +244,7 @@ def run(name: str, start: Callable[[], list[tuple[str, subprocess.Popen]]], engi
             outcomes = {o: n - before.get(o, 0) for o, n in predictions(urls).items()}
             line["prediction_exact_fraction"] = round(outcomes["exact"] / max(sum(outcomes.values()), 1), 4)
             line["predictions"] = outcomes
+            line["predictions_by_send_time"] = predictions_apart(records)
             line["resyncs"] = sum(metric(u, "radixfleet_router_kv_event_resyncs_total") for u in urls)
             if workload == "hot-tenant":  # start: one per worker and router; stale, gap, restart: scored approximately meanwhile
                 line["resyncs_by_reason"] = {

@@ -121,6 +121,10 @@ def check_routing_quality(lines: list[dict]) -> None:
     # Fresh routers took over after 2 requests; the counters of both sets add up to every request.
     assert all(r["routers_restarted_after"] == 2 for r in runs)
     assert sum(runs[0]["predictions"].values()) == 4 and sum(runs[2]["predictions"].values()) == 4
+    # The same predictions split by send time (a tenant's burst of 2: sent together).
+    split = runs[2]["predictions_by_send_time"]
+    assert sum(v["requests"] for v in split.values()) == 4 and split["together"]["requests"] >= 2
+    assert sum(v["exact"] for v in split.values()) == runs[2]["predictions"]["exact"]
     # 2 tenants x 2 questions sent at once: each tenant's requests reached 1 or 2 workers.
     assert all(1 <= r["workers_per_tenant"] <= 2 for r in runs[2:4])
     assert all(r["hot"]["requests"] == 4 and r["cold"]["requests"] == 4 for r in runs[4:])
