@@ -96,6 +96,13 @@ def prefix_hashes(token_ids: Sequence[int], block_size: int = DEFAULT_BLOCK_SIZE
     return chain_hashes(token_ids, block_size, 0, len(token_ids) // block_size, seed)
 
 
+def prompt_hashes(token_ids: Sequence[int], block_size: int = DEFAULT_BLOCK_SIZE, seed: int = SEED) -> list[int]:
+    """The hashes of the blocks of a prompt that a cache can hold for it: its full blocks but
+    the last token's (an engine always computes the last token, so no block holding it is
+    ever matched). What ``queued`` carries, and what a router looks up."""
+    return prefix_hashes(token_ids[:max(len(token_ids) - 1, 0)], block_size, seed)
+
+
 def stored(hashes: list[int], parent: int | None) -> dict:
     return {"type": "stored", "hashes": hashes, "parent": parent}
 

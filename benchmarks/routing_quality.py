@@ -179,7 +179,7 @@ def predictions_apart(records, window: float = 0.05) -> dict:
             continue
         close = sum(abs(t - r.sent) <= window for t in by_tenant[r.tenant]) > 1
         kind = out["together" if close else "apart"]
-        kind[0] += r.predicted == r.cached_tokens // 16 * 16
+        kind[0] += r.predicted == r.cached_tokens // kv_events.DEFAULT_BLOCK_SIZE * kv_events.DEFAULT_BLOCK_SIZE
         kind[1] += 1
     return {k: {"exact": e, "requests": n} for k, (e, n) in out.items()}
 

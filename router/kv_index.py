@@ -66,12 +66,10 @@ class WorkerBlocks:
 
     def settle(self, rids: Sequence[str]) -> None:
         for rid in rids:
-            hashes = self.queued.pop(rid, None)
-            if hashes:
-                self.queued_blocks.subtract(hashes)
-                for h in hashes:
-                    if self.queued_blocks[h] <= 0:
-                        del self.queued_blocks[h]
+            for h in self.queued.pop(rid, ()):
+                self.queued_blocks[h] -= 1
+                if not self.queued_blocks[h]:
+                    del self.queued_blocks[h]
 
     def load_queued(self, queued: dict[str, list[int]]) -> None:
         self.queued = dict(queued)
@@ -197,5 +195,5 @@ def block_hashes(token_ids: Sequence[int], block_size: int, seed: int,
     hashed once and kept there."""
     key = (block_size, seed)
     if key not in computed:
-        computed[key] = kv_events.prefix_hashes(token_ids[: max(len(token_ids) - 1, 0)], block_size, seed)
+        computed[key] = kv_events.prompt_hashes(token_ids, block_size, seed)
     return computed[key]

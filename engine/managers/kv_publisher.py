@@ -95,6 +95,9 @@ class KVEventPublisher:
     def settled(self, rids: Iterable[str]) -> None:
         """Requests prefilled (their blocks were published as stored) or ended; unknown or
         already settled ones are skipped."""
+        rids = list(rids)
+        if not rids:
+            return
         with self._lock:
             gone = [rid for rid in rids if self._queued.pop(rid, None) is not None]
             if gone and self.active:
@@ -103,8 +106,7 @@ class KVEventPublisher:
 
     def _hashes(self, entry: list) -> list[int]:
         if entry[1] is None:
-            ids = entry[0]
-            entry[1] = kv_events.prefix_hashes(ids[:max(len(ids) - 1, 0)], self.block_size, self.seed)
+            entry[1] = kv_events.prompt_hashes(entry[0], self.block_size, self.seed)
         return entry[1]
 
     def tick(self, cache: RadixCache) -> None:
