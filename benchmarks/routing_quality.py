@@ -27,7 +27,9 @@ Engine caches are flushed between runs. Prints one JSON line per run: cached-tok
 prompt tokens), TTFT p50/p90 (streamed), requests/s and prompt tokens/s, the follow-up
 affinity (turns answered by the worker of the tenant's previous turn; radixfleet's routers
 name the worker in a header, sglang-router does not), and for precise the fraction of
-requests whose predicted cached tokens equal the reported ones (in whole blocks).
+requests whose predicted cached tokens equal the reported ones (in whole blocks). Several
+precise replicas announce their routing decisions to each other (``--peer-port``,
+``--peers``; ``--no-peer-announcements``: not, as runs before 2026-12-07).
 ``--restart-routers-after K`` restarts the routers once K requests have finished (fresh
 processes take every later request, as after a deploy or a crash): a restarted cache_aware
 router has an empty approximate tree, a precise one loads the engines' snapshots.
@@ -78,7 +80,7 @@ from routing_workload import (  # noqa: E402
     run_shared_context,
     shared_context_order,
     start_engines,
-    start_router,
+    start_replicas,
     stop_all,
     summarize,
 )
@@ -246,6 +248,9 @@ def run(name: str, start: Callable[[], list[tuple[str, subprocess.Popen]]], engi
             line["predictions"] = outcomes
             line["predictions_by_send_time"] = predictions_apart(records)
             line["resyncs"] = sum(metric(u, "radixfleet_router_kv_event_resyncs_total") for u in urls)
+            line["peer_announcements"] = {
+                o: sum(metric(u, "radixfleet_router_peer_routes_total", f'outcome="{o}"') for u in urls)
+                for o in ("applied", "known")}
             if workload == "hot-tenant":  # start: one per worker and router; stale, gap, restart: scored approximately meanwhile
                 line["resyncs_by_reason"] = {
                     why: sum(metric(u, "radixfleet_router_kv_event_resyncs_total", f'reason="{why}"') for u in urls)
@@ -402,6 +407,8 @@ def main() -> int:
     ap.add_argument("--replicas", type=int, nargs="+", default=[1, 3])
     ap.add_argument("--replica-choice", choices=["random", "turn"], default="random",
                     help="which router replica takes each request: drawn at random (seeded), or in turn")
+    ap.add_argument("--no-peer-announcements", action="store_true",
+                    help="precise replicas do not announce their routing decisions to each other (as before 2026-12-07)")
     ap.add_argument("--skip-sglang", action="store_true")
     ap.add_argument("--publisher-overhead", action="store_true")
     ap.add_argument("--overhead-prompts", type=int, default=16, help="prompts per end-to-end overhead measurement")
@@ -436,7 +443,8 @@ def main() -> int:
         emit(bench="setup", engines=3, kv_pool=args.kv_pool, workloads=args.workload, tenants=args.tenants,
              turns=args.turns, questions=args.questions, burst=args.burst, context_words=args.context_words,
              concurrency=args.concurrency, sglang_router=sglang is not None, hot_share=args.hot_share,
-             balance_abs_threshold=args.balance_abs_threshold, replica_choice=args.replica_choice)
+             balance_abs_threshold=args.balance_abs_threshold, replica_choice=args.replica_choice,
+             peer_announcements=not args.no_peer_announcements)
         for workload in args.workload:
             for replicas in args.replicas:
                 for policy in args.policies:
@@ -447,7 +455,8 @@ def main() -> int:
                                 engines, args, workload)
                         continue
                     run(f"radixfleet_{policy}",
-                        lambda p=policy, n=replicas: [start_router(p, engines, model_dir, *extra) for _ in range(n)],
+                        lambda p=policy, n=replicas: start_replicas(p, engines, [model_dir] * n, *extra,
+                                                                    announce=not args.no_peer_announcements),
                         engines, args, workload)
     finally:
         stop_all([e.proc for e in engines])

@@ -175,6 +175,13 @@ def router_dashboard() -> dict[str, Any]:
         panel("KV-event resyncs", [
             (f"sum by (worker, reason) (increase({R}kv_event_resyncs_total{{{s}}}[{RATE}]))", "{{worker}} {{reason}}"),
         ], "short", w=8),
+        panel("Decisions heard from router peers", [
+            (f"sum by (outcome) (rate({R}peer_routes_total{{{s}}}[{RATE}]))", "{{outcome}}"),
+        ], "short", w=12, description="other replicas' routing decisions: applied (counted as queued on the worker until "
+                                     "its engine reports it), known (the worker already held or queued the prompt), invalid"),
+        panel("Peer announcement lag p90", [
+            (f"histogram_quantile(0.9, sum by (le) (rate({R}peer_route_lag_seconds_bucket{{{s}}}[{RATE}])))", "p90"),
+        ], "s", w=12, description="from a router replica announcing a decision to this replica hearing it"),
         # Admission control.
         panel("Admission queue depth", [(f"sum({R}queue_depth{{{s}}})", "waiting")], "short", w=8),
         panel("Queue waits by outcome", [

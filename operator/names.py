@@ -47,6 +47,7 @@ ROUTER = "router"
 HTTP_PORT_NAME = "http"
 DIST_PORT = 5000  # rank 0's torch.distributed rendezvous port in multi-node TP
 KV_EVENTS_PORT_NAME = "kv-events"  # the engines' ZMQ PUB of KV-cache events (spec.router.kvEventsPort)
+PEERS_PORT_NAME = "peers"  # the routers' ZMQ PUB of their routing decisions (spec.router.peerPort)
 
 
 def selector_labels(spec: InferenceServiceSpec, component: str) -> dict[str, str]:
@@ -87,6 +88,12 @@ def group_name(spec: InferenceServiceSpec, replica: int, alternate: bool = False
 
 def router_name(spec: InferenceServiceSpec) -> str:
     return f"{spec.name}-router"
+
+
+def router_peers_name(spec: InferenceServiceSpec) -> str:
+    """The headless Service whose A records are the router pods, for their peer announcements
+    (at most 53 characters: a name is at most MAX_NAME_LENGTH)."""
+    return f"{spec.name}-router-peers"
 
 
 def router_url(spec: InferenceServiceSpec) -> str:

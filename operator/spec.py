@@ -104,6 +104,10 @@ class RouterSpec:
     # Engines publish their KV-cache events on this port and every router pod subscribes
     # (the precise policy, which auto picks once every engine publishes); 0: off.
     kv_events_port: int = 5557
+    # Router replicas announce each routing decision to each other on this port (ZMQ PUB), so
+    # one counts a request another sent a moment ago before the engine reports it; with
+    # kv_events_port and a precise/auto policy only; 0: off.
+    peer_port: int = 5558
     cache_threshold: float = 0.5
     balance_abs_threshold: int = 32
     balance_rel_threshold: float = 1.0001
@@ -111,6 +115,12 @@ class RouterSpec:
     port: int = 30000
     service_type: str = "ClusterIP"
     pod: PodSettings = field(default_factory=PodSettings)
+
+    @property
+    def peers_enabled(self) -> bool:
+        """Replicas announce decisions only under the policies that count them (precise, and auto,
+        which becomes precise), and those need the engines' KV events."""
+        return self.policy in ("auto", "precise") and self.kv_events_port > 0 and self.peer_port > 0
 
 
 @dataclass(frozen=True)
@@ -348,9 +358,10 @@ def _parse_volumes(spec: Mapping[str, Any]) -> tuple[tuple[Mapping[str, Any], ..
 
 def _parse_router(raw: Mapping[str, Any]) -> RouterSpec:
     d = RouterSpec()
-    return RouterSpec(
+    router = RouterSpec(
         policy=_choice(raw.get("policy", d.policy), "router.policy", ROUTER_POLICIES),
         kv_events_port=_int(raw.get("kvEventsPort", d.kv_events_port), "router.kvEventsPort", 0, 65535),
+        peer_port=_int(raw.get("peerPort", d.peer_port), "router.peerPort", 0, 65535),
         cache_threshold=float(raw.get("cacheThreshold", d.cache_threshold)),
         balance_abs_threshold=_int(raw.get("balanceAbsThreshold", d.balance_abs_threshold), "router.balanceAbsThreshold", 0),
         balance_rel_threshold=float(raw.get("balanceRelThreshold", d.balance_rel_threshold)),
@@ -359,6 +370,10 @@ def _parse_router(raw: Mapping[str, Any]) -> RouterSpec:
         service_type=_choice(raw.get("serviceType", d.service_type), "router.serviceType", SERVICE_TYPES),
         pod=_parse_pod_settings(raw, "spec.router"),
     )
+    if router.peers_enabled and router.peer_port == router.port:
+        raise SpecError(f"router.peerPort and router.port are both ports of the router pod: they must differ, "
+                        f"got {router.port} for both")
+    return router
 
 
 def _parse_disruption(raw: Mapping[str, Any]) -> DisruptionSpec:

@@ -20,6 +20,7 @@ from .health import HealthChecker
 from .kv_subscriber import KVSubscriber, check_endpoint
 from .membership import Membership, membership_routes
 from .metrics import CONTENT_TYPE, RouterMetrics
+from .peers import PeerRoutes
 from .policies.base import Policy
 from .policies.registry import make_policy
 from .prompt_tokens import fetch_tokenizer
@@ -48,6 +49,7 @@ class RouterState:
     members: Membership
     health: HealthChecker
     events: KVSubscriber | None = None  # when the policy routes on KV events
+    peers: PeerRoutes | None = None  # when replicas announce their decisions to each other
 
 
 def build_state(config: RouterConfig) -> RouterState:
@@ -70,8 +72,20 @@ def build_state(config: RouterConfig) -> RouterState:
         registry.on_removed = subscriber.worker_removed
         policy.sync_events = subscriber.drain  # type: ignore[attr-defined]
         subscriber.on_publisher = _tokenizer_loader(policy, upstream, health_headers)
+    peers: PeerRoutes | None = None
+    if index is not None and (config.peer_port or config.peers):
+        peers = PeerRoutes(config, index, metrics)
+        policy.announce = peers.announce  # type: ignore[attr-defined]
+        policy.sync_events = _both(subscriber.drain, peers.drain)  # type: ignore[attr-defined,union-attr]
     return RouterState(config, policy, registry, metrics, upstream, proxy, members,
-                       HealthChecker(registry, upstream, health_headers), subscriber)
+                       HealthChecker(registry, upstream, health_headers), subscriber, peers)
+
+
+def _both(first, second):
+    def run() -> None:
+        first()
+        second()
+    return run
 
 
 def _tokenizer_loader(policy, upstream: Upstream, headers: dict[str, str]):
@@ -109,6 +123,8 @@ def build_app(config: RouterConfig) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         tasks = [asyncio.create_task(state.health.run()), asyncio.create_task(_evict_forever(state))]
         tasks += state.members.add_in_background(list(config.worker_urls))
+        if state.peers is not None:
+            await state.peers.start()
         try:
             yield
         finally:
@@ -117,6 +133,8 @@ def build_app(config: RouterConfig) -> FastAPI:
             await asyncio.gather(*tasks, return_exceptions=True)
             if state.events is not None:
                 await state.events.close()
+            if state.peers is not None:
+                await state.peers.close()
             await state.upstream.close()
 
     app = FastAPI(title="radixfleet router", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)

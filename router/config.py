@@ -57,6 +57,12 @@ class RouterConfig:
                                          "workers whose cost is within this many times its tokens of the cheapest, to the first "
                                          "in its rendezvous-hash order, so that router replicas place it alike.")
     placement_blocks: int = _f(4, "precise: KV blocks of a new prompt (past what some worker holds) hashed to place it.")
+    peer_port: int = _f(0, "precise/auto: port on which this replica announces each routing decision to the other "
+                           "replicas (ZMQ PUB on --host), so that they count a request it sent a moment ago before "
+                           "the engine reports it (0: off).")
+    peers: tuple[str, ...] = _f((), "precise/auto: the other replicas' announcement endpoints: tcp://host:port, or "
+                                    "dns://name:port for every address of a name (a headless Service), re-resolved "
+                                    "every few seconds. This replica's own announcements are ignored.")
     kv_events_stale_after: float = _f(5.0, "precise: seconds without a KV-event message (heartbeats come every second) "
                                            "after which a worker is scored by the approximate tree until it resyncs.")
     # fault tolerance
@@ -93,6 +99,10 @@ class RouterConfig:
             (self.placement_tolerance >= 0.0, f"placement_tolerance must be >= 0, got {self.placement_tolerance}"),
             (self.placement_blocks >= 1, f"placement_blocks must be >= 1, got {self.placement_blocks}"),
             (self.uncached_weight >= 1.0, f"uncached_weight must be >= 1, got {self.uncached_weight}"),
+            (0 <= self.peer_port < 65536, f"peer_port must be in 0..65535 (0: off), got {self.peer_port}"),
+            (not (self.peer_port or self.peers) or self.policy in ("auto", "precise"),
+             f"peer_port and peers announce precise routing decisions: they need policy auto or precise, not {self.policy!r}"),
+            *((_peer_ok(p), f"peers: {p!r} is not tcp://host:port or dns://name:port") for p in self.peers),
             (self.kv_events_stale_after > 0, "kv_events_stale_after must be > 0 seconds"),
             (self.max_worker_retries >= 1, "max_worker_retries must be >= 1"),
             (self.max_total_retries >= 0, "max_total_retries must be >= 0"),
@@ -113,3 +123,9 @@ class RouterConfig:
         errors = [msg for ok, msg in checks if not ok]
         if errors:
             raise ValueError("invalid router config: " + "; ".join(errors))
+
+
+def _peer_ok(endpoint: str) -> bool:
+    scheme, _, rest = endpoint.partition("://")
+    host, _, port = rest.rpartition(":")
+    return scheme in ("tcp", "dns") and bool(host) and "/" not in rest and port.isdigit() and 0 < int(port) < 65536

@@ -9,6 +9,11 @@ are current to, and a sync state:
   those after the snapshot's ``seq`` are replayed onto it;
 - ``live``: every message since the snapshot applied in ``seq`` order.
 
+Besides, ``routed``: requests another router replica has just sent the worker (``peers.py``),
+by the hash of their last block, until the worker's own ``queued`` event for the same prompt
+arrives or a few seconds pass. They count like queued requests; they live outside the
+engine's state, so a snapshot keeps them.
+
 A message from another engine identity (the engine restarted), a ``seq`` that skips one (a
 lost message; heartbeats repeat the last ``seq``, so a lost last message shows within a
 second), or a snapshot older than the buffered messages all send the worker back to
@@ -21,6 +26,7 @@ Event-loop thread only: no locks.
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -43,6 +49,7 @@ class WorkerBlocks:
     blocks: set[int] = field(default_factory=set)
     queued: dict[str, list[int]] = field(default_factory=dict)  # rid -> its prompt's blocks
     queued_blocks: Counter = field(default_factory=Counter)  # block -> queued requests with it
+    routed: dict[int, tuple[list[int], float]] = field(default_factory=dict)  # last block -> (blocks, deadline)
     last_message: float = 0.0  # monotonic time of the last message (or snapshot)
     buffered: list[EventBatch] = field(default_factory=list)
     resyncs: int = 0
@@ -60,20 +67,45 @@ class WorkerBlocks:
                 self.settle([ev["rid"]])
                 self.queued[ev["rid"]] = ev["hashes"]
                 self.queued_blocks.update(ev["hashes"])
+                if ev["hashes"]:  # the engine has it now: a peer's announcement of it is done
+                    self.unroute(ev["hashes"][-1])
             elif kind == "settled":
                 self.settle(ev["rids"])
         self.seq = batch.seq
 
     def settle(self, rids: Sequence[str]) -> None:
         for rid in rids:
-            for h in self.queued.pop(rid, ()):
-                self.queued_blocks[h] -= 1
-                if not self.queued_blocks[h]:
-                    del self.queued_blocks[h]
+            self.settle_blocks(self.queued.pop(rid, ()))
+
+    def route(self, hashes: list[int], deadline: float) -> bool:
+        """Count a request a peer replica sent here (its prompt's blocks) as queued until
+        ``deadline``, unless the worker already holds or has queued its last block (which
+        chains all the others, so one such request stands for any number)."""
+        if not hashes or hashes[-1] in self.blocks or hashes[-1] in self.queued_blocks:
+            return False
+        self.routed[hashes[-1]] = (hashes, deadline)
+        self.queued_blocks.update(hashes)
+        return True
+
+    def unroute(self, last: int, now: float | None = None) -> None:
+        """Forget the announcement ending in block ``last``: the engine queued its prompt
+        (``now`` None), or it is past its deadline at ``now``."""
+        entry = self.routed.get(last)
+        if entry is not None and (now is None or entry[1] <= now):
+            del self.routed[last]
+            self.settle_blocks(entry[0])
+
+    def settle_blocks(self, hashes: Sequence[int]) -> None:
+        for h in hashes:
+            self.queued_blocks[h] -= 1
+            if not self.queued_blocks[h]:
+                del self.queued_blocks[h]
 
     def load_queued(self, queued: dict[str, list[int]]) -> None:
         self.queued = dict(queued)
         self.queued_blocks = Counter(h for hashes in queued.values() for h in hashes)
+        for hashes, _ in self.routed.values():
+            self.queued_blocks.update(hashes)
 
 
 class KVIndex:
@@ -82,6 +114,7 @@ class KVIndex:
     def __init__(self, stale_after: float = 5.0) -> None:
         self.stale_after = stale_after
         self.workers: dict[str, WorkerBlocks] = {}
+        self._routed_expiry: list[tuple[float, str, int]] = []  # heap of (deadline, url, last block)
 
     def add_worker(self, url: str) -> WorkerBlocks:
         return self.workers.setdefault(url, WorkerBlocks(url))
@@ -150,6 +183,28 @@ class KVIndex:
         w.buffered = [batch]
         w.resyncs += 1
         return reason
+
+    def peer_routed(self, url: str, hashes: list[int], ttl: float, now: float | None = None) -> bool:
+        """A peer replica sent ``url`` a request with these prompt blocks: count them as queued
+        there for up to ``ttl`` seconds (the engine's own ``queued`` event ends it sooner).
+        False if ``url`` is not followed or already holds or has queued them."""
+        w = self.workers.get(url)
+        deadline = (time.monotonic() if now is None else now) + ttl
+        if w is None or not w.route(hashes, deadline):
+            return False
+        heapq.heappush(self._routed_expiry, (deadline, url, hashes[-1]))
+        return True
+
+    def expire_routed(self, now: float | None = None) -> None:
+        """Forget the peers' announcements older than their ``ttl`` (the request failed, or its
+        engine's event was lost: a resync does not replay ``queued`` for what was prefilled)."""
+        now = time.monotonic() if now is None else now
+        heap = self._routed_expiry
+        while heap and heap[0][0] <= now:
+            _, url, last = heapq.heappop(heap)
+            w = self.workers.get(url)
+            if w is not None:
+                w.unroute(last, now)
 
     # ---- queries ----------------------------------------------------------------------------
     def resident_tokens(self, url: str) -> int | None:

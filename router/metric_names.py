@@ -26,6 +26,8 @@ ROUTER_METRICS: tuple[MetricFamily, ...] = (
     MetricFamily(PREFIX + "kv_event_lag_seconds", "histogram", "Time from an engine publishing a KV-event message to the router receiving it.", ()),
     MetricFamily(PREFIX + "kv_event_resyncs_total", "counter", "KV-event snapshots loaded, by worker and reason (start, gap, restart, stale).", ("worker", "reason")),
     MetricFamily(PREFIX + "kv_events_in_sync", "gauge", "1 while a worker's KV events are live and recent (precise scores it by them), else 0.", ("worker",)),
+    MetricFamily(PREFIX + "peer_routes_total", "counter", "Routing decisions announced by other router replicas, by outcome: applied (counted as queued on the worker), known (the worker already held or queued the prompt), invalid.", ("outcome",)),
+    MetricFamily(PREFIX + "peer_route_lag_seconds", "histogram", "Time from a router replica announcing a routing decision to this replica receiving it.", ()),
     MetricFamily(PREFIX + "queue_depth", "gauge", "Requests waiting in the router's admission queue for a slot.", ()),
     MetricFamily(PREFIX + "queue_wait_seconds", "histogram", "Time requests waited in the admission queue, by outcome (admitted, timeout, cancelled).", ("outcome",)),
     MetricFamily(PREFIX + "worker_removals_total", "counter", "Workers removed, by reason (api, failures).", ("reason",)),

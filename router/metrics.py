@@ -22,6 +22,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _BUCKETS = {
     PREFIX + "routing_latency_seconds": (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2, 0.1),
     PREFIX + "kv_event_lag_seconds": (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+    PREFIX + "peer_route_lag_seconds": (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
     PREFIX + "queue_wait_seconds": (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
     PREFIX + "request_duration_seconds": (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
 }
@@ -92,11 +93,15 @@ class RouterMetrics:
         self.event_lag: Histogram = made[PREFIX + "kv_event_lag_seconds"]
         self.resyncs: Counter = made[PREFIX + "kv_event_resyncs_total"]
         self.queue_wait: Histogram = made[PREFIX + "queue_wait_seconds"]
+        self.peer_routes: Counter = made[PREFIX + "peer_routes_total"]
+        self.peer_route_lag: Histogram = made[PREFIX + "peer_route_lag_seconds"]
         # Series that exist from the start (at 0), so dashboards show rates before the first event.
         for outcome in ("admitted", "timeout", "cancelled"):
             self.queue_wait.labels(outcome)
         for outcome in ("exact", "over", "under"):
             self.predictions.labels(outcome)
+        for outcome in ("applied", "known", "invalid"):
+            self.peer_routes.labels(outcome)
         for decision in ("hit", "miss", "imbalanced"):
             self.decisions.labels(decision)
         self.routing_latency: Histogram = made[PREFIX + "routing_latency_seconds"]  # by the deciding policy

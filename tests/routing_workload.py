@@ -89,6 +89,27 @@ def start_router(policy: str, engines: list[Engine], tokenizer_path: str | None,
         raise
 
 
+def start_replicas(policy: str, engines: list[Engine], tokenizer_paths: list[str | None], *extra: str,
+                   announce: bool = True) -> list[tuple[str, subprocess.Popen]]:
+    """One router replica per entry of ``tokenizer_paths`` (``start_router``). With
+    ``announce``, precise or auto replicas announce their routing decisions to each other
+    (``--peer-port``, ``--peers``: each lists every replica, itself included, as a headless
+    Service would)."""
+    ports: list[int] = []
+    if announce and policy in ("precise", "auto") and len(tokenizer_paths) > 1:
+        ports = [free_port() for _ in tokenizer_paths]
+    peering = ["--peers", *(f"tcp://127.0.0.1:{p}" for p in ports)] if ports else []
+    routers: list[tuple[str, subprocess.Popen]] = []
+    try:
+        for i, path in enumerate(tokenizer_paths):
+            own = ["--peer-port", str(ports[i])] if ports else []
+            routers.append(start_router(policy, engines, path, *extra, *own, *peering))
+    except BaseException:
+        stop_all([p for _, p in routers])
+        raise
+    return routers
+
+
 def stop_all(procs: list[subprocess.Popen]) -> None:
     for p in procs:
         if p.poll() is None:

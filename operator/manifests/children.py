@@ -19,7 +19,11 @@ from radixfleet.operator.manifests.engine import (
     build_replica_statefulset,
 )
 from radixfleet.operator.manifests.monitoring import build_service_monitor
-from radixfleet.operator.manifests.router import build_router_deployment, build_router_service
+from radixfleet.operator.manifests.router import (
+    build_router_deployment,
+    build_router_peers_service,
+    build_router_service,
+)
 from radixfleet.operator.spec import InferenceServiceSpec
 
 
@@ -59,6 +63,7 @@ def build_children(spec: InferenceServiceSpec, *, with_service_monitor: bool | N
         build_engine_service(spec),
         *build_engine_workloads(spec, groups),
         build_router_service(spec),
+        *filter(None, [build_router_peers_service(spec)]),
         build_router_deployment(spec),
         *build_pod_disruption_budgets(spec),
     ]

@@ -1,4 +1,5 @@
-"""Router manifests: a Deployment running `radixfleet router` and the Service clients use.
+"""Router manifests: a Deployment running `radixfleet router`, the Service clients use, and
+(spec.router.peers_enabled) a headless Service through which the router pods find each other.
 
 The router starts with no workers; the operator registers each Ready engine replica
 with `POST /add_worker` on every router pod (each router pod keeps its own list).
@@ -28,10 +29,17 @@ def router_args(spec: InferenceServiceSpec) -> list[str]:
     if spec.api_key_secret is not None:
         # Clients and the engines share the key: the router checks it and forwards it.
         args += ["--api-key", f"$({API_KEY_ENV})", "--worker-api-key", f"$({API_KEY_ENV})"]
+    if r.peers_enabled:
+        # Every router pod, itself included (it ignores its own announcements), by the short
+        # name of the headless Service: it resolves in the pod's namespace.
+        args += ["--peer-port", str(r.peer_port), "--peers", f"dns://{names.router_peers_name(spec)}:{r.peer_port}"]
     return args
 
 
 def build_router_deployment(spec: InferenceServiceSpec) -> dict[str, Any]:
+    ports = [{"name": names.HTTP_PORT_NAME, "containerPort": spec.router.port, "protocol": "TCP"}]
+    if spec.router.peers_enabled:
+        ports.append({"name": names.PEERS_PORT_NAME, "containerPort": spec.router.peer_port, "protocol": "TCP"})
     probe = {"httpGet": {"path": "/health", "port": names.HTTP_PORT_NAME}, "periodSeconds": 5, "timeoutSeconds": 3}
     container: dict[str, Any] = {
         "name": "router",
@@ -39,7 +47,7 @@ def build_router_deployment(spec: InferenceServiceSpec) -> dict[str, Any]:
         "imagePullPolicy": spec.image_pull_policy,
         "command": ["radixfleet"],
         "args": router_args(spec),
-        "ports": [{"name": names.HTTP_PORT_NAME, "containerPort": spec.router.port, "protocol": "TCP"}],
+        "ports": ports,
         "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}},
         "readinessProbe": {**probe, "failureThreshold": 3},
         "livenessProbe": {**probe, "failureThreshold": 6},
@@ -76,5 +84,25 @@ def build_router_service(spec: InferenceServiceSpec) -> dict[str, Any]:
             "type": spec.router.service_type,
             "selector": names.selector_labels(spec, names.ROUTER),
             "ports": [{"name": names.HTTP_PORT_NAME, "port": spec.router.port, "targetPort": names.HTTP_PORT_NAME, "protocol": "TCP"}],
+        },
+    }
+
+
+def build_router_peers_service(spec: InferenceServiceSpec) -> dict[str, Any] | None:
+    """Headless: its A records are the router pods themselves, which each subscribe to every
+    one (`--peers dns://...`). Not-ready pods are listed too, so that a starting replica hears
+    and is heard at once. No metrics labels: there is nothing to scrape. None when peers are off."""
+    if not spec.router.peers_enabled:
+        return None
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": names.router_peers_name(spec), "namespace": spec.namespace, "labels": names.labels(spec, names.ROUTER)},
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": names.selector_labels(spec, names.ROUTER),
+            "ports": [{"name": names.PEERS_PORT_NAME, "port": spec.router.peer_port, "targetPort": names.PEERS_PORT_NAME,
+                       "protocol": "TCP"}],
         },
     }

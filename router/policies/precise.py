@@ -102,8 +102,11 @@ class PrecisePolicy(Policy):
             self.tokenizer = PromptTokenizer(config.tokenizer_path, config.chat_template or None)
         self._decided = self.name
         self._rotation = itertools.count()
-        # Applies the KV-event messages already received (kv_subscriber.py); set by the app.
+        # Applies the KV-event messages (kv_subscriber.py) and peer announcements (peers.py)
+        # already received; set by the app.
         self.sync_events: Callable[[], None] = lambda: None
+        # Tells the other router replicas (peers.py) where a prompt's blocks were sent; set by the app.
+        self.announce: Callable[[str, list[int]], None] | None = None
 
     # ---- membership and housekeeping: the tree and the index follow the workers -------------
     def add_worker(self, url: str) -> None:
@@ -179,6 +182,9 @@ class PrecisePolicy(Policy):
             text.uncached = n - ahead[chosen.url]
         if text:
             self.approx._tree_for(chosen.url).insert(text)
+        state = self.index.workers.get(chosen.url)
+        if self.announce is not None and state is not None:
+            self.announce(chosen.url, block_hashes(ids, state.block_size, state.seed, hashes))
         decision = rule if chosen.url in matched else "approximate"
         if chosen.url in matched and isinstance(text, PromptKey):
             text.predicted = ahead[chosen.url]

@@ -3,8 +3,9 @@ router after real traffic: each must parse and return data.
 
 Traffic is shaped so that every panel has something to show: a request before any worker
 exists (rejected, 503), chat requests sharing a prefix (cache-aware hits, radix-cache hits),
-streaming (inter-token latency), and a second router registered as a worker that answers
-503 (worker failures, retries, its removal).
+streaming (inter-token latency), a second router registered as a worker that answers
+503 (worker failures, retries, its removal), and a second replica in front of the same
+engine announcing its routing decisions to the scraped router (router peers).
 
 The engine and the router require an API key (`apiKeySecret`), as in examples/multi-node.yaml:
 Prometheus scrapes them with the jobs, bearer credentials and target labels derived from the
@@ -72,17 +73,24 @@ def stack():
     # The failing peer must stay registered until the test removes it through the API (the
     # worker_removals_total{reason="api"} panel); without a high limit its 503s could get it
     # evicted first, depending on where cache_aware sends the traffic.
-    router = router_process(free_port(), "127.0.0.1", str(tmp / "router.log"),
-                            "--max-worker-retries", "1000", "--api-key", API_KEY, "--worker-api-key", API_KEY).start()
+    # A second replica (the twin) in front of the same engine announces its routing decisions
+    # to the scraped router (the router-peer panels), as replicas of one InferenceService do.
+    own, twins = free_port(), free_port()
+    keyed = ("--api-key", API_KEY, "--worker-api-key", API_KEY)
+    router = router_process(free_port(), "127.0.0.1", str(tmp / "router.log"), "--max-worker-retries", "1000", *keyed,
+                            "--peer-port", str(own), "--peers", f"tcp://127.0.0.1:{twins}").start()
+    twin = router_process(free_port(), "127.0.0.1", str(tmp / "twin.log"), *keyed,
+                          "--peer-port", str(twins), "--peers", f"tcp://127.0.0.1:{own}").start()
     broken = router_process(free_port(), log_path=str(tmp / "broken.log")).start()  # no workers: answers 503
     jobs = generated_jobs(engine.url, router.url, tmp)
     prom = start_prometheus(jobs, tmp)
-    procs = [engine, router, broken, prom]
+    procs = [engine, router, twin, broken, prom]
     try:
-        for p in (router, broken, prom):
+        for p in (router, twin, broken, prom):
             p.wait(30)
         engine.wait(180)
-        yield {"engine": engine.url, "router": router.url, "broken": broken.url, "prometheus": prom.url, "jobs": jobs}
+        yield {"engine": engine.url, "router": router.url, "twin": twin.url, "broken": broken.url,
+               "prometheus": prom.url, "jobs": jobs}
     finally:
         for p in procs:
             p.stop()
@@ -106,6 +114,7 @@ def drive_traffic(urls: dict[str, str]) -> None:
         assert c.post(f"{router}/generate", json={"text": "hi", "sampling_params": {"max_new_tokens": 2}}).status_code == 503
         for url in (urls["engine"], urls["broken"]):
             assert c.post(f"{router}/add_worker", params={"url": url}).status_code == 200
+        assert c.post(f"{urls['twin']}/add_worker", params={"url": urls["engine"]}).status_code == 200
         # Unrelated prompts: cache_aware sends them to the smallest tree, i.e. the failing peer,
         # which answers 503; the router retries on the engine (worker_failures_total, retries_total).
         for text in ("Zebras run", "Quantum foam is"):
@@ -113,6 +122,7 @@ def drive_traffic(urls: dict[str, str]) -> None:
             assert resp.status_code == 200, resp.text
         for wave in range(2):
             chat_wave(c, pool, router, wave)
+            chat_wave(c, pool, urls["twin"], wave)
             time.sleep(2.5)  # let Prometheus scrape between waves so rates are non-zero
         # What the operator does on scale-down (worker_removals_total{reason="api"}).
         assert c.post(f"{router}/remove_worker", params={"url": urls["broken"]}).status_code == 200
@@ -176,6 +186,7 @@ def test_every_panel_query_returns_data(stack):
             if not failures or time.monotonic() > deadline:
                 break
             chat_wave(c, pool, stack["router"], wave)
+            chat_wave(c, pool, stack["twin"], wave)
     assert not failures, "queries without data:\n" + "\n".join(failures)
 
 

@@ -102,6 +102,7 @@ async def test_single_node_lifecycle(engines, router):
             deploy = await eventually(lambda: api.get(f"/apis/apps/v1/namespaces/{NS}/deployments/chat-engine"), what="engine Deployment")
             router_deploy = await eventually(lambda: api.get(f"/apis/apps/v1/namespaces/{NS}/deployments/chat-router"), what="router Deployment")
             for path in ("/api/v1/namespaces/ml/services/chat-router", "/api/v1/namespaces/ml/services/chat-engine",
+                         "/api/v1/namespaces/ml/services/chat-router-peers",
                          "/apis/monitoring.coreos.com/v1/namespaces/ml/servicemonitors/chat"):
                 obj = await eventually(lambda p=path: api.get(p), what=path)
                 assert obj["metadata"]["ownerReferences"][0]["uid"] == "uid-chat"
@@ -114,6 +115,7 @@ async def test_single_node_lifecycle(engines, router):
             rargs = router_deploy["spec"]["template"]["spec"]["containers"][0]["args"]
             assert rargs[:2] == ["router", "--host"] and rargs[rargs.index("--policy") + 1] == "auto"
             assert args[args.index("--kv-events-port") + 1] == "5557"  # every router pod subscribes
+            assert rargs[rargs.index("--peers") + 1] == "dns://chat-router-peers:5558"  # router pods announce to each other
 
             # 2. Pods scheduled (not Ready yet): nothing registered. Then Ready: both registered.
             await api.create(f"/api/v1/namespaces/{NS}/pods", pod_manifest("chat-router-x", NS, router_labels("chat"), "127.0.0.1", ready=True))
@@ -184,6 +186,14 @@ async def test_single_node_lifecycle(engines, router):
             router_proc.start().wait(30)
             await eventually(lambda: list_workers(router_proc.url) == {w1, w2}, timeout=15, what="router list rebuilt")
             await eventually(lambda: _events(emulator, "RouterRestarted", 1), what="RouterRestarted event")
+
+            # 7. peerPort 0: the peers Service is pruned and the router pods lose the flags and the port.
+            await api.patch(f"{ISVC_PATH}/chat", {"spec": {"router": {"peerPort": 0}}})
+            await eventually(lambda: _gone(api, f"/api/v1/namespaces/{NS}/services/chat-router-peers"), what="peers Service deleted")
+            router_deploy = await api.get(f"/apis/apps/v1/namespaces/{NS}/deployments/chat-router")
+            container = router_deploy["spec"]["template"]["spec"]["containers"][0]
+            assert "--peers" not in container["args"] and [p["name"] for p in container["ports"]] == ["http"]
+            assert await api.get("/api/v1/namespaces/ml/services/chat-router")
         finally:
             await operator.stop()
             await api.close()

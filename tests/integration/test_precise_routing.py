@@ -24,7 +24,7 @@ from routing_workload import (
     metric,
     run_conversations,
     start_engines,
-    start_router,
+    start_replicas,
     stop_all,
     summarize,
 )
@@ -44,7 +44,7 @@ def replicas(engines, model_dir):
     flush_all(engines)
     # Two replicas fetch the tokenizer from the engines (as a router pod without the model
     # does), one reads the model's folder.
-    routers = [start_router("precise", engines, path) for path in (None, None, model_dir)]
+    routers = start_replicas("precise", engines, [None, None, model_dir])
     yield [url for url, _ in routers]
     stop_all([p for _, p in routers])
 
@@ -89,6 +89,19 @@ def test_predictions_match_the_engines_under_eviction(replicas):
     assert outcomes["exact"] >= 0.95 * tenants * turns, outcomes
 
 
+async def send_burst(replicas: list[str], system: str, gap: float, warm_up: bool = False) -> list:
+    """Question ``i`` on the context ``system``, ``gap * i`` seconds in, through replica ``i``."""
+    async with httpx.AsyncClient(timeout=120, trust_env=False) as c:
+        if warm_up:
+            await asyncio.gather(*(_turn(c, u, [{"role": "user", "content": "Warm up."}], 1) for u in replicas))
+
+        async def one(i):
+            await asyncio.sleep(gap * i)
+            messages = [{"role": "system", "content": system}, {"role": "user", "content": f"Question {i}?"}]
+            return (await _turn(c, replicas[i], messages, 4))[1]
+        return await asyncio.gather(*(one(i) for i in range(len(replicas))))
+
+
 def test_a_burst_through_three_replicas_is_predicted_from_the_engines_queued_events(replicas):
     """One tenant's three questions on a new ~600-token context, sent 0.15 s apart, each
     through another replica: the 2nd and 3rd arrive while the 1st is still being prefilled,
@@ -96,21 +109,27 @@ def test_a_burst_through_three_replicas_is_predicted_from_the_engines_queued_eve
     1st. The engine's ``queued`` event tells them: all three go to one worker, and the
     replicas predict exactly what the engine reports, the context cached for the 2nd and 3rd
     (the engine holds them back a step for the 1st's prefill)."""
-    system = {"role": "system", "content": context(7, 300)}
-
-    async def burst():
-        async with httpx.AsyncClient(timeout=120, trust_env=False) as c:
-            async def one(i):
-                await asyncio.sleep(0.15 * i)
-                return (await _turn(c, replicas[i], [system, {"role": "user", "content": f"Question {i}?"}], 4))[1]
-            return await asyncio.gather(*(one(i) for i in range(3)))
-
-    records = asyncio.run(burst())
+    records = asyncio.run(send_burst(replicas, context(7, 300), 0.15))
     assert len({r.worker for r in records}) == 1, records
     assert records[0].cached_tokens < 16 and all(r.cached_tokens >= 512 for r in records[1:]), records
     assert [r.predicted for r in records] == [r.cached_tokens // 16 * 16 for r in records], records
     assert predictions(replicas)["exact"] == 3
     assert metric(replicas[1], "radixfleet_router_routing_decisions_total", 'decision="cached"') == 1
+
+
+def test_a_burst_sent_at_once_through_three_replicas_is_predicted_from_their_announcements(replicas):
+    """The same, 5 ms apart: the 2nd and 3rd are routed before the engine can have reported
+    the 1st (its ``queued`` event takes 10-20 ms to come back), so only the replicas'
+    announcements to each other (``--peer-port``/``--peers``) tell them the worker is about
+    to hold the context; predictions still equal what the engine reports."""
+    # Each replica's first request pays one-time costs (its connection to the engine, the chat
+    # template) that would reorder a burst 5 ms apart: one request through each first.
+    records = asyncio.run(send_burst(replicas, context(8, 300), 0.005, warm_up=True))
+    assert len({r.worker for r in records}) == 1, records
+    assert sorted(r.cached_tokens >= 512 for r in records) == [False, True, True], records
+    assert [r.predicted for r in records] == [r.cached_tokens // 16 * 16 for r in records], records
+    heard = [metric(u, "radixfleet_router_peer_routes_total") for u in replicas]
+    assert all(n >= 2 for n in heard), heard  # each heard the two others' announcements
 
 
 def test_a_flushed_worker_is_followed(engines, replicas):

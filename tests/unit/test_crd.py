@@ -140,9 +140,11 @@ def _bad(mutate) -> dict:
         (lambda s: s["volumeMounts"][0].update(mountPath="scratch"), "does not match"),
         (lambda s: s["router"]["imagePullSecrets"].append({}), "'name' is a required property"),
         (lambda s: s.update(shmSize="big"), "does not match"),
+        (lambda s: s["router"].update(peerPort=70000), "70000 is greater than the maximum of 65535"),
     ],
     ids=["tp-0", "replicas-negative", "missing-model", "unknown-policy", "autoscaling-no-max", "bad-memory",
-         "bad-toleration-effect", "relative-mount", "pull-secret-no-name", "bad-shm-size"],
+         "bad-toleration-effect", "relative-mount", "pull-secret-no-name", "bad-shm-size",
+         "peer-port-too-big"],
 )
 def test_bad_specs_are_rejected_by_the_schema(mutate, fragment):
     with pytest.raises(jsonschema.ValidationError) as err:
@@ -161,6 +163,8 @@ def test_bad_specs_are_rejected_by_the_schema(mutate, fragment):
         (lambda s: s["autoscaling"].update(minReplicas=5, maxReplicas=2), "must not exceed maxReplicas"),
         (lambda s: s["podLabels"].update({"radixfleet.io/service": "x"}), "radixfleet.io/service set by the operator"),
         (lambda s: s["volumes"].append({"name": "dshm", "emptyDir": {}}), "dshm is a volume of the operator's"),
+        (lambda s: s["router"].update(peerPort=70000), "router.peerPort must be between 0 and 65535, got 70000"),
+        (lambda s: s["router"].update(policy="auto", port=6000, peerPort=6000), "router.peerPort and router.port are both"),
     ],
 )
 def test_operator_rejects_bad_specs_with_messages(mutate, fragment):
@@ -180,10 +184,12 @@ def test_crd_defaults_equal_the_operators_defaults():
         assert props[key]["default"] == value, key
     router = props["router"]["properties"]
     r = parsed.router
-    for key, value in {"policy": r.policy, "cacheThreshold": r.cache_threshold, "balanceAbsThreshold": r.balance_abs_threshold,
+    for key, value in {"policy": r.policy, "kvEventsPort": r.kv_events_port, "peerPort": r.peer_port, "cacheThreshold": r.cache_threshold, "balanceAbsThreshold": r.balance_abs_threshold,
                        "balanceRelThreshold": r.balance_rel_threshold, "replicas": r.replicas, "port": r.port,
                        "serviceType": r.service_type}.items():
         assert router[key]["default"] == value, f"router.{key}"
+    (rule,) = props["router"]["x-kubernetes-validations"]
+    assert rule["message"].startswith("router.peerPort and router.port are both")  # as the operator says
     disruption = props["disruption"]["properties"]
     d = parsed.disruption
     for key, value in {"drainTimeoutSeconds": d.drain_timeout_seconds, "preStopSeconds": d.pre_stop_seconds,

@@ -11,7 +11,7 @@ import pytest
 from radixfleet.engine.server.drain import LIVENESS_PATH
 from radixfleet.operator import names
 from radixfleet.operator.manifests.children import build_children
-from radixfleet.operator.spec import parse_spec
+from radixfleet.operator.spec import SpecError, parse_spec
 
 BASE = {
     "apiVersion": "radixfleet.io/v1alpha1",
@@ -72,7 +72,8 @@ def test_every_child_is_owned_by_the_inference_service():
 def test_single_node_is_one_deployment_with_the_engine_command_line():
     manifests = children(BASE)
     assert [(m["kind"], m["metadata"]["name"]) for m in manifests] == [
-        ("Service", "chat-engine"), ("Deployment", "chat-engine"), ("Service", "chat-router"), ("Deployment", "chat-router"),
+        ("Service", "chat-engine"), ("Deployment", "chat-engine"), ("Service", "chat-router"), ("Service", "chat-router-peers"),
+        ("Deployment", "chat-router"),
         ("PodDisruptionBudget", "chat-engine"), ("PodDisruptionBudget", "chat-router"),
     ]
     deploy = manifests[1]
@@ -100,7 +101,7 @@ def test_kv_event_port_is_wired_from_engines_to_routers(case):
         assert {"name": "kv-events", "containerPort": 5557, "protocol": "TCP"} in c["ports"]
     for svc in by_kind(manifests, "Service"):
         names = [p["name"] for p in svc["spec"]["ports"]]
-        assert ("kv-events" in names) == (svc["metadata"]["name"] != "chat-router"), svc["metadata"]["name"]
+        assert ("kv-events" in names) == (not svc["metadata"]["name"].startswith("chat-router")), svc["metadata"]["name"]
     (router,) = [m for m in manifests if m["metadata"]["name"] == "chat-router" and m["kind"] == "Deployment"]
     rargs = router["spec"]["template"]["spec"]["containers"][0]["args"]
     assert rargs[rargs.index("--policy") + 1] == CASES[case][0]["spec"].get("router", {}).get("policy", "auto")
@@ -203,7 +204,8 @@ def test_service_monitor_selects_the_engine_and_router_services():
                 if selector.items() <= m["metadata"]["labels"].items()]
     assert selected == ["chat-engine", "chat-router"]
     assert monitor["spec"]["endpoints"][0]["port"] == "http"
-    assert all("http" in [p["name"] for p in s["spec"]["ports"]] for s in by_kind(manifests, "Service"))
+    assert all("http" in [p["name"] for p in s["spec"]["ports"]] for s in by_kind(manifests, "Service")
+               if s["metadata"]["name"] in selected)
 
 
 def test_service_monitor_sends_the_api_key_from_the_secret():
@@ -218,6 +220,81 @@ def test_service_monitor_sends_the_api_key_from_the_secret():
     (plain,) = by_kind(children(BASE, True), "ServiceMonitor")
     assert "authorization" not in plain["spec"]["endpoints"][0]
     assert not any(names.LABEL_METRICS_AUTH in s["metadata"]["labels"] for s in by_kind(children(BASE), "Service"))
+
+
+def router_parts(body):
+    """(router container, the peers Service or None) of the children built from `body`."""
+    manifests = children(body)
+    (deploy,) = [m for m in by_kind(manifests, "Deployment") if m["metadata"]["name"] == "chat-router"]
+    peers = [m for m in by_kind(manifests, "Service") if m["metadata"]["name"] == "chat-router-peers"]
+    return deploy["spec"]["template"]["spec"]["containers"][0], (peers[0] if peers else None), deploy
+
+
+@pytest.mark.parametrize("policy", ["auto", "precise"])
+def test_router_replicas_announce_decisions_through_a_headless_service(policy):
+    """By default every router pod publishes its routing decisions on 5558 and subscribes to all
+    router pods (itself included) through a headless Service that lists them before they are Ready."""
+    body = copy.deepcopy(BASE)
+    body["spec"]["router"] = {"policy": policy, "replicas": 3}
+    container, peers, deploy = router_parts(body)
+    args = container["args"]
+    assert args[args.index("--peer-port"):args.index("--peer-port") + 4] == [
+        "--peer-port", "5558", "--peers", "dns://chat-router-peers:5558"]
+    assert {"name": "peers", "containerPort": 5558, "protocol": "TCP"} in container["ports"]
+    assert peers is not None
+    assert peers["spec"]["clusterIP"] == "None" and peers["spec"]["publishNotReadyAddresses"] is True
+    assert peers["spec"]["ports"] == [{"name": "peers", "port": 5558, "targetPort": "peers", "protocol": "TCP"}]
+    pod_labels = deploy["spec"]["template"]["metadata"]["labels"]
+    assert peers["spec"]["selector"].items() <= pod_labels.items()
+    assert peers["spec"]["selector"] == deploy["spec"]["selector"]["matchLabels"]
+    # Owned and labelled like every child (so prune deletes it once unwanted), but never scraped.
+    assert peers["metadata"]["labels"][names.LABEL_SERVICE] == "chat"
+    assert peers["metadata"]["ownerReferences"][0]["uid"] == BASE["metadata"]["uid"]
+    assert names.LABEL_METRICS not in peers["metadata"]["labels"]
+    for version in ("1.30.0", "1.34.0"):
+        kubernetes_validate.validate(peers, version, strict=True)
+
+
+def test_custom_peer_port_reaches_flag_port_and_service():
+    body = copy.deepcopy(BASE)
+    body["spec"]["router"] = {"peerPort": 7000}
+    container, peers, _ = router_parts(body)
+    args = container["args"]
+    assert args[args.index("--peer-port") + 1] == "7000" and args[args.index("--peers") + 1] == "dns://chat-router-peers:7000"
+    assert {"name": "peers", "containerPort": 7000, "protocol": "TCP"} in container["ports"]
+    assert peers["spec"]["ports"][0]["port"] == 7000
+
+
+@pytest.mark.parametrize("router", [{"peerPort": 0}, {"policy": "cache_aware"}, {"policy": "round_robin"}, {"kvEventsPort": 0}],
+                         ids=["peerPort-0", "cache_aware", "round_robin", "kvEventsPort-0"])
+def test_no_peers_without_precise_routing(router):
+    """Announcements only serve the precise policy on KV events: otherwise no flag, port or Service."""
+    body = copy.deepcopy(BASE)
+    body["spec"]["router"] = router
+    container, peers, _ = router_parts(body)
+    assert "--peer-port" not in container["args"] and "--peers" not in container["args"]
+    assert [p["name"] for p in container["ports"]] == ["http"]
+    assert peers is None
+    assert not any("peers" in m["metadata"]["name"] for m in children(body))
+
+
+@pytest.mark.parametrize(("router", "message"), [
+    ({"peerPort": 70000}, "router.peerPort must be between 0 and 65535, got 70000"),
+    ({"peerPort": -1}, "router.peerPort must be between 0 and 65535, got -1"),
+    ({"peerPort": "x"}, "router.peerPort must be an integer, got 'x'"),
+    ({"peerPort": 30000}, "router.peerPort and router.port are both ports of the router pod"),
+])
+def test_bad_peer_port_is_a_spec_error(router, message):
+    body = copy.deepcopy(BASE)
+    body["spec"]["router"] = router
+    with pytest.raises(SpecError, match=message):
+        parse_spec(body)
+
+
+def test_peer_port_equal_to_the_router_port_is_fine_when_peers_are_off():
+    body = copy.deepcopy(BASE)
+    body["spec"]["router"] = {"peerPort": 30000, "policy": "round_robin"}
+    assert parse_spec(body).router.peer_port == 30000
 
 
 def test_builders_are_deterministic():

@@ -51,3 +51,14 @@ def test_router_accepts_its_command_line():
         "power_of_two", 0.3, 8, 1.5)
     assert config.host == "0.0.0.0" and config.port == 30000
     assert config.api_key == "s3cret" and config.worker_api_key == "s3cret"
+
+
+def test_router_accepts_the_peer_flags():
+    """The default policy (auto) with KV events: replicas announce their decisions to every
+    router pod through the headless Service."""
+    cli = pytest.importorskip("radixfleet.router.cli")
+    spec = parse_spec({"metadata": {"name": "llama", "namespace": "ml"}, "spec": {"model": {"path": "m"}}})
+    (container,) = [c for m in build_children(spec) if m["kind"] == "Deployment"
+                    for c in m["spec"]["template"]["spec"]["containers"] if c["name"] == "router"]
+    config = cli.parse_config(expand(container["args"])[1:])
+    assert (config.policy, config.peer_port, tuple(config.peers)) == ("auto", 5558, ("dns://llama-router-peers:5558",))

@@ -1,0 +1,160 @@
+"""Router replicas tell each other where they send requests.
+
+Every replica follows every worker's KV events (``kv_subscriber.py``), so N replicas hold the
+same index. But a request reaches its worker's index entry only when the engine publishes
+it as ``queued``, 10-20 ms after the replica that routed it chose; two requests on one new
+context sent through different replicas within that window are each routed as if the other
+did not exist: both land on one worker (the placement is a rendezvous hash every replica
+computes alike), but the second one's prediction says nothing is cached while the engine
+serves it from the first's prefill (measured: ``benchmarks/routing_quality.py``, README).
+
+So each replica announces its decision, ``{router, worker, hashes}`` (the worker URL and the
+prompt's block hashes), on a ZMQ PUB socket (``--peer-port``), and subscribes to the others
+(``--peers``: ``tcp://host:port``, or ``dns://name:port`` for every address of a headless
+Service, looked up again every ``_RESOLVE_S`` seconds). An announcement reaches the others in
+about a millisecond; they count its blocks as queued on that worker (``KVIndex.peer_routed``)
+until the engine's own ``queued`` event for the same prompt arrives, or ``ttl`` seconds pass.
+
+Nothing else is shared: an announcement lost (a replica starting, a full queue) costs at most
+one prediction, never a choice the events would have made differently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import time
+
+import zmq
+
+from .config import RouterConfig
+from .kv_index import KVIndex
+from .metrics import RouterMetrics
+
+log = logging.getLogger(__name__)
+
+TOPIC = b"radixfleet.route"
+_RESOLVE_S = 5.0  # how often dns:// peers are looked up again
+_TTL_S = 2.0  # an announcement counts this long at most; the engine's queued event ends it in ~20 ms
+_SEND_HWM = 10_000  # announcements buffered for a slow peer before new ones are dropped
+
+
+class PeerRoutes:
+    """One replica's announcements out (``announce``) and its peers' in (``drain``)."""
+
+    def __init__(self, config: RouterConfig, index: KVIndex, metrics: RouterMetrics, ttl: float = _TTL_S) -> None:
+        self.index = index
+        self.metrics = metrics
+        self.ttl = ttl
+        self.id = os.urandom(8).hex()
+        self.peers = config.peers
+        self.connected: set[str] = set()  # tcp:// endpoints the SUB socket is connected to
+        self._ctx = zmq.Context()
+        self._pub: zmq.Socket | None = None
+        self._sub: zmq.Socket | None = None
+        self._resolver: asyncio.Task | None = None
+        if config.peer_port:
+            self._pub = self._ctx.socket(zmq.PUB)
+            self._pub.setsockopt(zmq.LINGER, 0)
+            self._pub.setsockopt(zmq.SNDHWM, _SEND_HWM)
+            try:
+                self._pub.bind(f"tcp://{config.host}:{config.peer_port}")
+            except zmq.ZMQError as e:
+                self._ctx.destroy(linger=0)
+                raise OSError(f"cannot listen for router peers on {config.host}:{config.peer_port}: {e}") from e
+
+    async def start(self) -> None:
+        """Subscribe to the peers (on the running event loop)."""
+        if not self.peers:
+            return
+        self._sub = self._ctx.socket(zmq.SUB)
+        self._sub.setsockopt(zmq.LINGER, 0)
+        self._sub.setsockopt(zmq.IPV6, 1)  # a headless Service may list IPv6 pod addresses
+        self._sub.setsockopt(zmq.SUBSCRIBE, TOPIC)
+        asyncio.get_running_loop().add_reader(self._sub.getsockopt(zmq.FD), self.drain)
+        await self._connect_all()
+        if any(p.startswith("dns://") for p in self.peers):
+            self._resolver = asyncio.create_task(self._resolve_forever())
+
+    async def close(self) -> None:
+        if self._resolver is not None:
+            self._resolver.cancel()
+            await asyncio.gather(self._resolver, return_exceptions=True)
+        if self._sub is not None:
+            asyncio.get_running_loop().remove_reader(self._sub.getsockopt(zmq.FD))
+        self._ctx.destroy(linger=0)
+
+    # ---- out -------------------------------------------------------------------------------
+    def announce(self, worker_url: str, hashes: list[int]) -> None:
+        """Tell the peers this replica sent ``worker_url`` a prompt with these block hashes."""
+        if self._pub is None or not hashes:
+            return
+        msg = json.dumps({"router": self.id, "worker": worker_url, "hashes": hashes, "ts": time.time()})
+        try:
+            self._pub.send_multipart([TOPIC, msg.encode()], zmq.NOBLOCK)
+        except zmq.Again:  # a peer this far behind loses the announcement, not this request
+            pass
+
+    # ---- in --------------------------------------------------------------------------------
+    def drain(self) -> None:
+        """Apply every announcement already received (called as they arrive and before each
+        precise decision), and expire the old ones."""
+        sock = self._sub
+        now = time.monotonic()
+        while sock is not None and sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            outcome = self._apply(frames, now)
+            if outcome:
+                self.metrics.peer_routes.labels(outcome).inc()
+        self.index.expire_routed(now)
+
+    def _apply(self, frames: list[bytes], now: float) -> str:
+        try:
+            msg = json.loads(frames[1])
+            router, worker, hashes = msg["router"], msg["worker"], msg["hashes"]
+            if not (isinstance(worker, str) and isinstance(hashes, list) and all(type(h) is int for h in hashes)):
+                raise ValueError("worker must be a string and hashes a list of integers")
+        except (IndexError, KeyError, TypeError, ValueError) as e:
+            log.warning("bad router-peer announcement: %s", e)
+            return "invalid"
+        if router == self.id:  # our own, heard back through a dns:// name that includes us
+            return ""
+        if isinstance(msg.get("ts"), (int, float)):
+            self.metrics.peer_route_lag.observe(max(0.0, time.time() - msg["ts"]))
+        return "applied" if self.index.peer_routed(worker, hashes, self.ttl, now) else "known"
+
+    async def _connect_all(self) -> None:
+        want: set[str] = set()
+        for peer in self.peers:
+            scheme, _, rest = peer.partition("://")
+            if scheme == "tcp":
+                want.add(peer)
+                continue
+            host, _, port = rest.rpartition(":")
+            try:
+                infos = await asyncio.get_running_loop().getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+            except OSError as e:  # keep the last known addresses until the name resolves again
+                log.debug("router peers %s: %s", peer, e)
+                want |= {c for c in self.connected if c.endswith(f":{port}")}
+                continue
+            for family, _, _, _, addr in infos:
+                ip = f"[{addr[0]}]" if family == socket.AF_INET6 else addr[0]
+                want.add(f"tcp://{ip}:{port}")
+        assert self._sub is not None
+        for endpoint in sorted(want - self.connected):
+            self._sub.connect(endpoint)
+            log.info("following the routing decisions of router peer %s", endpoint)
+        for endpoint in sorted(self.connected - want):
+            self._sub.disconnect(endpoint)
+        self.connected = want
+
+    async def _resolve_forever(self) -> None:
+        while True:
+            await asyncio.sleep(_RESOLVE_S)
+            await self._connect_all()
