@@ -251,6 +251,10 @@ def run(name: str, start: Callable[[], list[tuple[str, subprocess.Popen]]], engi
             line["peer_announcements"] = {
                 o: sum(metric(u, "radixfleet_router_peer_routes_total", f'outcome="{o}"') for u in urls)
                 for o in ("applied", "known")}
+            lag = {le: sum(metric(u, "radixfleet_router_peer_route_lag_seconds_bucket", f'le="{le}"') for u in urls)
+                   for le in ("0.001", "0.0025", "0.005", "0.01", "+Inf")}
+            if lag["+Inf"]:
+                line["peer_lag_within_s"] = {le: round(n / lag["+Inf"], 3) for le, n in lag.items() if le != "+Inf"}
             if workload == "hot-tenant":  # start: one per worker and router; stale, gap, restart: scored approximately meanwhile
                 line["resyncs_by_reason"] = {
                     why: sum(metric(u, "radixfleet_router_kv_event_resyncs_total", f'reason="{why}"') for u in urls)
@@ -409,6 +413,8 @@ def main() -> int:
                     help="which router replica takes each request: drawn at random (seeded), or in turn")
     ap.add_argument("--no-peer-announcements", action="store_true",
                     help="precise replicas do not announce their routing decisions to each other (as before 2026-12-07)")
+    ap.add_argument("--peer-hold", type=float, metavar="S",
+                    help="precise replicas' --peer-hold (default: the router's, 0.003 s)")
     ap.add_argument("--skip-sglang", action="store_true")
     ap.add_argument("--publisher-overhead", action="store_true")
     ap.add_argument("--overhead-prompts", type=int, default=16, help="prompts per end-to-end overhead measurement")
@@ -444,7 +450,7 @@ def main() -> int:
              turns=args.turns, questions=args.questions, burst=args.burst, context_words=args.context_words,
              concurrency=args.concurrency, sglang_router=sglang is not None, hot_share=args.hot_share,
              balance_abs_threshold=args.balance_abs_threshold, replica_choice=args.replica_choice,
-             peer_announcements=not args.no_peer_announcements)
+             peer_announcements=not args.no_peer_announcements, peer_hold=args.peer_hold)
         for workload in args.workload:
             for replicas in args.replicas:
                 for policy in args.policies:
@@ -454,9 +460,10 @@ def main() -> int:
                                 lambda n=replicas: [start_sglang(sglang, engines, *extra) for _ in range(n)],
                                 engines, args, workload)
                         continue
+                    hold = ["--peer-hold", str(args.peer_hold)] if args.peer_hold is not None and policy in ("precise", "auto") else []
                     run(f"radixfleet_{policy}",
-                        lambda p=policy, n=replicas: start_replicas(p, engines, [model_dir] * n, *extra,
-                                                                    announce=not args.no_peer_announcements),
+                        lambda p=policy, n=replicas, h=hold: start_replicas(p, engines, [model_dir] * n, *extra, *h,
+                                                                            announce=not args.no_peer_announcements),
                         engines, args, workload)
     finally:
         stop_all([e.proc for e in engines])

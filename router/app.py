@@ -75,8 +75,8 @@ def build_state(config: RouterConfig) -> RouterState:
     peers: PeerRoutes | None = None
     if index is not None and (config.peer_port or config.peers):
         peers = PeerRoutes(config, index, metrics)
-        policy.announce = peers.announce  # type: ignore[attr-defined]
-        policy.sync_events = _both(subscriber.drain, peers.drain)  # type: ignore[attr-defined,union-attr]
+        policy.peers = peers  # type: ignore[attr-defined]
+        policy.sync_events = peers.sync = _both(subscriber.drain, peers.drain)  # type: ignore[attr-defined,union-attr]
     return RouterState(config, policy, registry, metrics, upstream, proxy, members,
                        HealthChecker(registry, upstream, health_headers), subscriber, peers)
 

@@ -63,6 +63,9 @@ class RouterConfig:
     peers: tuple[str, ...] = _f((), "precise/auto: the other replicas' announcement endpoints: tcp://host:port, or "
                                     "dns://name:port for every address of a name (a headless Service), re-resolved "
                                     "every few seconds. This replica's own announcements are ignored.")
+    peer_hold: float = _f(0.003, "precise/auto with peers: seconds a request on a prompt no worker holds waits, once "
+                                 "routed, for other replicas' announcements of the same prompt made at the same moment "
+                                 "(only while another replica is heard from; 0: never).")
     kv_events_stale_after: float = _f(5.0, "precise: seconds without a KV-event message (heartbeats come every second) "
                                            "after which a worker is scored by the approximate tree until it resyncs.")
     # fault tolerance
@@ -102,6 +105,7 @@ class RouterConfig:
             (0 <= self.peer_port < 65536, f"peer_port must be in 0..65535 (0: off), got {self.peer_port}"),
             (not (self.peer_port or self.peers) or self.policy in ("auto", "precise"),
              f"peer_port and peers announce precise routing decisions: they need policy auto or precise, not {self.policy!r}"),
+            (0.0 <= self.peer_hold <= 1.0, f"peer_hold must be in [0, 1] seconds, got {self.peer_hold}"),
             *((_peer_ok(p), f"peers: {p!r} is not tcp://host:port or dns://name:port") for p in self.peers),
             (self.kv_events_stale_after > 0, "kv_events_stale_after must be > 0 seconds"),
             (self.max_worker_retries >= 1, "max_worker_retries must be >= 1"),

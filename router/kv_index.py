@@ -49,7 +49,8 @@ class WorkerBlocks:
     blocks: set[int] = field(default_factory=set)
     queued: dict[str, list[int]] = field(default_factory=dict)  # rid -> its prompt's blocks
     queued_blocks: Counter = field(default_factory=Counter)  # block -> queued requests with it
-    routed: dict[int, tuple[list[int], float]] = field(default_factory=dict)  # last block -> (blocks, deadline)
+    # last block -> (blocks, deadline, announced at, announcing replica)
+    routed: dict[int, tuple[list[int], float, float, str]] = field(default_factory=dict)
     last_message: float = 0.0  # monotonic time of the last message (or snapshot)
     buffered: list[EventBatch] = field(default_factory=list)
     resyncs: int = 0
@@ -77,13 +78,14 @@ class WorkerBlocks:
         for rid in rids:
             self.settle_blocks(self.queued.pop(rid, ()))
 
-    def route(self, hashes: list[int], deadline: float) -> bool:
-        """Count a request a peer replica sent here (its prompt's blocks) as queued until
-        ``deadline``, unless the worker already holds or has queued its last block (which
-        chains all the others, so one such request stands for any number)."""
+    def route(self, hashes: list[int], deadline: float, ts: float = 0.0, router: str = "") -> bool:
+        """Count a request a peer replica (``router``, at wall time ``ts``) sent here (its
+        prompt's blocks) as queued until ``deadline``, unless the worker already holds or has
+        queued its last block (which chains all the others, so one such request stands for
+        any number)."""
         if not hashes or hashes[-1] in self.blocks or hashes[-1] in self.queued_blocks:
             return False
-        self.routed[hashes[-1]] = (hashes, deadline)
+        self.routed[hashes[-1]] = (hashes, deadline, ts, router)
         self.queued_blocks.update(hashes)
         return True
 
@@ -95,6 +97,18 @@ class WorkerBlocks:
             del self.routed[last]
             self.settle_blocks(entry[0])
 
+    def routed_before(self, hashes: Sequence[int], ts: float, router: str) -> dict[int, int]:
+        """The peers' announced requests here that came before one announced by ``router`` at
+        ``ts`` (by time, then replica id: every replica orders two announcements alike) and
+        share leading blocks with ``hashes``: {their last block: blocks shared}."""
+        out = {}
+        for last, (theirs, _, their_ts, their_router) in self.routed.items():
+            if (their_ts, their_router) < (ts, router):
+                shared = next((i for i, (a, b) in enumerate(zip(theirs, hashes)) if a != b), min(len(theirs), len(hashes)))
+                if shared:
+                    out[last] = shared
+        return out
+
     def settle_blocks(self, hashes: Sequence[int]) -> None:
         for h in hashes:
             self.queued_blocks[h] -= 1
@@ -104,7 +118,7 @@ class WorkerBlocks:
     def load_queued(self, queued: dict[str, list[int]]) -> None:
         self.queued = dict(queued)
         self.queued_blocks = Counter(h for hashes in queued.values() for h in hashes)
-        for hashes, _ in self.routed.values():
+        for hashes, *_ in self.routed.values():
             self.queued_blocks.update(hashes)
 
 
@@ -184,13 +198,14 @@ class KVIndex:
         w.resyncs += 1
         return reason
 
-    def peer_routed(self, url: str, hashes: list[int], ttl: float, now: float | None = None) -> bool:
+    def peer_routed(self, url: str, hashes: list[int], ttl: float, now: float | None = None,
+                    ts: float = 0.0, router: str = "") -> bool:
         """A peer replica sent ``url`` a request with these prompt blocks: count them as queued
         there for up to ``ttl`` seconds (the engine's own ``queued`` event ends it sooner).
         False if ``url`` is not followed or already holds or has queued them."""
         w = self.workers.get(url)
         deadline = (time.monotonic() if now is None else now) + ttl
-        if w is None or not w.route(hashes, deadline):
+        if w is None or not w.route(hashes, deadline, ts, router):
             return False
         heapq.heappush(self._routed_expiry, (deadline, url, hashes[-1]))
         return True

@@ -15,6 +15,17 @@ Service, looked up again every ``_RESOLVE_S`` seconds). An announcement reaches 
 about a millisecond; they count its blocks as queued on that worker (``KVIndex.peer_routed``)
 until the engine's own ``queued`` event for the same prompt arrives, or ``ttl`` seconds pass.
 
+Two replicas can still route requests sharing a new prompt within a millisecond or two of
+each other, each before hearing the other. Both go to one worker (the placement is a
+rendezvous hash), but each predicts nothing cached, and the engine serves whichever reaches
+it second from the first's prefill. So before sending (``agree``), a request that no worker
+holds waits ``--peer-hold`` seconds (3 ms) while another replica is alive, for announcements
+sent at the same moment; then every replica orders the announcements sharing its prompt
+alike, by time and replica id. A request with an earlier one on the same worker predicts
+the blocks they share, and is sent once the engine has reported the earlier one queued (at
+most ``_ENGINE_WAIT_S``), so the engine sees them in that order. Each replica heartbeats
+every second, so a lone replica (or one whose peers are gone) never waits.
+
 Nothing else is shared: an announcement lost (a replica starting, a full queue) costs at most
 one prediction, never a choice the events would have made differently.
 """
@@ -27,6 +38,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 
 import zmq
 
@@ -40,6 +52,10 @@ TOPIC = b"radixfleet.route"
 _RESOLVE_S = 5.0  # how often dns:// peers are looked up again
 _TTL_S = 2.0  # an announcement counts this long at most; the engine's queued event ends it in ~20 ms
 _SEND_HWM = 10_000  # announcements buffered for a slow peer before new ones are dropped
+_HEARTBEAT_S = 1.0
+_PEER_ALIVE_S = 3.0  # a replica heard from within this is alive
+_ENGINE_WAIT_S = 0.05  # the longest a request waits for the engine to report an earlier one queued
+_POLL_S = 0.001
 
 
 class PeerRoutes:
@@ -51,7 +67,12 @@ class PeerRoutes:
         self.ttl = ttl
         self.id = os.urandom(8).hex()
         self.peers = config.peers
+        self.hold = config.peer_hold
         self.connected: set[str] = set()  # tcp:// endpoints the SUB socket is connected to
+        self.heard: dict[str, float] = {}  # other replica id -> monotonic time last heard
+        # Applies every message already received, the engines' KV events too; set by the app.
+        self.sync: Callable[[], None] = self.drain
+        self._heartbeat: asyncio.Task | None = None
         self._ctx = zmq.Context()
         self._pub: zmq.Socket | None = None
         self._sub: zmq.Socket | None = None
@@ -67,7 +88,9 @@ class PeerRoutes:
                 raise OSError(f"cannot listen for router peers on {config.host}:{config.peer_port}: {e}") from e
 
     async def start(self) -> None:
-        """Subscribe to the peers (on the running event loop)."""
+        """Heartbeat, and subscribe to the peers (on the running event loop)."""
+        if self._pub is not None:
+            self._heartbeat = asyncio.create_task(self._beat_forever())
         if not self.peers:
             return
         self._sub = self._ctx.socket(zmq.SUB)
@@ -80,23 +103,62 @@ class PeerRoutes:
             self._resolver = asyncio.create_task(self._resolve_forever())
 
     async def close(self) -> None:
-        if self._resolver is not None:
-            self._resolver.cancel()
-            await asyncio.gather(self._resolver, return_exceptions=True)
+        tasks = [t for t in (self._resolver, self._heartbeat) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._sub is not None:
             asyncio.get_running_loop().remove_reader(self._sub.getsockopt(zmq.FD))
         self._ctx.destroy(linger=0)
 
     # ---- out -------------------------------------------------------------------------------
-    def announce(self, worker_url: str, hashes: list[int]) -> None:
-        """Tell the peers this replica sent ``worker_url`` a prompt with these block hashes."""
+    def announce(self, worker_url: str, hashes: list[int]) -> float | None:
+        """Tell the peers this replica sent ``worker_url`` a prompt with these block hashes;
+        the announcement's time (None if not announced)."""
         if self._pub is None or not hashes:
-            return
-        msg = json.dumps({"router": self.id, "worker": worker_url, "hashes": hashes, "ts": time.time()})
+            return None
+        ts = time.time()
+        self._send({"router": self.id, "worker": worker_url, "hashes": hashes, "ts": ts})
+        return ts
+
+    def _send(self, msg: dict) -> None:
         try:
-            self._pub.send_multipart([TOPIC, msg.encode()], zmq.NOBLOCK)
-        except zmq.Again:  # a peer this far behind loses the announcement, not this request
+            self._pub.send_multipart([TOPIC, json.dumps(msg).encode()], zmq.NOBLOCK)  # type: ignore[union-attr]
+        except zmq.Again:  # a peer this far behind loses the message, not this request
             pass
+
+    async def _beat_forever(self) -> None:
+        while True:
+            self._send({"router": self.id, "heartbeat": True})
+            await asyncio.sleep(_HEARTBEAT_S)
+
+    def alive(self) -> bool:
+        """Whether another replica has been heard from lately."""
+        now = time.monotonic()
+        return any(now - t <= _PEER_ALIVE_S for t in self.heard.values())
+
+    async def agree(self, worker_url: str, hashes: list[int], ts: float, placed: bool, key) -> None:
+        """Before sending a request announced at ``ts`` (``hashes``: its prompt's blocks) to
+        ``worker_url``: if ``placed`` (no worker held its prompt) and another replica is
+        alive, wait ``hold`` seconds for announcements made at the same moment; then, if
+        announcements before it share leading blocks with it on that worker, raise ``key``'s
+        prediction to the blocks shared (lowering ``key.uncached`` alike) and wait until the
+        engine has reported those requests queued, so that it serves them first."""
+        if placed and self.hold and self.alive():
+            await asyncio.sleep(self.hold)
+            self.sync()
+        w = self.index.workers.get(worker_url)
+        earlier = w.routed_before(hashes, ts, self.id) if w is not None else {}
+        if not earlier:
+            return
+        shared = max(earlier.values()) * w.block_size  # type: ignore[union-attr]
+        if key.predicted is not None and shared > key.predicted:
+            key.uncached = max(0, key.uncached - (shared - key.predicted))
+            key.predicted = shared
+        deadline = time.monotonic() + _ENGINE_WAIT_S
+        while any(last in w.routed for last in earlier) and time.monotonic() < deadline:  # type: ignore[union-attr]
+            await asyncio.sleep(_POLL_S)
+            self.sync()
 
     # ---- in --------------------------------------------------------------------------------
     def drain(self) -> None:
@@ -117,7 +179,12 @@ class PeerRoutes:
     def _apply(self, frames: list[bytes], now: float) -> str:
         try:
             msg = json.loads(frames[1])
-            router, worker, hashes = msg["router"], msg["worker"], msg["hashes"]
+            router = msg["router"]
+            if router != self.id:
+                self.heard[str(router)] = now
+            if msg.get("heartbeat") is True:
+                return ""
+            worker, hashes = msg["worker"], msg["hashes"]
             if not (isinstance(worker, str) and isinstance(hashes, list) and all(type(h) is int for h in hashes)):
                 raise ValueError("worker must be a string and hashes a list of integers")
         except (IndexError, KeyError, TypeError, ValueError) as e:
@@ -127,7 +194,8 @@ class PeerRoutes:
             return ""
         if isinstance(msg.get("ts"), (int, float)):
             self.metrics.peer_route_lag.observe(max(0.0, time.time() - msg["ts"]))
-        return "applied" if self.index.peer_routed(worker, hashes, self.ttl, now) else "known"
+        ts = msg.get("ts") if isinstance(msg.get("ts"), (int, float)) else 0.0
+        return "applied" if self.index.peer_routed(worker, hashes, self.ttl, now, ts, str(router)) else "known"
 
     async def _connect_all(self) -> None:
         want: set[str] = set()

@@ -205,6 +205,8 @@ class Proxy:
                 tried.add(worker.url)
                 worker.in_flight += 1
                 worker.breaker.on_dispatch()
+                if select == self.policy.select:
+                    await self.policy.before_send(worker, text)
                 prefill = _Prefill(worker, getattr(text, "uncached", 0), getattr(text, "ids", None))
                 last = attempt == self.config.max_total_retries
                 try:

@@ -27,6 +27,11 @@ class Policy(ABC):
         ``candidates`` is non-empty; ``text`` is the request's routing key ("" if none).
         """
 
+    async def before_send(self, worker: Worker, text: str) -> None:
+        """Called after ``select`` chose ``worker`` for ``text``, before the request goes out
+        (precise with router peers: agree with the other replicas on the order; peers.py)."""
+        return None
+
     def routing_key(self, route: str, body: Any) -> str:
         """What ``select`` gets for a request to ``route`` with JSON ``body``: its text key."""
         return text_key(route, body)

@@ -49,6 +49,11 @@ text also goes into the chosen worker's tree, so the fallback is always warm. ``
 on the key is ``ahead(w)`` of an events-scored choice, which the proxy compares with the
 engine's reported ``cached_tokens``.
 
+With router peers (``--peer-port``, ``--peers``), every events-scored choice is announced to
+the other replicas, which count it as queued on the chosen worker at once; and before
+sending, replicas that routed requests sharing a new prompt at the same moment agree which
+goes first (``before_send``, ``peers.py``).
+
 ``auto`` (the default ``--policy``) is this policy when the tokenizer is loaded and every
 candidate is in sync, and exactly cache_aware otherwise. Until a tokenizer is loaded
 (``tokenizer_path``, else fetched from the first worker that publishes), requests are
@@ -67,6 +72,7 @@ from radixfleet import kv_events
 
 from ..config import RouterConfig
 from ..kv_index import KVIndex, block_hashes
+from ..peers import PeerRoutes
 from ..prompt_tokens import PromptTokenizer
 from ..worker import Worker
 from .base import Policy
@@ -83,6 +89,8 @@ class PromptKey(str):
     ids: list[int] | None = None
     predicted: int | None = None
     uncached: int = 0  # prompt tokens the chosen worker must compute (its pending_prefill share)
+    # Set when the choice was announced to the router peers: (time, the prompt's blocks, no worker held it).
+    announced: tuple[float, list[int], bool] | None = None
 
 
 class PrecisePolicy(Policy):
@@ -105,8 +113,8 @@ class PrecisePolicy(Policy):
         # Applies the KV-event messages (kv_subscriber.py) and peer announcements (peers.py)
         # already received; set by the app.
         self.sync_events: Callable[[], None] = lambda: None
-        # Tells the other router replicas (peers.py) where a prompt's blocks were sent; set by the app.
-        self.announce: Callable[[str, list[int]], None] | None = None
+        # The other router replicas (peers.py), told where each prompt's blocks go; set by the app.
+        self.peers: PeerRoutes | None = None
 
     # ---- membership and housekeeping: the tree and the index follow the workers -------------
     def add_worker(self, url: str) -> None:
@@ -138,7 +146,7 @@ class PrecisePolicy(Policy):
     def select(self, candidates: Sequence[Worker], text: str) -> tuple[Worker, str]:
         ids = getattr(text, "ids", None)
         if isinstance(text, PromptKey):
-            text.predicted, text.uncached = None, 0
+            text.predicted, text.uncached, text.announced = None, 0, None
         urls = [w.url for w in candidates]
         if ids:
             self.sync_events()
@@ -182,13 +190,22 @@ class PrecisePolicy(Policy):
             text.uncached = n - ahead[chosen.url]
         if text:
             self.approx._tree_for(chosen.url).insert(text)
-        state = self.index.workers.get(chosen.url)
-        if self.announce is not None and state is not None:
-            self.announce(chosen.url, block_hashes(ids, state.block_size, state.seed, hashes))
         decision = rule if chosen.url in matched else "approximate"
         if chosen.url in matched and isinstance(text, PromptKey):
             text.predicted = ahead[chosen.url]
+            if self.peers is not None:
+                state = self.index.workers[chosen.url]
+                chain = block_hashes(ids, state.block_size, state.seed, hashes)
+                ts = self.peers.announce(chosen.url, chain)
+                if ts is not None:  # "placed": the choice did not follow a prefix held there
+                    text.announced = (ts, chain, ahead[chosen.url] <= self.cache_threshold * n)
         return chosen, decision
+
+    async def before_send(self, worker: Worker, text: str) -> None:
+        announced = getattr(text, "announced", None)
+        if self.peers is not None and announced is not None:
+            ts, chain, placed = announced
+            await self.peers.agree(worker.url, chain, ts, placed, text)
 
     def _rebalance(self, order: Sequence[Worker], ahead: dict[str, int], costs: list[float], n: int) -> int:
         """The choice while the load is imbalanced (the index into ``order``): the worker that

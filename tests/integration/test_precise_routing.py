@@ -118,13 +118,15 @@ def test_a_burst_through_three_replicas_is_predicted_from_the_engines_queued_eve
 
 
 def test_a_burst_sent_at_once_through_three_replicas_is_predicted_from_their_announcements(replicas):
-    """The same, 5 ms apart: the 2nd and 3rd are routed before the engine can have reported
-    the 1st (its ``queued`` event takes 10-20 ms to come back), so only the replicas'
-    announcements to each other (``--peer-port``/``--peers``) tell them the worker is about
-    to hold the context; predictions still equal what the engine reports."""
+    """The same, all three sent at once: each is routed before the engine can have reported
+    another (its ``queued`` event takes 10-20 ms to come back), and before the replicas'
+    announcements to each other (``--peer-port``/``--peers``) arrive. Each holds its request
+    ``--peer-hold`` (3 ms) for them, they agree which was first, and the others wait for the
+    engine to queue it: predictions equal what the engine reports (without the hold, 2 of 3
+    runs here predicted one of the cached ones 0)."""
     # Each replica's first request pays one-time costs (its connection to the engine, the chat
-    # template) that would reorder a burst 5 ms apart: one request through each first.
-    records = asyncio.run(send_burst(replicas, context(8, 300), 0.005, warm_up=True))
+    # template) that would delay it past the others' hold: one request through each first.
+    records = asyncio.run(send_burst(replicas, context(8, 300), 0.0, warm_up=True))
     assert len({r.worker for r in records}) == 1, records
     assert sorted(r.cached_tokens >= 512 for r in records) == [False, True, True], records
     assert [r.predicted for r in records] == [r.cached_tokens // 16 * 16 for r in records], records

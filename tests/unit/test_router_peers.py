@@ -97,7 +97,7 @@ def fleet(tok: str, peer_port: int, peers: tuple[str, ...]) -> tuple[PrecisePoli
         policy.index.add_worker(w.url)
         policy.index.on_snapshot(w.url, Snapshot("e", 0, 16, kv_events.SEED, []))
     peers = PeerRoutes(config, policy.index, RouterMetrics("precise", lambda: workers, dict))
-    policy.announce, policy.sync_events = peers.announce, peers.drain
+    policy.peers, policy.sync_events = peers, peers.drain
     return policy, workers, peers
 
 
@@ -144,6 +144,65 @@ def test_two_replicas_predict_each_others_burst_over_real_sockets(model_dir):
             assert counted(peers_a, "applied") == 1 and counted(peers_a, "known") == 0
             assert counted(peers_b, "applied") == 1 and counted(peers_b, "known") == 0
             assert list(a.index.workers[w.url].routed) == [kv_events.prefix_hashes(second.ids[:-1], 16)[-1]]
+        finally:
+            await peers_a.close()
+            await peers_b.close()
+
+    asyncio.run(scenario())
+
+
+async def until(cond, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.005)
+
+
+def test_replicas_routing_one_new_prompt_at_the_same_moment_agree_on_the_order(model_dir):
+    """A and B route requests sharing a new prompt before either hears the other: both pick
+    one worker and predict nothing cached. Before sending, each waits ``peer_hold`` for the
+    other's announcement; the later one (by time) then predicts the shared blocks cached and
+    is held until the engine reports the earlier one queued, so the engine serves them in
+    that order, as both predicted. A replica with no live peer does not wait."""
+    port_a, port_b = free_port(), free_port()
+    everyone = (f"tcp://127.0.0.1:{port_a}", f"tcp://127.0.0.1:{port_b}")
+
+    async def scenario():
+        (a, ws_a, peers_a), (b, ws_b, peers_b) = fleet(model_dir, port_a, everyone), fleet(model_dir, port_b, everyone)
+        peers_a.hold = peers_b.hold = 0.05  # room for a loaded test machine
+        await peers_a.start()
+        await peers_b.start()
+        try:
+            await until(lambda: peers_a.alive() and peers_b.alive())
+            first, second = key(PROMPT + [1]), key(PROMPT + [2])
+            w, _ = a.select(ws_a, first)
+            b.sync_events = lambda: None  # B routes before it reads A's announcement
+            chosen, decision = b.select(ws_b, second)
+            b.sync_events = peers_b.drain
+            assert (chosen.url, decision, first.predicted, second.predicted) == (w.url, "uncached", 0, 0)
+            assert first.announced[0] < second.announced[0]
+            engine_queued = EventBatch("e", 1, 0.0, [kv_events.queued("r1", HASHES)])
+
+            async def engine_reports_the_first_queued():
+                await asyncio.sleep(0.08)
+                b.index.on_message(w.url, engine_queued)
+
+            t0 = time.monotonic()
+            sends = asyncio.gather(a.before_send(w, first), b.before_send(chosen, second))
+            reported = asyncio.create_task(engine_reports_the_first_queued())
+            await asyncio.wait_for(asyncio.shield(sends), 1.0)
+            took = time.monotonic() - t0
+            await reported
+            assert (first.predicted, first.uncached) == (0, 65)
+            assert (second.predicted, second.uncached) == (64, 1)
+            assert 0.08 <= took < 0.5, took  # B went once the engine had queued A's request
+            # Alone (its peer gone quiet), a replica does not hold a new prompt back.
+            peers_a.heard.clear()
+            third = key([7] * 40)
+            w3, _ = a.select(ws_a, third)
+            t0 = time.monotonic()
+            await a.before_send(w3, third)
+            assert time.monotonic() - t0 < 0.04
         finally:
             await peers_a.close()
             await peers_b.close()
