@@ -18,8 +18,10 @@ until the engine's own ``queued`` event for the same prompt arrives, or ``ttl`` 
 Two replicas can still route requests sharing a new prompt within a millisecond or two of
 each other, each before hearing the other. Both go to one worker (the placement is a
 rendezvous hash), but each predicts nothing cached, and the engine serves whichever reaches
-it second from the first's prefill. So before sending (``agree``), a request that no worker
-holds waits ``--peer-hold`` seconds (3 ms) while another replica is alive, for announcements
+it second from the first's prefill. So, with ``--peer-hold`` (off by default: on the 2-core
+machine of the README it helped bursts sent at once and cost bursts a few ms apart), before
+sending (``agree``) a request that no worker holds waits that long while another replica is
+alive, for announcements
 sent at the same moment; then every replica orders the announcements sharing its prompt
 alike, by time and replica id. A request with an earlier one on the same worker predicts
 the blocks they share, and is sent once the engine has reported the earlier one queued (at
@@ -54,7 +56,7 @@ _TTL_S = 2.0  # an announcement counts this long at most; the engine's queued ev
 _SEND_HWM = 10_000  # announcements buffered for a slow peer before new ones are dropped
 _HEARTBEAT_S = 1.0
 _PEER_ALIVE_S = 3.0  # a replica heard from within this is alive
-_ENGINE_WAIT_S = 0.05  # the longest a request waits for the engine to report an earlier one queued
+_ENGINE_WAIT_S = 0.25  # the longest a request waits for the engine to report an earlier one queued
 _POLL_S = 0.001
 
 
@@ -144,7 +146,9 @@ class PeerRoutes:
         announcements before it share leading blocks with it on that worker, raise ``key``'s
         prediction to the blocks shared (lowering ``key.uncached`` alike) and wait until the
         engine has reported those requests queued, so that it serves them first."""
-        if placed and self.hold and self.alive():
+        if not self.hold:
+            return
+        if placed and self.alive():
             await asyncio.sleep(self.hold)
             self.sync()
         w = self.index.workers.get(worker_url)

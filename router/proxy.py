@@ -97,9 +97,12 @@ class _Prefill:
         if ids:
             worker.prompts_in_flight[id(self)] = ids
 
+    def resize(self, tokens: int) -> None:
+        self.worker.pending_prefill += tokens - self.tokens
+        self.tokens = tokens
+
     def settle(self) -> None:
-        self.worker.pending_prefill -= self.tokens
-        self.tokens = 0
+        self.resize(0)
 
     def done(self) -> None:
         self.settle()
@@ -205,9 +208,11 @@ class Proxy:
                 tried.add(worker.url)
                 worker.in_flight += 1
                 worker.breaker.on_dispatch()
+                # Counted before any wait, so that the next request routed meanwhile sees this one.
+                prefill = _Prefill(worker, getattr(text, "uncached", 0), getattr(text, "ids", None))
                 if select == self.policy.select:
                     await self.policy.before_send(worker, text)
-                prefill = _Prefill(worker, getattr(text, "uncached", 0), getattr(text, "ids", None))
+                    prefill.resize(getattr(text, "uncached", 0))
                 last = attempt == self.config.max_total_retries
                 try:
                     upstream = await self.upstream.send(method, worker.url + route, body, self.headers, stream=stream)
