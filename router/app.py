@@ -17,7 +17,7 @@ from .admission import Admission
 from .auth import BearerAuth
 from .config import RouterConfig
 from .health import HealthChecker
-from .kv_subscriber import KVSubscriber, check_endpoint
+from .kv_subscriber import KVSubscriber
 from .membership import Membership, membership_routes
 from .metrics import CONTENT_TYPE, RouterMetrics
 from .peers import PeerRoutes
@@ -27,6 +27,7 @@ from .prompt_tokens import fetch_tokenizer
 from .proxy import Proxy, error_response
 from .registry import WorkerRegistry
 from .upstream import Upstream, UpstreamError
+from .worker import check_endpoint
 
 log = logging.getLogger(__name__)
 

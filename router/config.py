@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 from radixfleet.http_limits import DEFAULT_MAX_REQUEST_BYTES
 
+from .worker import check_endpoint
+
 POLICY_NAMES = ("auto", "precise", "cache_aware", "round_robin", "random", "power_of_two")
 
 
@@ -131,6 +133,8 @@ class RouterConfig:
 
 
 def _peer_ok(endpoint: str) -> bool:
-    scheme, _, rest = endpoint.partition("://")
-    host, _, port = rest.rpartition(":")
-    return scheme in ("tcp", "dns") and bool(host) and "/" not in rest and port.isdigit() and 0 < int(port) < 65536
+    try:
+        check_endpoint(endpoint, ("tcp", "dns"), "router peer")
+    except ValueError:
+        return False
+    return 0 < int(endpoint.rsplit(":", 1)[1]) < 65536

@@ -29,7 +29,6 @@ from radixfleet.kv_events import EventBatch, Snapshot
 from .kv_index import KVIndex
 from .metrics import RouterMetrics
 from .upstream import Upstream, UpstreamError
-from .worker import normalize_url
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +43,6 @@ def endpoint_from_info(url: str, info: dict) -> str | None:
         return None
     host = url.split("://", 1)[1].rsplit(":", 1)[0]
     return f"tcp://{host}:{port}"
-
-
-def check_endpoint(endpoint: str) -> str:
-    """A ``tcp://host:port`` event endpoint; ValueError otherwise."""
-    if not endpoint.startswith("tcp://"):
-        raise ValueError(f"KV-event endpoint {endpoint!r} must be tcp://host:port")
-    normalize_url("http://" + endpoint.removeprefix("tcp://"))  # the same host:port rules as worker URLs
-    host_port = endpoint.removeprefix("tcp://")
-    if not host_port.rsplit(":", 1)[-1].isdigit():
-        raise ValueError(f"KV-event endpoint {endpoint!r} must be tcp://host:port")
-    return endpoint
 
 
 class KVSubscriber:

@@ -21,9 +21,8 @@ rendezvous hash), but each predicts nothing cached, and the engine serves whiche
 it second from the first's prefill. So, with ``--peer-hold`` (off by default: on the 2-core
 machine of the README it helped bursts sent at once and cost bursts a few ms apart), before
 sending (``agree``) a request that no worker holds waits that long while another replica is
-alive, for announcements
-sent at the same moment; then every replica orders the announcements sharing its prompt
-alike, by time and replica id. A request with an earlier one on the same worker predicts
+alive, for announcements sent at the same moment; then every replica orders the
+announcements sharing its prompt alike, by time and replica id. A request with an earlier one on the same worker predicts
 the blocks they share, and is sent once the engine has reported the earlier one queued (at
 most ``_ENGINE_WAIT_S``), so the engine sees them in that order. Each replica heartbeats
 every second, so a lone replica (or one whose peers are gone) never waits.
@@ -71,6 +70,7 @@ class PeerRoutes:
         self.peers = config.peers
         self.hold = config.peer_hold
         self.connected: set[str] = set()  # tcp:// endpoints the SUB socket is connected to
+        self._resolved: dict[str, set[str]] = {}  # dns:// peer -> its tcp:// endpoints last looked up
         self.heard: dict[str, float] = {}  # other replica id -> monotonic time last heard
         # Applies every message already received, the engines' KV events too; set by the app.
         self.sync: Callable[[], None] = self.drain
@@ -132,6 +132,8 @@ class PeerRoutes:
     async def _beat_forever(self) -> None:
         while True:
             self._send({"router": self.id, "heartbeat": True})
+            now = time.monotonic()  # forget replicas gone quiet (each restart is a new id)
+            self.heard = {r: t for r, t in self.heard.items() if now - t <= _PEER_ALIVE_S}
             await asyncio.sleep(_HEARTBEAT_S)
 
     def alive(self) -> bool:
@@ -211,13 +213,11 @@ class PeerRoutes:
             host, _, port = rest.rpartition(":")
             try:
                 infos = await asyncio.get_running_loop().getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+                self._resolved[peer] = {f"tcp://[{addr[0]}]:{port}" if family == socket.AF_INET6
+                                        else f"tcp://{addr[0]}:{port}" for family, _, _, _, addr in infos}
             except OSError as e:  # keep the last known addresses until the name resolves again
                 log.debug("router peers %s: %s", peer, e)
-                want |= {c for c in self.connected if c.endswith(f":{port}")}
-                continue
-            for family, _, _, _, addr in infos:
-                ip = f"[{addr[0]}]" if family == socket.AF_INET6 else addr[0]
-                want.add(f"tcp://{ip}:{port}")
+            want |= self._resolved.get(peer, set())
         assert self._sub is not None
         for endpoint in sorted(want - self.connected):
             self._sub.connect(endpoint)

@@ -28,6 +28,20 @@ def normalize_url(url: str) -> str:
     return url.rstrip("/")
 
 
+def check_endpoint(endpoint: str, schemes: Sequence[str] = ("tcp",), what: str = "KV-event endpoint") -> str:
+    """A ``scheme://host:port`` ZMQ endpoint (KV events: ``tcp``; router peers: ``tcp`` or
+    ``dns``), with the host:port rules of worker URLs; ValueError otherwise."""
+    scheme, sep, host_port = endpoint.partition("://")
+    expected = " or ".join(f"{s}://host:port" for s in schemes)
+    if not sep or scheme not in schemes or not host_port.rsplit(":", 1)[-1].isdigit():
+        raise ValueError(f"{what} {endpoint!r} must be {expected}")
+    try:
+        normalize_url("http://" + host_port)
+    except InvalidWorkerURL:
+        raise ValueError(f"{what} {endpoint!r} must be {expected}") from None
+    return endpoint
+
+
 @dataclass(eq=False)
 class Worker:
     """Mutable state of one worker; only the event loop thread mutates it."""
