@@ -25,6 +25,19 @@ def start_fleet(port: int, workers: int = 2) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
+def engines_on(proc: subprocess.Popen, port: int) -> list[psutil.Process]:
+    """The fleet's live processes serving ``port``; a child just killed (a zombie until
+    ``radixfleet up`` reaps it) or gone meanwhile is not one."""
+    found = []
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if f"--port {port}" in " ".join(child.cmdline()):
+                found.append(child)
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            continue
+    return found
+
+
 def read_url_line(proc: subprocess.Popen, timeout: float = 40.0) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -79,13 +92,11 @@ def test_up_starts_an_engine_that_died_again_and_registers_it():
         read_url_line(proc)
         router = f"http://127.0.0.1:{port}"
         urls = httpx.get(router + "/list_workers", trust_env=False).json()["urls"]
-        victim = next(p for p in psutil.Process(proc.pid).children(recursive=True)
-                      if f"--port {port + 1}" in " ".join(p.cmdline()))
+        victim, = engines_on(proc, port + 1)
         victim.kill()
         deadline = time.monotonic() + 40
         while time.monotonic() < deadline:  # removed from the router, started again, added back
-            serving = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                       if f"--port {port + 1}" in " ".join(p.cmdline()) and p.pid != victim.pid]
+            serving = [p for p in engines_on(proc, port + 1) if p.pid != victim.pid]
             listed = httpx.get(router + "/list_workers", trust_env=False).json()["urls"]
             if serving and sorted(listed) == sorted(urls):
                 break
