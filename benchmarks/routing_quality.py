@@ -414,7 +414,7 @@ def main() -> int:
     ap.add_argument("--no-peer-announcements", action="store_true",
                     help="precise replicas do not announce their routing decisions to each other (as before 2026-12-07)")
     ap.add_argument("--peer-hold", type=float, metavar="S",
-                    help="precise replicas' --peer-hold (default: the router's, 0: off)")
+                    help="precise replicas' --peer-hold (default: the router's, 0.003; 0: off)")
     ap.add_argument("--skip-sglang", action="store_true")
     ap.add_argument("--publisher-overhead", action="store_true")
     ap.add_argument("--overhead-prompts", type=int, default=16, help="prompts per end-to-end overhead measurement")

@@ -65,10 +65,10 @@ class RouterConfig:
     peers: tuple[str, ...] = _f((), "precise/auto: the other replicas' announcement endpoints: tcp://host:port, or "
                                     "dns://name:port for every address of a name (a headless Service), re-resolved "
                                     "every few seconds. This replica's own announcements are ignored.")
-    peer_hold: float = _f(0.0, "precise/auto with peers: seconds a request on a prompt no worker holds waits, once "
-                               "routed, for other replicas' announcements of the same prompt made at the same moment, "
-                               "after which the replicas agree on their order (only while another replica is heard "
-                               "from; 0: no wait and no ordering step). Measured in the README; off by default.")
+    peer_hold: float = _f(0.003, "precise/auto with peers: seconds a request on a prompt no worker holds waits, once "
+                                 "routed, for other replicas' announcements of the same prompt made at the same "
+                                 "moment, after which the replicas agree on their order (only while another replica "
+                                 "is heard from; 0: no wait and no ordering step). Measured in the README.")
     kv_events_stale_after: float = _f(5.0, "precise: seconds without a KV-event message (heartbeats come every second) "
                                            "after which a worker is scored by the approximate tree until it resyncs.")
     # fault tolerance

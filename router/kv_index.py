@@ -82,8 +82,17 @@ class WorkerBlocks:
         """Count a request a peer replica (``router``, at wall time ``ts``) sent here (its
         prompt's blocks) as queued until ``deadline``, unless the worker already holds or has
         queued its last block (which chains all the others, so one such request stands for
-        any number)."""
-        if not hashes or hashes[-1] in self.blocks or hashes[-1] in self.queued_blocks:
+        any number; of two announcements of one prompt the earlier, by ``(ts, router)``,
+        stands for both, so that every replica orders them alike)."""
+        if not hashes or hashes[-1] in self.blocks:
+            return False
+        entry = self.routed.get(hashes[-1])
+        if entry is not None:
+            if (ts, router) >= entry[2:]:
+                return False
+            self.routed[hashes[-1]] = (entry[0], entry[1], ts, router)
+            return True
+        if hashes[-1] in self.queued_blocks:
             return False
         self.routed[hashes[-1]] = (hashes, deadline, ts, router)
         self.queued_blocks.update(hashes)

@@ -18,14 +18,17 @@ until the engine's own ``queued`` event for the same prompt arrives, or ``ttl`` 
 Two replicas can still route requests sharing a new prompt within a millisecond or two of
 each other, each before hearing the other. Both go to one worker (the placement is a
 rendezvous hash), but each predicts nothing cached, and the engine serves whichever reaches
-it second from the first's prefill. So, with ``--peer-hold`` (off by default: on the 2-core
-machine of the README it helped bursts sent at once and cost bursts a few ms apart), before
-sending (``agree``) a request that no worker holds waits that long while another replica is
-alive, for announcements sent at the same moment; then every replica orders the
-announcements sharing its prompt alike, by time and replica id. A request with an earlier one on the same worker predicts
-the blocks they share, and is sent once the engine has reported the earlier one queued (at
-most ``_ENGINE_WAIT_S``), so the engine sees them in that order. Each replica heartbeats
-every second, so a lone replica (or one whose peers are gone) never waits.
+it second from the first's prefill. So, before sending (``agree``), a request that no worker
+holds waits ``--peer-hold`` (3 ms; 0 turns the step off) while another replica is alive, for
+announcements sent at the same moment; then every replica orders the announcements sharing
+its prompt alike, by time and replica id (of two announcing the same blocks, the earlier
+stands for both). A request with an earlier one on the same worker predicts the blocks they
+share, and is sent once the engine has reported the earlier one queued (at most
+``_ENGINE_WAIT_S``), so the engine sees them in that order. A replica's own decisions are
+ordered the same way: otherwise a second request on the prompt, routed by the same replica
+while the first is held (it sees the first, so it is not held itself), reached the engine
+first. Each replica heartbeats every second, so a lone replica (or one whose peers are gone)
+never waits.
 
 Nothing else is shared: an announcement lost (a replica starting, a full queue) costs at most
 one prediction, never a choice the events would have made differently.
@@ -121,6 +124,8 @@ class PeerRoutes:
             return None
         ts = time.time()
         self._send({"router": self.id, "worker": worker_url, "hashes": hashes, "ts": ts})
+        if self.hold:  # ordered like a peer's (``agree``): a later request here must not overtake it
+            self.index.peer_routed(worker_url, hashes, self.ttl, ts=ts, router=self.id)
         return ts
 
     def _send(self, msg: dict) -> None:

@@ -50,9 +50,9 @@ on the key is ``ahead(w)`` of an events-scored choice, which the proxy compares 
 engine's reported ``cached_tokens``.
 
 With router peers (``--peer-port``, ``--peers``), every events-scored choice is announced to
-the other replicas, which count it as queued on the chosen worker at once; and, with
-``--peer-hold``, before sending, replicas that routed requests sharing a new prompt at the
-same moment agree which goes first (``before_send``, ``peers.py``).
+the other replicas, which count it as queued on the chosen worker at once; and, before
+sending, replicas that routed requests sharing a new prompt at the same moment agree which
+goes first (``--peer-hold``; ``before_send``, ``peers.py``).
 
 ``auto`` (the default ``--policy``) is this policy when the tokenizer is loaded and every
 candidate is in sync, and exactly cache_aware otherwise. Until a tokenizer is loaded

@@ -44,7 +44,7 @@ def replicas(engines, model_dir):
     flush_all(engines)
     # Two replicas fetch the tokenizer from the engines (as a router pod without the model
     # does), one reads the model's folder.
-    routers = start_replicas("precise", engines, [None, None, model_dir], "--peer-hold", "0.003")
+    routers = start_replicas("precise", engines, [None, None, model_dir])
     yield [url for url, _ in routers]
     stop_all([p for _, p in routers])
 
@@ -121,7 +121,7 @@ def test_a_burst_sent_at_once_through_three_replicas_is_predicted_from_their_ann
     """The same, all three sent at once: each is routed before the engine can have reported
     another (its ``queued`` event takes 10-20 ms to come back), and before the replicas'
     announcements to each other (``--peer-port``/``--peers``) arrive. Each holds its request
-    ``--peer-hold`` (3 ms here; off by default) for them, they agree which was first, and the others wait for the
+    ``--peer-hold`` (3 ms, the default) for them, they agree which was first, and the others wait for the
     engine to queue it: predictions equal what the engine reports (without the hold, 2 of 3
     runs here predicted one of the cached ones 0)."""
     # Each replica's first request pays one-time costs (its connection to the engine, the chat

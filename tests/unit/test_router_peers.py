@@ -136,12 +136,14 @@ def test_two_replicas_predict_each_others_burst_over_real_sockets(model_dir):
             chosen, decision = b.select(ws_b, second)
             assert (chosen.url, decision, second.predicted) == (w.url, "cached", 64)
             assert counted(peers_b, "applied") == 1
-            # A hears B's announcement, and its own (through the list) is ignored.
-            while not counted(peers_a, "applied") and time.monotonic() < deadline:
+            # A hears B's announcement, and its own (through the list) is ignored. Both prompts
+            # have the same whole blocks, and A counts its own request on them (its ordering step,
+            # --peer-hold), which came first: B's is known.
+            while not counted(peers_a, "known") and time.monotonic() < deadline:
                 await asyncio.sleep(0.005)
             await asyncio.sleep(0.1)
             peers_a.drain()
-            assert counted(peers_a, "applied") == 1 and counted(peers_a, "known") == 0
+            assert counted(peers_a, "applied") == 0 and counted(peers_a, "known") == 1
             assert counted(peers_b, "applied") == 1 and counted(peers_b, "known") == 0
             assert list(a.index.workers[w.url].routed) == [kv_events.prefix_hashes(second.ids[:-1], 16)[-1]]
         finally:
@@ -203,6 +205,49 @@ def test_replicas_routing_one_new_prompt_at_the_same_moment_agree_on_the_order(m
             t0 = time.monotonic()
             await a.before_send(w3, third)
             assert time.monotonic() - t0 < 0.04
+        finally:
+            await peers_a.close()
+            await peers_b.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_later_request_through_the_same_replica_does_not_overtake_a_held_one(model_dir):
+    """One replica routes two requests sharing a new prompt, one after the other. The first
+    (no worker held the prompt) waits ``peer_hold`` for concurrent announcements; the second
+    (the first's blocks counted ahead) is not held, and before this fix it went at once and
+    reached the engine first, which served it uncached and the first from its prefill: both
+    predictions wrong. Now it is ordered like a peer's request: sent once the engine has
+    reported the first queued."""
+    port_a, port_b = free_port(), free_port()
+    everyone = (f"tcp://127.0.0.1:{port_a}", f"tcp://127.0.0.1:{port_b}")
+
+    async def scenario():
+        (a, ws_a, peers_a), (_, _, peers_b) = fleet(model_dir, port_a, everyone), fleet(model_dir, port_b, everyone)
+        peers_a.hold = 0.05
+        await peers_a.start()
+        await peers_b.start()
+        try:
+            await until(peers_a.alive)
+            first, second = key(PROMPT + [1]), key(PROMPT + [2])
+            w, _ = a.select(ws_a, first)
+            chosen, decision = a.select(ws_a, second)
+            assert (chosen.url, decision, first.predicted, second.predicted) == (w.url, "cached", 0, 64)
+            finished: dict[str, float] = {}
+
+            async def send(name: str, k: PromptKey) -> None:
+                await a.before_send(w, k)
+                finished[name] = time.monotonic()
+
+            t0 = time.monotonic()
+            sends = asyncio.gather(send("first", first), send("second", second))
+            await asyncio.sleep(0.12)  # the engine reports the first queued 0.12 s in
+            queued_at = time.monotonic()
+            a.index.on_message(w.url, EventBatch("e", 1, 0.0, [kv_events.queued("r1", HASHES + [first.announced[1][-1]])]))
+            await asyncio.wait_for(sends, 1.0)
+            assert finished["first"] - t0 < 0.11  # held 0.05 s, nothing before it
+            assert finished["second"] >= queued_at, (finished, queued_at)
+            assert (first.predicted, second.predicted) == (0, 64)
         finally:
             await peers_a.close()
             await peers_b.close()
