@@ -86,7 +86,7 @@ def test_decode_long_and_single_token_contexts():
 
 def test_fp32_is_refused_with_a_reason():
     pool = KVPool(1, 16, 2, D, torch.float32, "cuda")
-    with pytest.raises(ValueError, match="float16 and bfloat16"):
+    with pytest.raises(ValueError, match="not torch.float32"):
         FlashInferBackend(pool, 4, 2, D, D ** -0.5)
 
 
