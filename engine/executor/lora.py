@@ -271,6 +271,9 @@ def _read_peft(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
                          "adapter_model.safetensors)")
     with open(config_path) as f:
         config = json.load(f)
+    if config.get("target_parameters"):  # peft >= 0.22 writes these for fused experts (gate_up_proj)
+        raise ValueError(f"{path}: LoRA on parameters ({', '.join(map(str, config['target_parameters']))}) is not "
+                         "supported: a mixture-of-experts MLP takes no adapters; attention does")
     unsupported = [k for k in ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern") if config.get(k)]
     if config.get("bias", "none") != "none":
         unsupported.append("bias")

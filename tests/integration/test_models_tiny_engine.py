@@ -78,7 +78,8 @@ def test_lora_on_moe_attention_matches_peft_and_expert_adapters_are_refused(tmp_
         ids = torch.tensor([PROMPTS[1]])
         ref = merged.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
                               pad_token_id=0)[0, ids.shape[1]:].tolist()
-    make_adapter(folder, str(tmp_path / "mlp"), 2, ["gate_proj"], 4)  # the shared experts' and layer 1's
+    # The shared experts', layer 1's and (peft >= 0.22: target_parameters) the experts' fused gate_up_proj.
+    make_adapter(folder, str(tmp_path / "mlp"), 2, ["gate_proj", "up_proj"], 4)
     with Engine(model_path=folder, dtype="float32", lora_paths=[f"attn={tmp_path / 'attn'}"], max_total_tokens=2048,
                 skip_tokenizer_init=True, allowed_local_paths=[str(tmp_path)]) as engine:
         base, lora = engine.generate(input_ids=[PROMPTS[1]] * 2, sampling_params=PARAMS, lora_path=[None, "attn"])
