@@ -209,7 +209,8 @@ class KVIndex:
 
     def peer_routed(self, url: str, hashes: list[int], ttl: float, now: float | None = None,
                     ts: float = 0.0, router: str = "") -> bool:
-        """A peer replica sent ``url`` a request with these prompt blocks: count them as queued
+        """A router replica (``router``: a peer, or this one ordering its own requests, peers.py)
+        sent ``url`` a request with these prompt blocks at wall time ``ts``: count them as queued
         there for up to ``ttl`` seconds (the engine's own ``queued`` event ends it sooner).
         False if ``url`` is not followed or already holds or has queued them."""
         w = self.workers.get(url)

@@ -203,9 +203,11 @@ class PeerRoutes:
             return "invalid"
         if router == self.id:  # our own, heard back through a dns:// name that includes us
             return ""
-        if isinstance(msg.get("ts"), (int, float)):
-            self.metrics.peer_route_lag.observe(max(0.0, time.time() - msg["ts"]))
-        ts = msg.get("ts") if isinstance(msg.get("ts"), (int, float)) else 0.0
+        ts = msg.get("ts")
+        if isinstance(ts, (int, float)):
+            self.metrics.peer_route_lag.observe(max(0.0, time.time() - ts))
+        else:
+            ts = 0.0
         return "applied" if self.index.peer_routed(worker, hashes, self.ttl, now, ts, str(router)) else "known"
 
     async def _connect_all(self) -> None:
